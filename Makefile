@@ -1,0 +1,40 @@
+# make test   set up .venv (CPU torch from the pinned version), build the extension, run the whole suite
+# make bench  run the speedup suites and print the report (ratios against named baselines, one run)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# On machines without an NVIDIA driver pin the CPU build that lies on local disk, so pip never pulls
+# a multi-GB CUDA wheel. Where nvidia-smi exists, take any torch >= 2.6.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==2.13.0)
+PYTEST_ARGS ?=
+BENCH_DIR := benchmarks/results
+
+.PHONY: test bench ext venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: $(PY) setup.py pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install "setuptools>=64" wheel ninja numpy "pytest>=8" "pytest-benchmark>=4" "triton>=3.2"
+	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Builds kandinsky_kernels/_C*.so in place (ninja; MAX_JOBS honoured). flock serialises parallel builds.
+ext: venv
+	flock .ext.lock $(PY) setup.py -q build_ext --inplace
+
+test: ext
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+	KANDINSKY_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+
+bench: ext
+	mkdir -p $(BENCH_DIR)
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_DIR)/latest.json --benchmark-sort=name $(PYTEST_ARGS)
+	$(PY) -m benchmarks.report $(BENCH_DIR)/latest.json
+
+clean:
+	rm -rf build kandinsky_kernels/_C*.so *.egg-info .ext.lock

@@ -1,0 +1,34 @@
+"""The compiled extension, imported once and optional.
+
+``EXT`` is the ``kandinsky_kernels._C`` module or ``None``; ``EXT_ERROR`` keeps the reason when the
+import failed, so a forced ``cpu``/``cuda`` backend can say why it cannot run. Operators compiled into
+the extension are looked up with :func:`cpp_op`, which returns ``None`` for an op that this build lacks.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from kandinsky_kernels import _C as EXT  # type: ignore[attr-defined]
+
+    EXT_ERROR: str | None = None
+except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError / RuntimeError
+    EXT = None
+    EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+NAMESPACE = "kandinsky_kernels_C"
+
+
+def cpp_op(name: str):
+    """The compiled operator ``torch.ops.kandinsky_kernels_C.<name>``, or ``None`` if not built."""
+    if EXT is None:
+        return None
+    ns = getattr(torch.ops, NAMESPACE)
+    try:
+        return getattr(ns, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def has_cuda_kernels() -> bool:
+    return EXT is not None and bool(EXT.with_cuda())

@@ -1,0 +1,1 @@
+"""kandinsky_model: filled in by its own issue."""

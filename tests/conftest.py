@@ -1,0 +1,106 @@
+"""Test-wide setup and the ONE tolerance policy of the project.
+
+Tolerance policy
+----------------
+A kernel's output at dtype ``d`` is compared with the fp32 (or fp64) reference, and so is plain
+torch computing the same thing at dtype ``d``. The kernel passes when
+
+    max|kernel - ref|  <=  K * max|torch_d - ref|  +  ATOL[d] * max(1, max|ref|)
+
+with K = 2 for outputs and 3 for gradients (flash-attention's rule). The small ATOL floor keeps the
+check meaningful when plain torch happens to be exact. Exact ops (permutations, masks) use
+:func:`assert_exact`. Use :func:`assert_close_to_reference`; do not pass ad-hoc tolerances in tests.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The Triton interpreter must be chosen before triton is imported anywhere. Without a GPU the Triton
+# kernels are tested on CPU tensors through the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+K_OUTPUT = 2.0
+K_GRAD = 3.0
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    torch_out: torch.Tensor | None = None,
+    *,
+    grad: bool = False,
+    name: str = "output",
+) -> None:
+    """Check ``out`` against the high-precision ``ref`` under the project policy (see module doc).
+
+    ``torch_out`` is plain torch's result at ``out.dtype``; when omitted, ``ref`` rounded to
+    ``out.dtype`` stands in for it (the error of merely storing the exact answer in that dtype).
+    """
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values in kernel output"
+    if torch_out is None:
+        torch_out = ref.to(out.dtype)
+    k = K_GRAD if grad else K_OUTPUT
+    err = _max_abs(out, ref)
+    base = _max_abs(torch_out, ref)
+    scale = max(1.0, ref.double().abs().max().item()) if ref.numel() else 1.0
+    allowed = k * base + ATOL[out.dtype] * scale
+    if err > allowed:
+        idx = (out.double() - ref.double()).abs().flatten().argmax().item()
+        raise AssertionError(
+            f"{name} ({out.dtype}): max error {err:.3e} > allowed {allowed:.3e} "
+            f"(= {k} x torch's {base:.3e} + atol); worst at flat index {idx}: "
+            f"got {out.flatten()[idx].item():.6g}, ref {ref.flatten()[idx].item():.6g}"
+        )
+
+
+def assert_exact(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != reference {ref.dtype}"
+    if not torch.equal(out, ref):
+        diff = (out != ref) if out.dtype == torch.bool else ~torch.isclose(out, ref, rtol=0, atol=0)
+        where = diff.nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: {int(diff.sum())} elements differ, first at {where}")
+
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Device on which the Triton kernels run in this session (CPU means the interpreter)."""
+    from kandinsky_kernels import _triton
+
+    if not _triton.triton_runs_on(TRITON_DEVICE):
+        pytest.skip(_triton.why_not(TRITON_DEVICE))
+    return TRITON_DEVICE

@@ -1,0 +1,1 @@
+"""training: filled in by its own issue."""
