@@ -1,0 +1,226 @@
+"""`BlockSparseMask`: the compact block-sparse attention mask every kernel of the library consumes.
+
+Layout (the FlexAttention ``BlockMask`` convention, restricted to what block-sparse kernels need):
+
+``kv_num_blocks``  int32 (B, H, Nq): how many key blocks query block ``i`` attends to.
+``kv_indices``     int32 (B, H, Nq, Nk): for each query block, the active key-block ids first, in
+                   ascending order, then the inactive ids, ascending (every row is a permutation of
+                   ``range(Nk)``); kernels read only the first ``kv_num_blocks`` entries.
+``block_size``     tokens per block on both sides (64 in Kandinsky 5).
+``seq_len_q``, ``seq_len_kv``  token counts (``Nq * block_size`` and ``Nk * block_size``).
+``token_valid``    optional bool (B, S_kv): False marks padding tokens (from
+                   :func:`kandinsky_kernels.fractal_flatten` of a grid whose H or W is not a multiple
+                   of the tile). Pad keys are never attended to; pad queries produce values no real
+                   token depends on. ``None`` means every token is real.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kandinsky_kernels._validation import check_positive_int, check_tensor
+
+
+def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense bool (..., Nq, Nk) -> (counts int32 (..., Nq), indices int32 (..., Nq, Nk)).
+
+    Active ids first then inactive ids, each ascending: a stable partition computed with two
+    int32 cumulative sums instead of an int64 argsort.
+    """
+    nk = dense.shape[-1]
+    d32 = dense.to(torch.int32)
+    counts = d32.sum(-1, dtype=torch.int32)
+    pos_active = torch.cumsum(d32, -1, dtype=torch.int32) - 1
+    pos_inactive = counts.unsqueeze(-1) + torch.cumsum(1 - d32, -1, dtype=torch.int32) - 1
+    pos = torch.where(dense, pos_active, pos_inactive).long()
+    ids = torch.arange(nk, dtype=torch.int32, device=dense.device).expand_as(d32)
+    indices = torch.empty_like(d32).scatter_(-1, pos, ids)
+    return counts, indices
+
+
+@dataclass
+class BlockSparseMask:
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_size: int = 64
+    seq_len_q: int | None = None
+    seq_len_kv: int | None = None
+    token_valid: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_tensor("kv_num_blocks", self.kv_num_blocks, ndim=3, dtypes=(torch.int32,))
+        check_tensor("kv_indices", self.kv_indices, ndim=4, dtypes=(torch.int32,))
+        check_positive_int("block_size", self.block_size)
+        if self.kv_indices.shape[:3] != self.kv_num_blocks.shape:
+            raise ValueError(
+                f"kv_indices shape {tuple(self.kv_indices.shape)} must start with kv_num_blocks shape "
+                f"{tuple(self.kv_num_blocks.shape)} (B, H, Nq)"
+            )
+        if self.kv_indices.device != self.kv_num_blocks.device:
+            raise ValueError(
+                f"kv_indices on {self.kv_indices.device} but kv_num_blocks on {self.kv_num_blocks.device}"
+            )
+        nq, nk = self.kv_indices.shape[2], self.kv_indices.shape[3]
+        if self.seq_len_q is None:
+            self.seq_len_q = nq * self.block_size
+        if self.seq_len_kv is None:
+            self.seq_len_kv = nk * self.block_size
+        for name, s, n in (("seq_len_q", self.seq_len_q, nq), ("seq_len_kv", self.seq_len_kv, nk)):
+            if s != n * self.block_size:
+                raise ValueError(f"{name}={s} does not equal {n} blocks x block_size {self.block_size}")
+        if self.token_valid is not None:
+            tv = self.token_valid
+            check_tensor("token_valid", tv, ndim=(1, 2), dtypes=(torch.bool,))
+            if tv.dim() == 1:
+                tv = tv.unsqueeze(0)
+            b = self.kv_num_blocks.shape[0]
+            if tv.shape[-1] != self.seq_len_kv or tv.shape[0] not in (1, b):
+                raise ValueError(
+                    f"token_valid shape {tuple(self.token_valid.shape)} must be (S,) or (B, S) with "
+                    f"B={b}, S={self.seq_len_kv}"
+                )
+            if tv.device != self.kv_indices.device:
+                raise ValueError(f"token_valid on {tv.device} but the mask is on {self.kv_indices.device}")
+            self.token_valid = tv.expand(b, -1)
+
+    # ----------------------------------------------------------------------------------- shape facts
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Nq, Nk)."""
+        return tuple(self.kv_indices.shape)  # type: ignore[return-value]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_indices.shape[2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs that are computed, over all batches and heads."""
+        b, h, nq, nk = self.shape
+        return self.kv_num_blocks.sum(dtype=torch.int64).item() / float(b * h * nq * nk)
+
+    def validate(self) -> "BlockSparseMask":
+        """Full content check (counts in [0, Nk], every row a permutation); O(B*H*Nq*Nk)."""
+        nk = self.num_kv_blocks
+        n = self.kv_num_blocks
+        if bool(((n < 0) | (n > nk)).any()):
+            raise ValueError(f"kv_num_blocks must lie in [0, {nk}], got range [{n.min()}, {n.max()}]")
+        srt = self.kv_indices.sort(-1).values
+        expect = torch.arange(nk, dtype=torch.int32, device=self.device)
+        if not torch.equal(srt, expect.expand_as(srt)):
+            raise ValueError("every kv_indices row must be a permutation of range(Nk)")
+        return self
+
+    # ------------------------------------------------------------------------------- conversions
+    @classmethod
+    def from_dense_blocks(
+        cls,
+        mask: torch.Tensor,
+        block_size: int = 64,
+        *,
+        token_valid: torch.Tensor | None = None,
+    ) -> "BlockSparseMask":
+        """Build from a bool block mask of shape (Nq, Nk), (H, Nq, Nk) or (B, H, Nq, Nk)."""
+        check_tensor("mask", mask, ndim=(2, 3, 4), dtypes=(torch.bool,))
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        counts, indices = _compact(mask)
+        return cls(counts, indices, block_size, token_valid=token_valid)
+
+    def to_dense_blocks(self) -> torch.Tensor:
+        """Bool (B, H, Nq, Nk): True where query block i attends to key block j."""
+        nk = self.num_kv_blocks
+        slot = torch.arange(nk, device=self.device, dtype=torch.int32)
+        active = slot < self.kv_num_blocks.unsqueeze(-1)
+        dense = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        return dense.scatter_(-1, self.kv_indices.long(), active)
+
+    def to_dense_tokens(self) -> torch.Tensor:
+        """Bool (B, H, S_q, S_kv) token-level mask (blocks expanded, pad keys removed). For tests."""
+        bs = self.block_size
+        dense = self.to_dense_blocks().repeat_interleave(bs, -2).repeat_interleave(bs, -1)
+        if self.token_valid is not None:
+            dense = dense & self.token_valid[:, None, None, :]
+        return dense
+
+    def transpose(self) -> "BlockSparseMask":
+        """The same pattern seen from the key side: row ``j`` lists the query blocks that attend to key
+        block ``j`` (ascending). Shapes (B, H, Nk) and (B, H, Nk, Nq). What a backward kernel that
+        accumulates dK/dV per key block walks. ``token_valid`` is not carried over (it describes keys).
+        """
+        counts, indices = _compact(self.to_dense_blocks().transpose(-1, -2))
+        return BlockSparseMask(
+            counts, indices, self.block_size, seq_len_q=self.seq_len_kv, seq_len_kv=self.seq_len_q
+        )
+
+    def to(self, device: torch.device | str) -> "BlockSparseMask":
+        tv = None if self.token_valid is None else self.token_valid.to(device)
+        return BlockSparseMask(
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.block_size,
+            self.seq_len_q,
+            self.seq_len_kv,
+            tv,
+        )
+
+    def to_flex_block_mask(self, full_blocks: bool | None = None):
+        """A ``torch.nn.attention.flex_attention.BlockMask`` with exactly this pattern.
+
+        ``full_blocks``: pass the active blocks as *full* blocks (no per-element ``mask_mod``, what the
+        official code does) or as *partial* blocks with a ``mask_mod``. ``None`` picks full blocks on
+        CUDA when there is no padding, partial otherwise: compiled Flex on CPU fails to compile
+        full-block-only masks, and padding needs the per-element ``mask_mod``. Eager (uncompiled)
+        Flex ignores the block indices on CPU; use it with ``torch.compile(flex_attention)``.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if full_blocks is None:
+            full_blocks = self.device.type == "cuda" and self.token_valid is None
+        if full_blocks and self.token_valid is not None:
+            raise ValueError("full_blocks=True cannot express padding (token_valid); use partial blocks")
+        seq_lengths = (self.seq_len_q, self.seq_len_kv)
+        if full_blocks:
+            return BlockMask.from_kv_blocks(
+                torch.zeros_like(self.kv_num_blocks),
+                self.kv_indices,
+                self.kv_num_blocks,
+                self.kv_indices,
+                BLOCK_SIZE=self.block_size,
+                mask_mod=None,
+                seq_lengths=seq_lengths,
+            )
+        if self.token_valid is None:
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= 0  # every element of an active block
+
+        else:
+            valid = self.token_valid
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return valid[b, kv_idx]
+
+        return BlockMask.from_kv_blocks(
+            self.kv_num_blocks,
+            self.kv_indices,
+            BLOCK_SIZE=self.block_size,
+            mask_mod=mask_mod,
+            seq_lengths=seq_lengths,
+        )
+
+    def __repr__(self) -> str:
+        b, h, nq, nk = self.shape
+        pad = "" if self.token_valid is None else ", padded"
+        return (
+            f"BlockSparseMask(B={b}, H={h}, Nq={nq}, Nk={nk}, block_size={self.block_size}, "
+            f"density={self.density():.3f}{pad}, device={self.device})"
+        )

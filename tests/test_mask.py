@@ -1,0 +1,115 @@
+"""BlockSparseMask: compact form, conversions, validation, and its FlexAttention BlockMask."""
+import pytest
+import torch
+from conftest import assert_close_to_reference, assert_exact
+
+from kandinsky_kernels import BlockSparseMask
+
+
+def _random_dense(shape, density, gen=None):
+    return torch.rand(shape, generator=gen) < density
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 3, 5), (2, 3, 7, 7), (1, 2, 13, 4)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_dense_round_trip_and_compact_order(shape, density):
+    dense = _random_dense(shape, density)
+    m = BlockSparseMask.from_dense_blocks(dense, block_size=16)
+    m.validate()
+    assert_exact(m.to_dense_blocks(), dense)
+    assert_exact(m.kv_num_blocks, dense.sum(-1).to(torch.int32), "kv_num_blocks")
+    # Active ids first, ascending; then inactive ids, ascending.
+    for idx in torch.cartesian_prod(*[torch.arange(s) for s in shape[:3]]).tolist():
+        row, n, ind = dense[tuple(idx)], int(m.kv_num_blocks[tuple(idx)]), m.kv_indices[tuple(idx)]
+        assert ind[:n].tolist() == row.nonzero().flatten().tolist()
+        assert ind[n:].tolist() == (~row).nonzero().flatten().tolist()
+    assert m.density() == pytest.approx(dense.float().mean().item())
+
+
+def test_lower_rank_masks_broadcast_to_4d():
+    dense = _random_dense((5, 6), 0.5)
+    m = BlockSparseMask.from_dense_blocks(dense, 64)
+    assert m.shape == (1, 1, 5, 6)
+    assert m.seq_len_q == 5 * 64 and m.seq_len_kv == 6 * 64
+    assert BlockSparseMask.from_dense_blocks(dense[None], 64).shape == (1, 1, 5, 6)
+
+
+def test_transpose():
+    dense = _random_dense((2, 3, 5, 9), 0.4)
+    m = BlockSparseMask.from_dense_blocks(dense, 32)
+    t = m.transpose().validate()
+    assert t.shape == (2, 3, 9, 5)
+    assert_exact(t.to_dense_blocks(), dense.transpose(-1, -2))
+    assert (t.seq_len_q, t.seq_len_kv) == (9 * 32, 5 * 32)
+    assert_exact(t.transpose().to_dense_blocks(), dense)
+
+
+def test_token_valid_expands_and_masks_tokens():
+    dense = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[3] = False
+    m = BlockSparseMask.from_dense_blocks(dense, 4, token_valid=valid)
+    assert m.token_valid.shape == (2, 8)
+    tok = m.to_dense_tokens()
+    assert tok.shape == (2, 1, 8, 8)
+    assert not tok[..., 3].any() and tok[..., 2].all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kv_num_blocks=torch.zeros(1, 1, 2), kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32)),
+         "kv_num_blocks must have dtype"),
+        (dict(kv_num_blocks=torch.zeros(1, 2, dtype=torch.int32),
+              kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32)), "kv_num_blocks must have 3 dims"),
+        (dict(kv_num_blocks=torch.zeros(1, 1, 3, dtype=torch.int32),
+              kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32)), "must start with kv_num_blocks"),
+        (dict(kv_num_blocks=torch.zeros(1, 1, 2, dtype=torch.int32),
+              kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32), block_size=0), "block_size"),
+        (dict(kv_num_blocks=torch.zeros(1, 1, 2, dtype=torch.int32),
+              kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32), block_size=4, seq_len_q=9),
+         "seq_len_q=9"),
+        (dict(kv_num_blocks=torch.zeros(1, 1, 2, dtype=torch.int32),
+              kv_indices=torch.zeros(1, 1, 2, 2, dtype=torch.int32), block_size=4,
+              token_valid=torch.ones(7, dtype=torch.bool)), "token_valid shape"),
+    ],
+)
+def test_constructor_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSparseMask(**kwargs)
+
+
+def test_validate_rejects_bad_content():
+    m = BlockSparseMask(torch.full((1, 1, 2), 3, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_num_blocks must lie"):
+        m.validate()
+    m = BlockSparseMask(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="permutation"):
+        m.validate()
+
+
+def _dense_masked_sdpa(q, k, v, token_mask):
+    # q, k, v (B, H, S, D); token_mask (B, H, S, S) bool. Rows with no visible key give zeros.
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~token_mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ v.double()).float()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_block_mask_matches_dense_masked_sdpa(padded):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, h, nb, bs, d = 1, 2, 5, 64, 32
+    s = nb * bs
+    dense = _random_dense((b, h, nb, nb), 0.35) | torch.eye(nb, dtype=torch.bool)
+    valid = None
+    if padded:
+        valid = torch.ones(s, dtype=torch.bool)
+        valid[bs - 7: bs] = False  # a partially padded block
+        valid[3 * bs + 60:] = False
+    m = BlockSparseMask.from_dense_blocks(dense, bs, token_valid=valid)
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    ref = _dense_masked_sdpa(q, k, v, m.to_dense_tokens())
+    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=m.to_flex_block_mask())
+    assert_close_to_reference(out, ref)
