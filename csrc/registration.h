@@ -1,6 +1,6 @@
 // Shared helpers for the C++ kernels: boundary checks with readable messages.
 #pragma once
-#include <torch/extension.h>
+#include <c10/util/Exception.h>
 
 #define KK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
 #define KK_CHECK_CPU(x) KK_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())

@@ -1,0 +1,346 @@
+"""Kandinsky 5 fractal token order, for any token grid.
+
+The DiT attends over tokens ordered frame by frame; inside a frame, ``tile x tile`` spatial tiles in
+row-major tile order; inside a tile, row-major tokens. With ``tile=8`` every aligned block of 64
+tokens is one spatially compact tile, which is what NABLA's 64-token attention blocks rely on. The
+official code needs H and W to be multiples of ``tile``; here the grid is zero-padded to the next
+multiple and :class:`FractalLayout` tells attention which tokens are padding.
+
+Design: the op is a permutation of whole tokens, so every backend moves bits and never does
+arithmetic on values. The Triton kernels view each token as a row of the widest integer type that
+divides its byte size: one kernel serves every dtype (bool, complex and bf16 included) and the
+interpreter's bf16 arithmetic bug cannot bite. Each program gathers a block of output rows, computing
+its source rows by index arithmetic, so stores are coalesced and every load reads a contiguous token.
+The C++ kernel (csrc/fractal.cpp) copies one ``tile``-token run per memcpy instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+
+from kandinsky_kernels._ext import cpp_op
+from kandinsky_kernels._triton import HAS_TRITON, tl, triton
+from kandinsky_kernels._validation import check_positive_int, check_tensor
+from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.reference.fractal import fractal_flatten_ref, fractal_unflatten_ref
+
+__all__ = ["FractalLayout", "fractal_flatten", "fractal_unflatten"]
+
+
+def _padded(n, tile):
+    return -(-n // tile) * tile
+
+
+def _is_positive_int(value) -> bool:
+    # SymInt: a grid seen while torch.compile traces with dynamic shapes.
+    return not isinstance(value, bool) and isinstance(value, (int, torch.SymInt)) and value > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FractalLayout:
+    """Geometry of one fractal-ordered sequence: the original token grid (T, H, W) and the tile edge.
+
+    Frozen and hashable, so it can key caches of masks built from it. ``hp``/``wp`` are H, W padded
+    up to multiples of ``tile``; the sequence holds ``seq_len = t * hp * wp`` tokens in
+    ``num_blocks`` blocks of ``block_size = tile * tile`` tokens, block ``k`` being tile
+    ``(k // (h_tiles * w_tiles), (k // w_tiles) % h_tiles, k % w_tiles)`` as (frame, tile row, tile col).
+    """
+
+    t: int
+    h: int
+    w: int
+    tile: int = 8
+
+    def __post_init__(self):
+        for name in ("t", "h", "w", "tile"):
+            value = getattr(self, name)
+            if not _is_positive_int(value):
+                raise ValueError(f"FractalLayout.{name} must be a positive int, got {value!r}")
+
+    @property
+    def hp(self) -> int:
+        return _padded(self.h, self.tile)
+
+    @property
+    def wp(self) -> int:
+        return _padded(self.w, self.tile)
+
+    @property
+    def h_tiles(self) -> int:
+        return self.hp // self.tile
+
+    @property
+    def w_tiles(self) -> int:
+        return self.wp // self.tile
+
+    @property
+    def block_size(self) -> int:
+        return self.tile * self.tile
+
+    @property
+    def num_blocks(self) -> int:
+        return self.t * self.h_tiles * self.w_tiles
+
+    @property
+    def seq_len(self) -> int:
+        return self.t * self.hp * self.wp
+
+    @property
+    def is_padded(self) -> bool:
+        return self.hp != self.h or self.wp != self.w
+
+    def token_valid(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool (seq_len,): True for real tokens, False for padding, in fractal order.
+
+        This is the valid-token description that masks and attention take (they also accept it
+        broadcast to (B, seq_len)). Built with a few vectorised ops on ``device``.
+        """
+        if not self.is_padded:
+            return torch.ones(self.seq_len, dtype=torch.bool, device=device)
+        rows = torch.arange(self.hp, device=device) < self.h
+        cols = torch.arange(self.wp, device=device) < self.w
+        frame = (rows[:, None] & cols[None, :]).view(self.h_tiles, self.tile, self.w_tiles, self.tile)
+        frame = frame.permute(0, 2, 1, 3).reshape(-1)
+        return frame.expand(self.t, -1).reshape(-1)
+
+    def block_valid_counts(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Int32 (num_blocks,): how many real tokens each ``block_size``-token block holds."""
+        rows = (self.h - torch.arange(0, self.hp, self.tile, device=device)).clamp(max=self.tile)
+        cols = (self.w - torch.arange(0, self.wp, self.tile, device=device)).clamp(max=self.tile)
+        frame = (rows[:, None] * cols[None, :]).reshape(-1).to(torch.int32)
+        return frame.expand(self.t, -1).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. Rows are tokens, columns are integer words of a token (see the module doc).
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fractal_flatten_kernel(
+        x_ptr, y_ptr, n_rows, words, h, w, frame_len, w_tiles,
+        TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # y row -> (flattened b*T + t, position in the padded frame) -> (tile, token in tile) -> (h, w)
+        frame = rows // frame_len
+        pos = rows % frame_len
+        block = pos // (TILE * TILE)
+        inner = pos % (TILE * TILE)
+        hh = (block // w_tiles) * TILE + inner // TILE
+        ww = (block % w_tiles) * TILE + inner % TILE
+        in_rows = rows < n_rows
+        in_cols = cols < words
+        real = in_rows & (hh < h) & (ww < w)
+        src = ((frame * h + hh) * w + ww) * words
+        vals = tl.load(x_ptr + src[:, None] + cols[None, :], mask=real[:, None] & in_cols[None, :], other=0)
+        out_mask = in_rows[:, None] & in_cols[None, :]
+        tl.store(y_ptr + rows[:, None] * words + cols[None, :], vals, mask=out_mask)
+
+    @triton.jit
+    def _fractal_unflatten_kernel(
+        y_ptr, x_ptr, n_rows, words, h, w, frame_len, w_tiles,
+        TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        # x row -> (flattened b*T + t, h, w) -> its position in the fractal sequence
+        ww = rows % w
+        hh = (rows // w) % h
+        frame = rows // (w * h)
+        block = (hh // TILE) * w_tiles + ww // TILE
+        src = frame * frame_len + block * (TILE * TILE) + (hh % TILE) * TILE + ww % TILE
+        mask = (rows < n_rows)[:, None] & (cols < words)[None, :]
+        vals = tl.load(y_ptr + src[:, None] * words + cols[None, :], mask=mask)
+        tl.store(x_ptr + rows[:, None] * words + cols[None, :], vals, mask=mask)
+
+
+_INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _launch(
+    kernel, src: torch.Tensor, src_lead: int, dst: torch.Tensor, dst_lead: int, layout: FractalLayout
+) -> None:
+    """Copy tokens of contiguous ``src`` (token dims after ``src_lead``) into ``dst`` with ``kernel``."""
+    token_bytes = math.prod(dst.shape[dst_lead:]) * dst.element_size()
+    # The widest int that divides a token and both start addresses (src may be a view at any offset).
+    width = next(
+        n for n in (8, 4, 2, 1)
+        if token_bytes % n == 0 and all(t.storage_offset() * t.element_size() % n == 0 for t in (src, dst))
+    )
+    words = token_bytes // width
+    src = src.view(*src.shape[:src_lead], -1).view(_INT_OF_WIDTH[width])
+    dst = dst.view(*dst.shape[:dst_lead], -1).view(_INT_OF_WIDTH[width])
+    n_rows = dst.numel() // words
+    block_c = min(triton.next_power_of_2(words), 256)
+    block_r = max(1, min(64, 4096 // block_c))
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(words, block_c))
+    # Triton launches on the current CUDA device, which need not be the tensor's.
+    with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            src, dst, n_rows, words, layout.h, layout.w, layout.hp * layout.wp, layout.w_tiles,
+            TILE=layout.tile, BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+
+
+def fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """Triton launcher of :func:`fractal_flatten` (no validation)."""
+    b, t, h, w, *rest = x.shape
+    layout = FractalLayout(t, h, w, tile)
+    y = x.new_empty((b, layout.seq_len, *rest))
+    if y.numel():
+        _launch(_fractal_flatten_kernel, x.contiguous(), 4, y, 2, layout)
+    return y
+
+
+def fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
+    """Triton launcher of :func:`fractal_unflatten` (no validation)."""
+    b, _, *rest = y.shape
+    x = y.new_empty((b, t, h, w, *rest))
+    if x.numel():
+        _launch(_fractal_unflatten_kernel, y.contiguous(), 2, x, 4, FractalLayout(t, h, w, tile))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (fake shapes below), backend chosen at run time.
+
+_CPP = {name: cpp_op(name) for name in ("fractal_flatten", "fractal_unflatten")}
+
+
+def _backend(op: str, device: torch.device) -> str:
+    return select_backend(op, device, {"triton": HAS_TRITON, "cpu": _CPP[op] is not None})
+
+
+def _owned(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """A custom op must return fresh, contiguous memory; the reference may return a view of its input."""
+    if out.is_contiguous() and out.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr():
+        return out
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kandinsky_kernels::fractal_flatten", mutates_args=())
+def _fractal_flatten_op(x: torch.Tensor, tile: int) -> torch.Tensor:
+    backend = _backend("fractal_flatten", x.device)
+    if backend == "cpu":
+        return _CPP["fractal_flatten"](x, tile)
+    if backend == "triton":
+        return fractal_flatten_triton(x, tile)
+    return _owned(fractal_flatten_ref(x, tile), x)
+
+
+@torch.library.custom_op("kandinsky_kernels::fractal_unflatten", mutates_args=())
+def _fractal_unflatten_op(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
+    backend = _backend("fractal_unflatten", y.device)
+    if backend == "cpu":
+        return _CPP["fractal_unflatten"](y, t, h, w, tile)
+    if backend == "triton":
+        return fractal_unflatten_triton(y, t, h, w, tile)
+    return _owned(fractal_unflatten_ref(y, t, h, w, tile), y)
+
+
+@_fractal_flatten_op.register_fake
+def _(x, tile):
+    b, t, h, w, *rest = x.shape
+    return x.new_empty((b, t * _padded(h, tile) * _padded(w, tile), *rest))
+
+
+@_fractal_unflatten_op.register_fake
+def _(y, t, h, w, tile):
+    return y.new_empty((y.shape[0], t, h, w, *y.shape[2:]))
+
+
+def _flatten_setup(ctx, inputs, output):
+    x, tile = inputs
+    ctx.grid = (*x.shape[1:4], tile)
+
+
+def _flatten_backward(ctx, grad):
+    # Pad positions never reached x, so their gradient is dropped.
+    return _fractal_unflatten_op(grad, *ctx.grid), None
+
+
+def _unflatten_setup(ctx, inputs, output):
+    ctx.tile = inputs[4]
+
+
+def _unflatten_backward(ctx, grad):
+    # Pad positions of y were dropped, so their gradient is zero, which flatten writes.
+    return _fractal_flatten_op(grad, ctx.tile), None, None, None, None
+
+
+_fractal_flatten_op.register_autograd(_flatten_backward, setup_context=_flatten_setup)
+_fractal_unflatten_op.register_autograd(_unflatten_backward, setup_context=_unflatten_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions: validation at the boundary, then the custom ops.
+
+
+def fractal_flatten(
+    x: torch.Tensor, tile: int = 8, *, return_layout: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, FractalLayout]:
+    """Reorder a token grid into the Kandinsky 5 fractal sequence, zero-padding H and W to ``tile``.
+
+    Args:
+        x: (B, T, H, W, *rest), any dtype, any strides. ``rest`` is at least one dim: the channels C
+            of visual tokens, or several (a RoPE table such as (D/2, 2, 2)).
+        tile: edge of the square spatial tile, a positive int (Kandinsky 5 uses 8).
+        return_layout: also return the :class:`FractalLayout` of the result.
+
+    Returns:
+        y: (B, S, *rest) with S = T * Hp * Wp, Hp and Wp being H and W rounded up to multiples of
+        ``tile``; contiguous, ``x.dtype``. Token ``s`` of y is frame ``s // (Hp*Wp)``; inside the
+        frame, tile ``(s % (Hp*Wp)) // tile**2`` in row-major tile order; inside the tile, row-major.
+        Padding tokens are zero; ``layout.token_valid()`` marks the real ones, and attention must be
+        given it so that no padding token influences a real one.
+        layout: only with ``return_layout=True``, ``FractalLayout(T, H, W, tile)``.
+
+    Differentiable: the gradient of x is the gradient of y unflattened (padding gradients dropped).
+    """
+    check_tensor("x", x)
+    if x.dim() < 5:
+        raise ValueError(f"x must have shape (B, T, H, W, *rest), at least 5 dims, got {tuple(x.shape)}")
+    check_positive_int("tile", tile)
+    if min(x.shape[1:4]) <= 0:
+        raise ValueError(f"x must have a non-empty grid (T, H, W), got shape {tuple(x.shape)}")
+    layout = FractalLayout(*x.shape[1:4], tile)
+    y = _fractal_flatten_op(x, tile)
+    return (y, layout) if return_layout else y
+
+
+def fractal_unflatten(y: torch.Tensor, grid, *, tile: int = 8) -> torch.Tensor:
+    """Inverse of :func:`fractal_flatten`: fractal sequence back to the token grid, padding dropped.
+
+    Args:
+        y: (B, S, *rest), any dtype, any strides, S = T * Hp * Wp of ``grid``.
+        grid: the ORIGINAL (unpadded) token grid, a (T, H, W) tuple of positive ints, or a
+            :class:`FractalLayout` (whose tile then overrides ``tile``).
+        tile: tile edge used by the flatten, when ``grid`` is a tuple.
+
+    Returns:
+        x: (B, T, H, W, *rest), contiguous, ``y.dtype``.
+
+    Differentiable: the gradient of y is the gradient of x flattened, zero at padding tokens.
+    """
+    if not isinstance(grid, FractalLayout):
+        is_grid = isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
+        if not is_grid or not all(map(_is_positive_int, grid)):
+            raise ValueError(
+                f"grid must be a (T, H, W) tuple of positive ints or a FractalLayout, got {grid!r}"
+            )
+        check_positive_int("tile", tile)
+        grid = FractalLayout(*grid, tile=tile)
+    check_tensor("y", y)
+    if y.dim() < 2:
+        raise ValueError(f"y must have shape (B, S, *rest) (at least 2 dims), got shape {tuple(y.shape)}")
+    if y.shape[1] != grid.seq_len:
+        raise ValueError(
+            f"y has S={y.shape[1]} tokens (shape {tuple(y.shape)}) but grid (T={grid.t}, H={grid.h}, "
+            f"W={grid.w}) with tile {grid.tile} needs S = T*Hp*Wp = {grid.seq_len}"
+        )
+    return _fractal_unflatten_op(y, grid.t, grid.h, grid.w, grid.tile)
