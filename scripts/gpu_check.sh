@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (H200; system python3 with torch/triton/pytest preinstalled; no network).
+#   1. build the extension in place (CPU kernels; CUDA ones only when csrc/cuda has sources)
+#   2. pytest -m gpu: tests/test_bsa_triton_gpu.py first, then the rest of tests/
+#   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex
+# Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
+# Everything is written directly under $OUT, 8 files: env.txt summary.txt build.log pytest_bsa.log
+# pytest.log timing.log gpu_timing.json gpu_timing_table.txt. Whole run: < 8 minutes.
+# Usage: OUT=/some/dir bash scripts/gpu_check.sh
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PY=python3
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is used in place, not installed
+TOTAL_S="${GPU_CHECK_TOTAL_S:-440}"   # planned wall time; the timeouts' kill grace keeps it under 8 min
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# stage NAME LIMIT_S LOG CMD...: run under timeout, append output to LOG, record rc and seconds.
+stage() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0 rc
+  t0=$(date +%s)
+  note "[$(date -u +%H:%M:%S)] $name: start (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  note "[$(date -u +%H:%M:%S)] $name: rc=$rc ($(( $(date +%s) - t0 ))s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
+  return 0
+}
+
+{
+  echo "date: $(date -u)"; echo "host: $(hostname)"; echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed files"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('triton', triton.__version__)" 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+# 1. build (CUDA sources exist -> let setup.py decide; none -> CPU kernels only)
+if compgen -G "csrc/cuda/*.cu" > /dev/null; then SKIP_CUDA=0; else SKIP_CUDA=1; fi
+note "KANDINSKY_SKIP_CUDA_BUILD=$SKIP_CUDA"
+stage build 120 "$OUT/build.log" env KANDINSKY_SKIP_CUDA_BUILD=$SKIP_CUDA MAX_JOBS="${MAX_JOBS:-16}" \
+  $PY setup.py build_ext --inplace
+
+# 2. GPU tests: the block-sparse attention file first (its result must not be lost to a slow suite),
+#    then every other gpu-marked test; leave at least 160 s for the timing stage
+LIMIT=$(( $(left) - 210 )); [ $LIMIT -gt 170 ] && LIMIT=170; [ $LIMIT -lt 60 ] && LIMIT=60
+stage pytest_bsa $LIMIT "$OUT/pytest_bsa.log" $PY -m pytest -m gpu tests/test_bsa_triton_gpu.py -q -rs \
+  -p no:cacheprovider --durations=10
+tail -n 5 "$OUT/pytest_bsa.log" | tee -a "$SUMMARY"
+LIMIT=$(( $(left) - 160 )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
+stage pytest_rest $LIMIT "$OUT/pytest.log" $PY -m pytest -m gpu tests --ignore=tests/test_bsa_triton_gpu.py -q \
+  -rs -p no:cacheprovider --durations=10
+tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
+
+# 3. timing: the script stops starting measurements at its budget; timeout is the backstop
+LIMIT=$(( $(left) - 5 )); [ $LIMIT -lt 30 ] && LIMIT=30
+stage timing $LIMIT "$OUT/timing.log" $PY benchmarks/gpu_timing.py --out-dir "$OUT" --budget-s $(( LIMIT - 25 ))
+tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
+note "total $(( $(date +%s) - START ))s; files: $(ls "$OUT" | tr '\n' ' ')"
+exit 0
