@@ -1,0 +1,263 @@
+// Fused NABLA block mask on CPU: pool -> block softmax -> CDF threshold -> STA union -> compact indices.
+//
+// Phase 1 mean-pools q and k over each block of `block_size` tokens into fp32, streaming every token's
+// contiguous H*D row once (the memory-bound part). q lands in (B, H, N, D); k lands transposed in
+// (B, H, D, N) so that the logits of a query block against all key blocks vectorise over keys.
+// Phase 2 takes a tile of query blocks of one (b, h) per task: logits (sequential fp32 FMA over D, like
+// a GEMM micro-kernel), softmax in fp32, then the official "stable sort ascending, cumsum, keep prefix
+// >= fp32(1 - thr)" rule without sorting the row: torch's CPU cumsum accumulates in double and rounds
+// each prefix to fp32, so a radix select over the fp32 bit pattern with double mass per bin finds the
+// first kept entry of the stable order exactly (see topcdf_row). Then the STA row is OR-ed in and the
+// compact form (actives ascending, then inactives ascending) is written directly.
+// Scratch is thread-local and O(Nk); nothing O(Nq*Nk) is allocated besides the int32 output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "registration.h"
+
+namespace {
+
+constexpr int64_t kRowTile = 8;  // query blocks per task: the k tile read from L2 is reused 8 times
+
+// q and k (B, S, H, D), each token's (H, D) row contiguous -> fp32 means over the valid tokens of each
+// block, q into qp (B, H, N, D) and k into kt (B, H, D, N); a block without valid tokens pools to zero.
+// One parallel region over (tensor, b, block) tasks.
+template <typename scalar_t>
+void pool_blocks(const at::Tensor& q, const at::Tensor& k, const bool* valid, int64_t block_size, float* qp,
+                 float* kt) {
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t N = S / block_size, HD = H * D;
+  at::parallel_for(0, 2 * B * N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(HD);
+    for (int64_t task = begin; task < end; ++task) {
+      const bool is_k = task >= B * N;
+      const at::Tensor& x = is_k ? k : q;
+      const int64_t b = (task % (B * N)) / N, n = task % N;
+      const scalar_t* xb = x.data_ptr<scalar_t>() + b * x.stride(0);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      int64_t count = 0;
+      for (int64_t t = 0; t < block_size; ++t) {
+        const int64_t s = n * block_size + t;
+        if (valid != nullptr && !valid[b * S + s]) continue;
+        ++count;
+        const scalar_t* row = xb + s * x.stride(1);
+        float* a = acc.data();
+        for (int64_t i = 0; i < HD; ++i) a[i] += static_cast<float>(row[i]);
+      }
+      const float denom = static_cast<float>(std::max<int64_t>(count, 1));
+      for (int64_t h = 0; h < H; ++h) {
+        const float* a = acc.data() + h * D;
+        if (is_k) {
+          float* o = kt + (b * H + h) * D * N + n;  // (B, H, D, N)
+          for (int64_t d = 0; d < D; ++d) o[d * N] = a[d] / denom;
+        } else {
+          float* o = qp + ((b * H + h) * N + n) * D;  // (B, H, N, D)
+          for (int64_t d = 0; d < D; ++d) o[d] = a[d] / denom;
+        }
+      }
+    }
+  });
+}
+
+inline uint32_t float_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// keep[j] = the official CDF rule on one probability row p[0:nk] (non-negative fp32), c = fp32(1 - thr).
+// The stable ascending order is the order of (fp32 bits, index); the kept entries are those from the
+// first one whose prefix (double sum, rounded to fp32) reaches c. Radix select finds it without sorting:
+// 8 bits of the pattern per level, a 256-bin histogram of double mass over the candidates still tied on
+// the higher bits, descend into the bin where the rounded prefix crosses c. After the last level the
+// candidates share one value and are walked in index order (ties: lower index dropped first).
+// `cand` has room for nk indices.
+void topcdf_row(const float* p, int64_t nk, float c, uint8_t* keep, int32_t* cand) {
+  if (!(c > 0.f)) {  // threshold 1: every prefix is >= 0 >= c
+    std::fill(keep, keep + nk, uint8_t{1});
+    return;
+  }
+  int64_t m = nk;
+  for (int64_t j = 0; j < nk; ++j) cand[j] = static_cast<int32_t>(j);
+  double below = 0.0;  // mass of all entries ordered before the current candidates; fp32(below) < c
+  uint32_t value = 0;  // bit pattern of the boundary entry, fixed 8 bits per level
+  for (const int shift : {23, 15, 7, 0}) {
+    double mass[256] = {0.0};
+    int last = -1;  // highest non-empty bin
+    for (int64_t i = 0; i < m; ++i) {
+      const int bin = (float_bits(p[cand[i]]) >> shift) & 0xFF;
+      mass[bin] += p[cand[i]];
+      last = std::max(last, bin);
+    }
+    int bin = 0;
+    while (bin < last && static_cast<float>(below + mass[bin]) < c) below += mass[bin++];
+    if (shift == 23 && static_cast<float>(below + mass[bin]) < c) {  // total mass rounds below c: none kept
+      std::fill(keep, keep + nk, uint8_t{0});
+      return;
+    }
+    // (At deeper levels the last bin is taken even if its rounded prefix falls short: the bins re-sum the
+    // parent bin in another order, so this only absorbs a last-bit double-rounding difference.)
+    int64_t kept_m = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      if (static_cast<int>((float_bits(p[cand[i]]) >> shift) & 0xFF) == bin) cand[kept_m++] = cand[i];
+    }
+    m = kept_m;
+    value |= static_cast<uint32_t>(bin) << shift;
+  }
+  // All candidates equal bits_float(value), in ascending index order.
+  const float v = bits_float(value);
+  int64_t first = m - 1;
+  for (int64_t i = 0; i < m; ++i) {
+    below += v;
+    if (static_cast<float>(below) >= c) {
+      first = i;
+      break;
+    }
+  }
+  const int32_t first_index = cand[first];
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint32_t u = float_bits(p[j]);
+    keep[j] = u > value || (u == value && j >= first_index);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        double threshold,
+                                                        const c10::optional<at::Tensor>& sta,
+                                                        int64_t block_size,
+                                                        const c10::optional<at::Tensor>& token_valid) {
+  KK_CHECK_CPU(q_in);
+  KK_CHECK_CPU(k_in);
+  KK_CHECK_DIM(q_in, 4);
+  KK_CHECK(q_in.sizes() == k_in.sizes(), "q and k must have the same shape (B, S, H, D), got q ",
+           q_in.sizes(), " and k ", k_in.sizes());
+  KK_CHECK(q_in.scalar_type() == k_in.scalar_type(), "q and k must have the same dtype, got ",
+           q_in.scalar_type(), " and ", k_in.scalar_type());
+  const auto dtype = q_in.scalar_type();
+  KK_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+           "q and k must be float32, float16 or bfloat16, got ", dtype);
+  KK_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  const int64_t B = q_in.size(0), S = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  KK_CHECK(S % block_size == 0, "sequence length S=", S, " must be a multiple of block_size=", block_size);
+  KK_CHECK(B > 0 && S > 0 && H > 0 && D > 0, "q and k must be non-empty, got shape ", q_in.sizes());
+  KK_CHECK(threshold > 0.0 && threshold <= 1.0, "threshold must lie in (0, 1], got ", threshold);
+  const int64_t N = S / block_size;
+  at::Tensor sta_c;
+  if (sta.has_value()) {
+    KK_CHECK_CPU(*sta);
+    KK_CHECK(sta->scalar_type() == at::kBool && sta->dim() == 2 && sta->size(0) == N && sta->size(1) == N,
+             "sta must be a bool (", N, ", ", N, ") block mask, got ", sta->scalar_type(), " ", sta->sizes());
+    sta_c = sta->contiguous();
+  }
+  at::Tensor valid_c;
+  if (token_valid.has_value()) {
+    KK_CHECK_CPU(*token_valid);
+    const at::Tensor& tv = *token_valid;
+    KK_CHECK(tv.scalar_type() == at::kBool && tv.dim() == 2 && tv.size(0) == B && tv.size(1) == S,
+             "token_valid must be a bool (B, S) = (", B, ", ", S, ") tensor, got ", tv.scalar_type(), " ",
+             tv.sizes());
+    valid_c = token_valid->contiguous();
+  }
+  // Pooling reads each token's (H, D) row as one contiguous run; other layouts are copied once.
+  const auto rows_contiguous = [&](const at::Tensor& x) { return x.stride(3) == 1 && x.stride(2) == D; };
+  const at::Tensor q = rows_contiguous(q_in) ? q_in : q_in.contiguous();
+  const at::Tensor k = rows_contiguous(k_in) ? k_in : k_in.contiguous();
+
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor qp = at::empty({B, H, N, D}, f32);
+  at::Tensor kt = at::empty({B, H, D, N}, f32);
+  const bool* valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nabla_pool", [&] {
+    pool_blocks<scalar_t>(q, k, valid, block_size, qp.data_ptr<float>(), kt.data_ptr<float>());
+  });
+
+  at::Tensor counts = at::empty({B, H, N}, q.options().dtype(at::kInt));
+  at::Tensor indices = at::empty({B, H, N, N}, q.options().dtype(at::kInt));
+  const float c = static_cast<float>(1.0 - threshold);  // torch compares the fp32 prefix with fp32(1 - thr)
+  const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(D)));
+  const bool* sta_p = sta_c.defined() ? sta_c.data_ptr<bool>() : nullptr;
+  const float* qp_p = qp.data_ptr<float>();
+  const float* kt_p = kt.data_ptr<float>();
+  int32_t* counts_p = counts.data_ptr<int32_t>();
+  int32_t* idx_p = indices.data_ptr<int32_t>();
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+
+  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> logits(kRowTile * N);
+    std::vector<int32_t> cand(N);
+    std::vector<uint8_t> keep(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tiles, i0 = (task % tiles) * kRowTile, rows = std::min(kRowTile, N - i0);
+      const float* qrows = qp_p + (bh * N + i0) * D;
+      const float* kbh = kt_p + bh * D * N;
+      std::fill(logits.begin(), logits.begin() + rows * N, 0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const float* kd = kbh + d * N;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float qv = qrows[r * D + d];
+          float* l = logits.data() + r * N;
+          for (int64_t j = 0; j < N; ++j) l[j] = std::fma(qv, kd[j], l[j]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* p = logits.data() + r * N;
+        // softmax(logits / sqrt(D)) in fp32, normalised as exp * (1 / sum) like torch's CPU softmax.
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < N; ++j) {
+          p[j] /= sqrt_d;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < N; ++j) {
+          p[j] = std::exp(p[j] - mx);
+          sum += p[j];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < N; ++j) p[j] *= inv;
+        topcdf_row(p, N, c, keep.data(), cand.data());
+        if (sta_p != nullptr) {
+          const bool* srow = sta_p + i * N;
+          for (int64_t j = 0; j < N; ++j) keep[j] |= static_cast<uint8_t>(srow[j]);
+        }
+        int32_t active = 0;
+        for (int64_t j = 0; j < N; ++j) active += keep[j];
+        int32_t* out = idx_p + (bh * N + i) * N;
+        int32_t a = 0, z = active;
+        for (int64_t j = 0; j < N; ++j) {
+          if (keep[j]) {
+            out[a++] = static_cast<int32_t>(j);
+          } else {
+            out[z++] = static_cast<int32_t>(j);
+          }
+        }
+        counts_p[bh * N + i] = active;
+      }
+    }
+  });
+  return {counts, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
+  m.def(
+      "nabla_block_mask(Tensor q, Tensor k, float threshold, Tensor? sta, int block_size, "
+      "Tensor? token_valid) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) { m.impl("nabla_block_mask", &nabla_block_mask_cpu); }

@@ -1,0 +1,351 @@
+"""NABLA adaptive block mask, fused: pool -> block softmax -> CDF threshold -> STA union -> compact form.
+
+The official code materialises the (B, H, N, N) probability map, sorts every row (values plus int64
+indices), argsorts the indices to scatter back and argsorts the final mask to compact it: several
+O(B*H*N^2) int64 temporaries per layer and step. Here two kernels do the same exactly:
+
+1. ``_nabla_pool_kernel``: fp32 mean of q and k over each block of ``block_size`` tokens (padding left
+   out), q into (B, H, N, D) and k transposed into (B, H, D, N) so the key axis is contiguous.
+2. ``_nabla_mask_fwd_kernel``: a program holds the logits of BLOCK_M query blocks against all key
+   blocks, (BLOCK_M, next_pow2(N)), in registers: fp32 logits, softmax, then the CDF rule by bisection
+   on the fp32 bit pattern (monotone for p >= 0) with the mass summed in fp64 and rounded to fp32
+   before comparing, which is what torch's CPU cumsum (double accumulator) compares; ties at the
+   boundary value are resolved by their rank in index order, as a stable sort would. The STA row is
+   OR-ed in and the indices are scattered straight into their compact slots.
+
+Trade-off: every row tile re-reads the pooled keys of its head (no tensor-core GEMM), which is cheap
+for the N <= ~4k blocks of Kandinsky 5 (pooled keys are 64x smaller than k) and keeps the memory
+O(N) per program. The C++ CPU kernel (``csrc/nabla.cpp``) follows the same plan with a radix select.
+Probabilities may differ from torch's in the last bit (exp, summation order); that moves a decision
+only where a prefix sum lies within rounding of 1 - threshold.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from kandinsky_kernels import _ext
+from kandinsky_kernels._triton import HAS_TRITON, tl, triton
+from kandinsky_kernels._validation import check_positive_int, check_same_device, check_tensor
+from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.reference.nabla import nabla_block_mask_ref
+
+__all__ = ["nabla_block_mask"]
+
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nabla_pool_kernel(
+        x_ptr,  # (B, S, H, D), any strides
+        valid_ptr,  # uint8 (B, S)
+        out_ptr,  # fp32, element (b, h, n, d) at b*stride_ob + h*stride_oh + n*stride_on + d*stride_od
+        N,
+        H,
+        D,
+        stride_xb,
+        stride_xs,
+        stride_xh,
+        stride_xd,
+        stride_vb,
+        stride_ob,
+        stride_oh,
+        stride_on,
+        stride_od,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_HD: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+    ):
+        # One program: one block of tokens x a chunk of the flattened (head, dim) axis.
+        pid = tl.program_id(0).to(tl.int64)  # b * N + n
+        b = pid // N
+        n = pid % N
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_hd = tl.program_id(1) * BLOCK_HD + tl.arange(0, BLOCK_HD)
+        h = offs_hd // D
+        d = offs_hd % D
+        mask_t = offs_t < BLOCK_SIZE
+        mask_hd = offs_hd < H * D
+        tokens = n * BLOCK_SIZE + offs_t
+        cols = h * stride_xh + d * stride_xd
+        x_ptrs = x_ptr + b * stride_xb + tokens[:, None] * stride_xs + cols[None, :]
+        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_hd[None, :], other=0.0).to(tl.float32)
+        if HAS_VALID:
+            valid = tl.load(valid_ptr + b * stride_vb + tokens, mask=mask_t, other=0) != 0
+            x = tl.where(valid[:, None], x, 0.0)
+            # a block without real tokens pools to zero
+            pooled = tl.sum(x, axis=0) / tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+        else:
+            pooled = tl.sum(x, axis=0) / BLOCK_SIZE
+        out_ptrs = out_ptr + b * stride_ob + h * stride_oh + n * stride_on + d * stride_od
+        tl.store(out_ptrs, pooled, mask=mask_hd)
+
+    @triton.jit
+    def _nabla_mask_fwd_kernel(
+        qp_ptr,  # fp32 (B, H, Nq, D) contiguous
+        kt_ptr,  # fp32 (B, H, D, Nk) contiguous
+        sta_ptr,  # uint8 (Nq, Nk) contiguous
+        counts_ptr,  # int32 (B, H, Nq)
+        idx_ptr,  # int32 (B, H, Nq, Nk)
+        Nq,
+        Nk,
+        D,
+        sqrt_d,
+        c,  # fp32(1 - threshold)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        HAS_STA: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_m = offs_m < Nq
+        mask_n = offs_n < Nk
+        mask = mask_m[:, None] & mask_n[None, :]
+
+        q_rows = qp_ptr + (bh * Nq + offs_m) * D
+        k_cols = kt_ptr + bh * D * Nk + offs_n
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + offs_d
+            mask_d = dims < D
+            qd = tl.load(q_rows[:, None] + dims[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            kd = tl.load(
+                k_cols[None, :] + dims[:, None] * Nk, mask=mask_d[:, None] & mask_n[None, :], other=0.0
+            )
+            acc += tl.sum(qd[:, :, None] * kd[None, :, :], axis=1)
+        logits = tl.where(mask_n[None, :], acc / sqrt_d, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+
+        # Smallest bit pattern t with fp32(sum of p over bits <= t) >= c, per row, by bisection with the
+        # invariant pred(lo) false, pred(hi) true. min(bits) - 1 and max(bits) + 1 stand in for the ends:
+        # below the smallest entry the sum is 0 < c, and if even the total rounds below c, hi stays above
+        # every entry and nothing is kept. The loop runs until every row of the tile has converged.
+        bits = p.to(tl.int32, bitcast=True)
+        p64 = p.to(tl.float64)
+        lo = tl.min(tl.where(mask_n[None, :], bits, 0x7F800000), axis=1) - 1
+        hi = tl.max(tl.where(mask_n[None, :], bits, 0), axis=1) + 1
+        while tl.max(hi - lo, axis=0) > 1:
+            mid = lo + (hi - lo) // 2
+            mass = tl.sum(tl.where(bits <= mid[:, None], p64, 0.0), axis=1)
+            ok = mass.to(tl.float32) >= c
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid)
+        # Entries above the boundary value are kept, below it dropped; entries equal to it (a tie group)
+        # are kept from the first whose prefix, in index order, rounds to >= c.
+        below = tl.sum(tl.where(bits < hi[:, None], p64, 0.0), axis=1)
+        tie = (bits == hi[:, None]) & mask_n[None, :]
+        rank = tl.cumsum(tie.to(tl.int32), axis=1)
+        prefix = below[:, None] + rank.to(tl.float64) * p64
+        keep = (bits > hi[:, None]) | (tie & (prefix.to(tl.float32) >= c))
+        if HAS_STA:
+            sta = tl.load(sta_ptr + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0)
+            keep = keep | (sta != 0)
+        keep = keep & mask_n[None, :]
+
+        # Compact slots: actives ascending from 0, inactives ascending from the count.
+        active = keep.to(tl.int32)
+        inactive = (mask_n[None, :] & ~keep).to(tl.int32)
+        count = tl.sum(active, axis=1)
+        slot = tl.where(
+            keep, tl.cumsum(active, axis=1) - 1, count[:, None] + tl.cumsum(inactive, axis=1) - 1
+        )
+        rows = (bh * Nq + offs_m).to(tl.int64)
+        ids = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32) + offs_n[None, :]
+        tl.store(idx_ptr + rows[:, None] * Nk + slot, ids, mask=mask)
+        tl.store(counts_ptr + rows, count, mask=mask_m)
+
+
+def nabla_block_mask_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    threshold: float,
+    sta: torch.Tensor | None,
+    block_size: int,
+    token_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher: pool, then the fused mask kernel. Inputs as validated by :func:`nabla_block_mask`."""
+    b, s, h, d = q.shape
+    n = s // block_size
+    qp = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
+    kt = torch.empty(b, h, d, n, dtype=torch.float32, device=q.device)
+    valid = None if token_valid is None else token_valid.view(torch.uint8)
+    block_t = triton.next_power_of_2(block_size)
+    block_hd = min(triton.next_power_of_2(h * d), max(32, 16384 // block_t))
+    for x, out, out_strides in (
+        (q, qp, (qp.stride(0), qp.stride(1), qp.stride(2), qp.stride(3))),
+        (k, kt, (kt.stride(0), kt.stride(1), kt.stride(3), kt.stride(2))),
+    ):
+        _nabla_pool_kernel[(b * n, triton.cdiv(h * d, block_hd))](
+            x,
+            x if valid is None else valid,
+            out,
+            n,
+            h,
+            d,
+            *x.stride(),
+            0 if valid is None else valid.stride(0),
+            *out_strides,
+            BLOCK_SIZE=block_size,
+            BLOCK_T=block_t,
+            BLOCK_HD=block_hd,
+            HAS_VALID=valid is not None,
+            num_warps=min(16, max(4, block_t * block_hd // 1024)),
+        )
+
+    counts = torch.empty(b, h, n, dtype=torch.int32, device=q.device)
+    indices = torch.empty(b, h, n, n, dtype=torch.int32, device=q.device)
+    block_n = triton.next_power_of_2(n)
+    # Rows per program: share the pooled-key loads while the (BLOCK_M, BLOCK_N) tile stays register-sized.
+    block_m = max(1, min(16, triton.next_power_of_2(n), 2048 // block_n))
+    block_d = max(1, min(triton.next_power_of_2(d), 8192 // (block_m * block_n)))
+    _nabla_mask_fwd_kernel[(b * h, triton.cdiv(n, block_m))](
+        qp,
+        kt,
+        counts if sta is None else sta.contiguous().view(torch.uint8),
+        counts,
+        indices,
+        n,
+        n,
+        d,
+        math.sqrt(d),
+        _fp32(1.0 - threshold),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_STA=sta is not None,
+        num_warps=min(16, max(4, block_m * block_n // 256)),
+    )
+    return counts, indices
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32 (the value torch compares the fp32 prefix sums with)."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+@torch.library.custom_op("kandinsky_kernels::nabla_block_mask", mutates_args=())
+def _nabla_block_mask_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    threshold: float,
+    sta: torch.Tensor | None,
+    block_size: int,
+    token_valid: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid)
+    return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid)
+
+
+@_nabla_block_mask_op.register_fake
+def _(q, k, threshold, sta, block_size, token_valid, backend):
+    b, s, h, _ = q.shape
+    n = s // block_size
+    return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
+
+
+@torch.compiler.assume_constant_result
+def _backend(device_type: str) -> str:
+    # Chosen once per compiled graph: the backend registry reads a ContextVar, which dynamo cannot trace.
+    implemented = {"triton": HAS_TRITON, "cpu": _ext.cpp_op("nabla_block_mask") is not None}
+    return select_backend("nabla_block_mask", device_type, implemented)
+
+
+def _check_inputs(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor | None:
+    """Raise ValueError on bad input; return ``token_valid`` as a contiguous bool (B, S) or None."""
+    check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=_INPUT_DTYPES)
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q and k must have the same shape (B, S, H, D), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    check_same_device(q=q, k=k, sta=sta, token_valid=token_valid)
+    check_positive_int("block_size", block_size)
+    b, s, _, _ = q.shape
+    if q.numel() == 0:
+        raise ValueError(f"q and k must be non-empty, got shape {tuple(q.shape)}")
+    if s % block_size:
+        raise ValueError(
+            f"sequence length S={s} (q shape {tuple(q.shape)}) is not a multiple of block_size={block_size}"
+        )
+    is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+    if not is_number or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    n = s // block_size
+    if sta is not None:
+        check_tensor("sta", sta, ndim=2, dtypes=(torch.bool,))
+        if sta.shape != (n, n):
+            raise ValueError(f"sta must have shape (Nq, Nk) = ({n}, {n}), got {tuple(sta.shape)}")
+    if token_valid is None:
+        return None
+    check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
+    if token_valid.shape not in ((s,), (b, s)):
+        raise ValueError(
+            f"token_valid must have shape (S,) = ({s},) or (B, S) = ({b}, {s}), "
+            f"got {tuple(token_valid.shape)}"
+        )
+    return token_valid.expand(b, s).contiguous()
+
+
+def nabla_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    threshold: float,
+    sta: torch.Tensor | None = None,
+    block_size: int = 64,
+    *,
+    token_valid: torch.Tensor | None = None,
+) -> BlockSparseMask:
+    """NABLA block mask: the smallest set of most probable key blocks per query block, OR the STA mask.
+
+    Exactly the official Kandinsky 5 rule (see :mod:`kandinsky_kernels.reference.nabla`): mean-pool q
+    and k over each block, ``p = softmax(q_pooled @ k_pooled^T / sqrt(D))`` over key blocks in fp32,
+    per (batch, head, query block) sort ``p`` ascending (stably: on equal values the lower block index
+    is dropped first), cumulative sum (double accumulator, each prefix rounded to fp32), keep the blocks
+    whose prefix is ``>= fp32(1 - threshold)``, then OR ``sta``. Computed without sorting and without
+    any O(Nq*Nk) temporary besides the returned indices. Not differentiable (integer outputs).
+
+    Args:
+        q, k: (B, S, H, D) queries and keys after RMSNorm and RoPE, in fractal token order, fp32, fp16
+            or bf16 (pooling and everything after it run in fp32). Same shape, dtype and device.
+        threshold: probability mass to keep per row, in (0, 1]; 1 keeps every block. Kandinsky 5 uses
+            0.7-0.9. Below ~1e-6, 1 - threshold is within a few ulps of the row total and the rule
+            itself may keep no block (then only ``sta`` remains), as in the official code.
+        sta: optional bool (Nq, Nk) block mask OR-ed into every (batch, head), e.g. from
+            :func:`kandinsky_kernels.sta_block_mask`.
+        block_size: tokens per block (64 in Kandinsky 5); S must be a multiple of it.
+            Nq = Nk = S // block_size.
+        token_valid: optional bool (S,) or (B, S), False for padding tokens (from the fractal
+            reordering). Padding is left out of the pooled means; a block with no real token pools to
+            the zero vector. Carried over into the returned mask.
+
+    Returns:
+        :class:`BlockSparseMask` with ``kv_num_blocks`` int32 (B, H, Nq) and ``kv_indices`` int32
+        (B, H, Nq, Nk) (kept key blocks ascending, then the others ascending).
+
+    Raises:
+        ValueError: on mismatched or malformed inputs (the message names the shapes or values).
+
+    Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
+    sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced. Inputs
+    are assumed finite.
+    """
+    valid = _check_inputs(q, k, threshold, sta, block_size, token_valid)
+    backend = _backend(q.device.type)
+    if backend == "reference":
+        dense = nabla_block_mask_ref(q, k, threshold, sta, block_size, valid)
+        return BlockSparseMask.from_dense_blocks(dense, block_size, token_valid=valid)
+    counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, backend)
+    return BlockSparseMask(counts, indices, block_size, token_valid=valid)

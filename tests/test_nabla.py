@@ -1,0 +1,328 @@
+"""nabla_block_mask on every backend against the official sort-based reference.
+
+Comparison rule. The masks must be equal element for element, and the compact form must be exactly
+the compaction of the dense mask. The kernels reproduce the reference's rule bit for bit (stable order,
+double-accumulated prefix rounded to fp32, compared with fp32(1 - thr)), but their block probabilities
+can differ from torch's in the last bit (another summation order or exp). That can change a decision
+only in a row where the reference's own prefix sum lies within rounding of 1 - thr, or where the last
+dropped and the first kept probability are equal up to rounding (they may swap). Such rows, and only
+those, may differ, and only rarely (`_assert_matches_reference`); in the CPU runs of this file none
+occur (they do appear at ~1 row in 2,000 for 1,000 near-uniform blocks). Adversarial inputs are built
+from exactly representable values, so pooling and logits are exact on every backend and tied blocks
+tie exactly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_exact
+
+from kandinsky_kernels import BlockSparseMask, _ext, nabla_block_mask, sta_block_mask, use_backend
+from kandinsky_kernels.reference.nabla import (
+    block_map_ref,
+    nabla_block_mask_ref,
+    nabla_official,
+    pool_blocks_ref,
+)
+
+AMBIGUOUS_ABS = 1e-5  # |reference prefix - (1 - thr)| below which a decision may legitimately flip
+AMBIGUOUS_REL = 1e-6  # relative gap below which the boundary pair of probabilities may swap
+
+
+@pytest.fixture(params=["reference", "cpu", "triton"])
+def backend(request):
+    """(backend name, device) for every backend that can run here."""
+    name = request.param
+    if name == "cpu" and _ext.cpp_op("nabla_block_mask") is None:
+        pytest.skip(f"compiled nabla_block_mask not available ({_ext.EXT_ERROR})")
+    device = request.getfixturevalue("triton_device") if name == "triton" else "cpu"
+    return name, device
+
+
+def _run(backend, q, k, thr, sta=None, block_size=64, token_valid=None) -> BlockSparseMask:
+    name, device = backend
+
+    def move(t):
+        return None if t is None else t.to(device)
+
+    with use_backend(name):
+        out = nabla_block_mask(move(q), move(k), thr, move(sta), block_size, token_valid=move(token_valid))
+    return out.to("cpu")
+
+
+def _assert_matches_reference(out, q, k, thr, sta=None, block_size=64, token_valid=None):
+    ref = nabla_block_mask_ref(q, k, thr, sta, block_size, token_valid)
+    dense = out.to_dense_blocks()
+    diff_rows = (dense != ref).any(-1)
+    if diff_rows.any():
+        qp = pool_blocks_ref(q, block_size, token_valid)
+        vals = block_map_ref(qp, pool_blocks_ref(k, block_size, token_valid)).sort(dim=-1, stable=True).values
+        near_threshold = (vals.double().cumsum(-1) - (1.0 - thr)).abs().amin(-1) <= AMBIGUOUS_ABS
+        first_kept = (vals.cumsum(-1) < 1 - thr).sum(-1, keepdim=True)
+        hi = vals.gather(-1, first_kept.clamp(max=vals.shape[-1] - 1))
+        lo = vals.gather(-1, (first_kept - 1).clamp(min=0))
+        inside = (first_kept > 0) & (first_kept < vals.shape[-1])
+        near_tie = (inside & (hi - lo <= AMBIGUOUS_REL * hi)).squeeze(-1)
+        clear = diff_rows & ~near_threshold & ~near_tie
+        where = clear.nonzero()[:3].tolist()
+        assert not clear.any(), f"{int(clear.sum())} rows differ beyond rounding, first {where}"
+        rare = diff_rows.sum() <= max(1, diff_rows.numel() // 100)
+        assert rare, f"{int(diff_rows.sum())} rows differ (rounding-level, but too many)"
+    expected = BlockSparseMask.from_dense_blocks(dense, block_size)
+    assert_exact(out.kv_num_blocks, expected.kv_num_blocks, "kv_num_blocks")
+    assert_exact(out.kv_indices, expected.kv_indices, "kv_indices")
+    return ref
+
+
+def _assert_minimal_top_set(out, q, k, thr, block_size=64, token_valid=None):
+    """Independent check in fp64: the kept set is a top set, holds >= thr of the mass, and is minimal."""
+    qp = pool_blocks_ref(q.double(), block_size, token_valid)
+    kp = pool_blocks_ref(k.double(), block_size, token_valid)
+    p = torch.softmax(qp @ kp.transpose(-1, -2) / qp.shape[-1] ** 0.5, -1)
+    kept = out.to_dense_blocks()
+    assert kept.any(-1).all(), "every row keeps at least one block"
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    min_kept = torch.where(kept, p, inf).amin(-1)
+    max_dropped = torch.where(kept, -inf, p).amax(-1)
+    mass = torch.where(kept, p, 0.0).sum(-1)
+    tol = 1e-5
+    assert (min_kept >= max_dropped - tol).all(), "kept blocks must be the most probable ones"
+    assert (mass >= thr - tol).all(), f"kept mass {mass.min().item()} below threshold {thr}"
+    assert (mass - min_kept <= thr + tol).all(), "kept set is not minimal"
+
+
+def _qk(b, n, h, d, dtype, scale=1.0, block_size=64):
+    q = (torch.randn(b, n * block_size, h, d) * scale).to(dtype)
+    k = (torch.randn(b, n * block_size, h, d) * scale).to(dtype)
+    return q, k
+
+
+# ------------------------------------------------------------------------------------ random inputs
+_SHAPES = [  # (blocks, head dim, dtype, block size)
+    (1, 16, torch.float32, 64),
+    (3, 64, torch.bfloat16, 64),
+    (7, 128, torch.float16, 16),
+    (13, 64, torch.float32, 16),
+]
+_THR_SCALES = [(0.05, 1), (0.5, 4), (0.9, 16), (1.0, 1), (0.9, 1), (0.5, 16)]
+
+
+def _random_cases():
+    for i, shape in enumerate(_SHAPES):
+        for j, (thr, scale) in enumerate(_THR_SCALES):
+            for name in ("reference", "cpu", "triton"):
+                # The Triton interpreter is slow: on CPU it runs a third of the grid (every shape and
+                # every (thr, scale) pair still appear).
+                if name == "triton" and not HAS_CUDA and (i + j) % 3:
+                    continue
+                n, d, dtype, _ = shape
+                case_id = f"{name}-n{n}-d{d}-{str(dtype)[6:]}-thr{thr}-x{scale}"
+                yield pytest.param(name, *shape, thr, scale, id=case_id)
+
+
+@pytest.mark.parametrize(
+    "backend, n, d, dtype, block_size, thr, scale", list(_random_cases()), indirect=["backend"]
+)
+def test_random_matches_reference(backend, n, d, dtype, block_size, thr, scale):
+    q, k = _qk(2, n, 3, d, dtype, scale, block_size)
+    out = _run(backend, q, k, thr, block_size=block_size)
+    _assert_matches_reference(out, q, k, thr, block_size=block_size)
+    _assert_minimal_top_set(out, q, k, thr, block_size)
+    if thr == 1.0:
+        assert (out.kv_num_blocks == n).all()
+
+
+def test_matches_official_pipeline(backend):
+    """The compact form equals the official pipeline's (stable argsort) on (B, H, S, D) views."""
+    q, k = _qk(1, 12, 2, 64, torch.bfloat16, 4)
+    sta = sta_block_mask(3, 2, 2, (3, 1, 1))
+    out = _run(backend, q, k, 0.7, sta)
+    counts, indices = nabla_official(q.transpose(1, 2), k.transpose(1, 2), 0.7, sta)
+    assert_exact(out.kv_num_blocks, counts, "kv_num_blocks")
+    assert_exact(out.kv_indices, indices, "kv_indices")
+
+
+def test_sta_union(backend):
+    q, k = _qk(2, 18, 3, 16, torch.float32, 4)
+    sta = sta_block_mask(2, 3, 3, (1, 3, 1))
+    out = _run(backend, q, k, 0.5, sta)
+    ref = _assert_matches_reference(out, q, k, 0.5, sta)
+    assert (out.to_dense_blocks() | ~sta).all(), "the STA blocks are always kept"
+    assert not torch.equal(ref, sta.expand_as(ref)), "the CDF part adds blocks beyond the window"
+
+
+def test_noncontiguous_inputs(backend):
+    """q, k given as (B, S, H, D) views of (B, H, S, D) storage, as the official model holds them."""
+    q, k = _qk(2, 5, 3, 16, torch.float32, 4)
+    qv, kv = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = _run(backend, qv, kv, 0.8)
+    _assert_matches_reference(out, q, k, 0.8)
+
+
+def test_inputs_requiring_grad(backend):
+    """The mask is integer data: inputs that require grad are fine and nothing is recorded."""
+    q, k = _qk(1, 4, 2, 16, torch.float32, 1, 16)
+    out = _run(backend, q.requires_grad_(), k.requires_grad_(), 0.5, block_size=16)
+    assert not out.kv_num_blocks.requires_grad and not out.kv_indices.requires_grad
+    _assert_matches_reference(out, q.detach(), k.detach(), 0.5, block_size=16)
+
+
+# ------------------------------------------------------------------------------------------ padding
+@pytest.mark.parametrize("batched", [False, True])
+def test_token_valid(backend, batched):
+    n, bs = 6, 16
+    q, k = _qk(2, n, 3, 16, torch.bfloat16, 4, bs)
+    valid = torch.rand(2 if batched else 1, n * bs) > 0.4
+    valid[:, ::bs] = True  # no fully padded block here
+    valid = valid if batched else valid[0]
+    out = _run(backend, q, k, 0.6, block_size=bs, token_valid=valid)
+    _assert_matches_reference(out, q, k, 0.6, block_size=bs, token_valid=valid)
+    _assert_minimal_top_set(out, q, k, 0.6, bs, valid)
+    assert torch.equal(out.token_valid, valid.expand(2, -1))
+    # The padding really is left out of the pooling.
+    unmasked = nabla_block_mask_ref(q, k, 0.6, block_size=bs)
+    assert not torch.equal(out.to_dense_blocks(), unmasked)
+
+
+def test_fully_padded_block_pools_to_zero(backend):
+    """A block without real tokens pools to the zero vector: its query row is uniform, its key logit 0."""
+    n, bs = 5, 16
+    q, k = _qk(1, n, 2, 16, torch.float32, 4, bs)
+    valid = torch.ones(n * bs, dtype=torch.bool)
+    valid[2 * bs : 3 * bs] = False
+    out = _run(backend, q, k, 0.5, block_size=bs, token_valid=valid)
+    _assert_matches_reference(out, q, k, 0.5, block_size=bs, token_valid=valid)
+    # Uniform row 2: the stable order drops the lowest indices first, so the top indices are kept.
+    assert out.to_dense_blocks()[0, :, 2].tolist() == [[False, False, True, True, True]] * 2
+
+
+# ---------------------------------------------------------------------------------- adversarial rows
+def _blocks(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, N, H, D) per-block constant vectors -> (B, N*block_size, H, D) tokens (pooling is exact)."""
+    return values.repeat_interleave(block_size, dim=1)
+
+
+@pytest.mark.parametrize("thr", [0.05, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("n", [1, 7, 10])
+def test_uniform_rows(backend, thr, n):
+    """q = 0: every row is exactly uniform, all entries tie; the highest block ids are kept."""
+    q = torch.zeros(1, n * 16, 2, 16)
+    k = torch.randn(1, n * 16, 2, 16)
+    out = _run(backend, q, k, thr, block_size=16)
+    _assert_matches_reference(out, q, k, thr, block_size=16)
+    dense = out.to_dense_blocks()
+    count = out.kv_num_blocks[0, 0, 0].item()
+    assert (out.kv_num_blocks == count).all()
+    assert dense[..., n - count :].all() and not dense[..., : n - count].any()
+    assert count >= thr * n - 1e-6 and (count - 1) < thr * n + 1e-6
+
+
+@pytest.mark.parametrize("thr", [0.3, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("d", [16, 64])
+def test_tied_probabilities(backend, thr, d):
+    """Key blocks copy three prototypes, every value exactly representable: rows of three tie groups."""
+    n, h = 13, 3
+    protos = torch.randint(-2, 3, (3, h, d)).float() / 4
+    k = _blocks(protos[torch.arange(n) % 3].expand(2, n, h, d), 16)
+    q = _blocks((torch.randint(-2, 3, (2, n, h, d)).float() / 4), 16)
+    out = _run(backend, q, k, thr, block_size=16)
+    _assert_matches_reference(out, q, k, thr, block_size=16)
+    _assert_minimal_top_set(out, q, k, thr, 16)
+
+
+@pytest.mark.parametrize(
+    "levels, thr", [((0.0, 2.0), 0.5), ((-1.0, 0.25, 3.0), 0.9), ((0.5, 1.0, 2.0, 4.0), 0.3), ((1.0,), 0.7)]
+)
+def test_discrete_logits(backend, levels, thr):
+    """One-hot key blocks make query values the logits: rows of a few levels with random multiplicities."""
+    n, h, bs = 23, 3, 4
+    values = torch.tensor(levels)
+    q = _blocks(values[torch.randint(len(levels), (2, n, h, n))], bs)
+    k = _blocks(torch.eye(n)[None, :, None, :].expand(2, n, h, n), bs)
+    out = _run(backend, q, k, thr, block_size=bs)
+    _assert_matches_reference(out, q, k, thr, block_size=bs)
+    _assert_minimal_top_set(out, q, k, thr, bs)
+
+
+@pytest.mark.parametrize("thr", [1e-6, 0.05, 0.9, 0.999, 1.0])
+def test_one_dominant_block(backend, thr):
+    """Key block 4 aligned with every query: it holds nearly all the mass and is the only block kept."""
+    n, d = 9, 16
+    q = _blocks(torch.ones(1, n, 2, d), 16)
+    kv = torch.randint(-1, 2, (1, n, 2, d)).float() / 8
+    kv[:, 4] = 4.0  # logit 16 against at most 0.5 elsewhere: mass 1 - 2e-6
+    k = _blocks(kv, 16)
+    out = _run(backend, q, k, thr, block_size=16)
+    _assert_matches_reference(out, q, k, thr, block_size=16)
+    expected = n if thr == 1.0 else 1
+    assert (out.kv_num_blocks == expected).all()
+    assert (out.kv_indices[..., 0] == (0 if thr == 1.0 else 4)).all()
+
+
+@pytest.mark.parametrize("thr", [1e-3, 0.5])
+def test_underflowing_probabilities(backend, thr):
+    """Huge logits: most probabilities underflow to exactly 0 (a large tie group at the bottom)."""
+    q, k = _qk(2, 11, 2, 16, torch.float32, 64, 16)
+    out = _run(backend, q, k, thr, block_size=16)
+    _assert_matches_reference(out, q, k, thr, block_size=16)
+    _assert_minimal_top_set(out, q, k, thr, 16)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _bad_inputs():
+    q = torch.randn(1, 128, 2, 16)
+    sta = torch.ones(2, 2, dtype=torch.bool)
+    return [
+        ((q[0], q, 0.5), {}, "q must have 4 dims"),
+        ((q, q[..., :8], 0.5), {}, r"same shape \(B, S, H, D\), got \(1, 128, 2, 16\) and \(1, 128, 2, 8\)"),
+        ((q, q.half(), 0.5), {}, "same dtype"),
+        ((q.int(), q.int(), 0.5), {}, "q must have dtype in"),
+        ((q, q.to("meta"), 0.5), {}, "one device"),
+        ((q[:, :100], q[:, :100], 0.5), {}, "S=100 .* not a multiple of block_size=64"),
+        ((q, q, 0.0), {}, r"threshold must be a number in \(0, 1\], got 0.0"),
+        ((q, q, 1.5), {}, r"threshold must be a number in \(0, 1\], got 1.5"),
+        ((q, q, float("nan")), {}, "threshold must be a number"),
+        ((q, q, True), {}, "threshold must be a number"),
+        ((q, q, 0.5, sta.int()), {}, "sta must have dtype in"),
+        ((q, q, 0.5, sta[:1]), {}, r"sta must have shape \(Nq, Nk\) = \(2, 2\), got \(1, 2\)"),
+        ((q, q, 0.5, None, 0), {}, "block_size must be a positive int"),
+        ((q, q, 0.5), {"token_valid": torch.ones(127, dtype=torch.bool)}, r"token_valid must have shape"),
+        ((q, q, 0.5), {"token_valid": torch.ones(128)}, "token_valid must have dtype in"),
+    ]
+
+
+@pytest.mark.parametrize("args, kwargs, match", _bad_inputs())
+def test_value_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nabla_block_mask(*args, **kwargs)
+
+
+@pytest.mark.skipif(_ext.cpp_op("nabla_block_mask") is None, reason="compiled op not available")
+def test_cpp_op_value_errors():
+    op = _ext.cpp_op("nabla_block_mask")
+    q = torch.randn(1, 128, 2, 16)
+    with pytest.raises(ValueError, match="same shape"):
+        op(q, q[..., :8], 0.5, None, 64, None)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        op(q, q, 0.5, None, 48, None)
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        op(q, q, 0.0, None, 64, None)
+    with pytest.raises(ValueError, match="sta must be a bool"):
+        op(q, q, 0.5, torch.ones(3, 3, dtype=torch.bool), 64, None)
+    with pytest.raises(ValueError, match="token_valid must be a bool"):
+        op(q, q, 0.5, None, 64, torch.ones(1, 64, dtype=torch.bool))
+
+
+# -------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph():
+    q, k = _qk(1, 4, 2, 16, torch.float32, 4, 16)
+    sta = sta_block_mask(2, 2, 1, (1, 1, 1))
+
+    def fn(q, k):
+        mask = nabla_block_mask(q, k, 0.7, sta, 16)
+        return mask.kv_num_blocks, mask.kv_indices
+
+    counts, indices = torch.compile(fn, fullgraph=True, dynamic=False)(q, k)
+    eager = nabla_block_mask(q, k, 0.7, sta, 16)
+    assert_exact(counts, eager.kv_num_blocks, "kv_num_blocks")
+    assert_exact(indices, eager.kv_indices, "kv_indices")
