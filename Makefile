@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.deps: $(PY) setup.py pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja numpy "pytest>=8" "pytest-benchmark>=4" "triton>=3.2"
+	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" "triton>=3.2"
 	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -1,1 +1,18 @@
-"""kandinsky_model: filled in by its own issue."""
+"""kandinsky_model: the lean Kandinsky 5.0 CrossDiT that consumes the kernels of ``kandinsky_kernels``.
+
+- :class:`CrossDiT` with typed configs (:func:`video_lite`, :func:`video_pro`, :func:`image_lite`,
+  :func:`tiny`), official state_dict names, ``from_pretrained`` for local Diffusers-layout folders or
+  bare safetensors files, attention backends ``sdpa``/``flash``/``flex``/``nabla`` switchable at run time;
+- :func:`generate`: Euler flow matching with the official shift, CFG, image-to-video, editing and
+  MagCache (:class:`MagCacheConfig`); text encoders stay with the caller.
+
+``python -m kandinsky_model`` runs a tiny random model end to end on the CPU.
+"""
+from .config import CrossDiTConfig, NablaConfig, image_lite, preset, tiny, video_lite, video_pro
+from .dit import CrossDiT
+from .sampler import GenerationResult, MagCacheConfig, generate, pack_text, time_grid, video_rope_scale
+
+__all__ = [
+    "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
+    "image_lite", "pack_text", "preset", "time_grid", "tiny", "video_lite", "video_pro", "video_rope_scale",
+]

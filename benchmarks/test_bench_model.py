@@ -1,0 +1,125 @@
+"""One CrossDiT block at Video Lite widths on the CPU: ``nabla`` (about 10 % block density) vs ``sdpa``.
+
+Case: D 1792, F 7168, 28 heads of 64, E 512; visual grid (T, H, W) = (8, 32, 32) tokens = 8,192 tokens in
+128 blocks of 64, 256 text tokens; fp32. The NABLA mask is computed inside the timed call (pooling, CDF
+threshold, STA union), as in the model. Its threshold P is bisected once on the benchmark's own q, k
+so the block density (STA window (1, 3, 3) included) is close to 10 %; the density reached is recorded
+as ``density``. Goal (issue): block forward >= 2x faster than sdpa.
+
+At these widths the block's Linear layers (about 750 GFLOP) outweigh dense attention (about 480
+GFLOP), so the block speed-up is bounded by about 1.6-1.8x however fast the sparse attention is; the
+``self-attention forward`` rows isolate the part NABLA accelerates. On a shared CPU the rounds of
+different providers run at different times, so compare medians of several runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._util import SMOKE, run_benchmark
+from kandinsky_model.attention import AttentionContext, NablaState, self_attention
+from kandinsky_model.nn import TransformerDecoderBlock
+from kandinsky_model.rope import rope_cos_sin, visual_rope_angles
+
+if SMOKE:
+    DIM, FF, HEAD_DIM, TIME_DIM, GRID, TEXT = 128, 256, 64, 32, (2, 8, 16), 16
+else:
+    DIM, FF, HEAD_DIM, TIME_DIM, GRID, TEXT = 1792, 7168, 64, 512, (8, 32, 32), 256
+AXES = (16, 24, 24)
+TARGET_DENSITY = 0.10
+WINDOW = (1, 3, 3)
+CASE = f"block D{DIM} S{GRID[0] * GRID[1] * GRID[2]} L{TEXT} fp32"
+
+
+def _setup():
+    torch.manual_seed(0)
+    block = TransformerDecoderBlock(DIM, TIME_DIM, FF, HEAD_DIM)
+    with torch.no_grad():  # non-zero modulation so every branch does work
+        for m in (block.visual_modulation.out_layer,):
+            m.weight.normal_(0, 0.02)
+            m.bias.normal_(0, 0.02)
+    s = GRID[0] * GRID[1] * GRID[2]
+    x = torch.randn(1, s, DIM)
+    text = torch.randn(1, TEXT, DIM)
+    time_embed = torch.randn(1, TIME_DIM)
+    return block, x, text, time_embed
+
+
+def _contexts(block, x, text, time_embed):
+    """(sdpa ctx, rope), (nabla ctx, fractal rope) with P bisected to ~10 % density."""
+    import kandinsky_kernels as kk
+
+    angles = visual_rope_angles(GRID, AXES)
+    plain_rope = rope_cos_sin(angles.flatten(0, 2)[None, :, None])
+    frac = kk.fractal_flatten(angles[None], 8)[0]
+    frac_rope = rope_cos_sin(frac[None, :, None])
+    t, h, w = GRID
+    sta = kk.sta_block_mask(t, h // 8, w // 8, window=WINDOW)
+    nabla = NablaState(1.0, 64, sta, None)
+    # the q, k the block's self-attention would see (fractal order: x is random, so the order of x
+    # itself does not matter, only that of the RoPE table)
+    with torch.no_grad():
+        from kandinsky_model.nn import scale_shift_norm
+        from kandinsky_model.rope import apply_rope
+
+        mods = block.visual_modulation(time_embed)
+        hn = scale_shift_norm(x, mods[0], mods[1])
+        sa = block.self_attention
+        cos, sin = frac_rope
+        q = apply_rope(sa.query_norm(sa._heads(sa.to_query(hn))), cos, sin)
+        k = apply_rope(sa.key_norm(sa._heads(sa.to_key(hn))), cos, sin)
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            d = kk.nabla_block_mask(q, k, mid, sta=sta).density()
+            lo, hi = (mid, hi) if d < TARGET_DENSITY else (lo, mid)
+        nabla.threshold = max(hi, 1e-6)
+        density = kk.nabla_block_mask(q, k, nabla.threshold, sta=sta).density()
+        qkv = (q, k, sa._heads(sa.to_value(hn)))
+    dense = (AttentionContext("sdpa"), plain_rope)
+    sparse = (AttentionContext("nabla", nabla=nabla), frac_rope)
+    return dense, sparse, density, qkv
+
+
+@pytest.fixture(scope="module")
+def setup():
+    try:
+        import kandinsky_kernels as kk
+        from kandinsky_model.attention import _kernels
+
+        _kernels()
+        kk.sta_block_mask  # noqa: B018
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"NABLA kernel ops not available: {e}")
+    block, x, text, time_embed = _setup()
+    dense, sparse, density, qkv = _contexts(block, x, text, time_embed)
+    return block, x, text, time_embed, {"sdpa": dense, "nabla": sparse}, density, qkv
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward", "self-attention forward"])
+@pytest.mark.parametrize("provider", ["sdpa", "nabla"])
+def test_bench_crossdit_block(benchmark, setup, provider, mode):
+    block, x, text, time_embed, ctxs, density, (q, k, v) = setup
+    ctx, rope = ctxs[provider]
+    if mode == "self-attention forward":  # the part NABLA accelerates: mask + attention of one layer
+        def fn():
+            with torch.no_grad():
+                return self_attention(q, k, v, ctx)
+    elif mode == "forward":
+        def fn():
+            with torch.no_grad():
+                return block(x, text, time_embed, rope, ctx)
+    else:
+        xg = x.clone().requires_grad_(True)
+
+        def fn():
+            block.zero_grad(set_to_none=True)
+            block(xg, text, time_embed, rope, ctx).sum().backward()
+            return xg.grad
+
+    goal = ">=2.0x" if provider == "nabla" and mode == "forward" else None
+    run_benchmark(
+        benchmark, fn, suite=f"CrossDiT block {mode} (CPU)", case=CASE, provider=provider,
+        baseline=provider == "sdpa", goal=goal, rounds=3, density=round(density, 4),
+        threshold=round(ctx.nabla.threshold, 5) if ctx.nabla else None,
+    )

@@ -1,0 +1,374 @@
+"""The CrossDiT of Kandinsky 5.0 (official ``DiffusionTransformer3D``), batched, backend-switchable.
+
+Forward (``CrossDiT.forward``), named dims B batch, (T, H, W) latent grid, C channels, L text tokens:
+
+1. text (B, L, 3584) -> Linear + LayerNorm -> (B, L, D); timestep (B,) -> sinusoid + MLP (fp32) plus the
+   pooled CLIP vector (B, 768) -> Linear + LayerNorm: the conditioning vector (B, E);
+2. the Linguistic Token Refiner blocks refine the text (1-D RoPE, padding keys masked);
+3. latents (B, T, H, W, C) -> (1, 2, 2) patches -> tokens on the grid (T, H/2, W/2) with a 3-D RoPE;
+   tokens are flattened row-major, or fractally (8x8 tiles, padded) for the ``nabla`` backend;
+4. the CrossDiT blocks; 5. un-flatten, modulated output layer, unpatchify -> velocity (B, T, H, W, C_out).
+
+The stages are exposed (:meth:`CrossDiT.prepare`, :meth:`CrossDiT.run_visual_blocks`,
+:meth:`CrossDiT.finish`) so the sampler's MagCache can skip the block stack. The model never imports
+``torch.distributed``; ``training/`` applies parallelism and per-block ``torch.compile`` from outside.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .attention import AttentionContext, NablaState
+from .config import ATTENTION_BACKENDS, CrossDiTConfig, preset
+from .nn import (
+    OutLayer,
+    TextEmbeddings,
+    TimeEmbeddings,
+    TransformerDecoderBlock,
+    TransformerEncoderBlock,
+    VisualEmbeddings,
+)
+from .rope import rope_cos_sin, text_rope_angles, visual_rope_angles
+
+
+@dataclass
+class ForwardState:
+    """Everything the block stack and the output layer need, computed once per forward (``prepare``)."""
+
+    visual: torch.Tensor
+    """(B, S, D) visual tokens before the blocks (row-major or fractal order; S counts pad tokens)."""
+    text: torch.Tensor
+    """(B, L, D) refined text."""
+    time_embed: torch.Tensor
+    """fp32 (B, E) conditioning vector."""
+    rope: tuple[torch.Tensor, torch.Tensor]
+    """(cos, sin) fp32 (1, S, 1, Dh/2) in the token order of ``visual``."""
+    ctx: AttentionContext
+    grid: tuple[int, int, int]
+    """(T', H', W') token grid."""
+    fractal: bool
+    """Whether ``visual`` is in fractal order (the ``nabla`` backend)."""
+
+
+class CrossDiT(nn.Module):
+    """Kandinsky 5.0 CrossDiT. State-dict keys and shapes equal the official checkpoints'.
+
+    ``attention_backend`` (``sdpa``, ``flash``, ``flex``, ``nabla``) is a plain attribute, changeable
+    at any time, and can be overridden per call.
+    """
+
+    def __init__(self, config: CrossDiTConfig, *, attention_backend: str | None = None):
+        super().__init__()
+        c = config
+        self.config = c
+        self.attention_backend = attention_backend or c.attention
+        self.time_embeddings = TimeEmbeddings(c.model_dim, c.time_dim)
+        self.text_embeddings = TextEmbeddings(c.in_text_dim, c.model_dim)
+        self.pooled_text_embeddings = TextEmbeddings(c.in_text_dim2, c.time_dim)
+        self.visual_embeddings = VisualEmbeddings(c.in_channels, c.model_dim, c.patch_size)
+        self.text_transformer_blocks = nn.ModuleList(
+            TransformerEncoderBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim)
+            for _ in range(c.num_text_blocks)
+        )
+        self.visual_transformer_blocks = nn.ModuleList(
+            TransformerDecoderBlock(c.model_dim, c.time_dim, c.ff_dim, c.head_dim)
+            for _ in range(c.num_visual_blocks)
+        )
+        self.out_layer = OutLayer(c.model_dim, c.time_dim, c.out_visual_dim, c.patch_size)
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+        self._attention_backend = name
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        pooled_text: torch.Tensor,
+        timestep: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        rope_scale: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        attention_backend: str | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction.
+
+        x           (B, T, H, W, C_in) latents, channels-last (C_in = C or 2C + 1 with conditioning)
+        text        (B, L, in_text_dim) Qwen2.5-VL hidden states (template tokens already cropped)
+        pooled_text (B, in_text_dim2) CLIP pooled vector
+        timestep    (B,) or scalar, official scale 1000 t (t = 1 is pure noise)
+        text_mask   bool (B, L), True on real tokens; None means all real
+        rope_scale  per-axis RoPE position divisor (T, H, W), e.g. (1, 2, 2) for 512-px video
+        returns     (B, T, H, W, C_out) in the dtype of ``x``
+        """
+        state = self.prepare(
+            x, text, pooled_text, timestep, text_mask, rope_scale, attention_backend=attention_backend
+        )
+        return self.finish(self.run_visual_blocks(state), state)
+
+    def prepare(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        pooled_text: torch.Tensor,
+        timestep: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        rope_scale: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        attention_backend: str | None = None,
+        record_masks: list | None = None,
+    ) -> ForwardState:
+        """Embeddings, the text refiner and the token layout (everything before the CrossDiT blocks)."""
+        c = self.config
+        backend = attention_backend or self.attention_backend
+        if x.dim() != 5 or x.shape[-1] != c.in_channels:
+            raise ValueError(f"x must be (B, T, H, W, {c.in_channels}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if text.dim() != 3 or text.shape[0] != b or text.shape[-1] != c.in_text_dim:
+            raise ValueError(f"text must be (B={b}, L, {c.in_text_dim}), got {tuple(text.shape)}")
+        if pooled_text.shape != (b, c.in_text_dim2):
+            raise ValueError(f"pooled_text must be ({b}, {c.in_text_dim2}), got {tuple(pooled_text.shape)}")
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        if text_mask is not None:
+            if text_mask.shape != text.shape[:2]:
+                raise ValueError(
+                    f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
+                )
+            text_mask = text_mask.to(device=x.device, dtype=torch.bool)
+            if not bool(text_mask.any(-1).all()):  # a sample without text would softmax over nothing
+                raise ValueError("every sample needs at least one real text token in text_mask")
+        dtype = x.dtype
+
+        # 1. conditioning vector and text
+        pooled = self.pooled_text_embeddings(pooled_text.to(dtype)).float()
+        time_embed = self.time_embeddings(timestep) + pooled  # fp32 (B, E), drives every AdaLN
+        text_embed = self.text_embeddings(text.to(dtype))
+        ctx = AttentionContext(backend="sdpa" if backend == "nabla" else backend, text_mask=text_mask)
+        text_angles = text_rope_angles(text.shape[1], c.head_dim, c.rope_theta, x.device)
+        text_rope = rope_cos_sin(text_angles[None, :, None])
+        for block in self.text_transformer_blocks:
+            text_embed = block(text_embed, time_embed, text_rope, ctx)
+
+        # 2. visual tokens and the 3-D RoPE on the token grid
+        visual = self.visual_embeddings(x)  # (B, T', H', W', D)
+        grid = tuple(visual.shape[1:4])
+        # (T', H', W', Dh/2)
+        angles = visual_rope_angles(grid, c.axes_dims, rope_scale, c.rope_theta, x.device)
+        fractal = backend == "nabla"
+        if fractal:
+            visual, angles, nabla = self._fractal_layout(visual, angles, record_masks)
+            ctx = AttentionContext(backend="nabla", text_mask=text_mask, nabla=nabla)
+        else:
+            visual = visual.flatten(1, 3)
+            angles = angles.flatten(0, 2)
+        rope = rope_cos_sin(angles[None, :, None])
+        return ForwardState(visual, text_embed, time_embed, rope, ctx, grid, fractal)
+
+    def _fractal_layout(self, visual, angles, record):
+        """Fractal order (8x8 tiles, zero-padded) for tokens and RoPE angles, and the per-forward NABLA
+        state: the STA block mask of the grid and the pad-token flags. visual (B, T', H', W', D),
+        angles (T', H', W', Dh/2) -> (B, S, D), (S, Dh/2), NablaState; pad tokens get angle 0."""
+        import kandinsky_kernels as kk
+
+        nc = self.config.nabla
+        t = visual.shape[1]
+        visual, layout = kk.fractal_flatten(visual, nc.tile, return_layout=True)
+        angles = kk.fractal_flatten(angles[None], nc.tile)[0]
+        token_valid = layout.token_valid(visual.device) if layout.is_padded else None
+        sta = None
+        if nc.add_sta:
+            sta = kk.sta_block_mask(t, layout.h_tiles, layout.w_tiles, window=nc.window, device=visual.device)
+        state = NablaState(nc.threshold, nc.block_size, sta, token_valid, record)
+        return visual, angles, state
+
+    def run_visual_blocks(self, state: ForwardState) -> torch.Tensor:
+        """The CrossDiT block stack: (B, S, D) -> (B, S, D)."""
+        h = state.visual
+        for block in self.visual_transformer_blocks:
+            h = block(h, state.text, state.time_embed, state.rope, state.ctx)
+        return h
+
+    def finish(self, visual: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """Undo the token layout, output layer, unpatchify: (B, S, D) -> (B, T, H, W, C_out)."""
+        b, _, d = visual.shape
+        t, h, w = state.grid
+        if state.fractal:
+            import kandinsky_kernels as kk
+
+            visual = kk.fractal_unflatten(visual, state.grid, tile=self.config.nabla.tile)
+        else:
+            visual = visual.view(b, t, h, w, d)
+        return self.out_layer(visual, state.time_embed)
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def on_meta(cls, config: CrossDiTConfig, **kwargs: Any) -> "CrossDiT":
+        """The model on the meta device: shapes and keys without memory (counting, FSDP, loading)."""
+        with torch.device("meta"):
+            return cls(config, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
+        """Write the Diffusers layout: ``config.json`` (official keys) and
+        ``diffusion_pytorch_model.safetensors``, or numbered shards plus an index JSON when
+        ``max_shard_bytes`` is given."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = {"_class_name": "Kandinsky5Transformer3DModel", **self.config.to_official_dict()}
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if max_shard_bytes is None:
+            save_file(sd, str(path / f"{_WEIGHTS}.safetensors"))
+            return path
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name))
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": weight_map}
+        (path / f"{_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: CrossDiTConfig | str | Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
+        attention_backend: str | None = None,
+    ) -> "CrossDiT":
+        """Load official weights from local files (no download code).
+
+        ``path`` is either
+          - a folder in the published Diffusers layout (``config.json`` with the official keys plus one
+            ``*.safetensors`` file or shards with a ``*.safetensors.index.json``), or a pipeline folder
+            holding such a ``transformer/`` subfolder; or
+          - a bare official ``.safetensors`` file, with ``config`` a preset name (``"video_lite"``...),
+            an official config dict, a ``config.json`` path or a :class:`CrossDiTConfig`.
+        ``config`` overrides the folder's ``config.json`` when given. ``dtype`` casts the weights
+        (default: keep the checkpoint's). ``strict`` raises a ``KeyError`` listing missing, unexpected
+        and mis-shaped keys; with ``strict=False`` missing weights keep their fresh initialisation.
+        """
+        path = Path(path)
+        files, folder_cfg = _find_checkpoint(path)
+        cfg = _resolve_config(config if config is not None else folder_cfg, path)
+        model = cls.on_meta(cfg, attention_backend=attention_backend)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+
+        from safetensors import safe_open
+
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device=str(device)) as fh:
+                for k in fh.keys():
+                    t = fh.get_tensor(k)
+                    sd[k] = t if dtype is None else t.to(dtype)
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        mis_shaped = sorted(
+            f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+            for k in set(sd) & set(expected) if sd[k].shape != expected[k]
+        )
+        if mis_shaped or (strict and (missing or unexpected)):
+            raise KeyError(_mismatch_message(path, missing, unexpected, mis_shaped))
+        if missing:  # non-strict: materialise the fresh init for what the checkpoint lacks
+            model = cls(cfg, attention_backend=attention_backend).to(device=device, dtype=dtype)
+            model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+            return model
+        model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=True)
+        return model
+
+
+_WEIGHTS = "diffusion_pytorch_model"
+
+
+def _mismatch_message(path, missing, unexpected, mis_shaped, show: int = 20) -> str:
+    def part(name, keys):
+        more = f" ... and {len(keys) - show} more" if len(keys) > show else ""
+        return f"\n  {len(keys)} {name}: {keys[:show]}{more}"
+
+    msg = f"checkpoint {str(path)!r} does not match the CrossDiT config:"
+    if missing:
+        msg += part("missing keys", missing)
+    if unexpected:
+        msg += part("unexpected keys", unexpected)
+    if mis_shaped:
+        msg += part("keys with another shape", mis_shaped)
+    return msg
+
+
+def _find_checkpoint(path: Path) -> tuple[list[Path], dict | None]:
+    """-> (safetensors files to read, config dict of the folder or None)."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"expected a .safetensors file or a folder, got {path}")
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
+        path = path / "transformer"
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"several safetensors index files in {path}: {[i.name for i in indexes]}")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.exists()]
+        if absent:
+            raise FileNotFoundError(f"shards named in {indexes[0].name} are absent: {absent}")
+        return files, cfg
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(
+            f"{path} needs one *.safetensors file or a *.safetensors.index.json, "
+            f"found {[f.name for f in files]}"
+        )
+    return files, cfg
+
+
+def _resolve_config(config, path: Path) -> CrossDiTConfig:
+    if config is None:
+        raise ValueError(
+            f"{path} carries no config.json: pass config= (a preset name such as 'video_lite', an official "
+            "config dict or a config.json path)"
+        )
+    if isinstance(config, CrossDiTConfig):
+        return config
+    if isinstance(config, Mapping):
+        return CrossDiTConfig.from_official_dict(config)
+    if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
+        return CrossDiTConfig.from_official_dict(json.loads(Path(config).read_text()))
+    if isinstance(config, str):
+        return preset(config)
+    raise TypeError(f"config must be a CrossDiTConfig, preset name, dict or json path, got {type(config)}")

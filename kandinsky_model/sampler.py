@@ -1,0 +1,396 @@
+"""Sampling for the CrossDiT: Euler flow matching, classifier-free guidance, I2V, editing, MagCache.
+
+Official scheme (``generation_utils.generate``):
+
+- times ``t = linspace(1, 0, N + 1)`` warped by the shift ``s``: ``t <- s t / (1 + (s - 1) t)``;
+  the model sees ``1000 t`` and predicts the velocity ``v = noise - x0``; Euler steps
+  ``x <- x + (t[i+1] - t[i]) v`` (dt < 0; the model never sees t = 0). Shift 5.0 is what the official
+  ``test.py`` passes for video (pipelines default to 10.0 for video, 3.0 for images);
+- CFG ``v = v_u + w (v_c - v_u)``, the unconditional pass skipped when ``|w - 1| < 1e-6``. Weights:
+  5.0 video (sft/pretrain), 1.0 (nocfg/distil, 16 steps for distil), 3.5 images;
+- image-to-video (``visual_cond`` models): the clean first-frame latent is written into latent frame 0
+  of the noisy channels before every call and after the last step; the 16 ``cond`` channels stay zero
+  and the mask channel is 1 on frame 0 (``i2v_cond_channels=True`` also fills the cond channels, the
+  Diffusers / SimpleTuner variant). T2V with a ``visual_cond`` model uses zero cond and mask;
+- image editing (``instruct_type="channel"``): [noisy | source latent | ones], zeros without a source.
+
+Text encoders stay outside. The caller passes, per prompt,
+- ``text``: the last hidden states of Qwen2.5-VL-7B-Instruct (bf16) for the prompt placed in the
+  official system-prompt chat template of the task, tokenised right-padded and truncated to
+  ``max_length + crop_start`` tokens, the first ``crop_start`` positions (the template) dropped:
+  crop_start 129 (video), 132 (image-to-video), 41 (image), 55 (image edit);
+  max_length 256 for video, 512 for images. ``text_mask`` is the matching attention mask (bool);
+- ``pooled_text``: the ``pooler_output`` of CLIP ViT-L/14 for the raw caption (77 tokens, padded).
+The templates are :data:`PROMPT_TEMPLATES`; :func:`encode_prompt` runs the whole recipe with
+``transformers`` models the caller loads (duck-typed, nothing imported or downloaded here). The
+official pipelines also rewrite the prompt with Qwen first (prompt expansion, on by default there);
+that is left to the caller. The default negative prompt of the video models is
+:data:`VIDEO_NEGATIVE_PROMPT` (images use "").
+
+MagCache (``magcache_utils``): per CFG branch, the residual of the visual block stack
+(output - input) is cached; a call may reuse it instead of running the blocks when the accumulated
+error of the per-call magnitude ratios stays under ``threshold`` for at most ``max_skips``
+consecutive calls, never during the first ``retention_ratio`` of calls. Calls are numbered cond/uncond
+interleaved (2 per step; without CFG only the cond slots are used).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .dit import CrossDiT
+
+VIDEO_NEGATIVE_PROMPT = (
+    "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
+    "deformed, walking backwards"
+)
+CROP_START = {"video": 129, "image2video": 132, "image": 41, "image_edit": 55}
+MAX_TEXT_LENGTH = {"video": 256, "image2video": 256, "image": 512, "image_edit": 512}
+
+
+def time_grid(num_steps: int, shift: float) -> torch.Tensor:
+    """fp64 (N + 1,) official flow-matching times from 1 to 0, warped by ``shift``."""
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def video_rope_scale(height: int, width: int) -> tuple[float, float, float]:
+    """RoPE position divisor of the video models for a pixel resolution: (1, 2, 2) for the 512-px (SD)
+    family (both sides in 480..854 px, the Diffusers rule), (1, 3.16, 3.16) for 1024-px (HD). Image
+    models use (1, 1, 1)."""
+    sd = 480 <= height <= 854 and 480 <= width <= 854
+    return (1.0, 2.0, 2.0) if sd else (1.0, 3.16, 3.16)
+
+
+# ------------------------------------------------------------------------------------------- MagCache
+@dataclass(kw_only=True)
+class MagCacheConfig:
+    """MagCache settings (official defaults). ``mag_ratios`` are per call, cond/uncond interleaved, as
+    listed in the official configs (the leading [1, 1] is added here); a list of another length is
+    nearest-interpolated per branch. :func:`calibrate_mag_ratios` measures them for a model."""
+
+    mag_ratios: Sequence[float]
+    threshold: float = 0.12
+    """Largest accumulated error |1 - prod(ratios)| summed over skipped calls."""
+    max_skips: int = 2
+    """K: most consecutive skipped calls per branch."""
+    retention_ratio: float = 0.2
+    """No skipping in the first 20 % of calls."""
+
+    def __post_init__(self) -> None:
+        if len(self.mag_ratios) < 2:
+            raise ValueError("mag_ratios needs at least one cond/uncond pair")
+        if self.threshold < 0 or self.max_skips < 0 or not 0 <= self.retention_ratio <= 1:
+            raise ValueError(f"invalid MagCache settings {self}")
+
+
+def _nearest(src: list[float], n: int) -> list[float]:
+    if n == 1:
+        return [src[-1]]
+    step = (len(src) - 1) / (n - 1)
+    return [src[int(round(i * step))] for i in range(n)]
+
+
+class MagCache:
+    """MagCache state of one generation of ``num_steps`` steps (``2 num_steps`` call slots)."""
+
+    def __init__(self, config: MagCacheConfig | None, num_steps: int, *, calibrate: bool = False):
+        self.config = config
+        self.calibrate = calibrate
+        self.num_slots = 2 * num_steps
+        if config is not None:
+            ratios = [1.0, 1.0] + [float(r) for r in config.mag_ratios]
+            if len(ratios) != self.num_slots:
+                cond, uncond = _nearest(ratios[0::2], num_steps), _nearest(ratios[1::2], num_steps)
+                ratios = [r for pair in zip(cond, uncond) for r in pair]
+            self.ratios = ratios
+        self.acc_ratio = [1.0, 1.0]
+        self.acc_err = [0.0, 0.0]
+        self.acc_steps = [0, 0]
+        self.residual: list[torch.Tensor | None] = [None, None]
+        self.skipped = 0
+        self.computed = 0
+        self.measured: list[float | None] = [None] * self.num_slots
+
+    def should_skip(self, slot: int) -> bool:
+        """Decide for call ``slot`` (2 step + branch) and update the accumulators."""
+        cfg, b = self.config, slot % 2
+        if cfg is None or slot < int(self.num_slots * cfg.retention_ratio):
+            return False
+        self.acc_ratio[b] *= self.ratios[slot]
+        self.acc_steps[b] += 1
+        self.acc_err[b] += abs(1.0 - self.acc_ratio[b])
+        fits = self.acc_err[b] < cfg.threshold and self.acc_steps[b] <= cfg.max_skips
+        if fits and self.residual[b] is not None:
+            return True
+        self.acc_ratio[b], self.acc_err[b], self.acc_steps[b] = 1.0, 0.0, 0
+        return False
+
+    def store(self, slot: int, residual: torch.Tensor) -> None:
+        b = slot % 2
+        if self.calibrate and self.residual[b] is not None:
+            ratio = (residual.float().norm(dim=-1) / self.residual[b].float().norm(dim=-1)).mean().item()
+            self.measured[slot] = round(ratio, 5)
+        self.residual[b] = residual
+
+
+def _velocity(model: CrossDiT, x, text, pooled, t, mask, rope_scale, backend, cache: MagCache | None, slot):
+    """One model call, the block stack possibly replaced by the cached residual."""
+    state = model.prepare(x, text, pooled, t, mask, rope_scale, attention_backend=backend)
+    if cache is not None and cache.should_skip(slot):
+        h = state.visual + cache.residual[slot % 2]
+        cache.skipped += 1
+    else:
+        h = model.run_visual_blocks(state)
+        if cache is not None:
+            cache.computed += 1
+            cache.store(slot, h - state.visual)
+    return model.finish(h, state)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def pack_text(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad per-prompt text states [(L_i, D)] to (B, max L, D) with a bool mask (B, max L)."""
+    length = max(e.shape[0] for e in embeds)
+    text = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+    mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        text[i, : e.shape[0]] = e
+        mask[i, : e.shape[0]] = True
+    return text, mask
+
+
+def _pad_to(text, mask, length):
+    b, l, d = text.shape
+    if mask is None:
+        mask = torch.ones(b, l, dtype=torch.bool, device=text.device)
+    if l == length:
+        return text, mask
+    return (torch.cat([text, text.new_zeros(b, length - l, d)], 1),
+            torch.cat([mask, mask.new_zeros(b, length - l)], 1))
+
+
+def _noise(shape, seed, device) -> torch.Tensor:
+    """fp32 Gaussian noise drawn on the CPU (same numbers on every device); ``seed`` an int for the
+    batch or one int per sample (so a batch equals its samples generated one by one)."""
+    if isinstance(seed, int) or seed is None:
+        g = torch.Generator().manual_seed(0 if seed is None else seed)
+        return torch.randn(shape, generator=g).to(device)
+    if len(seed) != shape[0]:
+        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
+    draws = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed]
+    return torch.stack(draws).to(device)
+
+
+@dataclass
+class GenerationResult:
+    latent: torch.Tensor
+    """fp32 (B, T, H, W, C) clean latent (channels-last, VAE-scaled as the model sees it)."""
+    nfe: int
+    """Block-stack evaluations per sample (a CFG step counts 2; MagCache skips are not counted)."""
+    skipped: int
+    """Evaluations MagCache saved."""
+    mag_ratios: list[float] | None = field(default=None)
+    """Measured per-call magnitude ratios (``calibrate=True``), usable as ``MagCacheConfig.mag_ratios``."""
+
+
+@torch.no_grad()
+def generate(
+    model: CrossDiT,
+    text: torch.Tensor,
+    pooled_text: torch.Tensor,
+    *,
+    shape: Sequence[int],
+    text_mask: torch.Tensor | None = None,
+    negative_text: torch.Tensor | None = None,
+    negative_pooled_text: torch.Tensor | None = None,
+    negative_text_mask: torch.Tensor | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 5.0,
+    shift: float = 5.0,
+    seed: int | Sequence[int] | None = 0,
+    noise: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    i2v_cond_channels: bool = False,
+    source_image: torch.Tensor | None = None,
+    rope_scale: Sequence[float] = (1.0, 1.0, 1.0),
+    attention_backend: str | None = None,
+    magcache: MagCacheConfig | None = None,
+    calibrate: bool = False,
+    cfg_batch: bool = False,
+    dtype: torch.dtype | None = None,
+) -> GenerationResult:
+    """Sample latents with the official Euler flow-matching scheme.
+
+    text (B, L, in_text_dim), pooled_text (B, in_text_dim2), text_mask bool (B, L) or None; negative_*
+    likewise (negative text may have another length); required when ``guidance_scale != 1``.
+    shape         latent grid (T, H, W); T = 1 for text-to-image, (seconds * 24 / 4 + 1) for video
+    first_frame   (B, H, W, C) clean latent of the conditioning image (image-to-video)
+    source_image  (B, H, W, C) latent of the image to edit (``instruct_type="channel"`` models, T = 1)
+    seed          int, or one int per sample; ``noise`` (B, T, H, W, C) overrides it
+    magcache      skip block-stack evaluations (:class:`MagCacheConfig`); ``calibrate`` measures the
+                  magnitude ratios instead (returned in ``GenerationResult.mag_ratios``)
+    cfg_batch     run the cond and uncond branches as one batch of 2B (text padded and masked)
+    dtype         activation dtype of the model calls (default: the model's parameter dtype); the
+                  latent state stays fp32
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = dtype or next(model.parameters()).dtype
+    b = text.shape[0]
+    t_len, h, w = (int(s) for s in shape)
+    c = cfg.in_visual_dim
+    use_cfg = abs(guidance_scale - 1.0) >= 1e-6
+    if use_cfg and (negative_text is None or negative_pooled_text is None):
+        raise ValueError("guidance_scale != 1 needs negative_text and negative_pooled_text")
+    if first_frame is not None and not cfg.visual_cond:
+        raise ValueError("first_frame (image-to-video) needs a model with visual_cond=True")
+    if source_image is not None and cfg.instruct_type != "channel":
+        raise ValueError("source_image (editing) needs a model with instruct_type='channel'")
+    if cfg_batch and (magcache is not None or calibrate):
+        raise ValueError("MagCache keeps one residual per branch: use cfg_batch=False with it")
+
+    x = noise.float().to(device) if noise is not None else _noise((b, t_len, h, w, c), seed, device)
+    if x.shape != (b, t_len, h, w, c):
+        raise ValueError(f"noise must be {(b, t_len, h, w, c)}, got {tuple(x.shape)}")
+
+    # The conditioning channels are fixed over the whole trajectory.
+    extra = None
+    if cfg.in_channels != c:
+        cond = torch.zeros(b, t_len, h, w, c, device=device)
+        mask = torch.zeros(b, t_len, h, w, 1, device=device)
+        if first_frame is not None:
+            first_frame = first_frame.float().to(device).reshape(b, 1, h, w, c)
+            mask[:, 0] = 1.0
+            if i2v_cond_channels:
+                cond[:, :1] = first_frame
+        if source_image is not None:
+            cond = source_image.float().to(device).reshape(b, 1, h, w, c).expand(b, t_len, h, w, c)
+            mask = torch.ones_like(mask)
+        extra = torch.cat([cond, mask], dim=-1)
+
+    def model_input(x_):
+        if first_frame is not None:
+            x_ = torch.cat([first_frame, x_[:, 1:]], dim=1)
+        return (x_ if extra is None else torch.cat([x_, extra], -1)).to(dtype)
+
+    # branches: (text, pooled, mask) per CFG branch, or both stacked into one batch of 2B
+    branches = [(text.to(device, dtype), pooled_text.to(device, dtype), text_mask)]
+    if use_cfg:
+        neg = (negative_text.to(device, dtype), negative_pooled_text.to(device, dtype), negative_text_mask)
+        branches.append(neg)
+    if use_cfg and cfg_batch:
+        length = max(br[0].shape[1] for br in branches)
+        padded = [_pad_to(t_, m_, length) for t_, m_ in ((br[0], br[2]) for br in branches)]
+        branches = [(torch.cat([p_[0] for p_ in padded]), torch.cat([br[1] for br in branches]),
+                     torch.cat([p_[1] for p_ in padded]))]
+
+    cache = None
+    if magcache is not None or calibrate:
+        cache = MagCache(magcache, num_steps, calibrate=calibrate)
+    grid = time_grid(num_steps, shift)
+    nfe = 0
+    for i in range(num_steps):
+        xin = model_input(x)
+        velocities = []
+        for j, (txt, pooled, msk) in enumerate(branches):
+            n = txt.shape[0] // b  # 2 when both branches are batched
+            t_now = torch.full((b * n,), float(grid[i]) * 1000.0, device=device)
+            v = _velocity(model, xin.repeat(n, 1, 1, 1, 1), txt, pooled, t_now, msk, rope_scale,
+                          attention_backend, cache, 2 * i + j)
+            velocities.extend(v.float().chunk(n))
+            nfe += n
+        v_c = velocities[0]
+        v = velocities[1] + guidance_scale * (v_c - velocities[1]) if use_cfg else v_c
+        x = x + float(grid[i + 1] - grid[i]) * v
+    if first_frame is not None:
+        x = torch.cat([first_frame, x[:, 1:]], dim=1)
+
+    skipped = cache.skipped if cache is not None else 0
+    ratios = None
+    if calibrate:
+        # Slots without a measurement (first call of a branch, unused uncond slots) take their pair's value.
+        meas = cache.measured[2:]
+        ratios = [m if m is not None else (meas[j ^ 1] if meas[j ^ 1] is not None else 1.0)
+                  for j, m in enumerate(meas)]
+    return GenerationResult(x, nfe - skipped, skipped, ratios)
+
+
+# ------------------------------------------------------------------------------ text-encoder adapter
+# The official Qwen2.5-VL chat templates (lines joined by "\n", the prompt at "{}"; spelling as shipped,
+# since every token counts) and how many leading tokens (the system part) are cropped from the output.
+PROMPT_TEMPLATES = {
+    "video": "\n".join((
+        "<|im_start|>system\nYou are a promt engineer. Describe the video in detail.",
+        "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the "
+        "objects.",
+        "Describe the location of the video, main characters or objects and their action.",
+        "Describe the dynamism of the video and presented actions.",
+        "Name the visual style of the video: whether it is a professional footage, user generated content, "
+        "some kind of animation, video game or scren content.",
+        "Describe the visual effects, postprocessing and transitions if they are presented in the video.",
+        "Pay attention to the order of key actions shown in the scene.<|im_end|>",
+        "<|im_start|>user\n{}<|im_end|>",
+    )),
+    "image2video": "\n".join((
+        "<|im_start|>system\nYou are a promt engineer. Your task is to create a highly detailed and "
+        "effective video description based on a provided input image.",
+        "Describe how the camera moves or shakes, describe the zoom and view angle, whether it follows the "
+        "objects.",
+        "Describe main characters actions.",
+        "Describe the dynamism of the video and presented actions.",
+        "Name the visual style of the video: whether it is a professional footage, user generated content, "
+        "some kind of animation, video game or scren content.",
+        "Describe the visual effects, postprocessing and transitions if they are presented in the video.",
+        "Pay attention to the order of key actions shown in the scene.<|im_end|>",
+        "<|im_start|>user\n{}<|im_end|>",
+    )),
+    "image": "\n".join((
+        "<|im_start|>system\nYou are a promt engineer. Describe the image by detailing the color, shape, "
+        "size, texture, quantity, text, spatial relationships of the objects and background:<|im_end|>",
+        "<|im_start|>user\n{}<|im_end|>",
+    )),
+    # editing appends one "<|vision_start|><|image_pad|><|vision_end|>" per source image, then "<|im_end|>"
+    "image_edit": "\n".join((
+        "<|im_start|>system\nYou are a promt engineer. Based on the provided source image (first image) and "
+        "target image (second image), create an interesting text prompt that can be used together with the "
+        "source image to create the target image:<|im_end|>",
+        "<|im_start|>user\n{}",
+    )),
+}
+
+
+def encode_prompt(
+    prompts: Sequence[str],
+    *,
+    qwen,
+    qwen_processor,
+    clip,
+    clip_tokenizer,
+    kind: str = "video",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Optional ``transformers`` adapter (text-only kinds) -> (text (B, L, 3584), text_mask bool (B, L),
+    pooled (B, 768)), L <= MAX_TEXT_LENGTH[kind].
+
+    ``qwen`` a Qwen2.5-VL-7B-Instruct model with its processor, ``clip`` a CLIP ViT-L/14 text model
+    with its tokenizer, all loaded by the caller (nothing here downloads). The prompt goes into
+    ``PROMPT_TEMPLATES[kind]``, is tokenised right-padded to the longest prompt and truncated to
+    ``MAX_TEXT_LENGTH[kind] + CROP_START[kind]`` tokens; the last hidden states lose their first
+    ``CROP_START[kind]`` positions. CLIP sees the raw prompt (77 tokens, padded).
+    """
+    crop = CROP_START[kind]
+    texts = [PROMPT_TEMPLATES[kind].format(p) for p in prompts]
+    tok = qwen_processor(text=texts, padding=True, truncation=True, max_length=MAX_TEXT_LENGTH[kind] + crop,
+                         return_tensors="pt")
+    device = next(qwen.parameters()).device
+    with torch.no_grad():
+        out = qwen(input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device),
+                   output_hidden_states=True)
+        ctok = clip_tokenizer(list(prompts), padding="max_length", truncation=True, max_length=77,
+                              return_tensors="pt")
+        pooled = clip(**{k: v.to(next(clip.parameters()).device) for k, v in ctok.items()}).pooler_output
+    text = out.hidden_states[-1][:, crop:]
+    mask = tok["attention_mask"][:, crop:].to(device=device, dtype=torch.bool)
+    return text, mask, pooled

@@ -1,0 +1,220 @@
+"""kandinsky_model.generate: official time grid and Euler/CFG update, seeds and batching, I2V / T2I /
+edit conditioning, MagCache skip counts and calibration."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close_to_reference
+from kandinsky_model import CrossDiT, MagCacheConfig, generate, pack_text, time_grid, tiny, video_rope_scale
+from kandinsky_model.sampler import MagCache
+from test_model import randomize
+
+
+def make(**overrides) -> CrossDiT:
+    return randomize(CrossDiT(tiny(**overrides))).eval()
+
+
+def prompts(cfg, b=1, lengths=(5,), neg_lengths=(3,)):
+    g = torch.Generator().manual_seed(7)
+    text, mask = pack_text([torch.randn(n, cfg.in_text_dim, generator=g) for n in lengths])
+    neg, neg_mask = pack_text([torch.randn(n, cfg.in_text_dim, generator=g) for n in neg_lengths])
+    return dict(text=text, text_mask=mask, pooled_text=torch.randn(b, cfg.in_text_dim2, generator=g),
+                negative_text=neg, negative_text_mask=neg_mask,
+                negative_pooled_text=torch.randn(b, cfg.in_text_dim2, generator=g))
+
+
+SHAPE = (3, 8, 8)
+
+
+def test_time_grid_is_the_shifted_official_grid():
+    t = time_grid(4, 1.0)
+    assert torch.allclose(t, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    s = time_grid(50, 5.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and bool((s[1:] < s[:-1]).all())
+    assert s[25].item() == pytest.approx(5 * 0.5 / (1 + 4 * 0.5))
+    assert video_rope_scale(512, 768) == (1.0, 2.0, 2.0) and video_rope_scale(768, 1280) == (1.0, 3.16, 3.16)
+
+
+def test_euler_cfg_matches_a_hand_written_loop():
+    model = make()
+    p = prompts(model.config)
+    res = generate(model, shape=SHAPE, num_steps=3, guidance_scale=4.0, shift=3.0, seed=11, **p)
+    x = torch.randn((1, *SHAPE, 4), generator=torch.Generator().manual_seed(11))
+    ts = [3 * t / (1 + 2 * t) for t in (1.0, 2 / 3, 1 / 3, 0.0)]
+    with torch.no_grad():
+        for i in range(3):
+            tt = torch.tensor([ts[i] * 1000])
+            vc = model(x, p["text"], p["pooled_text"], tt, p["text_mask"])
+            vu = model(x, p["negative_text"], p["negative_pooled_text"], tt, p["negative_text_mask"])
+            x = x + (ts[i + 1] - ts[i]) * (vu + 4.0 * (vc - vu))
+    assert_close_to_reference(res.latent, x.double())
+    assert res.nfe == 6 and res.skipped == 0
+
+
+def test_seeds_are_deterministic_and_per_sample():
+    model = make()
+    p = prompts(model.config, b=2, lengths=(5, 2), neg_lengths=(3, 4))
+    a = generate(model, shape=SHAPE, num_steps=2, seed=[3, 4], **p).latent
+    b = generate(model, shape=SHAPE, num_steps=2, seed=[3, 4], **p).latent
+    assert torch.equal(a, b)
+    c = generate(model, shape=SHAPE, num_steps=2, seed=[5, 4], **p).latent
+    assert not torch.equal(a[0], c[0])
+    # the batch equals its samples generated alone (text unpadded, no masks)
+    for i, (n, nn_) in enumerate(((5, 3), (2, 4))):
+        single = generate(
+            model, shape=SHAPE, num_steps=2, seed=[3, 4][i], text=p["text"][i : i + 1, :n],
+            pooled_text=p["pooled_text"][i : i + 1], negative_text=p["negative_text"][i : i + 1, :nn_],
+            negative_pooled_text=p["negative_pooled_text"][i : i + 1],
+        ).latent
+        assert_close_to_reference(a[i : i + 1], single.double())
+
+
+def test_cfg_batch_equals_separate_branches():
+    model = make()
+    p = prompts(model.config, lengths=(6,), neg_lengths=(2,))
+    sep = generate(model, shape=SHAPE, num_steps=2, **p)
+    bat = generate(model, shape=SHAPE, num_steps=2, cfg_batch=True, **p)
+    assert_close_to_reference(bat.latent, sep.latent.double())
+    assert bat.nfe == sep.nfe == 4
+
+
+def test_nabla_backend_end_to_end():
+    """Sampling through the fractal layout with padding (8x8 latent = 4x4 tokens in one padded tile):
+    with P = 1 it equals sdpa."""
+    pytest.importorskip("kandinsky_kernels.ops.nabla")
+    model = make(nabla={"threshold": 1.0})
+    p = prompts(model.config)
+    dense = generate(model, shape=SHAPE, num_steps=2, attention_backend="sdpa", **p)
+    sparse = generate(model, shape=SHAPE, num_steps=2, attention_backend="nabla", **p)
+    assert_close_to_reference(sparse.latent, dense.latent.double())
+
+
+def test_guidance_one_runs_one_branch():
+    model = make()
+    p = prompts(model.config)
+    res = generate(model, shape=SHAPE, num_steps=3, guidance_scale=1.0, text=p["text"],
+                   pooled_text=p["pooled_text"])
+    assert res.nfe == 3
+
+
+def _capture_inputs(model):
+    seen = []
+    model.visual_embeddings.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    return seen
+
+
+def test_image_to_video_first_frame_handling():
+    model = make(visual_cond=True)
+    seen = _capture_inputs(model)
+    first = torch.randn(1, 8, 8, 4)
+    res = generate(model, shape=SHAPE, num_steps=3, first_frame=first, **prompts(model.config))
+    assert torch.equal(res.latent[:, 0], first)
+    assert len(seen) == 6
+    for xin in seen:
+        assert torch.equal(xin[:, 0, ..., :4], first)  # clean latent in the noisy channels of frame 0
+        assert not xin[..., 4:8].any()  # official: cond channels stay zero
+        assert torch.equal(xin[..., 8], torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8))
+    # text-to-video with a visual_cond model: zero cond and mask
+    seen.clear()
+    generate(model, shape=SHAPE, num_steps=1, guidance_scale=1.0, text=torch.randn(1, 4, 48),
+             pooled_text=torch.randn(1, 24))
+    assert not seen[0][..., 4:].any()
+    # the Diffusers variant also fills the cond channels of frame 0
+    seen.clear()
+    generate(model, shape=SHAPE, num_steps=1, guidance_scale=1.0, first_frame=first, i2v_cond_channels=True,
+             text=torch.randn(1, 4, 48), pooled_text=torch.randn(1, 24))
+    assert torch.equal(seen[0][:, 0, ..., 4:8], first) and not seen[0][:, 1:, ..., 4:8].any()
+
+
+def test_text_to_image_and_editing_channels():
+    t2i = make()
+    res = generate(t2i, shape=(1, 8, 12), num_steps=2, guidance_scale=3.5, **prompts(t2i.config))
+    assert res.latent.shape == (1, 1, 8, 12, 4) and torch.isfinite(res.latent).all()
+    edit = make(instruct_type="channel")
+    seen = _capture_inputs(edit)
+    src = torch.randn(1, 8, 12, 4)
+    generate(edit, shape=(1, 8, 12), num_steps=1, guidance_scale=1.0, source_image=src,
+             text=torch.randn(1, 4, 48), pooled_text=torch.randn(1, 24))
+    assert torch.equal(seen[0][:, 0, ..., 4:8], src) and bool((seen[0][..., 8] == 1).all())
+    with pytest.raises(ValueError, match="visual_cond"):
+        generate(t2i, shape=SHAPE, num_steps=1, first_frame=src, **prompts(t2i.config))
+
+
+# ------------------------------------------------------------------------------------------ MagCache
+@pytest.mark.parametrize(
+    "ratio, cfg_scale, skipped",
+    [
+        # retention: slots 0-3 of 20 compute. Ratio 1: error 0, so each branch skips K = 2 calls, then
+        # computes once: 8 remaining calls per branch -> skip, skip, compute, skip, skip, compute, skip, skip.
+        (1.0, 5.0, 12),
+        # 1.05: error 0.05 after one skip, 0.05 + 0.1025 > 0.12 after two: skip, compute, ... = 4 per branch.
+        (1.05, 5.0, 8),
+        (1.5, 5.0, 0),
+        (1.0, 1.0, 6),  # no CFG: only the cond slots exist
+    ],
+)
+def test_magcache_skip_counts(ratio, cfg_scale, skipped):
+    model = make()
+    p = prompts(model.config)
+    mc = MagCacheConfig(mag_ratios=[ratio] * 18)
+    res = generate(model, shape=SHAPE, num_steps=10, guidance_scale=cfg_scale, magcache=mc, **p)
+    calls = 20 if cfg_scale != 1.0 else 10
+    assert res.skipped == skipped and res.nfe == calls - skipped
+    if skipped == 0:
+        plain = generate(model, shape=SHAPE, num_steps=10, guidance_scale=cfg_scale, **p)
+        assert torch.equal(res.latent, plain.latent)
+
+
+def test_magcache_interpolates_ratios_and_calibrates():
+    cache = MagCache(MagCacheConfig(mag_ratios=[2.0, 3.0] * 4), num_steps=10)
+    # nearest interpolation per branch of [1, r, r, r, r] (the [1, 1] prefix included) onto 10 steps
+    assert cache.ratios[0::2] == [1.0] * 2 + [2.0] * 8 and cache.ratios[1::2] == [1.0] * 2 + [3.0] * 8
+    model = make()
+    p = prompts(model.config)
+    cal = generate(model, shape=SHAPE, num_steps=6, calibrate=True, **p)
+    assert len(cal.mag_ratios) == 10 and all(r > 0 for r in cal.mag_ratios)
+    res = generate(model, shape=SHAPE, num_steps=6, magcache=MagCacheConfig(mag_ratios=cal.mag_ratios), **p)
+    assert res.nfe + res.skipped == 12
+
+
+def test_cli_runs_a_tiny_model_end_to_end(tmp_path):
+    from kandinsky_model.__main__ import main
+
+    args = ["--steps", "2", "--frames", "2", "--height", "8", "--width", "8", "--out", str(tmp_path / "l.pt")]
+    out = main(args)
+    saved = torch.load(tmp_path / "l.pt")
+    assert saved["latent"].shape == (1, 2, 8, 8, 4) and saved["nfe"] == 4
+    assert torch.equal(saved["latent"], out["latent"])
+
+
+def test_encode_prompt_applies_template_and_crop():
+    """The adapter with stand-ins for the transformers objects: template, truncation, crop, mask."""
+    from types import SimpleNamespace
+
+    from kandinsky_model.sampler import CROP_START, PROMPT_TEMPLATES, encode_prompt
+
+    seen = {}
+
+    def processor(text, padding, truncation, max_length, return_tensors):
+        seen.update(text=text, max_length=max_length)
+        n = CROP_START["image"] + 3
+        mask = torch.tensor([[1] * n, [1] * (n - 1) + [0]])
+        return {"input_ids": torch.arange(n).repeat(2, 1), "attention_mask": mask}
+
+    class Qwen(torch.nn.Linear):
+        def forward(self, input_ids, attention_mask, output_hidden_states):
+            return SimpleNamespace(hidden_states=[None, input_ids[..., None].float().expand(-1, -1, 4)])
+
+    class Clip(torch.nn.Linear):
+        def forward(self, input_ids):
+            return SimpleNamespace(pooler_output=torch.ones(input_ids.shape[0], 2))
+
+    def clip_tok(prompts, padding, truncation, max_length, return_tensors):
+        return {"input_ids": torch.zeros(len(prompts), max_length, dtype=torch.long)}
+
+    text, mask, pooled = encode_prompt(["a cat", "a dog"], qwen=Qwen(1, 1), qwen_processor=processor,
+                                       clip=Clip(1, 1), clip_tokenizer=clip_tok, kind="image")
+    assert seen["text"][0] == PROMPT_TEMPLATES["image"].format("a cat") and seen["max_length"] == 512 + 41
+    assert text.shape == (2, 3, 4) and text[0, 0, 0] == 41
+    assert mask.tolist() == [[True, True, True], [True, True, False]] and pooled.shape == (2, 2)
