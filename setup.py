@@ -71,7 +71,7 @@ setup(
     description="Kernels, model and training harness for Kandinsky 5.0 video diffusion transformers",
     packages=find_packages(include=["kandinsky_kernels*", "kandinsky_model*", "training*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "safetensors"],
+    install_requires=["torch>=2.6", "numpy", "safetensors", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "triton": ["triton>=3.2"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.2"],

@@ -126,7 +126,7 @@ def bench_model(run: Run, model: str, s: int):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from kandinsky_kernels.ops._bsa_triton import bsa_backward_triton, bsa_forward_triton
+    from kandinsky_kernels.ops.block_sparse_attention import bsa_backward_triton, bsa_forward_triton
 
     h, d = MODELS[model]
     scale = 1.0 / math.sqrt(d)

@@ -8,6 +8,8 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
 - :func:`sta_block_mask`: sliding-tile block mask in fractal block order.
 - :func:`nabla_block_mask`: NABLA adaptive block mask (pooled Q/K, CDF threshold, STA union).
 - :class:`BlockSparseMask`: the compact block-sparse mask every attention kernel consumes.
+- :func:`block_sparse_attention`: fused block-sparse attention, forward and backward, packed
+  variable-length batches and padded grids; :func:`nabla_attention`: mask and attention in one call.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ _EXPORTS = {
     "fractal_unflatten": "kandinsky_kernels.ops.fractal",
     "sta_block_mask": "kandinsky_kernels.ops.sta",
     "nabla_block_mask": "kandinsky_kernels.ops.nabla",
+    "block_sparse_attention": "kandinsky_kernels.ops.block_sparse_attention",
+    "nabla_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "use_backend": "kandinsky_kernels.backends",
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }

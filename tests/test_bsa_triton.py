@@ -18,9 +18,9 @@ BS = 64
 
 
 def _bsa():
-    from kandinsky_kernels.ops import _bsa_triton
+    from kandinsky_kernels.ops import block_sparse_attention
 
-    return _bsa_triton
+    return block_sparse_attention
 
 
 def _random_blocks(b, h, n, density):
@@ -216,7 +216,7 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kandinsky_kernels.ops import _bsa_triton as m
+from kandinsky_kernels.ops import block_sparse_attention as m
 
 def types(fn, dt, consts):
     sig = {}

@@ -1,4 +1,20 @@
-"""Triton kernels of fused block-sparse attention (FlashAttention-2 scheme over a BlockSparseMask).
+"""Fused block-sparse attention (the NABLA / STA attention of Kandinsky 5) and its custom ops.
+
+Layers, bottom up:
+
+``kandinsky_kernels::block_sparse_attention_fwd``  custom op -> (out, lse); picks the backend at run
+    time: ``cpu`` (C++/OpenMP, ``csrc/block_sparse_attention.cpp``), ``triton`` (below) or ``reference`` (dense masked SDPA in fp32).
+``kandinsky_kernels::block_sparse_attention_bwd``  custom op -> (dq, dk, dv), same backends.
+    Both have fake implementations and are tied together with ``register_autograd``, so
+    ``torch.compile(fullgraph=True)`` sees one opaque node per direction.
+:func:`block_sparse_attention`  validation + the public entry point.
+:func:`nabla_attention`  NABLA mask (+ STA union) and attention in one call.
+
+Conventions shared by every backend: q, k, v, out (B, S, H, D); lse (B, H, S) fp32, natural log of
+the softmax denominator of ``scale * q.k``, ``-inf`` for a row that sees no key (its output and
+gradients are 0). Softmax statistics and accumulation are fp32 for every input dtype.
+
+Triton kernels. Triton kernels of fused block-sparse attention (FlashAttention-2 scheme over a BlockSparseMask).
 
 Design trade-off: every program owns one query tile (forward, dQ) or one key tile (dK/dV) lying inside a
 single mask block and walks only that block's active partner blocks through the compact index lists
@@ -19,13 +35,46 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 
-from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, triton, tl
+from kandinsky_kernels import _ext
+from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, tl, triton
+from kandinsky_kernels._validation import check_same_device, check_tensor
+from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.reference.attention import (
+    block_sparse_attention_reference,
+    block_sparse_attention_with_lse,
+)
 
-__all__ = ["bsa_forward_triton", "bsa_backward_triton"]
+__all__ = ["block_sparse_attention", "nabla_attention"]
 
+_OP = "block_sparse_attention"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+
+
+def _backend(device: torch.device) -> str:
+    implemented = {
+        "cpu": _ext.cpp_op("bsa_fwd") is not None and _ext.cpp_op("bsa_bwd") is not None,
+        "triton": HAS_TRITON,
+    }
+    return select_backend(_OP, device, implemented)
+
+
+def _unit_last(x: Tensor) -> Tensor:
+    # Kernels take any (B, S, H) strides but need D contiguous.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mask_of(kv_num_blocks, kv_indices, block_size, token_valid) -> BlockSparseMask:
+    return BlockSparseMask(kv_num_blocks, kv_indices, block_size, token_valid=token_valid)
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
 _LOG2E = 1.4426950408889634
 _BLOCK_SIZES = (64, 128)
 # Set KANDINSKY_BSA_AUTOTUNE=0 to launch the fixed default tiles on the GPU too (faster first call).
@@ -504,3 +553,236 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
     )
     _launch(_dq_tuned, _bsa_bwd_dq_kernel, s_q, b * h, dq_args, meta)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("kandinsky_kernels::block_sparse_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    block_size: int,
+    scale: float,
+    token_valid: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    backend = _backend(q.device)
+    if backend == "cpu":
+        out, lse = _ext.cpp_op("bsa_fwd")(
+            q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
+            token_valid, cu_seqlens,
+        )
+    elif backend == "triton":
+        out, lse = bsa_forward_triton(
+            q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens
+        )
+    else:
+        mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
+        out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
+    return out.contiguous(), lse.float().contiguous()
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
+def _bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_num_blocks: Tensor,
+    kv_indices: Tensor,
+    block_size: int,
+    scale: float,
+    token_valid: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
+    backend = _backend(q.device)
+    if backend == "cpu":
+        dq, dk, dv = _ext.cpp_op("bsa_bwd")(
+            dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
+            block_size, scale, token_valid, cu_seqlens,
+        )
+    elif backend == "triton":
+        t = _mask_of(kv_num_blocks, kv_indices, block_size, None).transpose()
+        dq, dk, dv = bsa_backward_triton(
+            dout, q, k, v, out, lse, kv_num_blocks, kv_indices, t.kv_num_blocks, t.kv_indices,
+            block_size, scale, token_valid, cu_seqlens,
+        )
+    else:
+        mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            ref = block_sparse_attention_reference(*leaves, mask, scale, cu_seqlens)
+            dq, dk, dv = torch.autograd.grad(ref, leaves, dout)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an auxiliary output: its gradient (never used by the public API) is ignored.
+    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(
+        dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
+        cu_seqlens,
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _validate(q, k, v, mask, cu_seqlens) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, ndim=4, dtypes=_DTYPES)
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    b, s, h, d = q.shape
+    if d % 16 or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} (q shape {tuple(q.shape)}) must be a multiple of 16, at most "
+                         f"{_MAX_HEAD_DIM}")
+    if not isinstance(mask, BlockSparseMask):
+        raise ValueError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
+    bs = mask.block_size
+    if bs % 16:
+        raise ValueError(f"mask block_size={bs} must be a multiple of 16 (64 in Kandinsky 5)")
+    if s % bs:
+        raise ValueError(f"sequence length S={s} (q shape {tuple(q.shape)}) is not a multiple of the "
+                         f"mask block_size={bs}; pad the sequence (e.g. fractal_flatten pads to tiles)")
+    mb, mh, nq, nk = mask.shape
+    if nq * bs != s or nk * bs != s or mb not in (1, b) or mh not in (1, h):
+        raise ValueError(
+            f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit q shape "
+            f"{tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in (1, {b}), "
+            f"mask H in (1, {h})"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"mask on {mask.device} but q on {q.device}")
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
+        if b != 1:
+            raise ValueError(f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}")
+        if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
+            c = cu_seqlens.tolist()
+            if c[0] != 0 or any(x > y for x, y in zip(c, c[1:])) or c[-1] > s:
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= S={s}, got {c}")
+
+
+# ------------------------------------------------------------------------------------- public API
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: BlockSparseMask,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Attention restricted to the active blocks of ``mask``, softmax over the visible keys only.
+
+    Args:
+        q, k, v: (batch B, seq S, heads H, head_dim D), the layout of flash-attn and of the model, any
+            strides. fp32, fp16 or bf16 (one dtype for all three); D a multiple of 16, at most 256.
+        mask: :class:`BlockSparseMask` with Nq = Nk = S / block_size (block_size 64, or any multiple
+            of 16). Its B may be 1 or B and its H 1 or H (broadcast). ``mask.token_valid`` (False =
+            pad key) removes keys: a pad key is never attended to.
+        scale: softmax scale, default 1/sqrt(D).
+        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1). Token i
+            sees key j only if both lie in the same video, their blocks are active and j is valid;
+            blocks may straddle video boundaries. Tokens past ``cu_seqlens[-1]`` see nothing.
+
+    Returns:
+        (B, S, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
+        gradients), never NaN. Differentiable in q, k and v.
+
+    Backends (see :mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``,
+    ``reference`` (dense fp32 masked SDPA, O(S^2) memory).
+    """
+    _validate(q, k, v, mask, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not torch.compiler.is_compiling() and _backend(q.device) == "reference":
+        return block_sparse_attention_reference(q, k, v, mask, scale, cu_seqlens)
+    out, _ = _fwd_op(
+        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid,
+        cu_seqlens,
+    )
+    return out
+
+
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = (11, 3, 3),
+    grid=None,
+    return_mask: bool = False,
+    scale: float | None = None,
+):
+    """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
+
+    Args:
+        q, k, v: (B, S, H, D) in fractal token order (:func:`kandinsky_kernels.fractal_flatten`),
+            S = T * h_tiles * w_tiles * 64. Same dtypes/head dims as :func:`block_sparse_attention`.
+        threshold: NABLA CDF threshold in (0, 1] (keep the most likely key blocks up to this mass).
+        sta_window: (t, h, w) sliding-tile window in blocks united with the NABLA mask, or None.
+        grid: (T, h_tiles, w_tiles) of the block grid, or a :class:`FractalLayout` (which also gives
+            the padding mask of a grid whose H or W is not a multiple of the tile). Needed for the
+            STA window; may be None when ``sta_window`` is None.
+        return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
+            unconditional CFG branch with :func:`block_sparse_attention`.
+        scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
+    """
+    from kandinsky_kernels.ops.nabla import nabla_block_mask
+
+    token_valid = None
+    if grid is not None and not isinstance(grid, (tuple, list)):  # a FractalLayout
+        if getattr(grid, "is_padded", True):  # an all-True token_valid would only cost time
+            token_valid = grid.token_valid(q.device)
+        grid = (grid.t, grid.h_tiles, grid.w_tiles)
+    sta = None
+    if sta_window is not None:
+        if grid is None:
+            raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
+                             "when sta_window is set")
+        from kandinsky_kernels.ops.sta import sta_block_mask
+
+        t, h_tiles, w_tiles = grid
+        sta = sta_block_mask(t, h_tiles, w_tiles, tuple(sta_window), device=q.device)
+    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid)
+    out = block_sparse_attention(q, k, v, mask, scale)
+    return (out, mask) if return_mask else out

@@ -1,0 +1,266 @@
+"""block_sparse_attention: every backend against the fp64 dense reference (outputs and dq, dk, dv),
+compiled FlexAttention on CPU, torch.compile(fullgraph=True), boundary validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kandinsky_kernels.backends import available_backends, use_backend
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.ops import block_sparse_attention as bsa_mod
+from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
+from kandinsky_kernels.reference.attention import block_sparse_attention_reference
+from conftest import assert_close_to_reference
+
+
+def _implemented():
+    from kandinsky_kernels import _ext
+
+    return {
+        "cpu": _ext.cpp_op("bsa_fwd") is not None,
+        "triton": bsa_mod.HAS_TRITON,
+    }
+
+
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in available_backends("bsa", "cpu", _implemented())]
+
+
+def random_mask(b, h, nb, density, *, diagonal=True, bs=64, token_valid=None) -> BlockSparseMask:
+    """Random per-row block choice at ``density`` (plus the diagonal), different per batch and head.
+    density 0 with diagonal: one block per row; density 1: dense."""
+    dense = torch.rand(b, h, nb, nb) < density
+    if diagonal:
+        dense |= torch.eye(nb, dtype=torch.bool)
+    return BlockSparseMask.from_dense_blocks(dense, bs, token_valid=token_valid)
+
+
+def qkv(b, s, h, d, dtype, scale=1.0):
+    return [(torch.randn(b, s, h, d) * scale).to(dtype) for _ in range(3)]
+
+
+def check(backend, q, k, v, mask, cu_seqlens=None, grad=True):
+    """The kernel vs the fp64 reference, with plain torch at q's dtype as the error yardstick."""
+    leaves = [x.detach().clone().requires_grad_(grad) for x in (q, k, v)]
+    with use_backend(backend):
+        out = block_sparse_attention(*leaves, mask, cu_seqlens=cu_seqlens)
+    ref_in = [x.detach().double().requires_grad_(grad) for x in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_in, mask, cu_seqlens=cu_seqlens)
+    t_in = [x.detach().clone().requires_grad_(grad) for x in (q, k, v)]
+    t_out = block_sparse_attention_reference(*t_in, mask, cu_seqlens=cu_seqlens, upcast=False)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert_close_to_reference(out, ref, t_out)
+    if not grad:
+        return out
+    dout = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    t_grads = torch.autograd.grad(t_out, t_in, dout.to(t_out.dtype))
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, t_grads):
+        assert_close_to_reference(g, rg, tg, grad=True, name=name)
+    return out
+
+
+# ---------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("density", [0.0, 0.25, 1.0], ids=["one-block", "25pct", "dense"])
+def test_densities_odd_blocks_per_head_masks(backend, density):
+    # 5 blocks (odd), different masks for every (batch, head)
+    b, h, nb, d = 2, 3, 5, 64
+    q, k, v = qkv(b, nb * 64, h, d, torch.float32)
+    check(backend, q, k, v, random_mask(b, h, nb, density))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_low_precision(backend, dtype, d):
+    q, k, v = qkv(1, 256, 2, d, dtype)
+    check(backend, q, k, v, random_mask(1, 2, 4, 0.4))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_input_scales(backend, scale, dtype):
+    q, k, v = qkv(1, 256, 2, 64, dtype, scale)
+    check(backend, q, k, v, random_mask(1, 2, 4, 0.5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [16, 80, 256])
+def test_head_dims(backend, d):
+    q, k, v = qkv(1, 192, 2, d, torch.float32)
+    check(backend, q, k, v, random_mask(1, 2, 3, 0.5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "lengths",
+    [[300], [100, 200], [64, 150, 70], [40, 128, 90, 150]],
+    ids=["1-video", "2-videos", "3-videos", "4-videos"],
+)
+def test_cu_seqlens(backend, lengths):
+    s = 448  # 7 blocks; the videos end short of S, so the tail tokens are padding
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    assert cu[-1] <= s
+    q, k, v = qkv(1, s, 2, 64, torch.float32)
+    out = check(backend, q, k, v, random_mask(1, 2, 7, 0.5), cu_seqlens=cu)
+    assert (out[:, int(cu[-1]) :] == 0).all()  # tokens past the last video see nothing
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cu_seqlens_with_padding_bf16(backend):
+    s = 384
+    valid = torch.rand(1, s) > 0.2
+    cu = torch.tensor([0, 130, 300, 384], dtype=torch.int32)
+    q, k, v = qkv(1, s, 2, 64, torch.bfloat16)
+    check(backend, q, k, v, random_mask(1, 2, 6, 0.5, token_valid=valid), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_padded_grid_token_valid(backend):
+    # Pad keys as fractal_flatten makes them: whole tile rows missing, and a fully padded block.
+    b, h, nb = 2, 2, 6
+    valid = torch.ones(b, nb * 64, dtype=torch.bool)
+    valid[:, 40:64] = False
+    valid[:, 200:256] = False
+    valid[1, 320:] = False  # last block of batch 1 entirely pad
+    q, k, v = qkv(b, nb * 64, h, 64, torch.float32)
+    check(backend, q, k, v, random_mask(b, h, nb, 0.4, token_valid=valid))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_broadcast_mask_and_empty_rows(backend):
+    # mask B = H = 1 broadcast over B=2, H=3; query block 1 has no key block, block 3 only pad keys
+    nb = 4
+    dense = torch.rand(1, 1, nb, nb) < 0.5
+    dense[..., 1, :] = False
+    dense[..., 3, :] = False
+    dense[..., 3, 2] = True
+    valid = torch.ones(1, nb * 64, dtype=torch.bool)
+    valid[:, 128:192] = False
+    mask = BlockSparseMask.from_dense_blocks(dense, token_valid=valid)
+    q, k, v = qkv(2, nb * 64, 3, 64, torch.float32)
+    out = check(backend, q, k, v, mask)
+    assert (out[:, 64:128] == 0).all() and (out[:, 192:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs(backend):
+    # (B, H, S, D) storage seen as (B, S, H, D), and a D-strided slice
+    b, h, s, d = 1, 2, 192, 64
+    q, k = (torch.randn(b, h, s, d).transpose(1, 2) for _ in range(2))
+    v = torch.randn(b, s, h, 2 * d)[..., ::2]
+    check(backend, q, k, v, random_mask(b, h, s // 64, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton(triton_device, dtype):
+    valid = torch.rand(1, 256) > 0.1
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
+    q, k, v = (x.to(triton_device) for x in qkv(1, 256, 2, 64, dtype))
+    mask = random_mask(1, 2, 4, 0.4, token_valid=valid).to(triton_device)
+    check("triton", q, k, v, mask)
+    check("triton", q, k, v, mask, cu_seqlens=cu.to(triton_device))
+
+
+def test_cpu_backend_is_automatic_on_cpu():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("the C++ extension with bsa_fwd is not built")
+    assert bsa_mod._backend(torch.device("cpu")) == "cpu"
+
+
+# ------------------------------------------------------------------------ FlexAttention / compile
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_against_compiled_flex(padded):
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("the C++ extension with bsa_fwd is not built")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, h, nb, d = 1, 2, 6, 64
+    valid = (torch.rand(b, nb * 64) > 0.15) if padded else None
+    mask = random_mask(b, h, nb, 0.3, token_valid=valid)
+    q, k, v = qkv(b, nb * 64, h, d, torch.float32)
+    flex = torch.compile(flex_attention, dynamic=False)
+    f_out = flex(*(x.transpose(1, 2) for x in (q, k, v)), block_mask=mask.to_flex_block_mask())
+    f_out = f_out.transpose(1, 2)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask)
+    with use_backend("cpu"):
+        out = block_sparse_attention(q, k, v, mask)
+    assert_close_to_reference(f_out, ref, name="flex")  # the oracle itself is right
+    assert_close_to_reference(out, ref, f_out)
+
+
+def test_torch_compile_fullgraph():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("the C++ extension with bsa_fwd is not built")
+    mask = random_mask(1, 2, 3, 0.5)
+    cu = torch.tensor([0, 100, 192], dtype=torch.int32)
+
+    def f(q, k, v):
+        return (block_sparse_attention(q * 2.0, k, v, mask, cu_seqlens=cu) * v).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    args = [torch.randn(1, 192, 2, 64, requires_grad=True) for _ in range(3)]
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, args)
+    args_e = [x.detach().clone().requires_grad_() for x in args]
+    loss_e = f(*args_e)
+    grads_e = torch.autograd.grad(loss_e, args_e)
+    torch.testing.assert_close(loss, loss_e)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _ok():
+    q = torch.randn(1, 128, 2, 64)
+    return q, q.clone(), q.clone(), random_mask(1, 2, 2, 0.5)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: {**a, "k": torch.randn(1, 128, 2, 32)}, "share one"),
+        (lambda a: {**a, "q": a["q"].double(), "k": a["k"].double(), "v": a["v"].double()}, "dtype"),
+        (lambda a: {**a, "q": a["q"].half()}, "one dtype"),
+        (lambda a: {**a, **{n: torch.randn(1, 128, 2, 24) for n in "qkv"}}, "multiple of 16"),
+        (lambda a: {**a, **{n: torch.randn(1, 128, 2, 272) for n in "qkv"}}, "at most 256"),
+        (lambda a: {**a, **{n: torch.randn(1, 100, 2, 64) for n in "qkv"}}, "not a multiple"),
+        (lambda a: {**a, **{n: torch.randn(1, 192, 2, 64) for n in "qkv"}}, "does not fit"),
+        (lambda a: {**a, **{n: torch.randn(1, 128, 3, 64) for n in "qkv"}}, "does not fit"),
+        (lambda a: {**a, "mask": torch.ones(2, 2, dtype=torch.bool)}, "BlockSparseMask"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 128])}, "int32"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 90, 60], dtype=torch.int32)}, "non-decreasing"),
+        (lambda a: {**a, "cu_seqlens": torch.tensor([0, 200], dtype=torch.int32)}, "end <= S"),
+        (lambda a: {**a, **{n: torch.randn(2, 128, 2, 64) for n in "qkv"},
+                    "cu_seqlens": torch.tensor([0, 128], dtype=torch.int32)}, "B == 1"),
+    ],
+)
+def test_validation(mutate, match):
+    q, k, v, mask = _ok()
+    args = mutate({"q": q, "k": k, "v": v, "mask": mask, "cu_seqlens": None})
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(**args)
+
+
+# --------------------------------------------------------------------------------- nabla_attention
+@pytest.mark.parametrize("padded", [False, True], ids=["grid-tuple", "fractal-layout-padded"])
+def test_nabla_attention(padded):
+    from kandinsky_kernels.ops.block_sparse_attention import nabla_attention
+    from kandinsky_kernels.ops.fractal import FractalLayout
+    from kandinsky_kernels.ops.nabla import nabla_block_mask
+    from kandinsky_kernels.ops.sta import sta_block_mask
+
+    layout = FractalLayout(t=2, h=12 if padded else 16, w=20 if padded else 24)
+    grid = layout if padded else (layout.t, layout.h_tiles, layout.w_tiles)
+    q, k, v = qkv(1, layout.seq_len, 2, 64, torch.float32)
+    out, mask = nabla_attention(q, k, v, 0.8, sta_window=(3, 3, 3), grid=grid, return_mask=True)
+    sta = sta_block_mask(layout.t, layout.h_tiles, layout.w_tiles, (3, 3, 3))
+    tv = layout.token_valid() if padded else None
+    expect = nabla_block_mask(q, k, 0.8, sta=sta, token_valid=tv)
+    assert torch.equal(mask.to_dense_blocks(), expect.to_dense_blocks())
+    assert (mask.token_valid is None) == (not padded)
+    assert torch.equal(out, block_sparse_attention(q, k, v, mask))  # the mask is reusable (CFG)
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), expect)
+    assert_close_to_reference(out, ref, block_sparse_attention_reference(q, k, v, expect, upcast=False))
