@@ -75,7 +75,7 @@ def render(data: dict, markdown: bool = False) -> tuple[str, int, int]:
                 suite, case, name + (" (baseline)" if info.get("baseline") else ""),
                 f"{r['median'] * 1e3:.2f}",
                 f"{speed:.2f}x" if speed else "-",
-                f"{speed / ideal:.0%}" if (speed and ideal) else "-",
+                f"{speed / ideal:.0%}" if (speed and ideal and not info.get("baseline")) else "-",
                 f"{mem:.1f}" if mem is not None else "-",
                 f"{mem_ratio:.3f}" if mem_ratio is not None else "-",
             ])
