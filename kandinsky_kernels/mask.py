@@ -75,14 +75,15 @@ class BlockSparseMask:
             if tv.dim() == 1:
                 tv = tv.unsqueeze(0)
             b = self.kv_num_blocks.shape[0]
-            if tv.shape[-1] != self.seq_len_kv or tv.shape[0] not in (1, b):
+            # A mask shared by the batch (B = 1) may still carry per-sample padding.
+            if tv.shape[-1] != self.seq_len_kv or (b != 1 and tv.shape[0] not in (1, b)):
                 raise ValueError(
                     f"token_valid shape {tuple(self.token_valid.shape)} must be (S,) or (B, S) with "
-                    f"B={b}, S={self.seq_len_kv}"
+                    f"B={b} (or any B when the mask's B is 1), S={self.seq_len_kv}"
                 )
             if tv.device != self.kv_indices.device:
                 raise ValueError(f"token_valid on {tv.device} but the mask is on {self.kv_indices.device}")
-            self.token_valid = tv.expand(b, -1)
+            self.token_valid = tv.expand(max(b, tv.shape[0]), -1)
 
     # ----------------------------------------------------------------------------------- shape facts
     @property

@@ -167,7 +167,7 @@ def test_triton(triton_device, dtype):
 def test_cpu_backend_is_automatic_on_cpu():
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("the C++ extension with bsa_fwd is not built")
-    assert bsa_mod._backend(torch.device("cpu")) == "cpu"
+    assert bsa_mod._backend("cpu") == "cpu"
 
 
 # ------------------------------------------------------------------------ FlexAttention / compile
@@ -264,3 +264,33 @@ def test_nabla_attention(padded):
     assert torch.equal(out, block_sparse_attention(q, k, v, mask))  # the mask is reusable (CFG)
     ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), expect)
     assert_close_to_reference(out, ref, block_sparse_attention_reference(q, k, v, expect, upcast=False))
+
+
+def test_closed_form_reference_backward_matches_autograd():
+    # The reference backward runs inside the backward custom op, where autograd is off, so it is
+    # written out; it must equal autograd through the reference forward.
+    from kandinsky_kernels.reference.attention import block_sparse_attention_backward_reference
+
+    valid = torch.rand(1, 192) > 0.2
+    mask = random_mask(1, 2, 3, 0.4, token_valid=valid)
+    cu = torch.tensor([0, 70, 192], dtype=torch.int32)
+    q, k, v = (x.double().requires_grad_() for x in qkv(1, 192, 2, 32, torch.float64))
+    dout = torch.randn(1, 192, 2, 32, dtype=torch.float64)
+    out = block_sparse_attention_reference(q, k, v, mask, cu_seqlens=cu)
+    expected = torch.autograd.grad(out, (q, k, v), dout)
+    got = block_sparse_attention_backward_reference(dout, q.detach(), k.detach(), v.detach(), mask, cu_seqlens=cu)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_backend_through_the_custom_ops():
+    # The path torch.compile takes with the reference backend: forward and backward custom ops.
+    q, k, v = (x.requires_grad_() for x in qkv(1, 128, 1, 32, torch.float32))
+    mask = random_mask(1, 1, 2, 0.5)
+    out = bsa_mod._fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, 64, 32**-0.5, None, None,
+                          "reference")[0]
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref = block_sparse_attention_reference(q, k, v, mask)
+    expected = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)

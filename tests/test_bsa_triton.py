@@ -1,8 +1,8 @@
 """Triton block-sparse attention kernels (forward and backward) against a dense masked reference.
 
 On a machine without CUDA these run through the Triton interpreter on CPU tensors (upcast path), so the
-shapes are small. The reference is built here from the same inputs: logits in fp64, the block mask
-expanded to tokens, pad keys and packed-segment boundaries removed.
+shapes are small. The reference is ``kandinsky_kernels.reference.attention`` run in fp64 (and at the
+kernel's dtype for the "plain torch" error of the tolerance policy).
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import math
 import pytest
 import torch
 
-from kandinsky_kernels.mask import BlockSparseMask
 from conftest import assert_close_to_reference
+
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.reference.attention import block_sparse_attention_with_lse
 
 BS = 64
 
@@ -30,34 +32,6 @@ def _random_blocks(b, h, n, density):
     return keep
 
 
-def _allowed(mask: BlockSparseMask, token_valid, cu_seqlens, s):
-    allowed = mask.to_dense_blocks()
-    bs = mask.block_size
-    allowed = allowed.repeat_interleave(bs, -2).repeat_interleave(bs, -1)
-    if token_valid is not None:
-        allowed = allowed & token_valid.reshape(-1, s)[:, None, None, :]
-    if cu_seqlens is not None:
-        seg = torch.full((s,), -1)
-        for i in range(len(cu_seqlens) - 1):
-            seg[cu_seqlens[i]: cu_seqlens[i + 1]] = i
-        allowed = allowed & ((seg[:, None] == seg[None, :]) & (seg[:, None] >= 0))
-    return allowed
-
-
-def _reference(q, k, v, allowed, scale):
-    """Dense masked attention in q's dtype (autograd-able). Rows with no visible key give 0."""
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    p = e / torch.where(l > 0, l, torch.ones_like(l))
-    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
-    lse = (m + torch.log(l)).squeeze(-1)
-    return out, lse
-
-
 def _inputs(b, s, h, d, dtype, device, input_scale=1.0):
     return [(torch.randn(b, s, h, d) * input_scale).to(dtype).to(device) for _ in range(3)]
 
@@ -73,12 +47,14 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
     cu_dev = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=dev)
     out, lse_k = bsa.bsa_forward_triton(q, k, v, m_dev.kv_num_blocks, m_dev.kv_indices, mask.block_size,
                                         scale, tv_dev, cu_dev)
-    allowed = _allowed(mask, token_valid, cu_seqlens, s)
+    ref_mask = BlockSparseMask(mask.kv_num_blocks, mask.kv_indices, mask.block_size,
+                               token_valid=None if token_valid is None else token_valid.reshape(-1, s))
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
     qc, kc, vc = (t.detach().cpu() for t in (q, k, v))
     ref_in = [t.double().requires_grad_(grads) for t in (qc, kc, vc)]
-    ref_out, ref_lse = _reference(*ref_in, allowed, sc)
+    ref_out, ref_lse = block_sparse_attention_with_lse(*ref_in, ref_mask, sc, cu, upcast=False)
     torch_in = [t.clone().requires_grad_(grads) for t in (qc, kc, vc)]
-    torch_out, _ = _reference(*torch_in, allowed, sc)
+    torch_out, _ = block_sparse_attention_with_lse(*torch_in, ref_mask, sc, cu, upcast=False)
     assert_close_to_reference(out.cpu(), ref_out, torch_out, name="out")
     if lse:
         empty = torch.isinf(ref_lse)

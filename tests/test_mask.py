@@ -4,6 +4,7 @@ import torch
 from conftest import assert_close_to_reference, assert_exact
 
 from kandinsky_kernels import BlockSparseMask
+from kandinsky_kernels.reference.attention import block_sparse_attention_reference
 
 
 def _random_dense(shape, density, gen=None):
@@ -88,14 +89,6 @@ def test_validate_rejects_bad_content():
         m.validate()
 
 
-def _dense_masked_sdpa(q, k, v, token_mask):
-    # q, k, v (B, H, S, D); token_mask (B, H, S, S) bool. Rows with no visible key give zeros.
-    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    s = s.masked_fill(~token_mask, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return (p @ v.double()).float()
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_flex_block_mask_matches_dense_masked_sdpa(padded):
     from torch.nn.attention.flex_attention import flex_attention
@@ -109,7 +102,21 @@ def test_flex_block_mask_matches_dense_masked_sdpa(padded):
         valid[bs - 7: bs] = False  # a partially padded block
         valid[3 * bs + 60:] = False
     m = BlockSparseMask.from_dense_blocks(dense, bs, token_valid=valid)
-    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
-    ref = _dense_masked_sdpa(q, k, v, m.to_dense_tokens())
-    out = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=m.to_flex_block_mask())
-    assert_close_to_reference(out, ref)
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float64) for _ in range(3))
+    ref = block_sparse_attention_reference(q, k, v, m).float()
+    # Flex takes (B, H, S, D).
+    q32, k32, v32 = (x.float().transpose(1, 2) for x in (q, k, v))
+    out = torch.compile(flex_attention, dynamic=False)(q32, k32, v32, block_mask=m.to_flex_block_mask())
+    assert_close_to_reference(out.transpose(1, 2), ref)
+
+
+def test_batch_shared_mask_keeps_per_sample_padding():
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 6:] = False
+    m = BlockSparseMask.from_dense_blocks(torch.ones(2, 2, dtype=torch.bool), 4, token_valid=valid)
+    assert m.shape[0] == 1 and m.token_valid.shape == (2, 8)
+    tok = m.to_dense_tokens()
+    assert tok.shape == (2, 1, 8, 8)
+    assert tok[0].all() and not tok[1, ..., 6:].any()
+    with pytest.raises(ValueError, match="token_valid shape"):
+        BlockSparseMask.from_dense_blocks(torch.ones(3, 1, 2, 2, dtype=torch.bool), 4, token_valid=valid)

@@ -46,6 +46,7 @@ from kandinsky_kernels._validation import check_same_device, check_tensor
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.reference.attention import (
+    block_sparse_attention_backward_reference,
     block_sparse_attention_reference,
     block_sparse_attention_with_lse,
 )
@@ -57,12 +58,16 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 
-def _backend(device: torch.device) -> str:
+@torch.compiler.assume_constant_result
+def _backend(device_type: str) -> str:
+    # Chosen once at the boundary (fixed per compiled graph: dynamo cannot trace the registry's
+    # ContextVar) and handed to both custom ops, so the backward runs on the forward's backend even
+    # when the forward was forced with use_backend() and the backward runs outside that block.
     implemented = {
         "cpu": _ext.cpp_op("bsa_fwd") is not None and _ext.cpp_op("bsa_bwd") is not None,
         "triton": HAS_TRITON,
     }
-    return select_backend(_OP, device, implemented)
+    return select_backend(_OP, device_type, implemented)
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -567,9 +572,9 @@ def _fwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    backend = _backend(q.device)
     if backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
@@ -586,7 +591,7 @@ def _fwd_op(
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
     b, s, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -605,9 +610,9 @@ def _bwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
-    backend = _backend(q.device)
     if backend == "cpu":
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
             dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
@@ -621,23 +626,20 @@ def _bwd_op(
         )
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            ref = block_sparse_attention_reference(*leaves, mask, scale, cu_seqlens)
-            dq, dk, dv = torch.autograd.grad(ref, leaves, dout)
+        dq, dk, dv = block_sparse_attention_backward_reference(dout, q, k, v, mask, scale, cu_seqlens)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens = inputs
+    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens)
-    ctx.block_size, ctx.scale = block_size, scale
+    ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
 
 
 def _backward(ctx, dout, dlse):
@@ -645,9 +647,9 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
-        cu_seqlens,
+        cu_seqlens, ctx.backend,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -731,11 +733,12 @@ def block_sparse_attention(
     """
     _validate(q, k, v, mask, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not torch.compiler.is_compiling() and _backend(q.device) == "reference":
+    backend = _backend(q.device.type)
+    if backend == "reference" and not torch.compiler.is_compiling():
         return block_sparse_attention_reference(q, k, v, mask, scale, cu_seqlens)
     out, _ = _fwd_op(
         q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid,
-        cu_seqlens,
+        cu_seqlens, backend,
     )
     return out
 
