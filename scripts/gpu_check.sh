@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (H200; system python3 with torch/triton/pytest preinstalled; no network).
 #   1. build the extension in place (CPU kernels; CUDA ones only when csrc/cuda has sources)
-#   2. pytest -m gpu: tests/test_bsa_triton_gpu.py first, then the rest of tests/
+#   2. pytest -m gpu: tests/test_bsa_triton_gpu.py first, then gpu-marked and Triton-backend tests of every op
 #   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
 # Everything is written directly under $OUT, 8 files: env.txt summary.txt build.log pytest_bsa.log
@@ -53,8 +53,9 @@ stage pytest_bsa $LIMIT "$OUT/pytest_bsa.log" $PY -m pytest -m gpu tests/test_bs
   -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest_bsa.log" | tee -a "$SUMMARY"
 LIMIT=$(( $(left) - 160 )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
-stage pytest_rest $LIMIT "$OUT/pytest.log" $PY -m pytest -m gpu tests --ignore=tests/test_bsa_triton_gpu.py -q \
-  -rs -p no:cacheprovider --durations=10
+# every gpu-marked test, plus the Triton-backend cases of every op (their triton_device is CUDA here)
+stage pytest_rest $LIMIT "$OUT/pytest.log" $PY -m pytest tests --ignore=tests/test_bsa_triton_gpu.py -q \
+  -k "gpu or triton" -rs -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
 
 # 3. timing: the script stops starting measurements at its budget; timeout is the backstop
