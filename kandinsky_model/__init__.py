@@ -4,15 +4,18 @@
   :func:`tiny`), official state_dict names, ``from_pretrained`` for local Diffusers-layout folders or
   bare safetensors files, attention backends ``sdpa``/``flash``/``flex``/``nabla`` switchable at run time;
 - :func:`generate`: Euler flow matching with the official shift, CFG, image-to-video, editing and
-  MagCache (:class:`MagCacheConfig`); text encoders stay with the caller.
+  MagCache (:class:`MagCacheConfig`, with the official per-config ratios through
+  ``MagCacheConfig.official(name)``); text encoders stay with the caller.
 
 ``python -m kandinsky_model`` runs a tiny random model end to end on the CPU.
 """
 from .config import CrossDiTConfig, NablaConfig, image_lite, preset, tiny, video_lite, video_pro
 from .dit import CrossDiT
-from .sampler import GenerationResult, MagCacheConfig, generate, pack_text, time_grid, video_rope_scale
+from .sampler import (
+    GenerationResult, MagCacheConfig, generate, normalize_first_frame, pack_text, time_grid, video_rope_scale,
+)
 
 __all__ = [
     "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
-    "image_lite", "pack_text", "preset", "time_grid", "tiny", "video_lite", "video_pro", "video_rope_scale",
+    "image_lite", "normalize_first_frame", "pack_text", "preset", "time_grid", "tiny", "video_lite", "video_pro", "video_rope_scale",
 ]

@@ -11,7 +11,9 @@ Official scheme (``generation_utils.generate``):
 - image-to-video (``visual_cond`` models): the clean first-frame latent is written into latent frame 0
   of the noisy channels before every call and after the last step; the 16 ``cond`` channels stay zero
   and the mask channel is 1 on frame 0 (``i2v_cond_channels=True`` also fills the cond channels, the
-  Diffusers / SimpleTuner variant). T2V with a ``visual_cond`` model uses zero cond and mask;
+  Diffusers / SimpleTuner variant). Then, as the official pipeline does, latent frames 0..3 are
+  re-normalised towards the statistics of frames 4..8 (:func:`normalize_first_frame`; off with
+  ``normalize_first_frame=False``). T2V with a ``visual_cond`` model uses zero cond and mask;
 - image editing (``instruct_type="channel"``): [noisy | source latent | ones], zeros without a source.
 
 Text encoders stay outside. The caller passes, per prompt,
@@ -31,7 +33,8 @@ MagCache (``magcache_utils``): per CFG branch, the residual of the visual block 
 (output - input) is cached; a call may reuse it instead of running the blocks when the accumulated
 error of the per-call magnitude ratios stays under ``threshold`` for at most ``max_skips``
 consecutive calls, never during the first ``retention_ratio`` of calls. Calls are numbered cond/uncond
-interleaved (2 per step; without CFG only the cond slots are used).
+interleaved (2 per step; without CFG only the cond slots are used). The official per-config ratios
+are bundled (:mod:`kandinsky_model.magcache_ratios`, :meth:`MagCacheConfig.official`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from typing import Sequence
 import torch
 
 from .dit import CrossDiT
+from .magcache_ratios import OFFICIAL_MAG_RATIOS
 
 VIDEO_NEGATIVE_PROMPT = (
     "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, "
@@ -78,6 +82,17 @@ class MagCacheConfig:
     """K: most consecutive skipped calls per branch."""
     retention_ratio: float = 0.2
     """No skipping in the first 20 % of calls."""
+
+    @classmethod
+    def official(cls, name: str, **overrides) -> "MagCacheConfig":
+        """The settings of the official config ``name`` (a file stem of the official ``configs/``, e.g.
+        ``"k5_lite_t2v_5s_sft_sd"``, see :data:`~kandinsky_model.magcache_ratios.OFFICIAL_MAG_RATIOS`):
+        its magnitude ratios (calibrated for its ``num_steps``, 50; other step counts are interpolated)
+        with the official defaults, any field replaced by ``overrides`` (``threshold=0.2``, ...)."""
+        if name not in OFFICIAL_MAG_RATIOS:
+            names = ", ".join(sorted(OFFICIAL_MAG_RATIOS))
+            raise ValueError(f"unknown MagCache config {name!r}; available: {names}")
+        return cls(mag_ratios=OFFICIAL_MAG_RATIOS[name], **overrides)
 
     def __post_init__(self) -> None:
         if len(self.mag_ratios) < 2:
@@ -148,6 +163,66 @@ def _velocity(model: CrossDiT, x, text, pooled, t, mask, rope_scale, backend, ca
             cache.computed += 1
             cache.store(slot, h - state.visual)
     return model.finish(h, state)
+
+
+# ------------------------------------------------------------------------------- I2V post-processing
+_FIRST_FRAMES = 4  # latent frames re-normalised
+_MEAN_BAND = (0.05, 0.1)  # the target mean may move at most 0.05 down / 0.1 up from a frame's own mean
+_STD_BAND = (0.1, 0.25)  # the target std at most 0.1 down / 0.25 up from a frame's own std
+
+
+def normalize_first_frame(
+    latents: torch.Tensor, reference_frames: int = 5, clamp_values: bool = False
+) -> torch.Tensor:
+    """The official image-to-video post-processing: pull the statistics of latent frames 0..3 towards
+    those of the frames that follow, within fixed bands (so the clean first frame and the frames right
+    after it do not stand out in brightness or contrast after decoding).
+
+    latents   (B, T, H, W, C) float; every sample is treated on its own. Returns a new tensor of the
+              same shape and dtype (computed in fp32, or fp64 for fp64 input).
+
+    Per sample, with source frames ``i in [0, 4)`` and the reference
+    ``R = frames [4, 4 + min(reference_frames, T - 1))`` (the official bound; the slice is cut at T):
+
+    - ``m_i, s_i``: mean and unbiased std of frame i over (H, W, C);
+    - ``M, S``: mean and unbiased std of all elements of R;
+    - ``M_i = clamp(M, m_i - 0.05, m_i + 0.1)``, ``S_i = clamp(S, s_i - 0.1, s_i + 0.25)``;
+    - ``frame_i <- (frame_i - m_i) / s_i * S_i + M_i``; with ``clamp_values`` the result is then
+      clamped to [min R, max R].
+
+    Frames 4.. are returned unchanged. Deviation from the official code: with T <= 4 (no reference
+    frame) the input is returned unchanged (the official code does so only for T <= 1 and produces NaN
+    for 2 <= T <= 4, from the empty reference). As there, a constant source frame (s_i = 0) gives
+    non-finite values.
+    """
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        got = f"shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a (B, T, H, W, C) tensor, got {got}")
+    if not latents.is_floating_point():
+        raise ValueError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
+    if isinstance(reference_frames, bool) or not isinstance(reference_frames, int) or reference_frames < 1:
+        raise ValueError(f"reference_frames must be an int >= 1, got {reference_frames!r}")
+    t_len = latents.shape[1]
+    if t_len <= _FIRST_FRAMES:
+        return latents.clone()
+    x = latents.to(torch.promote_types(latents.dtype, torch.float32), copy=True)
+    src = x[:, :_FIRST_FRAMES]
+    ref = x[:, _FIRST_FRAMES : _FIRST_FRAMES + min(reference_frames, t_len - 1)].flatten(1)
+    dims = (2, 3, 4)
+    m = src.mean(dim=dims, keepdim=True)
+    s = src.std(dim=dims, keepdim=True)
+    ref_m = ref.mean(dim=1).view(-1, 1, 1, 1, 1)
+    ref_s = ref.std(dim=1).view(-1, 1, 1, 1, 1)
+    target_m = torch.clamp(ref_m, m - _MEAN_BAND[0], m + _MEAN_BAND[1])
+    target_s = torch.clamp(ref_s, s - _STD_BAND[0], s + _STD_BAND[1])
+    out = (src - m) / s * target_s + target_m
+    if clamp_values:
+        out = torch.clamp(out, ref.amin(dim=1).view(-1, 1, 1, 1, 1), ref.amax(dim=1).view(-1, 1, 1, 1, 1))
+    x[:, :_FIRST_FRAMES] = out
+    return x.to(latents.dtype)
+
+
+_normalize_first_frame = normalize_first_frame  # ``generate`` has a keyword of the same name
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -221,6 +296,7 @@ def generate(
     calibrate: bool = False,
     cfg_batch: bool = False,
     dtype: torch.dtype | None = None,
+    normalize_first_frame: bool = True,
 ) -> GenerationResult:
     """Sample latents with the official Euler flow-matching scheme.
 
@@ -228,6 +304,10 @@ def generate(
     likewise (negative text may have another length); required when ``guidance_scale != 1``.
     shape         latent grid (T, H, W); T = 1 for text-to-image, (seconds * 24 / 4 + 1) for video
     first_frame   (B, H, W, C) clean latent of the conditioning image (image-to-video)
+    normalize_first_frame
+                  image-to-video only: after the last step (and the final frame-0 overwrite) apply the
+                  official re-normalisation of latent frames 0..3 (:func:`normalize_first_frame`, a
+                  no-op for T <= 4); False returns the latent with the clean frame 0 as is
     source_image  (B, H, W, C) latent of the image to edit (``instruct_type="channel"`` models, T = 1)
     seed          int, or one int per sample; ``noise`` (B, T, H, W, C) overrides it
     magcache      skip block-stack evaluations (:class:`MagCacheConfig`); ``calibrate`` measures the
@@ -307,6 +387,8 @@ def generate(
         x = x + float(grid[i + 1] - grid[i]) * v
     if first_frame is not None:
         x = torch.cat([first_frame, x[:, 1:]], dim=1)
+        if normalize_first_frame:
+            x = _normalize_first_frame(x)
 
     skipped = cache.skipped if cache is not None else 0
     ratios = None
