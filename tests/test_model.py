@@ -297,6 +297,63 @@ def test_forward_matches_plain_reference(backend):
     check_against_reference(model, x, text, pooled, ts, mask, out, rope_scale=(1.0, 2.0, 2.0))
 
 
+def _flash_attn_stand_in():
+    """A CPU module with flash-attn 2's documented call contract, for testing our wrapper's plumbing
+    where the real package cannot run (it needs CUDA): ``flash_attn_func(q, k, v)`` on (B, S, H, D)
+    and ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``
+    on unpadded (total, H, D) with int32 cumulative lengths (B + 1,). Inputs are checked as strictly
+    as the real kernels check them, and every call is logged."""
+    import types
+
+    calls = []
+
+    def attend(q, k, v):  # one sequence, (S, H, D) each
+        return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert q.dim() == k.dim() == v.dim() == 4 and softmax_scale is None and not causal
+        calls.append("dense")
+        return torch.stack([attend(q[i], k[i], v[i]) for i in range(q.shape[0])])
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p=0.0, softmax_scale=None, causal=False):
+        for t in (q, k, v):
+            assert t.dim() == 3 and t.stride(-1) == 1
+        for cu, total, longest in ((cu_seqlens_q, q.shape[0], max_seqlen_q), (cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            assert cu.dtype == torch.int32 and cu.dim() == 1 and int(cu[0]) == 0 and int(cu[-1]) == total
+            assert int((cu[1:] - cu[:-1]).max()) == longest
+        assert cu_seqlens_q.shape == cu_seqlens_k.shape and softmax_scale is None and not causal
+        calls.append("varlen")
+        out = torch.empty_like(q)
+        for i in range(cu_seqlens_q.numel() - 1):
+            qs, qe, ks, ke = (int(x) for x in (cu_seqlens_q[i], cu_seqlens_q[i + 1], cu_seqlens_k[i], cu_seqlens_k[i + 1]))
+            out[qs:qe] = attend(q[qs:qe], k[ks:ke], v[ks:ke])
+        return out
+
+    mod = types.ModuleType("flash_attn")
+    mod.flash_attn_func, mod.flash_attn_varlen_func, mod.calls = flash_attn_func, flash_attn_varlen_func, calls
+    return mod
+
+
+def test_flash_backend_plumbing_with_stand_in(monkeypatch):
+    """The ``flash`` backend's own code (unpadding masked text keys into the varlen API, cumulative
+    lengths, reshapes) on the CPU, through a stand-in with flash-attn's call contract: batch of two
+    with different text lengths equals the plain reference. The real kernels run only on CUDA with
+    flash-attn installed (``test_forward_matches_plain_reference[flash]``)."""
+    fake = _flash_attn_stand_in()
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", fake)
+    model = make_model()
+    x, text, pooled, ts, mask = make_inputs(model.config)
+    with torch.no_grad():
+        out = model(x, text, pooled, ts, mask, rope_scale=(1.0, 2.0, 2.0), attention_backend="flash")
+    assert "varlen" in fake.calls and "dense" in fake.calls
+    check_against_reference(model, x, text, pooled, ts, mask, out, rope_scale=(1.0, 2.0, 2.0))
+    # unpadding must matter: with the text mask dropped the padded keys change the result
+    with torch.no_grad():
+        unmasked = model(x, text, pooled, ts, None, rope_scale=(1.0, 2.0, 2.0), attention_backend="flash")
+    assert not torch.allclose(out[1], unmasked[1], atol=1e-4)
+
+
 def _plain_order_masks(records, grid, tile, b):
     """Per sample, per layer: the (H, S, S) token mask of each recorded BlockSparseMask, mapped from the
     fractal order back to row-major (pad tokens dropped)."""
