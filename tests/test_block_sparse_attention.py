@@ -87,10 +87,40 @@ def test_input_scales(backend, scale, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [16, 80, 256])
-def test_head_dims(backend, d):
-    q, k, v = qkv(1, 192, 2, d, torch.float32)
+def test_head_dims(backend, d, dtype):
+    # D = 16, 80: D / 2 bf16 pairs not a multiple of 16 (the scalar edges of the pair transposes)
+    q, k, v = qkv(1, 192, 2, d, dtype)
     check(backend, q, k, v, random_mask(1, 2, 3, 0.5))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bs", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_block_sizes(backend, bs, dtype):
+    q, k, v = qkv(1, 4 * bs, 2, 64, dtype)
+    check(backend, q, k, v, random_mask(1, 2, 4, 0.5, bs=bs))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["odd-token-stride", "odd-offset", "head-major"])
+def test_bf16_strided_inputs(backend, layout):
+    """Strides the bf16 dot-product path cannot read as pair words (an odd token stride, a storage
+    offset of one element) take the conversion path; a head-major view takes the pair path."""
+    s, h, d = 192, 2, 64
+
+    def make():
+        if layout == "head-major":
+            return torch.randn(1, h, s, d).to(torch.bfloat16).transpose(1, 2)
+        row = h * d + 1
+        base = torch.randn(s * row + 2).to(torch.bfloat16)
+        off = 1 if layout == "odd-offset" else 0
+        stride = (s * row, row, d, 1) if layout == "odd-token-stride" else (s * h * d, h * d, d, 1)
+        return base.as_strided((1, s, h, d), stride, off)
+
+    q, k, v = make(), make(), make()
+    check(backend, q, k, v, random_mask(1, h, 3, 0.5))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
