@@ -161,23 +161,34 @@ inline void row_p_cols(float* x, const float* hi, const float* lo, int64_t n) {
 #ifdef __AVX512F__
 constexpr int kMR = 6, kNV = 4;  // rows x 16-float vectors per register tile
 
-template <int R, int NV>
-void micro_kernel(int64_t K, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-                  bool accumulate, float* C, int64_t ldc) {
+// Element policies of the micro-kernel. A step consumes kA elements of an A row and one row of B
+// words (16 words per vector); Fp32: plain FMAs; Bf16 (below): pair dot products.
+struct Fp32Dot {
+  using Elem = float;
+  static constexpr int kA = 1, kWord = 1;  // A elements per step, B elements per word
+  using Vec = __m512;
+  static Vec load_b(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec bcast_a(const float* p) { return _mm512_set1_ps(*p); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+template <class Dot, int R, int NV>
+void micro_kernel(int64_t K, float alpha, const typename Dot::Elem* A, int64_t lda, const typename Dot::Elem* B,
+                  int64_t ldb, bool accumulate, float* C, int64_t ldc) {
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 b[NV];
+    typename Dot::Vec b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = Dot::load_b(B + Dot::kWord * (k * ldb + 16 * v));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+      const typename Dot::Vec a = Dot::bcast_a(A + r * lda + Dot::kA * k);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Dot::madd(acc[r][v], a, b[v]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha);
@@ -191,15 +202,18 @@ void micro_kernel(int64_t K, float alpha, const float* A, int64_t lda, const flo
     }
 }
 
-using MicroFn = void (*)(int64_t, float, const float*, int64_t, const float*, int64_t, bool, float*, int64_t);
-#define KK_ROW(R) {micro_kernel<R, 1>, micro_kernel<R, 2>, micro_kernel<R, 3>, micro_kernel<R, 4>}
-constexpr MicroFn kMicro[kMR][kNV] = {KK_ROW(1), KK_ROW(2), KK_ROW(3), KK_ROW(4), KK_ROW(5), KK_ROW(6)};
+// C(MxN) = alpha * A @ B (+ C): A row-major (row stride lda elements), B as K x N words (row stride
+// ldb words), K counted in steps (Dot::kA elements of A each), N a multiple of 16.
+template <class Dot>
+void gemm_tiles(int64_t M, int64_t N, int64_t K, float alpha, const typename Dot::Elem* A, int64_t lda,
+                const typename Dot::Elem* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  using Fn = void (*)(int64_t, float, const typename Dot::Elem*, int64_t, const typename Dot::Elem*, int64_t,
+                      bool, float*, int64_t);
+#define KK_ROW(R) {micro_kernel<Dot, R, 1>, micro_kernel<Dot, R, 2>, micro_kernel<Dot, R, 3>, micro_kernel<Dot, R, 4>}
+  static constexpr Fn kMicro[kMR][kNV] = {KK_ROW(1), KK_ROW(2), KK_ROW(3), KK_ROW(4), KK_ROW(5), KK_ROW(6)};
 #undef KK_ROW
-
-void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-          int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  // K in slices of 128 so a panel of B (<= 32 KiB) stays near L1 across the row tiles (measured at
-  // D = 128: unsliced 4 % faster than slices of 64; D = 256 is sliced in two).
+  // K in slices of 128 steps so a panel of B (<= 32 KiB) stays near L1 across the row tiles
+  // (measured at D = 128 fp32: unsliced 4 % faster than slices of 64; D = 256 is sliced in two).
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
     const int64_t kc = std::min<int64_t>(128, K - k0);
     const bool acc = accumulate || k0 > 0;
@@ -207,11 +221,16 @@ void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t 
       const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / 16));
       for (int64_t m0 = 0; m0 < M; m0 += kMR) {
         const int r = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        kMicro[r - 1][nv - 1](kc, alpha, A + m0 * lda + k0, lda, B + k0 * ldb + n0, ldb, acc,
-                              C + m0 * ldc + n0, ldc);
+        kMicro[r - 1][nv - 1](kc, alpha, A + m0 * lda + Dot::kA * k0, lda, B + Dot::kWord * (k0 * ldb + n0), ldb,
+                              acc, C + m0 * ldc + n0, ldc);
       }
     }
   }
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+          int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  gemm_tiles<Fp32Dot>(M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
 }
 #else
 // Portable version (the compiler vectorizes the inner loop for the target's SIMD width).
@@ -231,62 +250,20 @@ void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t 
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define KK_BF16_DOT 1
-// C(MxN) = alpha * A @ B (+ C) on bf16 pairs: A (M x 2 K2) bf16 row-major (row stride lda elements),
-// B as K2 x N 32-bit words, word (k, n) = (B[2k][n], B[2k+1][n]) (row stride ldb words), C fp32.
-// Same register tiling as the fp32 kernel; each vdpbf16ps does 16 x 2 multiply-adds.
-template <int R, int NV>
-void micro_kernel_bf16(int64_t K2, float alpha, const uint16_t* A, int64_t lda, const uint16_t* B,
-                       int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K2; ++k) {
-    __m512bh b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + 2 * (k * ldb + 16 * v));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      uint32_t word;
-      std::memcpy(&word, A + r * lda + 2 * k, sizeof(word));
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]);
-    }
+// bf16 pairs: A (M x 2 K) bf16 row-major, B as K x N words, word (k, n) = (B[2k][n], B[2k+1][n]);
+// each vdpbf16ps does 16 x 2 multiply-adds with fp32 accumulation.
+struct Bf16Dot {
+  using Elem = uint16_t;
+  static constexpr int kA = 2, kWord = 2;
+  using Vec = __m512bh;
+  static Vec load_b(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static Vec bcast_a(const uint16_t* p) {
+    int32_t word;
+    std::memcpy(&word, p, sizeof(word));
+    return (__m512bh)_mm512_set1_epi32(word);
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      float* c = C + r * ldc + 16 * v;
-      const __m512 x = alpha == 1.f ? acc[r][v] : _mm512_mul_ps(acc[r][v], va);
-      _mm512_storeu_ps(c, accumulate ? _mm512_add_ps(x, _mm512_loadu_ps(c)) : x);
-    }
-}
-
-using MicroBf16Fn = void (*)(int64_t, float, const uint16_t*, int64_t, const uint16_t*, int64_t, bool, float*,
-                             int64_t);
-#define KK_ROW(R) {micro_kernel_bf16<R, 1>, micro_kernel_bf16<R, 2>, micro_kernel_bf16<R, 3>, micro_kernel_bf16<R, 4>}
-constexpr MicroBf16Fn kMicroBf16[kMR][kNV] = {KK_ROW(1), KK_ROW(2), KK_ROW(3), KK_ROW(4), KK_ROW(5), KK_ROW(6)};
-#undef KK_ROW
-
-void gemm_bf16(int64_t M, int64_t N, int64_t K2, float alpha, const uint16_t* A, int64_t lda, const uint16_t* B,
-               int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  for (int64_t k0 = 0; k0 < K2; k0 += 128) {  // 128 words = 256 bf16 per slice, as the fp32 kernel
-    const int64_t kc = std::min<int64_t>(128, K2 - k0);
-    const bool acc = accumulate || k0 > 0;
-    for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
-      const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - n0) / 16));
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        const int r = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-        kMicroBf16[r - 1][nv - 1](kc, alpha, A + m0 * lda + 2 * k0, lda, B + 2 * (k0 * ldb + n0), ldb, acc,
-                                  C + m0 * ldc + n0, ldc);
-      }
-    }
-  }
-}
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
 
 // fp32 -> bf16, round to nearest even (what torch's conversion does).
 inline void to_bf16(const float* x, int64_t n, uint16_t* y) {
@@ -316,38 +293,6 @@ inline void interleave_rows(const uint16_t* r0, const uint16_t* r1, int64_t n, u
   }
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for 32-bit words (bit copies: bf16 pairs), 16 x 16 in registers.
-inline void transpose_words(const uint32_t* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst,
-                            int64_t ldd) {
-  alignas(64) int32_t lo_idx[4][16], hi_idx[4][16];
-  for (int lv = 0; lv < 4; ++lv) {
-    const int sft = 8 >> lv;
-    for (int c = 0; c < 16; ++c) {
-      lo_idx[lv][c] = (c & sft) ? 16 + c - sft : c;
-      hi_idx[lv][c] = (c & sft) ? 16 + c : c + sft;
-    }
-  }
-  const int64_t r16 = rows / 16 * 16, c16 = cols / 16 * 16;
-  for (int64_t rb = 0; rb < r16; rb += 16)
-    for (int64_t cb = 0; cb < c16; cb += 16) {
-      __m512i x[16];
-      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_si512(src + (rb + i) * lds + cb);
-      for (int lv = 0; lv < 4; ++lv) {
-        const int sft = 8 >> lv;
-        const __m512i lo = _mm512_load_si512(lo_idx[lv]), hi = _mm512_load_si512(hi_idx[lv]);
-        for (int i = 0; i < 16; ++i) {
-          if (i & sft) continue;
-          const __m512i a = x[i], b = x[i + sft];
-          x[i] = _mm512_permutex2var_epi32(a, lo, b);
-          x[i + sft] = _mm512_permutex2var_epi32(a, hi, b);
-        }
-      }
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (cb + i) * ldd + rb, x[i]);
-    }
-  // remainder (D not a multiple of 32); memcpy: the words live in bf16 storage
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = c < c16 ? r16 : 0; r < rows; ++r) std::memcpy(dst + c * ldd + r, src + r * lds + c, 4);
-}
 #else
 #define KK_BF16_DOT 0
 #endif
@@ -383,12 +328,15 @@ inline void store_rows(const Bshd<T>& x, int64_t b, int64_t h, int64_t s0, int64
   }
 }
 
-// dst[c * ldd + r] = src[r * lds + c] * mul for a rows x cols block (the K^T-tile layout). 16 x 16
-// sub-blocks go through registers (four butterfly stages of two-source permutes, each swapping the
-// off-diagonal s x s blocks, s = 8, 4, 2, 1): a scalar transpose writes with a stride of `ldd` floats
-// and was a tenth of the whole forward's time at 10 % density.
-inline void transpose_scaled(const float* src, int64_t lds, int64_t rows, int64_t cols, float mul, float* dst,
-                             int64_t ldd) {
+// dst[c * ldd + r] = src[r * lds + c] (* mul) for a rows x cols block of 32-bit elements: fp32 K^T
+// tiles (times scale * log2(e)), or with kScale false bit-exact copies of any 32-bit words (the bf16
+// pair tiles). 16 x 16 sub-blocks go through registers (four butterfly stages of two-source permutes,
+// each swapping the off-diagonal s x s blocks, s = 8, 4, 2, 1; loads and permutes never touch the
+// bits): a scalar transpose writes with a stride of `ldd` and was a tenth of the forward's time.
+template <bool kScale>
+void transpose32(const void* src_v, int64_t lds, int64_t rows, int64_t cols, float mul, void* dst_v, int64_t ldd) {
+  const char* src = static_cast<const char*>(src_v);
+  char* dst = static_cast<char*>(dst_v);
   int64_t r16 = 0, c16 = 0;  // the part done in 16 x 16 register blocks
 #ifdef __AVX512F__
   r16 = rows / 16 * 16;
@@ -405,7 +353,10 @@ inline void transpose_scaled(const float* src, int64_t lds, int64_t rows, int64_
   for (int64_t rb = 0; rb < r16; rb += 16)
     for (int64_t cb = 0; cb < c16; cb += 16) {
       __m512 x[16];
-      for (int i = 0; i < 16; ++i) x[i] = _mm512_mul_ps(_mm512_loadu_ps(src + (rb + i) * lds + cb), vm);
+      for (int i = 0; i < 16; ++i) {
+        x[i] = _mm512_loadu_ps(src + 4 * ((rb + i) * lds + cb));
+        if constexpr (kScale) x[i] = _mm512_mul_ps(x[i], vm);
+      }
       for (int lv = 0; lv < 4; ++lv) {
         const int sft = 8 >> lv;
         const __m512i lo = _mm512_load_si512(lo_idx[lv]), hi = _mm512_load_si512(hi_idx[lv]);
@@ -416,14 +367,18 @@ inline void transpose_scaled(const float* src, int64_t lds, int64_t rows, int64_
           x[i + sft] = _mm512_permutex2var_ps(a, hi, b);
         }
       }
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (cb + i) * ldd + rb, x[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + 4 * ((cb + i) * ldd + rb), x[i]);
     }
 #endif
-  // scalar remainder: rows below r16 in the first c16 columns, then every row of the columns past c16
-  for (int64_t c = 0; c < c16; ++c)
-    for (int64_t r = r16; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c] * mul;
-  for (int64_t c = c16; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c] * mul;
+  // the rest: rows below r16 in the first c16 columns, every row of the columns past c16 (memcpy: the
+  // words may live in bf16 storage)
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = c < c16 ? r16 : 0; r < rows; ++r) {
+      float w;
+      std::memcpy(&w, src + 4 * (r * lds + c), 4);
+      if constexpr (kScale) w *= mul;
+      std::memcpy(dst + 4 * (c * ldd + r), &w, 4);
+    }
 }
 
 enum PairMode : int8_t { kSkip = 0, kFull = 1, kPartial = 2 };
@@ -649,13 +604,13 @@ Packed pack(const at::Tensor& x, const Problem& p, bool want_rows, bool want_til
       float* t = want_tiles ? pk.tiles + ((b * p.H + h) * p.nb + j) * D * bs : nullptr;
       if constexpr (std::is_same_v<T, float>) {
         if (!copy_rows) {  // fp32 tiles straight from the strided input: one pass, no staging copy
-          transpose_scaled(X.row(b, j * bs, h), X.ss, bs, D, tile_mul, t, bs);
+          transpose32<true>(X.row(b, j * bs, h), X.ss, bs, D, tile_mul, t, bs);
           continue;
         }
       }
       float* dst = copy_rows ? const_cast<float*>(pk.row(b, h, j * bs)) : buf.data();
       load_rows(X, b, h, j * bs, bs, D, 1.f, dst);
-      if (want_tiles) transpose_scaled(dst, D, bs, D, tile_mul, t, bs);
+      if (want_tiles) transpose32<true>(dst, D, bs, D, tile_mul, t, bs);
     }
   });
   return pk;
@@ -762,13 +717,13 @@ struct Bf16Ops {
   float qmul;
   void scores(int64_t b, int64_t h, int64_t s0, int64_t j, float* st, int64_t ld) const {
     const uint16_t* qs = reinterpret_cast<const uint16_t*>(q + b * qsb + s0 * qss + h * qsh);
-    gemm_bf16(bs, bs, D / 2, qmul, qs, qss, kt + ((b * H + h) * nb + j) * D * bs, bs, false, st, ld);
+    gemm_tiles<Bf16Dot>(bs, bs, D / 2, qmul, qs, qss, kt + ((b * H + h) * nb + j) * D * bs, bs, false, st, ld);
   }
   void pv(int64_t b, int64_t h, int64_t j, const float* pt, int64_t ld, float* acc) const {
     thread_local std::vector<uint16_t> pb;
     pb.resize(bs * bs);
     for (int64_t r = 0; r < bs; ++r) to_bf16(pt + r * ld, bs, pb.data() + r * bs);
-    gemm_bf16(bs, D, bs / 2, 1.f, pb.data(), bs, vp + ((b * H + h) * S + j * bs) * D, D, true, acc, D);
+    gemm_tiles<Bf16Dot>(bs, D, bs / 2, 1.f, pb.data(), bs, vp + ((b * H + h) * S + j * bs) * D, D, true, acc, D);
   }
 };
 
@@ -792,8 +747,7 @@ void forward_bf16_dot(const Problem& p, const at::Tensor& q, const at::Tensor& k
   at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H);
-      transpose_words(reinterpret_cast<const uint32_t*>(K.row(b, j * bs, h)), K.ss / 2, bs, D / 2,
-                      ktp + task * (D / 2) * bs, bs);
+      transpose32<false>(K.row(b, j * bs, h), K.ss / 2, bs, D / 2, 1.f, ktp + task * (D / 2) * bs, bs);
       uint16_t* dst = vpp + ((b * H + h) * S + j * bs) * D;
       for (int64_t t = 0; t < bs / 2; ++t)
         interleave_rows(reinterpret_cast<const uint16_t*>(V.row(b, j * bs + 2 * t, h)),
