@@ -3,9 +3,10 @@
 #   1. build the extension in place (CPU kernels; CUDA ones only when csrc/cuda has sources)
 #   2. pytest -m gpu: tests/test_bsa_triton_gpu.py first, then gpu-marked and Triton-backend tests of every op
 #   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex
+#   4. benchmarks/test_bench_attention_gpu.py (the `make bench` GPU suite) in smoke mode
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
-# Everything is written directly under $OUT, 8 files: env.txt summary.txt build.log pytest_bsa.log
-# pytest.log timing.log gpu_timing.json gpu_timing_table.txt. Whole run: < 8 minutes.
+# Everything is written directly under $OUT, 9 files: env.txt summary.txt build.log pytest_bsa.log
+# pytest.log timing.log gpu_timing.json gpu_timing_table.txt bench_smoke.log. Whole run: < 8 minutes.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 
@@ -59,8 +60,15 @@ stage pytest_rest $LIMIT "$OUT/pytest.log" $PY -m pytest tests --ignore=tests/te
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
 
 # 3. timing: the script stops starting measurements at its budget; timeout is the backstop
-LIMIT=$(( $(left) - 5 )); [ $LIMIT -lt 30 ] && LIMIT=30
+LIMIT=$(( $(left) - 65 )); [ $LIMIT -lt 30 ] && LIMIT=30
 stage timing $LIMIT "$OUT/timing.log" $PY benchmarks/gpu_timing.py --out-dir "$OUT" --budget-s $(( LIMIT - 25 ))
 tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
+
+# 4. the pytest-benchmark GPU suite (what `make bench` runs on a GPU machine) at its toy smoke shape:
+#    does it run on CUDA (the full shapes are what stage 3 times)
+LIMIT=$(( $(left) - 5 )); [ $LIMIT -gt 90 ] && LIMIT=90; [ $LIMIT -lt 20 ] && LIMIT=20
+stage bench_smoke $LIMIT "$OUT/bench_smoke.log" env KANDINSKY_BENCH_SMOKE=1 $PY -m pytest \
+  benchmarks/test_bench_attention_gpu.py -q -rs -p no:cacheprovider --benchmark-disable
+tail -n 5 "$OUT/bench_smoke.log" | tee -a "$SUMMARY"
 note "total $(( $(date +%s) - START ))s; files: $(ls "$OUT" | tr '\n' ' ')"
 exit 0
