@@ -109,12 +109,12 @@ class Modulation(nn.Module):
 def scale_shift_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype."""
     h = F.layer_norm(x.float(), (x.shape[-1],), eps=LN_EPS)
-    return (h * (1.0 + scale) + shift).to(x.dtype)
+    return torch.addcmul(shift, h, 1.0 + scale).to(x.dtype)  # one pass instead of two
 
 
 def gate_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Gated residual ``x + gate * out`` in fp32, cast to x.dtype."""
-    return (x.float() + gate * out.float()).to(x.dtype)
+    return torch.addcmul(x.float(), gate, out.float()).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -127,8 +127,7 @@ class RMSNorm(nn.Module):
         self.eps = torch.finfo(torch.float32).eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
 class _Attention(nn.Module):
