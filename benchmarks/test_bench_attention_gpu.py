@@ -158,7 +158,9 @@ def test_gpu_attention(benchmark, provider, mode, model, density):
     elif provider == FLEX:
         if grad and not CUDA:
             pytest.skip("FlexAttention has no CPU backward")
-        bm = _cache.setdefault(("bm", model, density), mask.to_flex_block_mask())
+        if ("bm", model, density) not in _cache:
+            _cache[("bm", model, density)] = mask.to_flex_block_mask()
+        bm = _cache[("bm", model, density)]
         call = lambda: _flex(qg, kg, vg, bm, scale)  # noqa: E731
     else:
         qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))

@@ -324,3 +324,28 @@ def test_reference_backend_through_the_custom_ops():
     expected = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_flex_bwd_tile_clamp_helper(monkeypatch):
+    """The Flex workaround used by the GPU tests and benchmarks clamps torch's backward heuristic tiles
+    (dataclass configs) to the mask block, keeps other fields, and is idempotent."""
+    import dataclasses
+
+    choices = pytest.importorskip("torch._inductor.choices")
+    from kandinsky_kernels._flex_compat import flex_bwd_heuristic_tiles_at_most
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        block_m1: int
+        block_n1: int
+        num_warps: int
+
+    def fake(self, *args, **kwargs):
+        return [Cfg(128, 64, 8), Cfg(32, 128, 4)]
+
+    monkeypatch.setattr(choices.InductorChoices, "get_flex_attention_bwd_configs", fake, raising=False)
+    flex_bwd_heuristic_tiles_at_most(64)
+    flex_bwd_heuristic_tiles_at_most(64)  # second call: no double wrapping
+    got = choices.InductorChoices.get_flex_attention_bwd_configs(None)
+    assert got == [Cfg(64, 64, 8), Cfg(32, 64, 4)]
+    assert choices.InductorChoices.get_flex_attention_bwd_configs._orig is fake

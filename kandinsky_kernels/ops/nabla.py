@@ -121,9 +121,12 @@ if HAS_TRITON:
                 k_cols[None, :] + dims[:, None] * Nk, mask=mask_d[:, None] & mask_n[None, :], other=0.0
             )
             acc += tl.sum(qd[:, :, None] * kd[None, :, :], axis=1)
-        logits = tl.where(mask_n[None, :], acc / sqrt_d, float("-inf"))
+        # IEEE divisions (div_rn), as torch computes them: a plain `/` compiles to the approximate
+        # div.full.f32 on NVIDIA GPUs, and exactly tied rows (p = 1/n) must get the same last bit as
+        # the reference for the CDF rule to make the same decision.
+        logits = tl.where(mask_n[None, :], tl.math.div_rn(acc, sqrt_d), float("-inf"))
         e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        p = e * tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sum(e, axis=1))[:, None]
 
         # Smallest bit pattern t with fp32(sum of p over bits <= t) >= c, per row, by bisection with the
         # invariant pred(lo) false, pred(hi) true. min(bits) - 1 and max(bits) + 1 stand in for the ends:
