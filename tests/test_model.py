@@ -540,3 +540,33 @@ def test_block_compiles_fullgraph(backend, compiler):
         got = compiled(state.visual, state.text, state.time_embed, state.rope, state.ctx)
     assert isinstance(state.ctx, AttentionContext) and state.ctx.backend == backend
     assert_close_to_reference(got, eager.double())
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "nabla"])
+@pytest.mark.parametrize("latent_grid", [(3, 32, 32), (2, 24, 20)], ids=["tiled", "padded"])
+def test_gpu_forward_matches_plain_reference(backend, latent_grid):
+    """The model on CUDA in fp32 (the NABLA path through the Triton fractal, mask and attention
+    kernels), at P = 0.3 with the masks it computed, against the plain fp64 reference on the CPU."""
+    if backend == "nabla":
+        _need_nabla_kernels()
+    model = make_model(nabla={"threshold": 0.3, "window": (1, 1, 1)})
+    x, text, pooled, ts, mask = make_inputs(model.config, grid=latent_grid)
+    gpu = model.to("cuda")
+    records: list = []
+    with torch.no_grad():
+        args = [t.cuda() for t in (x, text, pooled, ts, mask)]
+        if backend == "nabla":
+            state = gpu.prepare(*args, attention_backend="nabla", record_masks=records)
+            out = gpu.finish(gpu.run_visual_blocks(state), state)
+        else:
+            out = gpu(*args, attention_backend=backend)
+    masks = None
+    if backend == "nabla":
+        assert all(r.kv_indices.is_cuda for r in records)
+        records = [r.to("cpu") for r in records]
+        assert sum(r.density() for r in records) / len(records) < 1.0
+        grid = (latent_grid[0], latent_grid[1] // 2, latent_grid[2] // 2)
+        masks = _plain_order_masks(records, grid, model.config.nabla.tile, x.shape[0])
+    check_against_reference(model.to("cpu"), x, text, pooled, ts, mask, out.cpu(), masks_per_sample=masks)
