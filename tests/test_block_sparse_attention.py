@@ -104,6 +104,17 @@ def test_block_sizes(backend, bs, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bs, nb", [(64, 19), (16, 70)], ids=["bs64-3chunks", "bs16-3chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_longer_than_a_chunk(backend, bs, nb, dtype):
+    """The C++ kernels softmax 512 key columns at a time (8 blocks of 64, 32 of 16: the largest chunk)
+    and run P @ V over a chunk at once: rows with more active blocks than that cross chunks (online
+    rescale between them; a last chunk that is not full)."""
+    q, k, v = qkv(1, nb * bs, 2, 32, dtype)
+    check(backend, q, k, v, random_mask(1, 2, nb, 0.9, bs=bs))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["odd-token-stride", "odd-offset", "head-major"])
 def test_bf16_strided_inputs(backend, layout):
     """Strides the bf16 dot-product path cannot read as pair words (an odd token stride, a storage
