@@ -2,6 +2,9 @@
 compiled FlexAttention on CPU, torch.compile(fullgraph=True), boundary validation."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -22,7 +25,28 @@ def _implemented():
     }
 
 
+# The C++ backward has two schemes (a single pass over whole heads per thread, taken when there are at
+# least two heads per thread, and a dQ pass plus a dK/dV pass): "cpu-fused" / "cpu-two-pass" force each.
+_CPU_BWD = {"cpu-fused": "fused", "cpu-two-pass": "two_pass"}
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in available_backends("bsa", "cpu", _implemented())]
+CPU_BACKENDS = [x for b in CPU_BACKENDS for x in (list(_CPU_BWD) if b == "cpu" else [b])]
+
+
+@contextlib.contextmanager
+def _backend_scope(backend):
+    """use_backend, with KANDINSKY_BSA_CPU_BWD set for the "cpu-*" variants."""
+    scheme = _CPU_BWD.get(backend)
+    old = os.environ.get("KANDINSKY_BSA_CPU_BWD")
+    if scheme:
+        os.environ["KANDINSKY_BSA_CPU_BWD"] = scheme
+    try:
+        with use_backend("cpu" if scheme else backend):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("KANDINSKY_BSA_CPU_BWD", None)
+        else:
+            os.environ["KANDINSKY_BSA_CPU_BWD"] = old
 
 
 def random_mask(b, h, nb, density, *, diagonal=True, bs=64, token_valid=None) -> BlockSparseMask:
@@ -41,7 +65,7 @@ def qkv(b, s, h, d, dtype, scale=1.0):
 def check(backend, q, k, v, mask, cu_seqlens=None, grad=True):
     """The kernel vs the fp64 reference, with plain torch at q's dtype as the error yardstick."""
     leaves = [x.detach().clone().requires_grad_(grad) for x in (q, k, v)]
-    with use_backend(backend):
+    with _backend_scope(backend):
         out = block_sparse_attention(*leaves, mask, cu_seqlens=cu_seqlens)
     ref_in = [x.detach().double().requires_grad_(grad) for x in (q, k, v)]
     ref = block_sparse_attention_reference(*ref_in, mask, cu_seqlens=cu_seqlens)
@@ -52,7 +76,8 @@ def check(backend, q, k, v, mask, cu_seqlens=None, grad=True):
     if not grad:
         return out
     dout = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    with _backend_scope(backend):
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
     ref_grads = torch.autograd.grad(ref, ref_in, dout)
     t_grads = torch.autograd.grad(t_out, t_in, dout.to(t_out.dtype))
     for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, t_grads):
@@ -206,7 +231,7 @@ def test_triton(triton_device, dtype):
 
 
 def test_cpu_backend_is_automatic_on_cpu():
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu-fused" not in CPU_BACKENDS:
         pytest.skip("the C++ extension with bsa_fwd is not built")
     assert bsa_mod._backend("cpu") == "cpu"
 
@@ -214,7 +239,7 @@ def test_cpu_backend_is_automatic_on_cpu():
 # ------------------------------------------------------------------------ FlexAttention / compile
 @pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
 def test_against_compiled_flex(padded):
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu-fused" not in CPU_BACKENDS:
         pytest.skip("the C++ extension with bsa_fwd is not built")
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -233,7 +258,7 @@ def test_against_compiled_flex(padded):
 
 
 def test_torch_compile_fullgraph():
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu-fused" not in CPU_BACKENDS:
         pytest.skip("the C++ extension with bsa_fwd is not built")
     mask = random_mask(1, 2, 3, 0.5)
     cu = torch.tensor([0, 100, 192], dtype=torch.int32)
