@@ -880,6 +880,89 @@ void row_stats(const Problem& p, const Bshd<T>& O, const Packed& Dp, const float
   });
 }
 
+// dK and dV of key block j of (b, h), walking its query blocks through the transposed mask: S^T and
+// dP^T per pair, then dV += P^T dO and dK += scale dS^T Q over a chunk of query blocks at once. With
+// dqa (this head's S x D fp32 rows) it also adds dS_ij K_j to dQ_i (the single-pass scheme). Scores
+// are bitwise the forward's: the key block is scaled by scale * log2(e) as the forward's K^T tiles are.
+template <typename T>
+struct KeyBlockGrads {
+  const Problem& p;
+  const Transposed& tr;
+  const Packed &Qp, &Dp, &Kp, &Vp;  // Q, dO: rows and tiles; K, V: rows
+  const std::vector<float> &lse2, &lse2lo, &delta;
+  const Bshd<T> &dK, &dV;
+  std::vector<float> ks, dka, dva, st, dp, lb, lbl, db, dsq;
+  std::vector<int32_t> blocks;
+  std::vector<int8_t> modes;
+
+  KeyBlockGrads(const Problem& p_, const Transposed& tr_, const Packed& Q, const Packed& Dd, const Packed& K,
+                const Packed& V, const std::vector<float>& l2, const std::vector<float>& l2lo,
+                const std::vector<float>& dl, const Bshd<T>& dK_, const Bshd<T>& dV_)
+      : p(p_), tr(tr_), Qp(Q), Dp(Dd), Kp(K), Vp(V), lse2(l2), lse2lo(l2lo), delta(dl), dK(dK_), dV(dV_) {
+    const int64_t bs = p.bs, D = p.D, cb = chunk_blocks(bs) * bs;
+    for (auto* v : {&ks, &dka, &dva}) v->resize(bs * D);
+    for (auto* v : {&st, &dp}) v->resize(bs * cb);
+    for (auto* v : {&lb, &lbl, &db}) v->resize(cb);
+    dsq.resize(bs * bs);
+  }
+
+  void run(int64_t b, int64_t h, int64_t j, float* dqa) {
+    const int64_t bs = p.bs, D = p.D, S = p.S, chunk = chunk_blocks(bs), t0 = j * bs;
+    const int64_t row = p.mask_row(b, h, j);
+    blocks.clear();
+    modes.clear();
+    for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
+      const PairMode md = p.pair(b, tr.idx[s], j);
+      if (md == kSkip) continue;
+      blocks.push_back(tr.idx[s]);
+      modes.push_back(md);
+    }
+    const int64_t n = static_cast<int64_t>(blocks.size());
+    const float* kr = Kp.row(b, h, t0);
+    const float* vs = Vp.row(b, h, t0);
+    const int32_t* kc = p.kcode_of(b) + t0;
+    const float qmul = p.scale * kLog2e;
+    for (int64_t r = 0; r < bs && n > 0; ++r)
+      for (int64_t d = 0; d < D; ++d) ks[r * D + d] = kr[r * Kp.ld + d] * qmul;
+    std::fill(dka.begin(), dka.end(), 0.f);
+    std::fill(dva.begin(), dva.end(), 0.f);
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
+      // Transposed tiles: rows are this block's keys, columns the chunk's queries.
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t i = blocks[c0 + c], rbase = (b * p.H + h) * S + i * bs;
+        gemm(bs, bs, D, 1.f, ks.data(), D, Qp.tile(b, h, i), bs, false, st.data() + c * bs, cols);
+        gemm(bs, bs, D, 1.f, vs, Vp.ld, Dp.tile(b, h, i), bs, false, dp.data() + c * bs, cols);
+        if (modes[c0 + c] == kPartial) mask_tile(st.data() + c * bs, cols, bs, bs, kc, p.qcode.data() + i * bs);
+        std::memcpy(lb.data() + c * bs, lse2.data() + rbase, bs * sizeof(float));
+        std::memcpy(lbl.data() + c * bs, lse2lo.data() + rbase, bs * sizeof(float));
+        std::memcpy(db.data() + c * bs, delta.data() + rbase, bs * sizeof(float));
+      }
+      for (int64_t r = 0; r < bs; ++r) row_p_cols(st.data() + r * cols, lb.data(), lbl.data(), cols);
+      const float* db_rows[kMaxChunk];
+      const float* qb_rows[kMaxChunk];
+      for (int64_t c = 0; c < nc; ++c) {
+        db_rows[c] = Dp.row(b, h, blocks[c0 + c] * bs);
+        qb_rows[c] = Qp.row(b, h, blocks[c0 + c] * bs);
+      }
+      gemm_multi(bs, D, nc, bs, 1.f, st.data(), cols, db_rows, Dp.ld, true, dva.data(), D);
+      for (int64_t r = 0; r < bs; ++r) {
+        float* sr = st.data() + r * cols;
+        const float* pr = dp.data() + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) sr[c] *= pr[c] - db[c];
+      }
+      gemm_multi(bs, D, nc, bs, p.scale, st.data(), cols, qb_rows, Qp.ld, true, dka.data(), D);  // dK
+      for (int64_t c = 0; dqa && c < nc; ++c) {  // dQ_i += dS_ij K_j, dS from its transposed tile
+        transpose32<false>(st.data() + c * bs, cols, bs, bs, 1.f, dsq.data(), bs);
+        gemm(bs, D, bs, 1.f, dsq.data(), bs, kr, Kp.ld, true, dqa + blocks[c0 + c] * bs * D, D);
+      }
+    }
+    store_rows(dK, b, h, t0, bs, D, 1.f, dka.data());
+    store_rows(dV, b, h, t0, bs, D, 1.f, dva.data());
+  }
+};
+
 template <typename T>
 void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
@@ -888,7 +971,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   const float qmul = p.scale * kLog2e;
   // Both layouts of everything: the dQ pass multiplies by K^T, V^T and K, the dK/dV pass by Q^T,
   // dO^T, dO and Q. Scores must be bitwise the forward's (lse was computed from them), so K carries
-  // scale * log2(e) in all three passes: the K^T tiles here, a scaled copy of the key block in pass 2.
+  // scale * log2(e) in every pass: the K^T tiles here, a scaled copy of the key block in pass 2.
   const Packed Qp = pack<T>(q, p, true, true);
   const Packed Dp = pack<T>(dout, p, true, true);
   const Packed Kp = pack<T>(k, p, true, true, qmul);
@@ -945,62 +1028,9 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
     return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
   };
   parallel_balanced(p.B * p.H * nb, col_cost, [&](int64_t begin, int64_t end) {
-    std::vector<float> ks(bs * D), dka(bs * D), dva(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs),
-        lb(chunk * bs), lbl(chunk * bs), db(chunk * bs);
-    std::vector<int32_t> blocks;
-    std::vector<int8_t> modes;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j = task % nb, h = (task / nb) % p.H, b = task / (nb * p.H);
-      const int64_t t0 = j * bs;
-      const int64_t row = p.mask_row(b, h, j);
-      blocks.clear();
-      modes.clear();
-      for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
-        const PairMode md = p.pair(b, tr.idx[s], j);
-        if (md == kSkip) continue;
-        blocks.push_back(tr.idx[s]);
-        modes.push_back(md);
-      }
-      const int64_t n = static_cast<int64_t>(blocks.size());
-      const float* kr = Kp.row(b, h, t0);
-      for (int64_t r = 0; r < bs; ++r)
-        for (int64_t d = 0; d < D; ++d) ks[r * D + d] = kr[r * Kp.ld + d] * qmul;
-      const float* vs = Vp.row(b, h, t0);
-      const int32_t* kc = p.kcode_of(b) + t0;
-      std::fill(dka.begin(), dka.end(), 0.f);
-      std::fill(dva.begin(), dva.end(), 0.f);
-      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
-        // Transposed tiles: rows are this block's keys, columns the chunk's queries.
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t i = blocks[c0 + c], rbase = (b * p.H + h) * S + i * bs;
-          gemm(bs, bs, D, 1.f, ks.data(), D, Qp.tile(b, h, i), bs, false, st.data() + c * bs, cols);
-          gemm(bs, bs, D, 1.f, vs, Vp.ld, Dp.tile(b, h, i), bs, false, dp.data() + c * bs, cols);
-          if (modes[c0 + c] == kPartial)
-            mask_tile(st.data() + c * bs, cols, bs, bs, kc, p.qcode.data() + i * bs);
-          std::memcpy(lb.data() + c * bs, lse2.data() + rbase, bs * sizeof(float));
-          std::memcpy(lbl.data() + c * bs, lse2lo.data() + rbase, bs * sizeof(float));
-          std::memcpy(db.data() + c * bs, delta.data() + rbase, bs * sizeof(float));
-        }
-        for (int64_t r = 0; r < bs; ++r) row_p_cols(st.data() + r * cols, lb.data(), lbl.data(), cols);
-        const float* db_rows[kMaxChunk];
-        const float* qb_rows[kMaxChunk];
-        for (int64_t c = 0; c < nc; ++c) {
-          db_rows[c] = Dp.row(b, h, blocks[c0 + c] * bs);
-          qb_rows[c] = Qp.row(b, h, blocks[c0 + c] * bs);
-        }
-        gemm_multi(bs, D, nc, bs, 1.f, st.data(), cols, db_rows, Dp.ld, true, dva.data(), D);
-        for (int64_t r = 0; r < bs; ++r) {
-          float* sr = st.data() + r * cols;
-          const float* pr = dp.data() + r * cols;
-#pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) sr[c] *= pr[c] - db[c];
-        }
-        gemm_multi(bs, D, nc, bs, p.scale, st.data(), cols, qb_rows, Qp.ld, true, dka.data(), D);  // dK = scale dS^T Q
-      }
-      store_rows(dK, b, h, t0, bs, D, 1.f, dka.data());
-      store_rows(dV, b, h, t0, bs, D, 1.f, dva.data());
-    }
+    KeyBlockGrads<T> kbg(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV);
+    for (int64_t task = begin; task < end; ++task)
+      kbg.run(task / (nb * p.H), (task / nb) % p.H, task % nb, nullptr);
   });
 }
 
@@ -1012,17 +1042,14 @@ template <typename T>
 void backward_fused(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
                     at::Tensor& dk, at::Tensor& dv) {
-  const int64_t bs = p.bs, D = p.D, nb = p.nb, S = p.S;
-  const float qmul = p.scale * kLog2e;
-  // S^T = (K * qmul) Q^T and dP^T = V dO^T take Q^T and dO^T tiles; dV += P^T dO, dK += dS^T Q and
-  // dQ += dS K take rows. Scores are bitwise the forward's (K carries scale * log2(e) as there).
+  const int64_t D = p.D, nb = p.nb, S = p.S;
+  // KeyBlockGrads takes Q and dO as rows and tiles, K and V as rows.
   const Packed Qp = pack<T>(q, p, true, true);
   const Packed Dp = pack<T>(dout, p, true, true);
   const Packed Kp = pack<T>(k, p, true, false);
   const Packed Vp = pack<T>(v, p, true, false);
   const Bshd<T> O(out), dQ(dq), dK(dk), dV(dv);
   const float* L = lse.data_ptr<float>();
-  const int64_t chunk = chunk_blocks(bs);
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
   row_stats(p, O, Dp, L, lse2, lse2lo, delta);
 
@@ -1039,69 +1066,12 @@ void backward_fused(const Problem& p, const at::Tensor& dout, const at::Tensor& 
   std::stable_sort(heads.begin(), heads.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> ks(bs * D), dka(bs * D), dva(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs),
-        lb(chunk * bs), lbl(chunk * bs), db(chunk * bs), dsq(bs * bs), dqa;
-    std::vector<int32_t> blocks;
-    std::vector<int8_t> modes;
+    KeyBlockGrads<T> kbg(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV);
+    std::vector<float> dqa;
     for (int64_t t = next++; t < p.B * p.H; t = next++) {
       const int64_t b = heads[t] / p.H, h = heads[t] % p.H;
       dqa.assign(S * D, 0.f);
-      for (int64_t j = 0; j < nb; ++j) {
-        const int64_t t0 = j * bs;
-        const int64_t row = p.mask_row(b, h, j);
-        blocks.clear();
-        modes.clear();
-        for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
-          const PairMode md = p.pair(b, tr.idx[s], j);
-          if (md == kSkip) continue;
-          blocks.push_back(tr.idx[s]);
-          modes.push_back(md);
-        }
-        const int64_t n = static_cast<int64_t>(blocks.size());
-        const float* kr = Kp.row(b, h, t0);
-        const float* vs = Vp.row(b, h, t0);
-        const int32_t* kc = p.kcode_of(b) + t0;
-        std::fill(dka.begin(), dka.end(), 0.f);
-        std::fill(dva.begin(), dva.end(), 0.f);
-        if (n > 0)
-          for (int64_t r = 0; r < bs; ++r)
-            for (int64_t d = 0; d < D; ++d) ks[r * D + d] = kr[r * Kp.ld + d] * qmul;
-        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-          const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
-          // Transposed tiles: rows are this block's keys, columns the chunk's queries.
-          for (int64_t c = 0; c < nc; ++c) {
-            const int64_t i = blocks[c0 + c], rbase = (b * p.H + h) * S + i * bs;
-            gemm(bs, bs, D, 1.f, ks.data(), D, Qp.tile(b, h, i), bs, false, st.data() + c * bs, cols);
-            gemm(bs, bs, D, 1.f, vs, Vp.ld, Dp.tile(b, h, i), bs, false, dp.data() + c * bs, cols);
-            if (modes[c0 + c] == kPartial)
-              mask_tile(st.data() + c * bs, cols, bs, bs, kc, p.qcode.data() + i * bs);
-            std::memcpy(lb.data() + c * bs, lse2.data() + rbase, bs * sizeof(float));
-            std::memcpy(lbl.data() + c * bs, lse2lo.data() + rbase, bs * sizeof(float));
-            std::memcpy(db.data() + c * bs, delta.data() + rbase, bs * sizeof(float));
-          }
-          for (int64_t r = 0; r < bs; ++r) row_p_cols(st.data() + r * cols, lb.data(), lbl.data(), cols);
-          const float* db_rows[kMaxChunk];
-          const float* qb_rows[kMaxChunk];
-          for (int64_t c = 0; c < nc; ++c) {
-            db_rows[c] = Dp.row(b, h, blocks[c0 + c] * bs);
-            qb_rows[c] = Qp.row(b, h, blocks[c0 + c] * bs);
-          }
-          gemm_multi(bs, D, nc, bs, 1.f, st.data(), cols, db_rows, Dp.ld, true, dva.data(), D);
-          for (int64_t r = 0; r < bs; ++r) {
-            float* sr = st.data() + r * cols;
-            const float* pr = dp.data() + r * cols;
-#pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) sr[c] *= pr[c] - db[c];
-          }
-          gemm_multi(bs, D, nc, bs, p.scale, st.data(), cols, qb_rows, Qp.ld, true, dka.data(), D);  // dK
-          for (int64_t c = 0; c < nc; ++c) {  // dQ_i += dS_ij K_j (dS from its transposed tile)
-            transpose32<false>(st.data() + c * bs, cols, bs, bs, 1.f, dsq.data(), bs);
-            gemm(bs, D, bs, 1.f, dsq.data(), bs, kr, Kp.ld, true, dqa.data() + blocks[c0 + c] * bs * D, D);
-          }
-        }
-        store_rows(dK, b, h, t0, bs, D, 1.f, dka.data());
-        store_rows(dV, b, h, t0, bs, D, 1.f, dva.data());
-      }
+      for (int64_t j = 0; j < nb; ++j) kbg.run(b, h, j, dqa.data());
       store_rows(dQ, b, h, 0, S, D, p.scale, dqa.data());
     }
   });
