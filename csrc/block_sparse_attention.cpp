@@ -9,7 +9,7 @@
 // * Forward: one task per (batch, head, block), split into contiguous, cost-balanced pieces that the
 //   threads take in turn: consecutive tasks share (b, h), so K/V stay in cache.
 // * Backward, no atomics either way (every output tile has one writer):
-//   - with at least two heads per thread, one pass per (b, h) over its key blocks walking the
+//   - with enough heads to share out evenly, one pass per (b, h) over its key blocks walking the
 //     transposed mask; dQ accumulates in the task's own fp32 head buffer. Scores and dP are computed
 //     once per pair: 5 products (backward_fused, ~1.3x the two-pass scheme at S = 8192, H = 4).
 //   - otherwise a dQ pass over query blocks, then a dK/dV pass over key blocks (7 products, but any
@@ -1077,15 +1077,17 @@ void backward_fused(const Problem& p, const at::Tensor& dout, const at::Tensor& 
   });
 }
 
-// The single pass needs whole heads per thread: taken when there are at least two per thread (an
-// uneven last round then costs little), unless KANDINSKY_BSA_CPU_BWD=fused|two_pass forces a scheme
-// (tests, A/B measurements).
+// The single pass needs whole heads per thread. It does ~1.3x less work, so it pays while the heads'
+// rounds leave at most ~20 % of the thread time idle: n heads on t threads take ceil(n / t) rounds
+// (4 heads on 2 threads, 28 on 16 or 8: yes; 3 on 2, 28 on 32: no). KANDINSKY_BSA_CPU_BWD=fused|two_pass
+// forces a scheme (tests, A/B measurements).
 bool use_fused_backward(const Problem& p) {
   if (const char* e = std::getenv("KANDINSKY_BSA_CPU_BWD")) {
     if (std::strcmp(e, "fused") == 0) return true;
     if (std::strcmp(e, "two_pass") == 0) return false;
   }
-  return p.B * p.H >= 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t n = p.B * p.H, t = at::get_num_threads();
+  return n >= t && 4 * ((n + t - 1) / t) * t <= 5 * n;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(

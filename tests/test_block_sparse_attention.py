@@ -25,8 +25,9 @@ def _implemented():
     }
 
 
-# The C++ backward has two schemes (a single pass over whole heads per thread, taken when there are at
-# least two heads per thread, and a dQ pass plus a dK/dV pass): "cpu-fused" / "cpu-two-pass" force each.
+# The C++ backward has two schemes (a single pass over whole heads per thread, taken when the heads
+# share out evenly over the threads, and a dQ pass plus a dK/dV pass): "cpu-fused" / "cpu-two-pass"
+# force each.
 _CPU_BWD = {"cpu-fused": "fused", "cpu-two-pass": "two_pass"}
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in available_backends("bsa", "cpu", _implemented())]
 CPU_BACKENDS = [x for b in CPU_BACKENDS for x in (list(_CPU_BWD) if b == "cpu" else [b])]
