@@ -211,11 +211,11 @@ def types(fn, dt, consts):
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     return sig
 
-def build(fn, flags, warps=4, stages=3, dt="bf16"):
-    consts = dict(D=64, BLOCK_D=64, EVEN_D=True, BLOCK_M=64)
+def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64):
+    consts = dict(D=d, BLOCK_D=d, EVEN_D=True, BLOCK_M=bm)
     if fn is not m._bsa_bwd_preprocess_kernel:
         consts.update(BLOCK_SIZE=64, HAS_TOKEN_VALID=flags, IS_VARLEN=flags, UPCAST=False, DOT_PREC="tf32",
-                      BLOCK_N=64)
+                      BLOCK_N=bn)
     # what a launch specialises: unit strides become the constant 1, other strides/pointers divisible by 16
     last = [n for n in fn.arg_names if re.fullmatch(r"stride_(q|k|v|o|d|dq|dk|dv)d", n)]
     last += ["stride_ik" if "stride_iq" in fn.arg_names and fn.arg_names.index("stride_iq")
@@ -230,19 +230,27 @@ def build(fn, flags, warps=4, stages=3, dt="bf16"):
     asyncs = ttgir.count("async_copy_global_to_local") + ttgir.count("tma")
     return {"shared": k.metadata.shared, "async": asyncs, "wgmma": ttgir.count("warp_group_dot ")}
 
+KERNELS = {"fwd": m._bsa_fwd_kernel, "dkdv": m._bsa_bwd_dkdv_kernel, "dq": m._bsa_bwd_dq_kernel}
 out = {}
-for name in ("fwd", "dkdv", "dq"):
-    fn = {"fwd": m._bsa_fwd_kernel, "dkdv": m._bsa_bwd_dkdv_kernel, "dq": m._bsa_bwd_dq_kernel}[name]
-    for flags in (False, True):
-        out[f"{name}/masked={flags}"] = build(fn, flags)
-out["preprocess"] = build(m._bsa_bwd_preprocess_kernel, False, stages=1)
+if sys.argv[1:] == ["configs"]:
+    # every autotune config that survives pruning for 64-token masks, at the GPU benchmark's D = 128
+    tables = {"fwd": m._FWD_CONFIGS, "dkdv": m._DKDV_CONFIGS, "dq": m._DQ_CONFIGS}
+    for name, fn in KERNELS.items():
+        for c in m._prune(tables[name], {}, BLOCK_SIZE=64, BLOCK_D=128):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            out[f"{name}/{bm}x{bn}/w{c.num_warps}/s{c.num_stages}"] = build(
+                fn, False, c.num_warps, c.num_stages, d=128, bm=bm, bn=bn)
+else:
+    for name, fn in KERNELS.items():
+        for flags in (False, True):
+            out[f"{name}/masked={flags}"] = build(fn, flags)
+    out["preprocess"] = build(m._bsa_bwd_preprocess_kernel, False, stages=1)
 print("RESULT" + json.dumps(out))
 '''
 
 
-def test_kernels_compile_for_hopper():
-    """Compile every kernel for sm_90a (no GPU needed): catches constructs the interpreter accepts but the
-    compiler rejects, and checks that the block walk is software-pipelined (async copies) with wgmma."""
+def _compile_for_hopper(*args):
+    """Runs _AOT_SCRIPT (with args) in a fresh interpreter without TRITON_INTERPRET; returns its results."""
     import json
     import os
     import subprocess
@@ -252,12 +260,29 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, *args], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     if proc.returncode != 0 and ("ImportError" in proc.stderr or "TypeError: ASTSource" in proc.stderr):
         pytest.skip(f"this triton cannot compile ahead of time here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+def test_autotune_configs_compile_for_hopper_d128():
+    """Every autotune config the GPU run can pick for 64-token masks compiles for sm_90a at D = 128 (the
+    Pro benchmark), fits shared memory and keeps wgmma: a config that fails only costs autotune time,
+    but one that fits nowhere would leave a kernel without configs."""
+    res = _compile_for_hopper("configs")
+    assert {k.split("/")[0] for k in res} == {"fwd", "dkdv", "dq"}, sorted(res)
+    for name, r in res.items():
+        assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
+        assert r["wgmma"] > 0, f"{name}: no wgmma"
+
+
+def test_kernels_compile_for_hopper():
+    """Compile every kernel for sm_90a (no GPU needed): catches constructs the interpreter accepts but the
+    compiler rejects, and checks that the block walk is software-pipelined (async copies) with wgmma."""
+    res = _compile_for_hopper()
     for name, r in res.items():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
         if name != "preprocess":
