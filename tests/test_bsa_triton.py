@@ -233,13 +233,14 @@ def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64):
 KERNELS = {"fwd": m._bsa_fwd_kernel, "dkdv": m._bsa_bwd_dkdv_kernel, "dq": m._bsa_bwd_dq_kernel}
 out = {}
 if sys.argv[1:] == ["configs"]:
-    # every autotune config that survives pruning for 64-token masks, at the GPU benchmark's D = 128
+    # every autotune config that survives pruning for 64-token masks, at the GPU benchmarks' head dims
     tables = {"fwd": m._FWD_CONFIGS, "dkdv": m._DKDV_CONFIGS, "dq": m._DQ_CONFIGS}
-    for name, fn in KERNELS.items():
-        for c in m._prune(tables[name], {}, BLOCK_SIZE=64, BLOCK_D=128):
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            out[f"{name}/{bm}x{bn}/w{c.num_warps}/s{c.num_stages}"] = build(
-                fn, False, c.num_warps, c.num_stages, d=128, bm=bm, bn=bn)
+    for d in (64, 128):
+        for name, fn in KERNELS.items():
+            for c in m._prune(tables[name], {}, BLOCK_SIZE=64, BLOCK_D=d):
+                bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                out[f"{name}/D{d}/{bm}x{bn}/w{c.num_warps}/s{c.num_stages}"] = build(
+                    fn, False, c.num_warps, c.num_stages, d=d, bm=bm, bn=bn)
 else:
     for name, fn in KERNELS.items():
         for flags in (False, True):
@@ -268,12 +269,13 @@ def _compile_for_hopper(*args):
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
-def test_autotune_configs_compile_for_hopper_d128():
-    """Every autotune config the GPU run can pick for 64-token masks compiles for sm_90a at D = 128 (the
-    Pro benchmark), fits shared memory and keeps wgmma: a config that fails only costs autotune time,
-    but one that fits nowhere would leave a kernel without configs."""
+def test_autotune_configs_compile_for_hopper():
+    """Every autotune config the GPU run can pick for 64-token masks compiles for sm_90a at D = 64 and 128
+    (the Lite and Pro benchmarks), fits shared memory and keeps wgmma: a config that fails only costs
+    autotune time, but one that fits nowhere would leave a kernel without configs."""
     res = _compile_for_hopper("configs")
     assert {k.split("/")[0] for k in res} == {"fwd", "dkdv", "dq"}, sorted(res)
+    assert {k.split("/")[1] for k in res} == {"D64", "D128"}, sorted(res)
     for name, r in res.items():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
         assert r["wgmma"] > 0, f"{name}: no wgmma"
