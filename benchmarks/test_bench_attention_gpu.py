@@ -53,6 +53,13 @@ _cache: dict = {}  # one model's inputs and masks at a time (Pro's four inputs a
 _flex_compiled: dict = {}
 
 
+def _need_triton():
+    from kandinsky_kernels import _triton
+
+    if not _triton.triton_runs_on(DEVICE):
+        pytest.skip(_triton.why_not(DEVICE))
+
+
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
@@ -163,6 +170,7 @@ def test_gpu_attention(benchmark, provider, mode, model, density):
         bm = _cache[("bm", model, density)]
         call = lambda: _flex(qg, kg, vg, bm, scale)  # noqa: E731
     else:
+        _need_triton()
         qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))
 
         def call():
@@ -191,6 +199,7 @@ def test_gpu_attention(benchmark, provider, mode, model, density):
 @pytest.mark.parametrize("part", ["forward", "backward"])
 def test_gpu_backward_vs_forward(benchmark, part, model):
     """Our backward alone against our forward at 10 % density: goal backward <= 3x forward."""
+    _need_triton()
     q, k, v, do = _inputs(model)
     density = 0.10 if 0.10 in DENSITIES else DENSITIES[0]
     mask = _mask(model, density)

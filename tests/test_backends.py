@@ -65,3 +65,37 @@ def test_extension_is_built_here():
 
     assert _ext.EXT is not None, _ext.EXT_ERROR
     assert _ext.EXT.omp_threads() >= 1
+
+
+def _numpy_rejects_int_of_1_element_arrays() -> bool:
+    import warnings
+
+    import numpy as np
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            int(np.ones(1))
+        return False
+    except TypeError:
+        return True
+
+
+def test_interpreter_defect_of_old_triton_with_new_numpy(monkeypatch):
+    # Triton 3.6's interpreter fails every kernel with a loaded loop bound under NumPy 2.4: the CPU
+    # interpreter must then be unavailable with the reason, not fail 65 tests with an InterpreterError.
+    from kandinsky_kernels import _triton
+
+    for fixed in ("3.7.0", "3.9.1", "3.10.0+git1234", "4.0.0", "nightly"):
+        assert _triton.interpreter_defect(fixed) is None, fixed
+    defect = _triton.interpreter_defect("3.6.0")
+    assert (defect is not None) == _numpy_rejects_int_of_1_element_arrays()
+    if defect is not None:
+        assert "Triton 3.6.0" in defect and "triton>=3.7" in defect
+    monkeypatch.setattr(_triton, "HAS_TRITON", True)
+    monkeypatch.setattr(_triton, "INTERPRET", True)
+    monkeypatch.setattr(_triton, "_INTERPRETER_DEFECT", "the interpreter of Triton 3.6.0 cannot ...")
+    assert not _triton.triton_runs_on("cpu")
+    with use_backend("triton"):
+        with pytest.raises(BackendUnavailableError, match="Triton 3.6.0"):
+            select_backend("some_op", "cpu", {"triton": True})
