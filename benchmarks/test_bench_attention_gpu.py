@@ -142,10 +142,12 @@ M_IDS = list(MODELS)
 D_IDS = [f"{int(x * 100)}pct" for x in DENSITIES]
 
 
+# Order, slowest-varying first: model (one model's inputs cached at a time), density, mode, provider
+# (the providers of one case run back to back).
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
 @pytest.mark.parametrize("density", DENSITIES, ids=D_IDS)
 @pytest.mark.parametrize("model", M_IDS)
-@pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
 def test_gpu_attention(benchmark, provider, mode, model, density):
     q, k, v, do = _inputs(model)
     mask = _mask(model, density)
