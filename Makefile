@@ -7,6 +7,9 @@ PY := $(BIN)/python
 # On machines without an NVIDIA driver pin the CPU build that lies on local disk, so pip never pulls
 # a multi-GB CUDA wheel. Where nvidia-smi exists, take any torch >= 2.6.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==2.13.0)
+# Without a GPU the Triton kernels are tested in the interpreter, which needs Triton >= 3.7 under
+# NumPy >= 2.4; with one, keep whatever triton the CUDA torch pins.
+TRITON_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),triton>=3.2,triton>=3.7)
 PYTEST_ARGS ?=
 BENCH_DIR := benchmarks/results
 
@@ -17,7 +20,7 @@ $(PY):
 
 $(VENV)/.deps: $(PY) setup.py pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" "triton>=3.2"
+	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" "$(TRITON_SPEC)"
 	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
