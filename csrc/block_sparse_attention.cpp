@@ -17,9 +17,11 @@
 // * Inputs are converted to fp32 once per call into GEMM-friendly layouts (Packed): block rows and
 //   transposed block tiles. Every product is then C (+)= A @ B on contiguous panels by a
 //   register-blocked AVX-512 kernel; no per-pair gathers or conversions, no BLAS call overhead.
-// * bf16 inputs on a build with AVX512-BF16 (and pair-readable strides) take the forward on bf16
-//   dot products instead (forward_bf16_dot: ~1.7x the conversion path at S = 8192, H = 28); the
-//   backward always computes in fp32.
+// * bf16 inputs on a build with AVX512-BF16 (and pair-readable strides) take bf16 dot products
+//   instead: the forward (forward_bf16_dot: ~1.7x the conversion path at S = 8192, H = 28) and the
+//   single-pass backward (backward_fused_bf16: 1.67-1.76x at S = 8192, H = 4 and 28); P and dS are
+//   rounded to bf16 for the products that take them, as FlashAttention does. The two-pass backward
+//   converts to fp32. KANDINSKY_BSA_CPU_BF16_DOT=0 turns the bf16 products off (A/B, tests).
 // * Scores live in the log2 domain (Q pre-scaled by scale*log2(e)); exp2 is a polynomial in AVX-512
 //   (libm's expf is a scalar call and GCC does not vectorize the softmax reductions by itself).
 //   A chunk of up to 512 key columns is softmaxed at once (online softmax across chunks).
@@ -768,6 +770,13 @@ struct Bf16Ops {
   }
 };
 
+// KANDINSKY_BSA_CPU_BF16_DOT=0 sends bf16 through the fp32 conversion path instead (A/B measurements,
+// tests of that path); read at every call.
+bool bf16_dot_enabled() {
+  const char* e = std::getenv("KANDINSKY_BSA_CPU_BF16_DOT");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
 // Whether the bf16 path can read q, k, v: pairs must be whole 32-bit words in every row.
 bool bf16_dot_layout_ok(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const at::Tensor* t : {&q, &k, &v})
@@ -811,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor> bsa_fwd(const at::Tensor& q, const at::Tensor
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
 #if KK_BF16_DOT
-  if (q.scalar_type() == at::kBFloat16 && bf16_dot_layout_ok(q, k, v)) {
+  if (q.scalar_type() == at::kBFloat16 && bf16_dot_layout_ok(q, k, v) && bf16_dot_enabled()) {
     forward_bf16_dot(p, q, k, v, out, lse);
     return {out, lse};
   }
@@ -849,18 +858,18 @@ Transposed transpose_mask(const Problem& p) {
 }
 
 // Per query row of block i of (b, h): lse in the log2 domain as hi + lo (hi = +inf for a row that sees
-// nothing, so every P is 0) and Delta = rowsum(dO * O). os: bs x D scratch.
+// nothing, so every P is 0) and Delta = rowsum(dO * O). dos: the block's dO rows in fp32 (row stride
+// ldd); os: bs x D scratch.
 template <typename T>
-void block_stats(const Problem& p, const Bshd<T>& O, const Packed& Dp, const float* L, int64_t b, int64_t h,
-                 int64_t i, float* os, std::vector<float>& lse2, std::vector<float>& lse2lo,
+void block_stats(const Problem& p, const Bshd<T>& O, const float* dos, int64_t ldd, const float* L, int64_t b,
+                 int64_t h, int64_t i, float* os, std::vector<float>& lse2, std::vector<float>& lse2lo,
                  std::vector<float>& delta) {
   const int64_t bs = p.bs, D = p.D, s0 = i * bs, rbase = (b * p.H + h) * p.S + s0;
-  const float* dos = Dp.row(b, h, s0);
   load_rows(O, b, h, s0, bs, D, 1.f, os);
   for (int64_t r = 0; r < bs; ++r) {
     float d = 0.f;
 #pragma omp simd reduction(+ : d)
-    for (int64_t c = 0; c < D; ++c) d += dos[r * Dp.ld + c] * os[r * D + c];
+    for (int64_t c = 0; c < D; ++c) d += dos[r * ldd + c] * os[r * D + c];
     delta[rbase + r] = d;
     const double x = L[rbase + r] * kLog2ed;
     const float hi = std::isinf(x) ? kInf : static_cast<float>(x);
@@ -869,15 +878,33 @@ void block_stats(const Problem& p, const Bshd<T>& O, const Packed& Dp, const flo
   }
 }
 
+// block_stats for every block; dO straight from the input (B, S, H, D).
 template <typename T>
-void row_stats(const Problem& p, const Bshd<T>& O, const Packed& Dp, const float* L, std::vector<float>& lse2,
+void row_stats(const Problem& p, const Bshd<T>& O, const Bshd<T>& dO, const float* L, std::vector<float>& lse2,
                std::vector<float>& lse2lo, std::vector<float>& delta) {
   at::parallel_for(0, p.B * p.H * p.nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> os(p.bs * p.D);
-    for (int64_t task = begin; task < end; ++task)
-      block_stats(p, O, Dp, L, task / (p.nb * p.H), (task / p.nb) % p.H, task % p.nb, os.data(), lse2, lse2lo,
-                  delta);
+    std::vector<float> os(p.bs * p.D), dos(p.bs * p.D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % p.nb, h = (task / p.nb) % p.H, b = task / (p.nb * p.H);
+      load_rows(dO, b, h, i * p.bs, p.bs, p.D, 1.f, dos.data());
+      block_stats(p, O, dos.data(), p.D, L, b, h, i, os.data(), lse2, lse2lo, delta);
+    }
   });
+}
+
+// The query blocks that key block j of (b, h) meets (ascending), without the skipped pairs.
+inline int64_t key_block_pairs(const Problem& p, const Transposed& tr, int64_t b, int64_t h, int64_t j,
+                               std::vector<int32_t>& blocks, std::vector<int8_t>& modes) {
+  const int64_t row = p.mask_row(b, h, j);
+  blocks.clear();
+  modes.clear();
+  for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
+    const PairMode md = p.pair(b, tr.idx[s], j);
+    if (md == kSkip) continue;
+    blocks.push_back(tr.idx[s]);
+    modes.push_back(md);
+  }
+  return static_cast<int64_t>(blocks.size());
 }
 
 // dK and dV of key block j of (b, h), walking its query blocks through the transposed mask: S^T and
@@ -908,16 +935,7 @@ struct KeyBlockGrads {
 
   void run(int64_t b, int64_t h, int64_t j, float* dqa) {
     const int64_t bs = p.bs, D = p.D, S = p.S, chunk = chunk_blocks(bs), t0 = j * bs;
-    const int64_t row = p.mask_row(b, h, j);
-    blocks.clear();
-    modes.clear();
-    for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
-      const PairMode md = p.pair(b, tr.idx[s], j);
-      if (md == kSkip) continue;
-      blocks.push_back(tr.idx[s]);
-      modes.push_back(md);
-    }
-    const int64_t n = static_cast<int64_t>(blocks.size());
+    const int64_t n = key_block_pairs(p, tr, b, h, j, blocks, modes);
     const float* kr = Kp.row(b, h, t0);
     const float* vs = Vp.row(b, h, t0);
     const int32_t* kc = p.kcode_of(b) + t0;
@@ -996,7 +1014,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
       const int64_t s0 = i * bs, rbase = (b * p.H + h) * S + s0;
       const float* qs = Qp.row(b, h, s0);
       const float* dos = Dp.row(b, h, s0);
-      block_stats(p, O, Dp, L, b, h, i, os.data(), lse2, lse2lo, delta);
+      block_stats(p, O, dos, Dp.ld, L, b, h, i, os.data(), lse2, lse2lo, delta);
       const float* lr = lse2.data() + rbase;
       const float* lo = lse2lo.data() + rbase;
       const float* dr = delta.data() + rbase;
@@ -1034,6 +1052,31 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   });
 }
 
+// The single-pass schedule: whole heads by decreasing cost, taken from a shared counter (NABLA heads
+// differ a lot in density). Each thread makes one worker (make()) and calls run(worker, b, h, dqa) per
+// head with dqa its zeroed S x D fp32 dQ buffer.
+template <class Make, class Run>
+void for_heads_by_cost(const Problem& p, const Transposed& tr, const Make& make, const Run& run) {
+  std::vector<int64_t> heads(p.B * p.H), cost(p.B * p.H, 0);
+  for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
+    heads[bh] = bh;
+    for (int64_t j = 0; j < p.nb; ++j) {
+      const int64_t row = p.mask_row(bh / p.H, bh % p.H, j);
+      cost[bh] += tr.off[row + 1] - tr.off[row] + 1;
+    }
+  }
+  std::stable_sort(heads.begin(), heads.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto worker = make();
+    std::vector<float> dqa;
+    for (int64_t t = next++; t < p.B * p.H; t = next++) {
+      dqa.assign(p.S * p.D, 0.f);
+      run(worker, heads[t] / p.H, heads[t] % p.H, dqa.data());
+    }
+  });
+}
+
 // Single-pass backward: one task per (b, h), walking its key blocks; each pair adds to dK_j and dV_j
 // (owned by the task) and to dQ_i (in the task's own fp32 head buffer), so the scores and dP are
 // computed once per pair: 5 products instead of the two-pass scheme's 7. Whole heads per thread, so it
@@ -1048,34 +1091,149 @@ void backward_fused(const Problem& p, const at::Tensor& dout, const at::Tensor& 
   const Packed Dp = pack<T>(dout, p, true, true);
   const Packed Kp = pack<T>(k, p, true, false);
   const Packed Vp = pack<T>(v, p, true, false);
-  const Bshd<T> O(out), dQ(dq), dK(dk), dV(dv);
-  const float* L = lse.data_ptr<float>();
+  const Bshd<T> O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
-  row_stats(p, O, Dp, L, lse2, lse2lo, delta);
-
+  row_stats(p, O, dO, lse.data_ptr<float>(), lse2, lse2lo, delta);
   const Transposed tr = transpose_mask(p);
-  // Heads by decreasing cost, taken from a shared counter: NABLA heads differ a lot in density.
-  std::vector<int64_t> heads(p.B * p.H), cost(p.B * p.H, 0);
-  for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
-    heads[bh] = bh;
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t row = p.mask_row(bh / p.H, bh % p.H, j);
-      cost[bh] += tr.off[row + 1] - tr.off[row] + 1;
-    }
+  for_heads_by_cost(
+      p, tr, [&] { return KeyBlockGrads<T>(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV); },
+      [&](KeyBlockGrads<T>& kbg, int64_t b, int64_t h, float* dqa) {
+        for (int64_t j = 0; j < nb; ++j) kbg.run(b, h, j, dqa);
+        store_rows(dQ, b, h, 0, S, D, p.scale, dqa);
+      });
+}
+
+#if KK_BF16_DOT
+// The single pass on bf16 dot products (bf16 inputs, AVX512-BF16): the five products of
+// KeyBlockGrads with bf16 operands and fp32 accumulation; softmax, dS and every accumulator in fp32.
+// P and dS are rounded to bf16 for the three accumulating products, as FlashAttention's bf16 backward
+// does. Scores are bitwise the bf16 forward's (same pair dot products in the same order, then scaled).
+// Operands, each bf16 (B, H, ...) per call:
+//   qT, dT  Q and dO pair tiles (D/2 x bs words per block): B of S^T = K Q^T and dP^T = V dO^T;
+//   qI, dI, kI  Q, dO, K as pair rows (word (t, n) = (X[2t][n], X[2t+1][n])): B of dK += dS^T Q,
+//           dV += P^T dO and dQ += dS K;
+// K and V rows are read in place as the A operands of S^T and dP^T.
+struct KeyBlockGradsBf16 {
+  const Problem& p;
+  const Transposed& tr;
+  const uint16_t *k, *v, *qT, *dT, *qI, *dI, *kI;
+  int64_t ksb, kss, ksh, vsb, vss, vsh;  // K and V strides (elements)
+  const std::vector<float> &lse2, &lse2lo, &delta;
+  const Bshd<at::BFloat16> &dK, &dV;
+  std::vector<float> dka, dva, st, dp, lb, lbl, db, dsq;
+  std::vector<uint16_t> pb, dsb;
+  std::vector<int32_t> blocks;
+  std::vector<int8_t> modes;
+
+  KeyBlockGradsBf16(const Problem& p_, const Transposed& tr_, const at::Tensor& k_, const at::Tensor& v_,
+                    const uint16_t* qT_, const uint16_t* dT_, const uint16_t* qI_, const uint16_t* dI_,
+                    const uint16_t* kI_, const std::vector<float>& l2, const std::vector<float>& l2lo,
+                    const std::vector<float>& dl, const Bshd<at::BFloat16>& dK_, const Bshd<at::BFloat16>& dV_)
+      : p(p_), tr(tr_), k(reinterpret_cast<const uint16_t*>(k_.data_ptr())),
+        v(reinterpret_cast<const uint16_t*>(v_.data_ptr())), qT(qT_), dT(dT_), qI(qI_), dI(dI_), kI(kI_),
+        ksb(k_.stride(0)), kss(k_.stride(1)), ksh(k_.stride(2)), vsb(v_.stride(0)), vss(v_.stride(1)),
+        vsh(v_.stride(2)), lse2(l2), lse2lo(l2lo), delta(dl), dK(dK_), dV(dV_) {
+    const int64_t bs = p.bs, D = p.D, cb = chunk_blocks(bs) * bs;
+    for (auto* x : {&dka, &dva}) x->resize(bs * D);
+    for (auto* x : {&st, &dp}) x->resize(bs * cb);
+    for (auto* x : {&lb, &lbl, &db}) x->resize(cb);
+    pb.resize(bs * cb);
+    dsq.resize(bs * bs);
+    dsb.resize(bs * bs);
   }
-  std::stable_sort(heads.begin(), heads.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    KeyBlockGrads<T> kbg(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV);
-    std::vector<float> dqa;
-    for (int64_t t = next++; t < p.B * p.H; t = next++) {
-      const int64_t b = heads[t] / p.H, h = heads[t] % p.H;
-      dqa.assign(S * D, 0.f);
-      for (int64_t j = 0; j < nb; ++j) kbg.run(b, h, j, dqa.data());
-      store_rows(dQ, b, h, 0, S, D, p.scale, dqa.data());
+
+  // Offset (elements) of (b, h)'s block j in the per-call operand arrays.
+  int64_t blk(int64_t b, int64_t h, int64_t j) const { return ((b * p.H + h) * p.nb + j) * p.bs * p.D; }
+
+  void run(int64_t b, int64_t h, int64_t j, float* dqa) {
+    const int64_t bs = p.bs, D = p.D, S = p.S, chunk = chunk_blocks(bs), t0 = j * bs;
+    const int64_t n = key_block_pairs(p, tr, b, h, j, blocks, modes);
+    const uint16_t* kr = k + b * ksb + h * ksh + t0 * kss;
+    const uint16_t* vr = v + b * vsb + h * vsh + t0 * vss;
+    const int32_t* kc = p.kcode_of(b) + t0;
+    const float qmul = p.scale * kLog2e;
+    std::fill(dka.begin(), dka.end(), 0.f);
+    std::fill(dva.begin(), dva.end(), 0.f);
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
+      for (int64_t c = 0; c < nc; ++c) {  // S^T and dP^T: rows are this block's keys
+        const int64_t i = blocks[c0 + c], rbase = (b * p.H + h) * S + i * bs;
+        gemm_tiles<Bf16Dot>(bs, bs, D / 2, qmul, kr, kss, qT + blk(b, h, i), bs, false, st.data() + c * bs, cols);
+        gemm_tiles<Bf16Dot>(bs, bs, D / 2, 1.f, vr, vss, dT + blk(b, h, i), bs, false, dp.data() + c * bs, cols);
+        if (modes[c0 + c] == kPartial) mask_tile(st.data() + c * bs, cols, bs, bs, kc, p.qcode.data() + i * bs);
+        std::memcpy(lb.data() + c * bs, lse2.data() + rbase, bs * sizeof(float));
+        std::memcpy(lbl.data() + c * bs, lse2lo.data() + rbase, bs * sizeof(float));
+        std::memcpy(db.data() + c * bs, delta.data() + rbase, bs * sizeof(float));
+      }
+      const uint16_t* qb_rows[kMaxChunk];
+      const uint16_t* db_rows[kMaxChunk];
+      for (int64_t c = 0; c < nc; ++c) {
+        qb_rows[c] = qI + blk(b, h, blocks[c0 + c]);
+        db_rows[c] = dI + blk(b, h, blocks[c0 + c]);
+      }
+      for (int64_t r = 0; r < bs; ++r) {
+        row_p_cols(st.data() + r * cols, lb.data(), lbl.data(), cols);
+        to_bf16(st.data() + r * cols, cols, pb.data() + r * cols);
+      }
+      gemm_blocks<Bf16Dot>(bs, D, nc, bs / 2, 1.f, pb.data(), cols, db_rows, D, true, dva.data(), D);  // dV
+      for (int64_t r = 0; r < bs; ++r) {
+        float* sr = st.data() + r * cols;
+        const float* pr = dp.data() + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) sr[c] *= pr[c] - db[c];
+        to_bf16(sr, cols, pb.data() + r * cols);
+      }
+      gemm_blocks<Bf16Dot>(bs, D, nc, bs / 2, p.scale, pb.data(), cols, qb_rows, D, true, dka.data(), D);  // dK
+      for (int64_t c = 0; c < nc; ++c) {  // dQ_i += dS_ij K_j, dS from its transposed tile
+        transpose32<false>(st.data() + c * bs, cols, bs, bs, 1.f, dsq.data(), bs);
+        to_bf16(dsq.data(), bs * bs, dsb.data());
+        gemm_tiles<Bf16Dot>(bs, D, bs / 2, 1.f, dsb.data(), bs, kI + blk(b, h, j), D, true,
+                            dqa + blocks[c0 + c] * bs * D, D);
+      }
+    }
+    store_rows(dK, b, h, t0, bs, D, 1.f, dka.data());
+    store_rows(dV, b, h, t0, bs, D, 1.f, dva.data());
+  }
+};
+
+void backward_fused_bf16(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                         at::Tensor& dk, at::Tensor& dv) {
+  const int64_t bs = p.bs, D = p.D, nb = p.nb, H = p.H, S = p.S;
+  const auto opts = q.options().dtype(at::kBFloat16);
+  at::Tensor ops = at::empty({5, p.B, H, S, D}, opts);  // qT, dT, qI, dI, kI
+  uint16_t* base = reinterpret_cast<uint16_t*>(ops.data_ptr());
+  const int64_t plane = p.B * H * S * D;
+  uint16_t *qT = base, *dT = base + plane, *qI = base + 2 * plane, *dI = base + 3 * plane, *kI = base + 4 * plane;
+  const Bshd<at::BFloat16> Q(q), K(k), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
+  at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H), off = task * bs * D;
+      transpose32<false>(Q.row(b, j * bs, h), Q.ss / 2, bs, D / 2, 1.f, qT + off, bs);
+      transpose32<false>(dO.row(b, j * bs, h), dO.ss / 2, bs, D / 2, 1.f, dT + off, bs);
+      for (int64_t t = 0; t < bs / 2; ++t) {
+        const int64_t s = j * bs + 2 * t;
+        const auto row = [&](const Bshd<at::BFloat16>& x, int64_t r) {
+          return reinterpret_cast<const uint16_t*>(x.row(b, r, h));
+        };
+        interleave_rows(row(Q, s), row(Q, s + 1), D, qI + off + 2 * t * D);
+        interleave_rows(row(dO, s), row(dO, s + 1), D, dI + off + 2 * t * D);
+        interleave_rows(row(K, s), row(K, s + 1), D, kI + off + 2 * t * D);
+      }
     }
   });
+  std::vector<float> lse2(p.B * H * S), lse2lo(p.B * H * S), delta(p.B * H * S);
+  row_stats(p, O, dO, lse.data_ptr<float>(), lse2, lse2lo, delta);
+  const Transposed tr = transpose_mask(p);
+  for_heads_by_cost(
+      p, tr,
+      [&] { return KeyBlockGradsBf16(p, tr, k, v, qT, dT, qI, dI, kI, lse2, lse2lo, delta, dK, dV); },
+      [&](KeyBlockGradsBf16& kbg, int64_t b, int64_t h, float* dqa) {
+        for (int64_t j = 0; j < nb; ++j) kbg.run(b, h, j, dqa);
+        store_rows(dQ, b, h, 0, S, D, p.scale, dqa);
+      });
 }
+#endif
 
 // The single pass needs whole heads per thread. It does ~1.3x less work, so it pays while the heads'
 // rounds leave at most ~20 % of the thread time idle: n heads on t threads take ceil(n / t) rounds
@@ -1104,6 +1262,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
+#if KK_BF16_DOT
+  if (q.scalar_type() == at::kBFloat16 && bf16_dot_layout_ok(q, k, v) && bf16_dot_layout_ok(dout, dout, dout) &&
+      use_fused_backward(p) && bf16_dot_enabled()) {
+    backward_fused_bf16(p, dout, q, k, v, out, lse, dq, dk, dv);
+    return {dq, dk, dv};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "bsa_bwd", [&] {
     if (use_fused_backward(p))
       backward_fused<scalar_t>(p, dout, q, k, v, out, lse, dq, dk, dv);
