@@ -18,10 +18,10 @@
 //   transposed block tiles. Every product is then C (+)= A @ B on contiguous panels by a
 //   register-blocked AVX-512 kernel; no per-pair gathers or conversions, no BLAS call overhead.
 // * bf16 inputs on a build with AVX512-BF16 (and pair-readable strides) take bf16 dot products
-//   instead: the forward (forward_bf16_dot: ~1.7x the conversion path at S = 8192, H = 28) and the
-//   single-pass backward (backward_fused_bf16: 1.67-1.76x at S = 8192, H = 4 and 28); P and dS are
-//   rounded to bf16 for the products that take them, as FlashAttention does. The two-pass backward
-//   converts to fp32. KANDINSKY_BSA_CPU_BF16_DOT=0 turns the bf16 products off (A/B, tests).
+//   instead: the forward (forward_bf16_dot: ~1.7x the conversion path at S = 8192, H = 28) and both
+//   backward schemes (backward_fused_bf16: 1.67-1.76x at S = 8192, H = 4 and 28;
+//   backward_two_pass_bf16: 1.73-1.88x at H = 4); P and dS are rounded to bf16 for the products that
+//   take them, as FlashAttention does. KANDINSKY_BSA_CPU_BF16_DOT=0 turns the bf16 products off.
 // * Scores live in the log2 domain (Q pre-scaled by scale*log2(e)); exp2 is a polynomial in AVX-512
 //   (libm's expf is a scalar call and GCC does not vectorize the softmax reductions by itself).
 //   A chunk of up to 512 key columns is softmaxed at once (online softmax across chunks).
@@ -1145,6 +1145,7 @@ struct KeyBlockGradsBf16 {
   // Offset (elements) of (b, h)'s block j in the per-call operand arrays.
   int64_t blk(int64_t b, int64_t h, int64_t j) const { return ((b * p.H + h) * p.nb + j) * p.bs * p.D; }
 
+  // dqa: the head's S x D fp32 dQ rows to add dS K to (single pass), or null (two-pass scheme).
   void run(int64_t b, int64_t h, int64_t j, float* dqa) {
     const int64_t bs = p.bs, D = p.D, S = p.S, chunk = chunk_blocks(bs), t0 = j * bs;
     const int64_t n = key_block_pairs(p, tr, b, h, j, blocks, modes);
@@ -1184,7 +1185,7 @@ struct KeyBlockGradsBf16 {
         to_bf16(sr, cols, pb.data() + r * cols);
       }
       gemm_blocks<Bf16Dot>(bs, D, nc, bs / 2, p.scale, pb.data(), cols, qb_rows, D, true, dka.data(), D);  // dK
-      for (int64_t c = 0; c < nc; ++c) {  // dQ_i += dS_ij K_j, dS from its transposed tile
+      for (int64_t c = 0; dqa && c < nc; ++c) {  // dQ_i += dS_ij K_j, dS from its transposed tile
         transpose32<false>(st.data() + c * bs, cols, bs, bs, 1.f, dsq.data(), bs);
         to_bf16(dsq.data(), bs * bs, dsb.data());
         gemm_tiles<Bf16Dot>(bs, D, bs / 2, 1.f, dsb.data(), bs, kI + blk(b, h, j), D, true,
@@ -1196,42 +1197,129 @@ struct KeyBlockGradsBf16 {
   }
 };
 
+// The per-call bf16 operands of the backward (each (B, H, nb) blocks of bs x D elements): qT, dT,
+// qI, dI, kI as KeyBlockGradsBf16 takes them, and with `two_pass` the dQ pass's K and V pair tiles
+// kT, vT (B of S = Q K^T and dP = dO V^T).
+struct Bf16Operands {
+  at::Tensor buf;
+  const uint16_t *qT, *dT, *qI, *dI, *kI, *kT = nullptr, *vT = nullptr;
+
+  Bf16Operands(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& dout, bool two_pass) {
+    const int64_t bs = p.bs, D = p.D, nb = p.nb, H = p.H, plane = p.B * H * p.S * D;
+    buf = at::empty({two_pass ? 7 : 5, plane}, q.options().dtype(at::kBFloat16));
+    uint16_t* x[7];
+    for (int64_t i = 0; i < buf.size(0); ++i) x[i] = reinterpret_cast<uint16_t*>(buf.data_ptr()) + i * plane;
+    qT = x[0], dT = x[1], qI = x[2], dI = x[3], kI = x[4];
+    if (two_pass) kT = x[5], vT = x[6];
+    const Bshd<at::BFloat16> Q(q), K(k), V(v), dO(dout);
+    at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H), off = task * bs * D;
+        const auto tile = [&](const Bshd<at::BFloat16>& X, uint16_t* dst) {
+          transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst + off, bs);
+        };
+        const auto pairs = [&](const Bshd<at::BFloat16>& X, uint16_t* dst) {
+          for (int64_t t = 0; t < bs / 2; ++t)
+            interleave_rows(reinterpret_cast<const uint16_t*>(X.row(b, j * bs + 2 * t, h)),
+                            reinterpret_cast<const uint16_t*>(X.row(b, j * bs + 2 * t + 1, h)), D,
+                            dst + off + 2 * t * D);
+        };
+        tile(Q, x[0]);
+        tile(dO, x[1]);
+        pairs(Q, x[2]);
+        pairs(dO, x[3]);
+        pairs(K, x[4]);
+        if (two_pass) {
+          tile(K, x[5]);
+          tile(V, x[6]);
+        }
+      }
+    });
+  }
+};
+
 void backward_fused_bf16(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
                          at::Tensor& dk, at::Tensor& dv) {
-  const int64_t bs = p.bs, D = p.D, nb = p.nb, H = p.H, S = p.S;
-  const auto opts = q.options().dtype(at::kBFloat16);
-  at::Tensor ops = at::empty({5, p.B, H, S, D}, opts);  // qT, dT, qI, dI, kI
-  uint16_t* base = reinterpret_cast<uint16_t*>(ops.data_ptr());
-  const int64_t plane = p.B * H * S * D;
-  uint16_t *qT = base, *dT = base + plane, *qI = base + 2 * plane, *dI = base + 3 * plane, *kI = base + 4 * plane;
-  const Bshd<at::BFloat16> Q(q), K(k), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
-  at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H), off = task * bs * D;
-      transpose32<false>(Q.row(b, j * bs, h), Q.ss / 2, bs, D / 2, 1.f, qT + off, bs);
-      transpose32<false>(dO.row(b, j * bs, h), dO.ss / 2, bs, D / 2, 1.f, dT + off, bs);
-      for (int64_t t = 0; t < bs / 2; ++t) {
-        const int64_t s = j * bs + 2 * t;
-        const auto row = [&](const Bshd<at::BFloat16>& x, int64_t r) {
-          return reinterpret_cast<const uint16_t*>(x.row(b, r, h));
-        };
-        interleave_rows(row(Q, s), row(Q, s + 1), D, qI + off + 2 * t * D);
-        interleave_rows(row(dO, s), row(dO, s + 1), D, dI + off + 2 * t * D);
-        interleave_rows(row(K, s), row(K, s + 1), D, kI + off + 2 * t * D);
-      }
-    }
-  });
-  std::vector<float> lse2(p.B * H * S), lse2lo(p.B * H * S), delta(p.B * H * S);
+  const int64_t D = p.D, nb = p.nb, S = p.S;
+  const Bf16Operands x(p, q, k, v, dout, false);
+  const Bshd<at::BFloat16> dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
+  std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
   row_stats(p, O, dO, lse.data_ptr<float>(), lse2, lse2lo, delta);
   const Transposed tr = transpose_mask(p);
   for_heads_by_cost(
       p, tr,
-      [&] { return KeyBlockGradsBf16(p, tr, k, v, qT, dT, qI, dI, kI, lse2, lse2lo, delta, dK, dV); },
+      [&] { return KeyBlockGradsBf16(p, tr, k, v, x.qT, x.dT, x.qI, x.dI, x.kI, lse2, lse2lo, delta, dK, dV); },
       [&](KeyBlockGradsBf16& kbg, int64_t b, int64_t h, float* dqa) {
         for (int64_t j = 0; j < nb; ++j) kbg.run(b, h, j, dqa);
         store_rows(dQ, b, h, 0, S, D, p.scale, dqa);
       });
+}
+
+// The two-pass scheme on bf16 dot products: a dQ pass over query blocks (S = Q K^T and dP = dO V^T
+// again, then dQ += dS K), then KeyBlockGradsBf16 per key block without its dQ part.
+void backward_two_pass_bf16(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv) {
+  const int64_t bs = p.bs, D = p.D, nb = p.nb, S = p.S, chunk = chunk_blocks(bs);
+  const float qmul = p.scale * kLog2e;
+  const Bf16Operands x(p, q, k, v, dout, true);
+  const Bshd<at::BFloat16> Q(q), dO(dout), O(out), dQ(dq), dK(dk), dV(dv);
+  const float* L = lse.data_ptr<float>();
+  std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
+  const auto blk = [&](int64_t b, int64_t h, int64_t j) { return ((b * p.H + h) * nb + j) * bs * D; };
+
+  const auto row_cost = [&](int64_t task) {
+    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb)]);
+  };
+  parallel_balanced(p.B * p.H * nb, row_cost, [&](int64_t begin, int64_t end) {
+    std::vector<float> os(bs * D), dos(bs * D), acc(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs);
+    std::vector<uint16_t> dsb(bs * chunk * bs);
+    std::vector<int32_t> blocks;
+    std::vector<int8_t> modes;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task % nb, h = (task / nb) % p.H, b = task / (nb * p.H);
+      const int64_t s0 = i * bs, rbase = (b * p.H + h) * S + s0;
+      const auto* qs = reinterpret_cast<const uint16_t*>(Q.row(b, s0, h));
+      const auto* ds = reinterpret_cast<const uint16_t*>(dO.row(b, s0, h));
+      load_rows(dO, b, h, s0, bs, D, 1.f, dos.data());
+      block_stats(p, O, dos.data(), D, L, b, h, i, os.data(), lse2, lse2lo, delta);
+      const int64_t n = active_blocks(p, b, h, i, blocks, modes);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
+        const uint16_t* kb[kMaxChunk];
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t j = blocks[c0 + c];
+          gemm_tiles<Bf16Dot>(bs, bs, D / 2, qmul, qs, Q.ss, x.kT + blk(b, h, j), bs, false, st.data() + c * bs,
+                              cols);
+          gemm_tiles<Bf16Dot>(bs, bs, D / 2, 1.f, ds, dO.ss, x.vT + blk(b, h, j), bs, false, dp.data() + c * bs,
+                              cols);
+          if (modes[c0 + c] == kPartial)
+            mask_tile(st.data() + c * bs, cols, bs, bs, p.qcode.data() + s0, p.kcode_of(b) + j * bs);
+          kb[c] = x.kI + blk(b, h, j);
+        }
+        for (int64_t r = 0; r < bs; ++r) {
+          row_ds(st.data() + r * cols, dp.data() + r * cols, cols, lse2[rbase + r], lse2lo[rbase + r],
+                 delta[rbase + r]);
+          to_bf16(st.data() + r * cols, cols, dsb.data() + r * cols);
+        }
+        gemm_blocks<Bf16Dot>(bs, D, nc, bs / 2, 1.f, dsb.data(), cols, kb, D, true, acc.data(), D);
+      }
+      store_rows(dQ, b, h, s0, bs, D, p.scale, acc.data());
+    }
+  });
+
+  const Transposed tr = transpose_mask(p);
+  const auto col_cost = [&](int64_t task) {
+    const int64_t row = p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb);
+    return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
+  };
+  parallel_balanced(p.B * p.H * nb, col_cost, [&](int64_t begin, int64_t end) {
+    KeyBlockGradsBf16 kbg(p, tr, k, v, x.qT, x.dT, x.qI, x.dI, x.kI, lse2, lse2lo, delta, dK, dV);
+    for (int64_t task = begin; task < end; ++task) kbg.run(task / (nb * p.H), (task / nb) % p.H, task % nb, nullptr);
+  });
 }
 #endif
 
@@ -1264,8 +1352,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
   at::Tensor dv = at::empty(q.sizes(), q.options());
 #if KK_BF16_DOT
   if (q.scalar_type() == at::kBFloat16 && bf16_dot_layout_ok(q, k, v) && bf16_dot_layout_ok(dout, dout, dout) &&
-      use_fused_backward(p) && bf16_dot_enabled()) {
-    backward_fused_bf16(p, dout, q, k, v, out, lse, dq, dk, dv);
+      bf16_dot_enabled()) {
+    if (use_fused_backward(p))
+      backward_fused_bf16(p, dout, q, k, v, out, lse, dq, dk, dv);
+    else
+      backward_two_pass_bf16(p, dout, q, k, v, out, lse, dq, dk, dv);
     return {dq, dk, dv};
   }
 #endif
