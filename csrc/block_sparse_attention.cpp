@@ -1107,7 +1107,8 @@ void backward_fused(const Problem& p, const at::Tensor& dout, const at::Tensor& 
 // The single pass on bf16 dot products (bf16 inputs, AVX512-BF16): the five products of
 // KeyBlockGrads with bf16 operands and fp32 accumulation; softmax, dS and every accumulator in fp32.
 // P and dS are rounded to bf16 for the three accumulating products, as FlashAttention's bf16 backward
-// does. Scores are bitwise the bf16 forward's (same pair dot products in the same order, then scaled).
+// does. Scores are computed as the bf16 forward computes them (the same pair dot products in the same
+// order, then scaled; vdpbf16ps is symmetric in its sources), so they should match it bitwise.
 // Operands, each bf16 (B, H, ...) per call:
 //   qT, dT  Q and dO pair tiles (D/2 x bs words per block): B of S^T = K Q^T and dP^T = V dO^T;
 //   qI, dI, kI  Q, dO, K as pair rows (word (t, n) = (X[2t][n], X[2t+1][n])): B of dK += dS^T Q,
