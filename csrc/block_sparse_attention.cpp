@@ -594,6 +594,16 @@ void parallel_balanced(int64_t n, const Cost& cost, const Body& body) {
   });
 }
 
+// parallel_balanced over the (b, h, query block) tasks, each costing its active key blocks.
+template <typename Body>
+void over_query_blocks(const Problem& p, const Body& body) {
+  const int64_t nb = p.nb, H = p.H;
+  const auto cost = [&](int64_t task) {
+    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * H), (task / nb) % H, task % nb)]);
+  };
+  parallel_balanced(p.B * H * nb, cost, body);
+}
+
 // One (B, S, H, D) input in the two fp32 layouts gemm() wants, so the inner loops never gather or
 // convert. `row(b, h, s)`: a block is a row-major (bs x D) matrix with leading dimension `ld`; for
 // fp32 inputs this is the input itself (no copy), otherwise an fp32 copy (B, H, S, D). `tile(b, h,
@@ -666,10 +676,7 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
   const Bshd<T> O(out);
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
-  const auto row_cost = [&](int64_t task) {
-    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb)]);
-  };
-  parallel_balanced(p.B * p.H * nb, row_cost, [&](int64_t begin, int64_t end) {
+  over_query_blocks(p, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs);
     std::vector<int32_t> blocks;
     std::vector<int8_t> modes;
@@ -857,6 +864,21 @@ Transposed transpose_mask(const Problem& p) {
   return t;
 }
 
+// The two-pass scheme's dK/dV pass: the (b, h, key block) tasks shared out by their number of query
+// blocks; each thread makes one worker (make()) and calls run(worker, b, h, j) per task.
+template <class Make, class Run>
+void over_key_blocks(const Problem& p, const Transposed& tr, const Make& make, const Run& run) {
+  const int64_t nb = p.nb, H = p.H;
+  const auto cost = [&](int64_t task) {
+    const int64_t row = p.mask_row(task / (nb * H), (task / nb) % H, task % nb);
+    return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
+  };
+  parallel_balanced(p.B * H * nb, cost, [&](int64_t begin, int64_t end) {
+    auto worker = make();
+    for (int64_t task = begin; task < end; ++task) run(worker, task / (nb * H), (task / nb) % H, task % nb);
+  });
+}
+
 // Per query row of block i of (b, h): lse in the log2 domain as hi + lo (hi = +inf for a row that sees
 // nothing, so every P is 0) and Delta = rowsum(dO * O). dos: the block's dO rows in fp32 (row stride
 // ldd); os: bs x D scratch.
@@ -1002,10 +1024,7 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
 
   // ---- pass 1: dQ, one task per (b, h, query block)
-  const auto row_cost = [&](int64_t task) {
-    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb)]);
-  };
-  parallel_balanced(p.B * p.H * nb, row_cost, [&](int64_t begin, int64_t end) {
+  over_query_blocks(p, [&](int64_t begin, int64_t end) {
     std::vector<float> os(bs * D), acc(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs);
     std::vector<int32_t> blocks;
     std::vector<int8_t> modes;
@@ -1041,15 +1060,9 @@ void backward_impl(const Problem& p, const at::Tensor& dout, const at::Tensor& q
 
   // ---- pass 2: dK and dV, one task per (b, h, key block), walking its query blocks
   const Transposed tr = transpose_mask(p);
-  const auto col_cost = [&](int64_t task) {
-    const int64_t row = p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb);
-    return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
-  };
-  parallel_balanced(p.B * p.H * nb, col_cost, [&](int64_t begin, int64_t end) {
-    KeyBlockGrads<T> kbg(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV);
-    for (int64_t task = begin; task < end; ++task)
-      kbg.run(task / (nb * p.H), (task / nb) % p.H, task % nb, nullptr);
-  });
+  over_key_blocks(
+      p, tr, [&] { return KeyBlockGrads<T>(p, tr, Qp, Dp, Kp, Vp, lse2, lse2lo, delta, dK, dV); },
+      [](KeyBlockGrads<T>& kbg, int64_t b, int64_t h, int64_t j) { kbg.run(b, h, j, nullptr); });
 }
 
 // The single-pass schedule: whole heads by decreasing cost, taken from a shared counter (NABLA heads
@@ -1271,10 +1284,7 @@ void backward_two_pass_bf16(const Problem& p, const at::Tensor& dout, const at::
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
   const auto blk = [&](int64_t b, int64_t h, int64_t j) { return ((b * p.H + h) * nb + j) * bs * D; };
 
-  const auto row_cost = [&](int64_t task) {
-    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb)]);
-  };
-  parallel_balanced(p.B * p.H * nb, row_cost, [&](int64_t begin, int64_t end) {
+  over_query_blocks(p, [&](int64_t begin, int64_t end) {
     std::vector<float> os(bs * D), dos(bs * D), acc(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs);
     std::vector<uint16_t> dsb(bs * chunk * bs);
     std::vector<int32_t> blocks;
@@ -1313,14 +1323,9 @@ void backward_two_pass_bf16(const Problem& p, const at::Tensor& dout, const at::
   });
 
   const Transposed tr = transpose_mask(p);
-  const auto col_cost = [&](int64_t task) {
-    const int64_t row = p.mask_row(task / (nb * p.H), (task / nb) % p.H, task % nb);
-    return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
-  };
-  parallel_balanced(p.B * p.H * nb, col_cost, [&](int64_t begin, int64_t end) {
-    KeyBlockGradsBf16 kbg(p, tr, k, v, x.qT, x.dT, x.qI, x.dI, x.kI, lse2, lse2lo, delta, dK, dV);
-    for (int64_t task = begin; task < end; ++task) kbg.run(task / (nb * p.H), (task / nb) % p.H, task % nb, nullptr);
-  });
+  over_key_blocks(
+      p, tr, [&] { return KeyBlockGradsBf16(p, tr, k, v, x.qT, x.dT, x.qI, x.dI, x.kI, lse2, lse2lo, delta, dK, dV); },
+      [](KeyBlockGradsBf16& kbg, int64_t b, int64_t h, int64_t j) { kbg.run(b, h, j, nullptr); });
 }
 #endif
 
