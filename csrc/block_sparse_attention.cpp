@@ -1377,6 +1377,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
 
 }  // namespace
 
+namespace kk {
+bool bsa_bf16_dot_compiled() {
+#ifdef KK_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace kk
+
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def(
       "bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "

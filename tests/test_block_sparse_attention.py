@@ -9,6 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
+from kandinsky_kernels import _ext
 from kandinsky_kernels.backends import available_backends, use_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops import block_sparse_attention as bsa_mod
@@ -18,8 +19,6 @@ from conftest import assert_close_to_reference
 
 
 def _implemented():
-    from kandinsky_kernels import _ext
-
     return {
         "cpu": _ext.cpp_op("bsa_fwd") is not None,
         "triton": bsa_mod.HAS_TRITON,
@@ -152,6 +151,24 @@ def test_bf16_strided_inputs(backend, layout):
 
     q, k, v = make(), make(), make()
     check(backend, q, k, v, random_mask(1, h, 3, 0.5))
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="C++ kernels not built")
+@pytest.mark.parametrize("backend", list(_CPU_BWD))
+@pytest.mark.parametrize("d", [64, 80])
+def test_bf16_conversion_path(backend, d, monkeypatch):
+    """KANDINSKY_BSA_CPU_BF16_DOT=0 sends pair-readable bf16 through the fp32 conversion path, the
+    path builds without AVX512-BF16 always take: it must meet the same tolerance."""
+    q, k, v = qkv(1, 256, 2, d, torch.bfloat16)
+    mask = random_mask(1, 2, 4, 0.5)
+    monkeypatch.setenv("KANDINSKY_BSA_CPU_BF16_DOT", "0")
+    converted = check(backend, q, k, v, mask)
+    monkeypatch.delenv("KANDINSKY_BSA_CPU_BF16_DOT")
+    with _backend_scope(backend):
+        default = block_sparse_attention(q, k, v, mask)
+    # with the products compiled in, the two paths round differently: equal outputs would mean the
+    # switch never reached the kernels
+    assert torch.equal(default, converted) != bool(_ext.EXT.cpu_bf16_dot())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
