@@ -5,11 +5,13 @@ Run by ``scripts/gpu_check.sh`` on an H200; standalone:
     python3 benchmarks/gpu_timing.py --out-dir /tmp/out --budget-s 200
 
 For each model shape (Kandinsky Lite: H=28, D=64; Pro: H=32, D=128; bf16, B=1) and each block density it
-times forward and forward+backward of: our kernels (launchers called directly, transposed mask
-precomputed), ``torch.compile(flex_attention)`` with the identical mask as a Flex ``BlockMask`` (full
-blocks, 64x64 tiles), and dense ``F.scaled_dot_product_attention`` on the flash backend (once per
-shape). Times are medians from ``triton.testing.do_bench`` in ms. Every result is appended to the JSON
-as soon as it exists, so a run stopped by its time budget still leaves what it measured.
+times forward and forward+backward of: our kernels (launchers called directly; the backward includes the
+mask transpose, as the public op does), ``torch.compile(flex_attention)`` with the identical mask as a
+Flex ``BlockMask`` (full blocks, 64x64 tiles; built outside the timing), and dense
+``F.scaled_dot_product_attention`` on the flash backend (once per shape). Our forward+backward is timed
+with both Triton backward schemes: ``ours`` (two_pass, the default) and ``ours-atomic``. Times are
+medians from ``triton.testing.do_bench`` in ms. Every result is appended to the JSON as soon as it
+exists, so a run stopped by its time budget still leaves what it measured.
 """
 from __future__ import annotations
 
@@ -166,7 +168,6 @@ def bench_model(run: Run, model: str, s: int):
         if run.left() < 10:
             break
         mask = _random_mask(h, n, density, seed=int(density * 1000))
-        tmask = mask.transpose()
         bm = mask.to_flex_block_mask()
         real = mask.density()
         row = {**base, "density": density, "real_density": round(real, 4), "flops": dense_flops * real}
@@ -174,10 +175,12 @@ def bench_model(run: Run, model: str, s: int):
         def ours_fwd():
             return bsa_forward_triton(qs, ks, vs, mask.kv_num_blocks, mask.kv_indices, BS, scale, None, None)
 
-        def ours_fwdbwd():
+        def ours_fwdbwd(scheme="two_pass"):
             out, lse = ours_fwd()
+            tmask = mask.transpose()
             return bsa_backward_triton(dos, qs, ks, vs, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       tmask.kv_num_blocks, tmask.kv_indices, BS, scale, None, None)
+                                       tmask.kv_num_blocks, tmask.kv_indices, BS, scale, None, None,
+                                       scheme=scheme)
 
         def flex_fwd():
             return _flex_call(("fwd", d), lambda o: flex(q, k, v, block_mask=bm, scale=scale, kernel_options=o))
@@ -203,19 +206,23 @@ def bench_model(run: Run, model: str, s: int):
         for name, fn_ours, fn_flex in (("fwd", ours_fwd, flex_fwd), ("fwd+bwd", ours_fwdbwd, flex_fwdbwd)):
             run.time({**row, "pass": name, "provider": "ours"}, fn_ours)
             run.time({**row, "pass": name, "provider": "flex"}, fn_flex)
-        del mask, tmask, bm
+        # the atomic-dQ backward (first call: its own autotuning)
+        run.time({**row, "pass": "fwd+bwd", "provider": "ours-atomic"}, lambda: ours_fwdbwd("atomic"))
+        del mask, bm
         torch.cuda.empty_cache()
 
 
 def table(rows: list[dict]) -> str:
-    """ms per provider, speedup vs SDPA and vs Flex, and the fraction of the ideal 1/density speedup."""
+    """ms per provider, speedup vs SDPA and vs Flex, the fraction of the ideal 1/density speedup, and for
+    forward+backward rows the backward alone over the forward (bwd/fwd; atomic: the atomic-dQ scheme)."""
     ms = {(r["model"], r["density"], r["pass"], r["provider"]): r.get("ms") for r in rows}
     lines = [f"{'model':<5} {'dens':>5} {'pass':<8} {'ours ms':>9} {'flex ms':>9} {'sdpa ms':>9} "
-             f"{'x sdpa':>7} {'x flex':>7} {'flex x sdpa':>11} {'ideal':>6} {'frac':>5} {'TFLOP/s':>8}"]
+             f"{'x sdpa':>7} {'x flex':>7} {'flex x sdpa':>11} {'ideal':>6} {'frac':>5} {'TFLOP/s':>8} "
+             f"{'bwd/fwd':>7} {'atomic ms':>9} {'atomic bwd/fwd':>14}"]
     seen = []
     for r in rows:
         key = (r["model"], r["density"], r["pass"])
-        if r["provider"] == "sdpa" or key in seen:
+        if r["provider"] not in ("ours", "flex") or key in seen:
             continue
         seen.append(key)
         ours, fl = ms.get((*key, "ours")), ms.get((*key, "flex"))
@@ -231,9 +238,15 @@ def table(rows: list[dict]) -> str:
         frac = x_sdpa * dens if x_sdpa else None
         flops = r["flops"] * (3.5 if r["pass"] == "fwd+bwd" else 1.0)  # bwd = 2.5 x fwd matmul work
         tflops = flops / (ours * 1e-3) / 1e12 if ours else None
+        fwd = ms.get((r["model"], r["density"], "fwd", "ours"))
+        atomic = ms.get((*key, "ours-atomic")) if r["pass"] == "fwd+bwd" else None
+
+        def bwd_over_fwd(total):
+            return (total - fwd) / fwd if r["pass"] == "fwd+bwd" and total and fwd else None
         lines.append(f"{r['model']:<5} {r['density']:>5} {r['pass']:<8} {f(ours, 9)} {f(fl, 9)} {f(sdpa, 9)} "
                      f"{f(x_sdpa, 7, 2)} {f(x_flex, 7, 2)} {f(flex_sdpa, 11, 2)} {f(1 / dens, 6, 1)} "
-                     f"{f(frac, 5, 2)} {f(tflops, 8, 1)}")
+                     f"{f(frac, 5, 2)} {f(tflops, 8, 1)} {f(bwd_over_fwd(ours), 7, 2)} {f(atomic, 9)} "
+                     f"{f(bwd_over_fwd(atomic), 14, 2)}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 #   1. build the extension in place (CPU kernels, in the background beside step 2; CUDA ones, first, only
 #      when csrc/cuda has sources)
 #   2. pytest -m gpu: tests/test_bsa_triton_gpu.py first, then gpu-marked and Triton-backend tests of every op
-#   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex
+#   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex,
+#      forward and forward+backward, the latter with both Triton backward schemes (two_pass, atomic)
 #   4. benchmarks/test_bench_attention_gpu.py (the `make bench` GPU suite) in smoke mode
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
 # Everything is written directly under $OUT, 9 files: env.txt summary.txt build.log pytest_bsa.log

@@ -36,8 +36,13 @@ def _inputs(b, s, h, d, dtype, device, input_scale=1.0):
     return [(torch.randn(b, s, h, d) * input_scale).to(dtype).to(device) for _ in range(3)]
 
 
-def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grads=True, lse=True):
-    """Run forward (+ backward) of the kernels and compare everything with the policy."""
+# The two backward schemes (see triton_backward_scheme); tests of the backward run both.
+SCHEMES = pytest.mark.parametrize("scheme", ["two_pass", "atomic"])
+
+
+def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grads=True, lse=True,
+           scheme=None):
+    """Run forward (+ backward, with ``scheme``) of the kernels and compare everything with the policy."""
     bsa = _bsa()
     b, s, h, d = q.shape
     sc = 1.0 / math.sqrt(d) if scale is None else scale
@@ -68,7 +73,8 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
     torch_out.backward(do)
     t = mask.transpose().to(dev)
     grads_k = bsa.bsa_backward_triton(do.to(dev), q, k, v, out, lse_k, m_dev.kv_num_blocks, m_dev.kv_indices,
-                                      t.kv_num_blocks, t.kv_indices, mask.block_size, scale, tv_dev, cu_dev)
+                                      t.kv_num_blocks, t.kv_indices, mask.block_size, scale, tv_dev, cu_dev,
+                                      scheme=scheme)
     for name, g, r, tt in zip(("dq", "dk", "dv"), grads_k, ref_in, torch_in):
         assert_close_to_reference(g.cpu(), r.grad, tt.grad, grad=True, name=name)
     return out, lse_k, grads_k
@@ -76,7 +82,8 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
 
 # --------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("density", ["one", 0.3, "dense"])
-def test_densities_per_head_masks(triton_device, density):
+@SCHEMES
+def test_densities_per_head_masks(triton_device, scheme, density):
     b, h, s, d = 1, 2, 256, 64
     n = s // BS
     if density == "one":  # a single (not diagonal) key block per query block
@@ -87,15 +94,16 @@ def test_densities_per_head_masks(triton_device, density):
     else:
         blocks = _random_blocks(b, h, n, density)
     mask = BlockSparseMask.from_dense_blocks(blocks, BS)
-    _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask)
+    _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask, scheme=scheme)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("input_scale", [1.0, 4.0, 16.0])
-def test_dtypes_and_input_scales(triton_device, dtype, input_scale):
+@SCHEMES
+def test_dtypes_and_input_scales(triton_device, scheme, dtype, input_scale):
     b, h, s, d = 1, 2, 128, 64
     mask = BlockSparseMask.from_dense_blocks(_random_blocks(b, h, s // BS, 0.5), BS)
-    _check(*_inputs(b, s, h, d, dtype, triton_device, input_scale), mask)
+    _check(*_inputs(b, s, h, d, dtype, triton_device, input_scale), mask, scheme=scheme)
 
 
 def test_bf16_runs_through_upcast(triton_device):
@@ -112,7 +120,8 @@ def test_mask_broadcast_over_batch_and_heads(triton_device):
     _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask, scale=0.3)
 
 
-def test_token_valid_padding_and_empty_rows(triton_device):
+@SCHEMES
+def test_token_valid_padding_and_empty_rows(triton_device, scheme):
     b, h, s, d = 2, 2, 256, 16
     n = s // BS
     blocks = _random_blocks(b, h, n, 0.4)
@@ -124,7 +133,7 @@ def test_token_valid_padding_and_empty_rows(triton_device):
     token_valid[1, 3 * BS:] = False
     mask = BlockSparseMask.from_dense_blocks(blocks, BS, token_valid=token_valid)
     q, k, v = _inputs(b, s, h, d, torch.float32, triton_device)
-    out, lse, grads = _check(q, k, v, mask, token_valid=token_valid)
+    out, lse, grads = _check(q, k, v, mask, token_valid=token_valid, scheme=scheme)
     for t in (out, *grads):
         assert not torch.isnan(t).any()
     assert torch.equal(out[0, 2 * BS:3 * BS, 1].cpu(), torch.zeros(BS, d))
@@ -136,7 +145,8 @@ def test_token_valid_padding_and_empty_rows(triton_device):
 
 
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_varlen_unequal_segments(triton_device, with_padding):
+@SCHEMES
+def test_varlen_unequal_segments(triton_device, scheme, with_padding):
     b, h, s, d = 1, 2, 256, 16
     cu = [0, 50, 130, 230]  # three segments crossing block boundaries; tokens 230.. are padding
     blocks = _random_blocks(b, h, s // BS, 0.7)
@@ -146,31 +156,35 @@ def test_varlen_unequal_segments(triton_device, with_padding):
         token_valid[120:130] = False
     mask = BlockSparseMask.from_dense_blocks(blocks, BS, token_valid=token_valid)
     out, lse, _ = _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask, token_valid=token_valid,
-                         cu_seqlens=cu)
+                         cu_seqlens=cu, scheme=scheme)
     assert torch.equal(out[0, 230:].cpu(), torch.zeros(s - 230, h, d))
     assert torch.isneginf(lse[0, :, 230:]).all()
 
 
-def test_longer_sequence_fp16_padding_per_batch_masks(triton_device):
+@SCHEMES
+def test_longer_sequence_fp16_padding_per_batch_masks(triton_device, scheme):
     b, h, s, d = 2, 2, 512, 64
     token_valid = torch.ones(b, s, dtype=torch.bool)
     token_valid[1, 450:] = False
     mask = BlockSparseMask.from_dense_blocks(_random_blocks(b, h, s // BS, 0.2), BS, token_valid=token_valid)
-    _check(*_inputs(b, s, h, d, torch.float16, triton_device, input_scale=4.0), mask, token_valid=token_valid)
+    _check(*_inputs(b, s, h, d, torch.float16, triton_device, input_scale=4.0), mask, token_valid=token_valid,
+           scheme=scheme)
 
 
-def test_head_dim_not_power_of_two_and_strided_inputs(triton_device):
+@SCHEMES
+def test_head_dim_not_power_of_two_and_strided_inputs(triton_device, scheme):
     b, h, s, d = 1, 2, 128, 48
     qkv = torch.randn(b, s, 3, h, d).to(triton_device)
     q, k, v = qkv.unbind(2)  # non-contiguous (B, S, H, D) views
     mask = BlockSparseMask.from_dense_blocks(_random_blocks(b, h, s // BS, 0.5), BS)
-    _check(q, k, v, mask)
+    _check(q, k, v, mask, scheme=scheme)
 
 
-def test_block_size_128_subtiles(triton_device):
+@SCHEMES
+def test_block_size_128_subtiles(triton_device, scheme):
     b, h, s, d = 1, 1, 256, 16
     mask = BlockSparseMask.from_dense_blocks(torch.tensor([[True, False], [True, True]]), 128)
-    _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask)
+    _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask, scheme=scheme)
 
 
 def test_rejects_bad_arguments(triton_device):
@@ -187,6 +201,35 @@ def test_rejects_bad_arguments(triton_device):
         bsa.bsa_forward_triton(q5, q5, q5, mask.kv_num_blocks, mask.kv_indices, BS, None, None, None)
 
 
+def test_backward_scheme_selection(triton_device, monkeypatch):
+    """KANDINSKY_BSA_TRITON_BWD picks the scheme of the public op's backward; a bad value raises."""
+    from kandinsky_kernels.backends import use_backend
+
+    bsa = _bsa()
+    assert bsa.triton_backward_scheme() == "two_pass"
+    monkeypatch.setenv("KANDINSKY_BSA_TRITON_BWD", "atomic")
+    assert bsa.triton_backward_scheme() == "atomic"
+    assert bsa.triton_backward_scheme("two_pass") == "two_pass"
+    b, h, s, d = 1, 2, 128, 16
+    mask = BlockSparseMask.from_dense_blocks(_random_blocks(b, h, s // BS, 0.5), BS).to(triton_device)
+    q, k, v = (t.requires_grad_() for t in _inputs(b, s, h, d, torch.float32, triton_device))
+    calls = []
+    real = bsa.bsa_backward_triton
+
+    def spy(*args, **kwargs):
+        calls.append(bsa.triton_backward_scheme(kwargs.get("scheme")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bsa, "bsa_backward_triton", spy)
+    with use_backend("triton"):
+        bsa.block_sparse_attention(q, k, v, mask).sum().backward()
+    assert calls == ["atomic"]
+    monkeypatch.setenv("KANDINSKY_BSA_TRITON_BWD", "fused")
+    with pytest.raises(ValueError, match="KANDINSKY_BSA_TRITON_BWD"):
+        with use_backend("triton"):
+            bsa.block_sparse_attention(q, k, v, mask).sum().backward()
+
+
 _AOT_SCRIPT = r'''
 import json, re, sys
 import triton
@@ -201,7 +244,7 @@ def types(fn, dt, consts):
             sig[name] = "constexpr"
         elif name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
             sig[name] = "*" + dt
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "DQA"):
             sig[name] = "*fp32"
         elif name == "TokValid":
             sig[name] = "*u8"
@@ -211,13 +254,15 @@ def types(fn, dt, consts):
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     return sig
 
-def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64):
+def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64, atomic=False):
     consts = dict(D=d, BLOCK_D=d, EVEN_D=True, BLOCK_M=bm)
+    if "ATOMIC_DQ" in fn.arg_names:
+        consts["ATOMIC_DQ"] = atomic
     if fn is not m._bsa_bwd_preprocess_kernel:
         consts.update(BLOCK_SIZE=64, HAS_TOKEN_VALID=flags, IS_VARLEN=flags, UPCAST=False, DOT_PREC="tf32",
                       BLOCK_N=bn)
     # what a launch specialises: unit strides become the constant 1, other strides/pointers divisible by 16
-    last = [n for n in fn.arg_names if re.fullmatch(r"stride_(q|k|v|o|d|dq|dk|dv)d", n)]
+    last = [n for n in fn.arg_names if re.fullmatch(r"stride_(q|k|v|o|d|dq|dk|dv|a)d", n)]
     last += ["stride_ik" if "stride_iq" in fn.arg_names and fn.arg_names.index("stride_iq")
              < fn.arg_names.index("stride_ik") else "stride_iq"] if "stride_ik" in fn.arg_names else []
     consts.update({n: 1 for n in last})
@@ -228,23 +273,26 @@ def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64):
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ttgir = k.asm["ttgir"]
     asyncs = ttgir.count("async_copy_global_to_local") + ttgir.count("tma")
-    return {"shared": k.metadata.shared, "async": asyncs, "wgmma": ttgir.count("warp_group_dot ")}
+    return {"shared": k.metadata.shared, "async": asyncs, "wgmma": ttgir.count("warp_group_dot "),
+            "atomics": ttgir.count("atomic_rmw")}
 
-KERNELS = {"fwd": m._bsa_fwd_kernel, "dkdv": m._bsa_bwd_dkdv_kernel, "dq": m._bsa_bwd_dq_kernel}
+KERNELS = {"fwd": m._bsa_fwd_kernel, "dkdv": m._bsa_bwd_dkdv_kernel, "dq": m._bsa_bwd_dq_kernel,
+           "dkdv-atomic": m._bsa_bwd_dkdv_kernel}
 out = {}
 if sys.argv[1:] == ["configs"]:
     # every autotune config that survives pruning for 64-token masks, at the GPU benchmarks' head dims
-    tables = {"fwd": m._FWD_CONFIGS, "dkdv": m._DKDV_CONFIGS, "dq": m._DQ_CONFIGS}
+    tables = {"fwd": m._FWD_CONFIGS, "dkdv": m._DKDV_CONFIGS, "dq": m._DQ_CONFIGS,
+              "dkdv-atomic": m._DKDV_CONFIGS}
     for d in (64, 128):
         for name, fn in KERNELS.items():
             for c in m._prune(tables[name], {}, BLOCK_SIZE=64, BLOCK_D=d):
                 bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
                 out[f"{name}/D{d}/{bm}x{bn}/w{c.num_warps}/s{c.num_stages}"] = build(
-                    fn, False, c.num_warps, c.num_stages, d=d, bm=bm, bn=bn)
+                    fn, False, c.num_warps, c.num_stages, d=d, bm=bm, bn=bn, atomic=name == "dkdv-atomic")
 else:
     for name, fn in KERNELS.items():
         for flags in (False, True):
-            out[f"{name}/masked={flags}"] = build(fn, flags)
+            out[f"{name}/masked={flags}"] = build(fn, flags, atomic=name == "dkdv-atomic")
     out["preprocess"] = build(m._bsa_bwd_preprocess_kernel, False, stages=1)
 print("RESULT" + json.dumps(out))
 '''
@@ -274,7 +322,7 @@ def test_autotune_configs_compile_for_hopper():
     (the Lite and Pro benchmarks), fits shared memory and keeps wgmma: a config that fails only costs
     autotune time, but one that fits nowhere would leave a kernel without configs."""
     res = _compile_for_hopper("configs")
-    assert {k.split("/")[0] for k in res} == {"fwd", "dkdv", "dq"}, sorted(res)
+    assert {k.split("/")[0] for k in res} == {"fwd", "dkdv", "dq", "dkdv-atomic"}, sorted(res)
     assert {k.split("/")[1] for k in res} == {"D64", "D128"}, sorted(res)
     for name, r in res.items():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
@@ -290,3 +338,7 @@ def test_kernels_compile_for_hopper():
         if name != "preprocess":
             assert r["wgmma"] > 0, f"{name}: no wgmma"
             assert r["async"] > 0, f"{name}: block walk not pipelined"
+        # only the atomic scheme's dK/dV kernel adds into dQ (and does its fifth product on wgmma too)
+        assert (r["atomics"] > 0) == name.startswith("dkdv-atomic"), f"{name}: {r['atomics']} atomics"
+        if name.startswith("dkdv-atomic"):
+            assert r["wgmma"] == res[name.replace("-atomic", "")]["wgmma"] + 1, (name, r)

@@ -4,7 +4,8 @@ Two oracles: a dense fp32 masked reference computed in query chunks (exact, memo
 torch at the kernel dtype as the error yardstick of the tolerance policy; and compiled FlexAttention on
 the identical ``BlockMask`` (the official Kandinsky kernel), whose error must be matched within the
 policy's factor. The main bf16 cases run through autotuning; the variant cases (padding, packed
-segments, fp16) use the fixed default tile so the run stays short.
+segments, fp16) and the atomic backward scheme use the fixed default tile so the run stays short (the
+atomic scheme's autotuning runs in benchmarks/gpu_timing.py).
 """
 from __future__ import annotations
 
@@ -133,8 +134,11 @@ def test_forward_realistic_bf16(s, h, d, density):
     assert_close_to_reference(out, ref, flex, name="out vs flex")
 
 
+@pytest.mark.parametrize("scheme", ["two_pass", "atomic"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_backward_bf16_vs_reference_and_flex(d):
+def test_backward_bf16_vs_reference_and_flex(d, scheme, monkeypatch):
+    if scheme == "atomic":
+        monkeypatch.setattr(_bsa(), "_AUTOTUNE", False)
     s, h = 4096, 4
     q, k, v = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     do = torch.randn_like(q)
@@ -143,7 +147,7 @@ def test_backward_bf16_vs_reference_and_flex(d):
     scale = 1.0 / math.sqrt(d)
     out, lse = _run(q, k, v, mask, scale)
     grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, None)
+                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, None, scheme=scheme)
     ref = _dense_autograd(q, k, v, mask, scale, torch.float32, do)
     plain = _dense_autograd(q, k, v, mask, scale, torch.bfloat16, do)
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref, plain):
@@ -154,8 +158,9 @@ def test_backward_bf16_vs_reference_and_flex(d):
         assert_close_to_reference(g, r, f.grad, grad=True, name=f"{name} vs flex")
 
 
+@pytest.mark.parametrize("scheme", ["two_pass", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_padding_and_broadcast_mask(no_autotune, dtype):
+def test_padding_and_broadcast_mask(no_autotune, dtype, scheme):
     b, s, h, d = 2, 4096, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype) for _ in range(3))
     token_valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
@@ -170,7 +175,8 @@ def test_padding_and_broadcast_mask(no_autotune, dtype):
     do = torch.randn_like(q)
     t = mask.transpose()
     grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, token_valid, None)
+                                       t.kv_num_blocks, t.kv_indices, BS, scale, token_valid, None,
+                                       scheme=scheme)
     ref_g = _dense_autograd(q, k, v, mask, scale, torch.float32, do, token_valid)
     plain_g = _dense_autograd(q, k, v, mask, scale, dtype, do, token_valid)
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref_g, plain_g):
@@ -178,7 +184,8 @@ def test_padding_and_broadcast_mask(no_autotune, dtype):
     assert torch.equal(grads[1][0, s - 100:], torch.zeros_like(grads[1][0, s - 100:]))
 
 
-def test_varlen_segments(no_autotune):
+@pytest.mark.parametrize("scheme", ["two_pass", "atomic"])
+def test_varlen_segments(no_autotune, scheme):
     s, h, d = 4096, 4, 64
     cu = [0, 1000, 2500, 4000]
     q, k, v = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -194,7 +201,7 @@ def test_varlen_segments(no_autotune):
     t = mask.transpose()
     cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
     grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, cu_t)
+                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, cu_t, scheme=scheme)
     assert all(torch.isfinite(g).all() for g in grads)
     assert torch.equal(grads[0][0, 4000:], torch.zeros_like(grads[0][0, 4000:]))
 

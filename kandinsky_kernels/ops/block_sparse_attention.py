@@ -19,8 +19,9 @@ Triton kernels. Triton kernels of fused block-sparse attention (FlashAttention-2
 Design trade-off: every program owns one query tile (forward, dQ) or one key tile (dK/dV) lying inside a
 single mask block and walks only that block's active partner blocks through the compact index lists
 (``kv_indices`` / the transposed ``q_indices``), so work is proportional to the number of active blocks
-and the backward needs no atomics. Tiles never straddle mask blocks (BLOCK_M, BLOCK_N divide
-``block_size``): a 128-row tile over 64-token blocks would have to merge two different key lists. Masking
+and the default backward needs no atomics (``KANDINSKY_BSA_TRITON_BWD=atomic`` trades them for two
+fewer tile products: see :func:`triton_backward_scheme`). Tiles never straddle mask blocks (BLOCK_M,
+BLOCK_N divide ``block_size``): a 128-row tile over 64-token blocks would have to merge two different key lists. Masking
 inside a block exists only for pad keys (``token_valid``) and packed-sequence boundaries
 (``cu_seqlens``); both are constexpr flags, so the dense-block path does no per-element work.
 
@@ -204,22 +205,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, Lse, Delta, QNum, QIdx, TokValid, QSeg, KSeg,
+        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QNum, QIdx, TokValid, QSeg, KSeg,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
         stride_db, stride_ds, stride_dh, stride_dd,
         stride_dkb, stride_dks, stride_dkh, stride_dkd,
         stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+        stride_ab, stride_as, stride_ah, stride_ad,
         stride_nb, stride_nh, stride_nk,
         stride_ib, stride_ih, stride_ik, stride_iq,
         stride_tb,
         H, S_Q, qk_scale, sm_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        # ATOMIC_DQ: also add each walked query tile's share of dQ (dS^T K, fp32) into DQA with atomics,
+        # 5 products per tile pair instead of the 4 here plus 3 in the dQ kernel; DQA (B, S, H, D) fp32
+        # must start at zero. Otherwise DQA is never touched.
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -244,6 +249,12 @@ if HAS_TRITON:
         delta_base = Delta + (b * H + h) * S_Q
         if IS_VARLEN:
             kseg = tl.load(KSeg + start_n + offs_n)
+        if ATOMIC_DQ:
+            dqa_base = (DQA + b * stride_ab + h * stride_ah
+                        + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad)
+            if HAS_TOKEN_VALID:
+                # dQ reads every key row of dS^T, so pad keys are masked in the loop, not only at the end
+                key_ok = tl.load(TokValid + b * stride_tb + start_n + offs_n) != 0
 
         num_q = tl.load(QNum + b * stride_nb + h * stride_nh + kb * stride_nk)
         idx_ptr = QIdx + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ik
@@ -268,6 +279,15 @@ if HAS_TRITON:
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+            if ATOMIC_DQ:
+                if HAS_TOKEN_VALID:
+                    dst = tl.where(key_ok[:, None], dst, 0.0)
+                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale
+                dqa_ptrs = dqa_base + start_m.to(tl.int64) * stride_as
+                if EVEN_D:
+                    tl.atomic_add(dqa_ptrs, dq, sem="relaxed")
+                else:
+                    tl.atomic_add(dqa_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
 
         dk = dk * sm_scale
         if HAS_TOKEN_VALID:
@@ -390,6 +410,9 @@ if HAS_TRITON:
     ])
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_fwd_kernel)
     _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dkdv_kernel)
+    # Its own tuner (own cache) for the atomic scheme; DQA is zeroed before every trial of a config.
+    _dkdv_atomic_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
+                                         reset_to_zero=["DQA"])(_bsa_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dq_kernel)
 
 
@@ -515,14 +538,35 @@ def bsa_forward_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, to
     return out, lse
 
 
+_BWD_SCHEMES = ("two_pass", "atomic")
+
+
+def triton_backward_scheme(scheme: Optional[str] = None) -> str:
+    """The Triton backward scheme: ``scheme`` if given, else ``KANDINSKY_BSA_TRITON_BWD``, else
+    ``"two_pass"``.
+
+    ``two_pass``: a dK/dV kernel walks each key tile's query tiles, a dQ kernel each query tile's key
+    tiles (7 tile products per active tile pair, deterministic, no atomics; FlexAttention's scheme).
+    ``atomic``: one kernel computes dK/dV and adds dQ into an fp32 buffer with atomics (5 products, as
+    FlashAttention-2; dQ summation order, hence its last bits, varies from run to run).
+    """
+    if scheme is None:
+        scheme = os.environ.get("KANDINSKY_BSA_TRITON_BWD", "two_pass")
+    if scheme not in _BWD_SCHEMES:
+        raise ValueError(f"Triton backward scheme {scheme!r} (KANDINSKY_BSA_TRITON_BWD) must be one of "
+                         f"{_BWD_SCHEMES}")
+    return scheme
+
+
 def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                        block_size, scale, token_valid, cu_seqlens):
+                        block_size, scale, token_valid, cu_seqlens, scheme=None):
     """Gradients (dq, dk, dv) of :func:`bsa_forward_triton`, each (B, S, H, D) in q.dtype.
 
     ``q_num_blocks`` int32 (Bm, Hm, Nk) / ``q_indices`` int32 (Bm, Hm, Nk, Nq): the transposed mask
     (``BlockSparseMask.transpose()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
-    forward. Rows with lse = -inf contribute nothing.
+    forward. Rows with lse = -inf contribute nothing. ``scheme``: see :func:`triton_backward_scheme`.
     """
+    scheme = triton_backward_scheme(scheme)
     (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
         q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens)
     if do.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, s_q):
@@ -545,12 +589,19 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,
     )
     common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
+    atomic = scheme == "atomic"
+    # (B, S, H, D) like dq, so the final cast is one contiguous copy
+    dqa = torch.zeros((b, s_q, h, d), dtype=torch.float32, device=q.device) if atomic else dk
     dkdv_args = (
-        q, k, v, do, dk, dv, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
+        q, k, v, do, dk, dv, dqa, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *(dqa.stride() if atomic else (0, 0, 0, 0)),
         *_mask_strides(q_num_blocks, q_indices, b, h), *common_tail,
     )
-    _launch(_dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args, meta, tile="BLOCK_N")
+    _launch(_dkdv_atomic_tuned if atomic else _dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args,
+            {**meta, "ATOMIC_DQ": atomic}, tile="BLOCK_N")
+    if atomic:
+        return dqa.to(q.dtype), dk, dv
     dq_args = (
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
