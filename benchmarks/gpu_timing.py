@@ -4,7 +4,8 @@ Run by ``scripts/gpu_check.sh`` on an H200; standalone:
 
     python3 benchmarks/gpu_timing.py --out-dir /tmp/out --budget-s 200
 
-For each model shape (Kandinsky Lite: H=28, D=64; Pro: H=32, D=128; bf16, B=1) and each block density it
+For each model shape (Kandinsky Lite: H=28, D=64; Pro: H=32, D=128; both S=93,696, the 10 s 512x768
+video; bf16, B=1) and each block density (10 % for every model first: the goals' density) it
 times forward and forward+backward of: our kernels (launchers called directly; the backward includes the
 mask transpose, as the public op does), ``torch.compile(flex_attention)`` with the identical mask as a
 Flex ``BlockMask`` (full blocks, 64x64 tiles; built outside the timing), and dense
@@ -135,7 +136,7 @@ class Run:
         return row
 
 
-def bench_model(run: Run, model: str, s: int):
+def bench_model(run: Run, model: str, s: int, densities, with_sdpa: bool = True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -160,11 +161,11 @@ def bench_model(run: Run, model: str, s: int):
             out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, scale=scale)
         return torch.autograd.grad(out, (qg, kg, vg), do)
 
-    for name, fn in (("fwd", sdpa_fwd), ("fwd+bwd", sdpa_fwdbwd)):
+    for name, fn in (("fwd", sdpa_fwd), ("fwd+bwd", sdpa_fwdbwd)) if with_sdpa else ():
         run.time({**base, "density": 1.0, "pass": name, "provider": "sdpa", "flops": dense_flops}, fn)
 
     flex = torch.compile(flex_attention, dynamic=False)
-    for density in run.args.densities:
+    for density in densities:
         if run.left() < 10:
             break
         mask = _random_mask(h, n, density, seed=int(density * 1000))
@@ -219,12 +220,13 @@ def table(rows: list[dict]) -> str:
     lines = [f"{'model':<5} {'dens':>5} {'pass':<8} {'ours ms':>9} {'flex ms':>9} {'sdpa ms':>9} "
              f"{'x sdpa':>7} {'x flex':>7} {'flex x sdpa':>11} {'ideal':>6} {'frac':>5} {'TFLOP/s':>8} "
              f"{'bwd/fwd':>7} {'atomic ms':>9} {'atomic bwd/fwd':>14}"]
-    seen = []
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    first = {}  # one row per (model, density, pass), listed by model, then density, then pass
     for r in rows:
-        key = (r["model"], r["density"], r["pass"])
-        if r["provider"] not in ("ours", "flex") or key in seen:
-            continue
-        seen.append(key)
+        if r["provider"] in ("ours", "flex"):
+            first.setdefault((r["model"], r["density"], r["pass"]), r)
+    for key in sorted(first, key=lambda k: (models.index(k[0]), k[1], k[2])):
+        r = first[key]
         ours, fl = ms.get((*key, "ours")), ms.get((*key, "flex"))
         sdpa = ms.get((r["model"], 1.0, r["pass"], "sdpa"))
         dens = r.get("real_density", r["density"])
@@ -256,28 +258,36 @@ def main():
     p.add_argument("--budget-s", type=float, default=200.0, help="stop starting new measurements after this")
     p.add_argument("--models", default="lite,pro")
     p.add_argument("--lite-seq", type=int, default=93_696, help="tokens (multiple of 64); Lite 5 s video")
-    p.add_argument("--pro-seq", type=int, default=65_536, help="tokens (multiple of 64)")
+    p.add_argument("--pro-seq", type=int, default=93_696, help="tokens (multiple of 64); Pro, same video")
     p.add_argument("--densities", type=lambda x: [float(v) for v in x.split(",")],
                    default=[0.05, 0.1, 0.25, 0.5])
+    p.add_argument("--first-density", type=float, default=0.1,
+                   help="measured for every model before the other densities (the goals' density)")
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("gpu_timing.py needs a CUDA device")
     run = Run(args)
     print(json.dumps(run.meta), flush=True)
-    for model in args.models.split(","):
-        s = args.lite_seq if model == "lite" else args.pro_seq
-        if run.left() < 20:
-            print(f"skipping {model}: time budget", flush=True)
-            continue
-        print(f"== {model}: S={s} H={MODELS[model][0]} D={MODELS[model][1]} bf16", flush=True)
-        try:
-            bench_model(run, model, s)
-        except Exception as exc:
-            print(f"{model} failed: {type(exc).__name__}: {exc}", flush=True)
-            run.rows.append({"model": model, "status": f"error: {type(exc).__name__}: {str(exc)[:300]}"})
-        torch.cuda.empty_cache()
-        write_table(run)  # after every model, so a run cut short still leaves a table
+    # Two rounds: the goals' density for every model first (with the dense baseline), so a run that its
+    # budget cuts short still has the goal rows of both models; then the other densities.
+    first = [d for d in args.densities if d == args.first_density]
+    rounds = [(first, True), ([d for d in args.densities if d not in first], not first)]
+    for densities, with_sdpa in rounds:
+        for model in args.models.split(",") if densities else ():
+            s = args.lite_seq if model == "lite" else args.pro_seq
+            if run.left() < 20:
+                print(f"skipping {model} {densities}: time budget", flush=True)
+                continue
+            print(f"== {model}: S={s} H={MODELS[model][0]} D={MODELS[model][1]} bf16 densities {densities}",
+                  flush=True)
+            try:
+                bench_model(run, model, s, densities, with_sdpa)
+            except Exception as exc:
+                print(f"{model} failed: {type(exc).__name__}: {exc}", flush=True)
+                run.rows.append({"model": model, "status": f"error: {type(exc).__name__}: {str(exc)[:300]}"})
+            torch.cuda.empty_cache()
+            write_table(run)  # after every model, so a run cut short still leaves a table
     run.save()
     print(write_table(run))
 

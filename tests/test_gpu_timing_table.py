@@ -30,9 +30,39 @@ def test_ratios_and_backward_over_forward():
     assert fwdbwd.split()[-3:] == ["3.00", "40.000", "2.20"]
 
 
+def test_rows_sorted_by_model_then_density():
+    """gpu_timing measures the goals' density of every model first; the table still reads in order."""
+    rows = _rows()
+    late = [dict(r, density=0.05, real_density=0.0625) for r in rows[2:]]
+    pro = [dict(r, model="pro") for r in rows]
+    keys = [tuple(line.split()[:3]) for line in table(rows + pro + late).splitlines()[1:]]
+    assert keys == [("lite", "0.05", "fwd"), ("lite", "0.05", "fwd+bwd"), ("lite", "0.1", "fwd"),
+                    ("lite", "0.1", "fwd+bwd"), ("pro", "0.1", "fwd"), ("pro", "0.1", "fwd+bwd")]
+
+
 def test_missing_measurements_print_dashes():
     rows = [r for r in _rows() if r["provider"] not in ("flex", "ours-atomic")]
     rows[-1].pop("ms")  # ours fwd+bwd skipped by the time budget
     fwd, fwdbwd = table(rows).splitlines()[1:]
     assert fwd.split()[3:9] == ["12.500", "-", "100.000", "8.00", "-", "-"]  # no flex
     assert fwdbwd.split()[3:] == ["-", "-", "350.000", "-", "-", "-", "8.0"] + ["-"] * 5
+
+
+def test_main_measures_the_goal_density_of_every_model_first(monkeypatch, tmp_path):
+    import benchmarks.gpu_timing as gt
+
+    calls = []
+    real_init = gt.Run.__init__
+
+    def init_without_cuda(self, args):  # Run.__init__ asks CUDA for the device name
+        monkeypatch.setattr(gt.torch.cuda, "get_device_name", lambda: "none")
+        real_init(self, args)
+
+    monkeypatch.setattr(gt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gt.Run, "__init__", init_without_cuda)
+    monkeypatch.setattr(gt, "bench_model", lambda run, *args: calls.append(args))
+    monkeypatch.setattr("sys.argv", ["gpu_timing.py", "--out-dir", str(tmp_path)])
+    gt.main()
+    assert calls == [("lite", 93_696, [0.1], True), ("pro", 93_696, [0.1], True),
+                     ("lite", 93_696, [0.05, 0.25, 0.5], False), ("pro", 93_696, [0.05, 0.25, 0.5], False)]
+    assert (tmp_path / "gpu_timing_table.txt").exists()
