@@ -88,6 +88,41 @@ def _sampled_error(out, q, k, v, mask, scale):
     return err
 
 
+@torch.no_grad()
+def _sampled_grad_error(grads, q, k, v, do, mask, scale, chunk=4096):
+    """{"dq", "dk", "dv"}: max |g - ref| / max |ref| over the query blocks (dq) and key blocks (dk, dv)
+    first, middle and last of the first and last head. ``grads`` (dq, dk, dv) and q, k, v, do are
+    (1, H, S, D). The reference is fp32 from the inputs alone: every row's lse and output over all its
+    keys (in query chunks), then the exact gradient formulas on the sampled blocks."""
+    n, s, d = mask.num_q_blocks, q.shape[2], q.shape[3]
+    blocks = mask.to_dense_blocks()[0]
+    errs = {"dq": 0.0, "dk": 0.0, "dv": 0.0}
+    for h in sorted({0, q.shape[1] - 1}):
+        qh, kh, vh, doh = (t[0, h].float() for t in (q, k, v, do))
+        lse = torch.empty(s, device=q.device)
+        out = torch.empty(s, d, device=q.device)
+        for c0 in range(0, s, chunk):
+            rows = slice(c0, c0 + chunk)
+            allowed = blocks[h, c0 // BS:(c0 + chunk) // BS].repeat_interleave(BS, 0).repeat_interleave(BS, 1)
+            logits = ((qh[rows] @ kh.T) * scale).masked_fill_(~allowed, float("-inf"))
+            lse[rows] = torch.logsumexp(logits, -1)
+            out[rows] = torch.softmax(logits, -1).nan_to_num_(0.0) @ vh
+        delta = (doh * out).sum(-1)
+        for i in sorted({0, n // 2, n - 1}):
+            r = slice(i * BS, (i + 1) * BS)
+            row_ok = blocks[h, i].repeat_interleave(BS)[None, :]
+            p = torch.exp((qh[r] @ kh.T) * scale - lse[r, None]).masked_fill_(~row_ok, 0.0)
+            ref_dq = (p * (doh[r] @ vh.T - delta[r, None])) @ kh * scale
+            col_ok = blocks[h, :, i].repeat_interleave(BS)[:, None]
+            pc = torch.exp((qh @ kh[r].T) * scale - lse[:, None]).masked_fill_(~col_ok, 0.0)
+            ref_dv = pc.T @ doh
+            ref_dk = (pc * (doh @ vh[r].T - delta[:, None])).T @ qh * scale
+            for name, g, ref in zip(("dq", "dk", "dv"), grads, (ref_dq, ref_dk, ref_dv)):
+                err = (g[0, h, r].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+                errs[name] = max(errs[name], err.item())
+    return errs
+
+
 class Run:
     def __init__(self, args):
         self.args = args
@@ -136,7 +171,8 @@ class Run:
         return row
 
 
-def bench_model(run: Run, model: str, s: int, densities, with_sdpa: bool = True):
+def bench_model(run: Run, model: str, s: int, densities, first_round: bool = True):
+    """Time ``model`` at ``densities``; the first round also times dense SDPA and checks gradients."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -161,10 +197,11 @@ def bench_model(run: Run, model: str, s: int, densities, with_sdpa: bool = True)
             out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, scale=scale)
         return torch.autograd.grad(out, (qg, kg, vg), do)
 
-    for name, fn in (("fwd", sdpa_fwd), ("fwd+bwd", sdpa_fwdbwd)) if with_sdpa else ():
+    for name, fn in (("fwd", sdpa_fwd), ("fwd+bwd", sdpa_fwdbwd)) if first_round else ():
         run.time({**base, "density": 1.0, "pass": name, "provider": "sdpa", "flops": dense_flops}, fn)
 
     flex = torch.compile(flex_attention, dynamic=False)
+    check_grads = first_round
     for density in densities:
         if run.left() < 10:
             break
@@ -204,6 +241,21 @@ def bench_model(run: Run, model: str, s: int, densities, with_sdpa: bool = True)
                       flush=True)
             except Exception as exc:
                 row[f"max_err_{provider}"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        # The same for the gradients, once per model (its first density): both of our backward schemes
+        # (the atomic one's first call autotunes here, into a zeroed dQ buffer) and Flex as the yardstick.
+        if check_grads:
+            check_grads = False
+            for provider, fn in (("ours", lambda: [g.transpose(1, 2) for g in ours_fwdbwd()]),
+                                 ("ours-atomic", lambda: [g.transpose(1, 2) for g in ours_fwdbwd("atomic")]),
+                                 ("flex", flex_fwdbwd)):
+                try:
+                    errs = _sampled_grad_error(fn(), q, k, v, do, mask, scale)
+                    row[f"grad_err_{provider}"] = errs
+                    text = ", ".join(f"{name} {e:.3e}" for name, e in errs.items())
+                    print(f"  {model} d={density}: {provider} max |grad - fp32 ref| / max |ref| (sampled "
+                          f"blocks): {text}", flush=True)
+                except Exception as exc:
+                    row[f"grad_err_{provider}"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
         for name, fn_ours, fn_flex in (("fwd", ours_fwd, flex_fwd), ("fwd+bwd", ours_fwdbwd, flex_fwdbwd)):
             run.time({**row, "pass": name, "provider": "ours"}, fn_ours)
             run.time({**row, "pass": name, "provider": "flex"}, fn_flex)
@@ -273,7 +325,7 @@ def main():
     # budget cuts short still has the goal rows of both models; then the other densities.
     first = [d for d in args.densities if d == args.first_density]
     rounds = [(first, True), ([d for d in args.densities if d not in first], not first)]
-    for densities, with_sdpa in rounds:
+    for densities, first_round in rounds:
         for model in args.models.split(",") if densities else ():
             s = args.lite_seq if model == "lite" else args.pro_seq
             if run.left() < 20:
@@ -282,7 +334,7 @@ def main():
             print(f"== {model}: S={s} H={MODELS[model][0]} D={MODELS[model][1]} bf16 densities {densities}",
                   flush=True)
             try:
-                bench_model(run, model, s, densities, with_sdpa)
+                bench_model(run, model, s, densities, first_round)
             except Exception as exc:
                 print(f"{model} failed: {type(exc).__name__}: {exc}", flush=True)
                 run.rows.append({"model": model, "status": f"error: {type(exc).__name__}: {str(exc)[:300]}"})

@@ -1,8 +1,14 @@
-"""The arithmetic of benchmarks/gpu_timing.py's table, which the GPU session's goals are read from
-(CPU only: synthetic rows, no timing)."""
+"""benchmarks/gpu_timing.py on the CPU: the arithmetic of its table (which the GPU session's goals are
+read from), the order of its measurements, and its sampled gradient check (synthetic rows and small
+shapes, no timing)."""
 from __future__ import annotations
 
-from benchmarks.gpu_timing import table
+import pytest
+import torch
+
+from benchmarks.gpu_timing import _sampled_grad_error, table
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.reference.attention import block_sparse_attention_reference
 
 
 def _rows():
@@ -66,3 +72,27 @@ def test_main_measures_the_goal_density_of_every_model_first(monkeypatch, tmp_pa
     assert calls == [("lite", 93_696, [0.1], True), ("pro", 93_696, [0.1], True),
                      ("lite", 93_696, [0.05, 0.25, 0.5], False), ("pro", 93_696, [0.05, 0.25, 0.5], False)]
     assert (tmp_path / "gpu_timing_table.txt").exists()
+
+
+@pytest.mark.parametrize("chunk", [4096, 128], ids=["one-chunk", "partial-last-chunk"])
+def test_sampled_grad_error_finds_wrong_blocks(chunk):
+    """Exact gradients score ~0; a 1 % error in one sampled block of dq, dk or dv shows as ~1e-2."""
+    s, h, d = 320, 3, 16
+    torch.manual_seed(0)
+    blocks = torch.rand(1, h, 5, 5) < 0.4
+    blocks |= torch.eye(5, dtype=torch.bool)
+    mask = BlockSparseMask.from_dense_blocks(blocks, 64)
+    q, k, v, do = (torch.randn(1, s, h, d, dtype=torch.float64) for _ in range(4))
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(block_sparse_attention_reference(*ins, mask, scale=0.3), ins, do)
+    bhsd = [t.transpose(1, 2).float() for t in (q, k, v, do)]
+    exact = [g.transpose(1, 2).float().contiguous() for g in grads]
+    errs = _sampled_grad_error(exact, *bhsd, mask, 0.3, chunk=chunk)
+    assert max(errs.values()) < 1e-5, errs
+    # middle query block of head 0, last key block of the last head, first key block of head 0
+    for i, (head, rows) in enumerate([(0, slice(128, 192)), (h - 1, slice(256, 320)), (0, slice(0, 64))]):
+        wrong = [g.clone() for g in exact]
+        wrong[i][0, head, rows] *= 1.01
+        errs = _sampled_grad_error(wrong, *bhsd, mask, 0.3, chunk=chunk)
+        name = ("dq", "dk", "dv")[i]
+        assert 2e-3 < errs[name] < 2e-2 and all(e < 1e-5 for n, e in errs.items() if n != name), (name, errs)
