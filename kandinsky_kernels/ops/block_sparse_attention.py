@@ -21,9 +21,9 @@ single mask block and walks only that block's active partner blocks through the 
 (``kv_indices`` / the transposed ``q_indices``), so work is proportional to the number of active blocks
 and the default backward needs no atomics (``KANDINSKY_BSA_TRITON_BWD=atomic`` trades them for two
 fewer tile products: see :func:`triton_backward_scheme`). Tiles never straddle mask blocks (BLOCK_M,
-BLOCK_N divide ``block_size``): a 128-row tile over 64-token blocks would have to merge two different key lists. Masking
-inside a block exists only for pad keys (``token_valid``) and packed-sequence boundaries
-(``cu_seqlens``); both are constexpr flags, so the dense-block path does no per-element work.
+BLOCK_N divide ``block_size``): a 128-row tile over 64-token blocks would have to merge two different
+key lists. Masking inside a block exists only for pad keys (``token_valid``) and packed-sequence
+boundaries (``cu_seqlens``); both are constexpr flags, so the dense-block path does no per-element work.
 
 Layout: q, k, v, out, do, dq, dk, dv are (B, S, H, D) with arbitrary strides; lse and delta are fp32
 (B, H, S). Mask tensors may broadcast over batch and heads (stride 0).
