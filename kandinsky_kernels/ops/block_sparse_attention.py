@@ -576,11 +576,14 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         raise ValueError(f"q_indices {tuple(q_indices.shape)} is not the transpose of kv_indices "
                          f"{tuple(kv_indices.shape)}")
     lse = lse.contiguous().float()
-    dq = torch.empty((b, s_q, h, d), dtype=q.dtype, device=q.device)
+    atomic = scheme == "atomic"
+    # atomic: dQ accumulates in fp32, (B, S, H, D) so that the final cast is one contiguous copy
+    dq = (torch.zeros if atomic else torch.empty)(
+        (b, s_q, h, d), dtype=torch.float32 if atomic else q.dtype, device=q.device)
     dk = torch.empty((b, s_k, h, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, s_k, h, d), dtype=v.dtype, device=q.device)
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
     sm_scale = _scale(scale, d)
     delta = torch.empty_like(lse)
     pre_m = 64
@@ -589,19 +592,16 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,
     )
     common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
-    atomic = scheme == "atomic"
-    # (B, S, H, D) like dq, so the final cast is one contiguous copy
-    dqa = torch.zeros((b, s_q, h, d), dtype=torch.float32, device=q.device) if atomic else dk
     dkdv_args = (
-        q, k, v, do, dk, dv, dqa, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
+        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *(dqa.stride() if atomic else (0, 0, 0, 0)),
+        *(dq.stride() if atomic else (0, 0, 0, 0)),
         *_mask_strides(q_num_blocks, q_indices, b, h), *common_tail,
     )
     _launch(_dkdv_atomic_tuned if atomic else _dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args,
             {**meta, "ATOMIC_DQ": atomic}, tile="BLOCK_N")
     if atomic:
-        return dqa.to(q.dtype), dk, dv
+        return dq.to(q.dtype), dk, dv
     dq_args = (
         q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
