@@ -94,19 +94,18 @@ def _sampled_grad_error(grads, q, k, v, do, mask, scale, chunk=4096):
     first, middle and last of the first and last head. ``grads`` (dq, dk, dv) and q, k, v, do are
     (1, H, S, D). The reference is fp32 from the inputs alone: every row's lse and output over all its
     keys (in query chunks), then the exact gradient formulas on the sampled blocks."""
-    n, s, d = mask.num_q_blocks, q.shape[2], q.shape[3]
+    from kandinsky_kernels.mask import BlockSparseMask
+    from kandinsky_kernels.reference.attention import block_sparse_attention_chunked
+
+    n = mask.num_q_blocks
     blocks = mask.to_dense_blocks()[0]
     errs = {"dq": 0.0, "dk": 0.0, "dv": 0.0}
     for h in sorted({0, q.shape[1] - 1}):
         qh, kh, vh, doh = (t[0, h].float() for t in (q, k, v, do))
-        lse = torch.empty(s, device=q.device)
-        out = torch.empty(s, d, device=q.device)
-        for c0 in range(0, s, chunk):
-            rows = slice(c0, c0 + chunk)
-            allowed = blocks[h, c0 // BS:(c0 + chunk) // BS].repeat_interleave(BS, 0).repeat_interleave(BS, 1)
-            logits = ((qh[rows] @ kh.T) * scale).masked_fill_(~allowed, float("-inf"))
-            lse[rows] = torch.logsumexp(logits, -1)
-            out[rows] = torch.softmax(logits, -1).nan_to_num_(0.0) @ vh
+        head = BlockSparseMask(mask.kv_num_blocks[:, h:h + 1], mask.kv_indices[:, h:h + 1], BS)
+        out, lse = block_sparse_attention_chunked(*(t[:, h:h + 1].transpose(1, 2) for t in (q, k, v)), head,
+                                                  scale, chunk=chunk)
+        out, lse = out[0, :, 0], lse[0, 0]
         delta = (doh * out).sum(-1)
         for i in sorted({0, n // 2, n - 1}):
             r = slice(i * BS, (i + 1) * BS)

@@ -361,6 +361,39 @@ def test_closed_form_reference_backward_matches_autograd():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["plain", "padded-broadcast", "varlen"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_reference_matches_dense(case, dtype):
+    # The memory-bounded oracle of the GPU tests and benchmarks (it runs at S = 93,696 there) must be
+    # the dense reference exactly, with chunks that straddle blocks and a short last chunk.
+    from kandinsky_kernels.reference.attention import (block_sparse_attention_chunked,
+                                                       block_sparse_attention_with_lse)
+
+    b, h, nb, bs = 2, 3, 5, 32
+    s = nb * bs
+    valid, cu = None, None
+    if case == "padded-broadcast":
+        valid = torch.rand(b, s) > 0.3
+        valid[1, :bs] = False  # query block 0 of batch 1 sees nothing where its row holds only block 0
+        dense = torch.zeros(1, 1, nb, nb, dtype=torch.bool)
+        dense[..., 0, 0] = dense[..., 1:, :] = True
+        mask = BlockSparseMask.from_dense_blocks(dense, bs, token_valid=valid)
+    else:
+        mask = random_mask(b, h, nb, 0.4, bs=bs)
+        if case == "varlen":
+            cu = torch.tensor([0, 50, 61, 130], dtype=torch.int32)  # tokens 130+ belong to no video
+    q, k, v = qkv(b, s, h, 16, dtype, scale=4.0)
+    want, want_lse = block_sparse_attention_with_lse(q, k, v, mask, 0.3, cu, upcast=dtype != torch.bfloat16)
+    got, got_lse = block_sparse_attention_chunked(q, k, v, mask, 0.3, cu, dtype=dtype, chunk=48)
+    assert got.dtype == dtype and got.shape == q.shape and got_lse.shape == (b, h, s)
+    empty = torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(got_lse), empty) and (case == "plain" or empty.any())
+    assert not got.transpose(1, 2)[empty].any()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+    torch.testing.assert_close(got_lse[~empty], want_lse[~empty], rtol=1e-6, atol=1e-6)
+
+
 def test_reference_backend_through_the_custom_ops():
     # The path torch.compile takes with the reference backend: forward and backward custom ops.
     q, k, v = (x.requires_grad_() for x in qkv(1, 128, 1, 32, torch.float32))

@@ -1,6 +1,7 @@
 """GPU checks of the Triton block-sparse attention kernels at realistic shapes (skipped without CUDA).
 
-Two oracles: a dense fp32 masked reference computed in query chunks (exact, memory-bounded), with plain
+Two oracles: the fp32 reference computed in query chunks (``block_sparse_attention_chunked``: exact,
+memory-bounded), with plain
 torch at the kernel dtype as the error yardstick of the tolerance policy; and compiled FlexAttention on
 the identical ``BlockMask`` (the official Kandinsky kernel), whose error must be matched within the
 policy's factor. The main bf16 cases run through autotuning; the variant cases (padding, packed
@@ -16,6 +17,7 @@ import torch
 
 from conftest import assert_close_to_reference
 from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.reference.attention import block_sparse_attention_chunked as chunked_reference
 
 pytestmark = pytest.mark.gpu
 BS = 64
@@ -36,58 +38,19 @@ def no_autotune(monkeypatch):
     monkeypatch.setattr(_bsa(), "_AUTOTUNE", False)
 
 
-def _mask(b, h, s, density, seed=0):
+def _mask(b, h, s, density, seed=0, token_valid=None):
     """Random per-head block mask with about ``density`` active blocks per row (diagonal always on)."""
     n = s // BS
     g = torch.Generator(device="cuda").manual_seed(seed)
     keep = torch.rand(b, h, n, n, device="cuda", generator=g) < density
     keep |= torch.eye(n, dtype=torch.bool, device="cuda")
-    return BlockSparseMask.from_dense_blocks(keep, BS)
+    return BlockSparseMask.from_dense_blocks(keep, BS, token_valid=token_valid)
 
 
-def _segments(s, cu):
-    seg = torch.full((s,), -1, device="cuda")
-    for i in range(len(cu) - 1):
-        seg[cu[i]: cu[i + 1]] = i
-    return seg
-
-
-@torch.no_grad()
-def _chunked_reference(q, k, v, mask, scale, *, dtype, token_valid=None, cu=None, chunk=2048):
-    """Dense masked attention computed in ``dtype`` one (head, query chunk) at a time: out, lse."""
-    b, s, h, d = q.shape
-    blocks = mask.to_dense_blocks()
-    out = torch.empty(b, s, h, d, dtype=dtype, device=q.device)
-    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    seg = None if cu is None else _segments(s, cu)
-    for bi in range(b):
-        for hi in range(h):
-            kk = k[bi, :, hi].to(dtype)
-            vv = v[bi, :, hi].to(dtype)
-            blk = blocks[bi if blocks.shape[0] > 1 else 0, hi if blocks.shape[1] > 1 else 0]
-            for c0 in range(0, s, chunk):
-                qq = q[bi, c0:c0 + chunk, hi].to(dtype)
-                allowed = blk[c0 // BS:(c0 + chunk) // BS].repeat_interleave(BS, 0).repeat_interleave(BS, 1)
-                if token_valid is not None:
-                    allowed = allowed & token_valid[bi][None, :]
-                if seg is not None:
-                    sq = seg[c0:c0 + chunk]
-                    allowed = allowed & (sq[:, None] == seg[None, :]) & (sq[:, None] >= 0)
-                logits = (qq @ kk.T) * scale
-                logits = logits.masked_fill(~allowed, float("-inf"))
-                row_lse = torch.logsumexp(logits.float(), -1)
-                p = torch.softmax(logits, -1).nan_to_num(0.0)
-                out[bi, c0:c0 + chunk, hi] = p @ vv
-                lse[bi, hi, c0:c0 + chunk] = row_lse
-    return out, lse
-
-
-def _dense_autograd(q, k, v, mask, scale, dtype, do, token_valid=None):
+def _dense_autograd(q, k, v, mask, scale, dtype, do):
     """Gradients of dense masked attention in ``dtype`` (materialises S x S per head: small S only)."""
     ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    allowed = mask.to_dense_tokens()
-    if token_valid is not None:
-        allowed = allowed & token_valid[:, None, None, :]
+    allowed = mask.to_dense_tokens()  # pad keys (mask.token_valid) removed
     logits = torch.einsum("bqhd,bkhd->bhqk", ins[0], ins[1]) * scale
     logits = logits.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(logits.float(), -1).nan_to_num(0.0).to(dtype)
@@ -113,10 +76,9 @@ def _flex(q, k, v, mask, scale):
         return fn(*t, block_mask=bm, scale=scale, kernel_options=FLEX_OPTS[1]).transpose(1, 2)
 
 
-def _run(q, k, v, mask, scale, token_valid=None, cu=None):
-    bsa = _bsa()
-    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
-    return bsa.bsa_forward_triton(q, k, v, mask.kv_num_blocks, mask.kv_indices, BS, scale, token_valid, cu_t)
+def _run(q, k, v, mask, scale, cu=None):
+    return _bsa().bsa_forward_triton(q, k, v, mask.kv_num_blocks, mask.kv_indices, BS, scale,
+                                     mask.token_valid, cu)
 
 
 @pytest.mark.parametrize("s,h,d,density", [(16384, 4, 64, 0.05), (8192, 8, 128, 0.25)])
@@ -125,8 +87,8 @@ def test_forward_realistic_bf16(s, h, d, density):
     mask = _mask(1, h, s, density)
     scale = 1.0 / math.sqrt(d)
     out, lse = _run(q, k, v, mask, scale)
-    ref, ref_lse = _chunked_reference(q, k, v, mask, scale, dtype=torch.float32)
-    plain, _ = _chunked_reference(q, k, v, mask, scale, dtype=torch.bfloat16)
+    ref, ref_lse = chunked_reference(q, k, v, mask, scale, dtype=torch.float32)
+    plain, _ = chunked_reference(q, k, v, mask, scale, dtype=torch.bfloat16)
     assert_close_to_reference(out, ref, plain, name="out vs fp32 reference")
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
     with torch.no_grad():
@@ -166,19 +128,19 @@ def test_padding_and_broadcast_mask(no_autotune, dtype, scheme):
     token_valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
     token_valid[0, s - 100:] = False
     token_valid[1, 1000:1100] = False
-    mask = _mask(1, 1, s, 0.2)  # (1, 1, Nq, Nk): broadcast over batch and heads
+    mask = _mask(1, 1, s, 0.2, token_valid=token_valid)  # (1, 1, Nq, Nk): broadcast over batch and heads
     scale = 0.1
-    out, lse = _run(q, k, v, mask, scale, token_valid)
-    ref, _ = _chunked_reference(q, k, v, mask, scale, dtype=torch.float32, token_valid=token_valid)
-    plain, _ = _chunked_reference(q, k, v, mask, scale, dtype=dtype, token_valid=token_valid)
+    out, lse = _run(q, k, v, mask, scale)
+    ref, _ = chunked_reference(q, k, v, mask, scale, dtype=torch.float32)
+    plain, _ = chunked_reference(q, k, v, mask, scale, dtype=dtype)
     assert_close_to_reference(out, ref, plain)
     do = torch.randn_like(q)
     t = mask.transpose()
     grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
                                        t.kv_num_blocks, t.kv_indices, BS, scale, token_valid, None,
                                        scheme=scheme)
-    ref_g = _dense_autograd(q, k, v, mask, scale, torch.float32, do, token_valid)
-    plain_g = _dense_autograd(q, k, v, mask, scale, dtype, do, token_valid)
+    ref_g = _dense_autograd(q, k, v, mask, scale, torch.float32, do)
+    plain_g = _dense_autograd(q, k, v, mask, scale, dtype, do)
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref_g, plain_g):
         assert_close_to_reference(g, r, p, grad=True, name=name)
     assert torch.equal(grads[1][0, s - 100:], torch.zeros_like(grads[1][0, s - 100:]))
@@ -187,21 +149,20 @@ def test_padding_and_broadcast_mask(no_autotune, dtype, scheme):
 @pytest.mark.parametrize("scheme", ["two_pass", "atomic"])
 def test_varlen_segments(no_autotune, scheme):
     s, h, d = 4096, 4, 64
-    cu = [0, 1000, 2500, 4000]
+    cu = torch.tensor([0, 1000, 2500, 4000], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = _mask(1, h, s, 0.3)
     scale = 1.0 / math.sqrt(d)
-    out, lse = _run(q, k, v, mask, scale, cu=cu)
-    ref, ref_lse = _chunked_reference(q, k, v, mask, scale, dtype=torch.float32, cu=cu)
-    plain, _ = _chunked_reference(q, k, v, mask, scale, dtype=torch.bfloat16, cu=cu)
+    out, lse = _run(q, k, v, mask, scale, cu)
+    ref, ref_lse = chunked_reference(q, k, v, mask, scale, cu, dtype=torch.float32)
+    plain, _ = chunked_reference(q, k, v, mask, scale, cu, dtype=torch.bfloat16)
     assert_close_to_reference(out, ref, plain)
     assert torch.equal(out[0, 4000:], torch.zeros_like(out[0, 4000:]))
     assert torch.isneginf(lse[0, :, 4000:]).all()
     do = torch.randn_like(q)
     t = mask.transpose()
-    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
     grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, cu_t, scheme=scheme)
+                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, cu, scheme=scheme)
     assert all(torch.isfinite(g).all() for g in grads)
     assert torch.equal(grads[0][0, 4000:], torch.zeros_like(grads[0][0, 4000:]))
 
@@ -212,6 +173,6 @@ def test_fp32_exact_dots(no_autotune):
     q, k, v = (torch.randn(1, s, h, d, device="cuda") for _ in range(3))
     mask = _mask(1, h, s, 0.3)
     out, _ = _run(q, k, v, mask, 0.125)
-    ref, _ = _chunked_reference(q.double(), k.double(), v.double(), mask, 0.125, dtype=torch.float64)
-    plain, _ = _chunked_reference(q, k, v, mask, 0.125, dtype=torch.float32)
+    ref, _ = chunked_reference(q, k, v, mask, 0.125, dtype=torch.float64)
+    plain, _ = chunked_reference(q, k, v, mask, 0.125, dtype=torch.float32)
     assert_close_to_reference(out, ref, plain)

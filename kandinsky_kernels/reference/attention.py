@@ -17,14 +17,19 @@ def token_mask(mask: BlockSparseMask, batch: int, heads: int, cu_seqlens: torch.
     dense = mask.to_dense_tokens()  # (Bm, Hm, S, S), pad keys already removed
     dense = dense.expand(batch, heads, -1, -1)
     if cu_seqlens is not None:
-        s = dense.shape[-1]
-        pos = torch.arange(s, device=dense.device)
-        # segment id per token; -1 past the end (matched by nothing thanks to the `>= 0` test)
-        seg = torch.searchsorted(cu_seqlens.to(pos.dtype)[1:], pos, right=True)
-        seg = torch.where(pos < cu_seqlens[-1].to(pos.dtype), seg, -1)
+        seg = _segment_ids(cu_seqlens, dense.shape[-1], dense.device)
         same = (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
         dense = dense & same
     return dense
+
+
+def _segment_ids(cu_seqlens: torch.Tensor, s: int, device) -> torch.Tensor:
+    """int64 (S,): the video each token belongs to; -1 past the last offset (matched by nothing thanks
+    to the callers' ``>= 0`` test)."""
+    pos = torch.arange(s, device=device)
+    cu = cu_seqlens.to(device=device, dtype=pos.dtype)
+    seg = torch.searchsorted(cu[1:], pos, right=True)
+    return torch.where(pos < cu[-1], seg, -1)
 
 
 def _probs(q, k, mask: BlockSparseMask, scale, cu_seqlens):
@@ -81,3 +86,43 @@ def block_sparse_attention_reference(q, k, v, mask: BlockSparseMask, scale=None,
     computes in the inputs' dtype, the "plain torch at that precision" of the tolerance policy.
     """
     return block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens, upcast)[0]
+
+
+@torch.no_grad()
+def block_sparse_attention_chunked(q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, *,
+                                   dtype: torch.dtype = torch.float32, chunk: int = 2048):
+    """The reference's (out, lse) computed one (batch, head, query chunk) at a time, without autograd.
+
+    q, k, v: (B, S, H, D), any strides and device. Computed in ``dtype`` (fp32 or fp64: the oracle; the
+    inputs' own dtype: plain torch at that precision, the yardstick of the tolerance policy). Returns out
+    (B, S, H, D) in ``dtype`` and lse (B, H, S) fp32 (natural log, -inf and a zero output for a row that
+    sees no key), the same as :func:`block_sparse_attention_with_lse`. Memory is O(chunk x S) rather than
+    the dense reference's O(B x H x S^2), so it checks kernels at video lengths: at S = 93,696 one head's
+    dense logits alone take 35 GB in fp32.
+    """
+    b, s, h, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    bs = mask.block_size
+    blocks = mask.to_dense_blocks()  # (Bm, Hm, Nq, Nk), Bm in (1, B), Hm in (1, H)
+    tv = mask.token_valid  # (Bt, S) or None
+    seg = None if cu_seqlens is None else _segment_ids(cu_seqlens, s, q.device)
+    out = torch.empty(b, s, h, d, dtype=dtype, device=q.device)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    for bi in range(b):
+        for hi in range(h):
+            kk, vv = k[bi, :, hi].to(dtype), v[bi, :, hi].to(dtype)
+            blk = blocks[bi % blocks.shape[0], hi % blocks.shape[1]]
+            for c0 in range(0, s, chunk):
+                r = slice(c0, c0 + chunk)
+                allowed = blk[torch.arange(c0, min(c0 + chunk, s), device=q.device) // bs]
+                allowed = allowed.repeat_interleave(bs, 1)
+                if tv is not None:
+                    allowed = allowed & tv[bi % tv.shape[0]][None, :]
+                if seg is not None:
+                    sq = seg[r]
+                    allowed = allowed & (sq[:, None] == seg[None, :]) & (sq[:, None] >= 0)
+                logits = (q[bi, r, hi].to(dtype) @ kk.T) * scale
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                lse[bi, hi, r] = torch.logsumexp(logits.float(), -1)
+                out[bi, r, hi] = torch.softmax(logits, -1).nan_to_num(0.0) @ vv
+    return out, lse
