@@ -384,26 +384,32 @@ if HAS_TRITON:
         ]
 
     def _prune(configs, named_args, **kwargs):
-        """Keep tiles that divide the mask block; smaller pipelines for wide heads (shared memory)."""
+        """Keep tiles that divide the mask block; for wide heads, smaller pipelines and tiles (shared
+        memory: at D = 256 the atomic dK/dV kernel needs 256 KB with 64-row query tiles)."""
         bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        walk_max = 32 if kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)) else 128
         kept = [
             c for c in configs
             if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
-            and (d <= 128 or (c.num_stages <= 2 and c.kwargs["BLOCK_N"] <= 64))
+            and (d <= 128 or (c.num_stages <= 2 and c.kwargs["BLOCK_N"] <= 64
+                              and c.kwargs["BLOCK_M"] <= walk_max))
         ]
         return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 
     _KEY = ["D", "BLOCK_SIZE", "HAS_TOKEN_VALID", "IS_VARLEN"]
     _PRUNE = {"early_config_prune": _prune}
     # (BLOCK_M, BLOCK_N, warps, stages); tiles that do not divide block_size are pruned, so 64-token
-    # masks tune 4 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
+    # masks tune 4 or 5 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
     _FWD_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
+        (128, 128, 8, 2),
     ])
     # dK/dV: BLOCK_N is the key tile the program owns, BLOCK_M the walked query tile.
+    # With 4 warps the dK/dV kernels spill registers at D = 128 on sm_90 (the atomic one heavily); 32-row
+    # query tiles with 8 warps are the one tile that neither spills nor overflows shared memory at D = 256.
     _DKDV_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2),
     ])
     _DQ_CONFIGS = _configs([
         (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2),
@@ -417,16 +423,33 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _launch(tuned, plain, rows, bh, args, meta, tile="BLOCK_M"):
-    """Autotuned launch on the GPU; one fixed 64x64 config under the interpreter (or autotune off).
+def fixed_config(kernel: str, block_d: int) -> dict:
+    """The config launched without autotuning (``KANDINSKY_BSA_AUTOTUNE=0``; tiles only under the
+    interpreter): ``kernel`` one of fwd / dkdv / dq / dkdv-atomic, ``block_d`` the head dim rounded up to a
+    power of two. Chosen from sm_90 compiles (Triton 3.6) so that nothing spills registers or overflows
+    shared memory: 4 warps up to D = 64, 8 beyond (with 4 the dK/dV kernels spill at D = 128), and at
+    D = 256 32-row query tiles in the dK/dV walk (64-row ones spill, and the atomic one needs 256 KB).
+    The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV."""
+    if block_d <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    walk = 32 if kernel.startswith("dkdv") and block_d > 128 else 64
+    return {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
-    ``tile`` names the constexpr that tiles the ``rows`` tokens each program owns.
+
+def _launch(tuned, plain, rows, bh, args, meta, kernel):
+    """Autotuned launch on the GPU; :func:`fixed_config` under the interpreter (or autotune off).
+
+    ``kernel`` names it for fixed_config; dK/dV programs own BLOCK_N key rows, the others BLOCK_M query
+    rows.
     """
+    tile = "BLOCK_N" if kernel.startswith("dkdv") else "BLOCK_M"
     if _AUTOTUNE and not INTERPRET:
         tuned[lambda m: (rows // m[tile], bh)](*args, **meta)
     else:
-        extra = {} if INTERPRET else {"num_warps": 4, "num_stages": 2}
-        plain[(rows // 64, bh)](*args, **meta, BLOCK_M=64, BLOCK_N=64, **extra)
+        cfg = fixed_config(kernel, meta["BLOCK_D"])
+        if INTERPRET:  # warps and stages mean nothing there
+            cfg = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+        plain[(rows // 64, bh)](*args, **meta, **cfg)
 
 
 def _mask_strides(num: torch.Tensor, idx: torch.Tensor, b: int, h: int) -> tuple[int, ...]:
@@ -534,7 +557,7 @@ def bsa_forward_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, to
         *_mask_strides(kv_num_blocks, kv_indices, b, h), stride_tb,
         h, s_q, _scale(scale, d) * _LOG2E,
     )
-    _launch(_fwd_tuned, _bsa_fwd_kernel, s_q, b * h, args, meta)
+    _launch(_fwd_tuned, _bsa_fwd_kernel, s_q, b * h, args, meta, "fwd")
     return out, lse
 
 
@@ -599,7 +622,7 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         *_mask_strides(q_num_blocks, q_indices, b, h), *common_tail,
     )
     _launch(_dkdv_atomic_tuned if atomic else _dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args,
-            {**meta, "ATOMIC_DQ": atomic}, tile="BLOCK_N")
+            {**meta, "ATOMIC_DQ": atomic}, "dkdv-atomic" if atomic else "dkdv")
     if atomic:
         return dq.to(q.dtype), dk, dv
     dq_args = (
@@ -607,7 +630,7 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *_mask_strides(kv_num_blocks, kv_indices, b, h), *common_tail,
     )
-    _launch(_dq_tuned, _bsa_bwd_dq_kernel, s_q, b * h, dq_args, meta)
+    _launch(_dq_tuned, _bsa_bwd_dq_kernel, s_q, b * h, dq_args, meta, "dq")
     return dq, dk, dv
 
 
