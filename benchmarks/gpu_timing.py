@@ -122,6 +122,34 @@ def _sampled_grad_error(grads, q, k, v, do, mask, scale, chunk=4096):
     return errs
 
 
+_autotune_seen: dict = {}  # kernel -> {key: {"chosen": config, "timings_ms": {config: [...]}}}
+
+
+def autotune_choices() -> dict:
+    """Per Triton kernel of ours: the config the autotuner chose for each key (head dim, block size,
+    flags, dtypes), with the timings of every config it tried (ms: median, 20th, 80th percentile; inf =
+    failed to compile or launch). What the fixed tiles and the config lists are trimmed from.
+
+    Accumulates over calls: a tuner keeps only its last tuning's timings, so they are filed under the
+    key that is new since the previous call (omitted when several are)."""
+    from kandinsky_kernels.ops import block_sparse_attention as m
+
+    for name in ("fwd", "dkdv", "dkdv_atomic", "dq"):
+        tuner = getattr(m, f"_{name}_tuned", None)
+        if tuner is None:
+            continue
+        seen = _autotune_seen.setdefault(name, {})
+        cache = getattr(tuner, "cache", {})
+        new = [key for key in cache if str(key) not in seen]
+        timings = getattr(tuner, "configs_timings", None)
+        for key in new:
+            entry = {"chosen": str(cache[key])}
+            if timings and len(new) == 1:
+                entry["timings_ms"] = {str(cfg): t for cfg, t in timings.items()}
+            seen[str(key)] = entry
+    return _autotune_seen
+
+
 class Run:
     def __init__(self, args):
         self.args = args
@@ -142,7 +170,8 @@ class Run:
         with open(os.path.join(self.args.out_dir, "gpu_timing.json"), "w") as f:
             tiles = {f"{k[0]} D={k[1]}": FLEX_OPTS[i] if isinstance(i, int) else i
                      for k, i in _flex_choice.items()}
-            json.dump({"meta": {**self.meta, "flex_tiles": tiles}, "rows": self.rows}, f, indent=1)
+            meta = {**self.meta, "flex_tiles": tiles, "autotune": autotune_choices()}
+            json.dump({"meta": meta, "rows": self.rows}, f, indent=1)
         write_table(self)  # also after every row: a run killed by its timeout still leaves a table
 
     def time(self, row: dict, fn, min_left: float = 5.0):
@@ -340,6 +369,7 @@ def main():
             torch.cuda.empty_cache()
             write_table(run)  # after every model, so a run cut short still leaves a table
     run.save()
+    print("autotune choices:", json.dumps(autotune_choices(), indent=1))
     print(write_table(run))
 
 

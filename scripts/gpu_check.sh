@@ -5,7 +5,8 @@
 #   2. pytest -m gpu tests/test_bsa_triton_gpu.py: the attention kernels on CUDA
 #   3. benchmarks/gpu_timing.py: our Triton block-sparse attention vs dense SDPA (flash) vs compiled Flex,
 #      forward and forward+backward, the latter with both Triton backward schemes (two_pass, atomic),
-#      after a sampled fp32 check of the gradients at the full shapes
+#      after a sampled fp32 check of the gradients at the full shapes; gpu_timing.json also keeps the
+#      config Triton's autotuner chose per kernel and key, with its timings of every config
 #   4. the other gpu-marked tests and the Triton-backend tests of every op
 #   5. benchmarks/test_bench_attention_gpu.py (the `make bench` GPU suite) in smoke mode
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.

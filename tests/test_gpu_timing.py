@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.gpu_timing import _sampled_grad_error, table
+from benchmarks.gpu_timing import _sampled_grad_error, autotune_choices, table
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.reference.attention import block_sparse_attention_reference
 
@@ -96,3 +96,30 @@ def test_sampled_grad_error_finds_wrong_blocks(chunk):
         errs = _sampled_grad_error(wrong, *bhsd, mask, 0.3, chunk=chunk)
         name = ("dq", "dk", "dv")[i]
         assert 2e-3 < errs[name] < 2e-2 and all(e < 1e-5 for n, e in errs.items() if n != name), (name, errs)
+
+
+def test_autotune_choices_are_recorded(monkeypatch):
+    """The JSON keeps what the autotuner chose per kernel and key, each key with its own tuning's timings
+    (a tuner keeps only its last ones)."""
+    import json
+    from types import SimpleNamespace
+
+    from benchmarks import gpu_timing
+    from kandinsky_kernels.ops import block_sparse_attention as m
+
+    monkeypatch.setattr(gpu_timing, "_autotune_seen", {})
+    k64, k128 = (64, 64, False, False, "torch.bfloat16"), (128, 64, False, False, "torch.bfloat16")
+    fwd = SimpleNamespace(cache={k64: "w8"},
+                          configs_timings={"w8": [1.0, 0.9, 1.1], "w4": [float("inf")] * 3})
+    monkeypatch.setattr(m, "_fwd_tuned", fwd, raising=False)
+    monkeypatch.setattr(m, "_dq_tuned", SimpleNamespace(cache={}), raising=False)
+    got = autotune_choices()
+    assert got["fwd"] == {str(k64): {"chosen": "w8", "timings_ms": {"w8": [1.0, 0.9, 1.1],
+                                                                      "w4": [float("inf")] * 3}}}
+    assert got["dq"] == {}
+    fwd.cache[k128] = "w4"
+    fwd.configs_timings = {"w8": [3.0] * 3, "w4": [2.0] * 3}
+    got = autotune_choices()
+    assert got["fwd"][str(k64)]["timings_ms"]["w8"] == [1.0, 0.9, 1.1]  # not overwritten by the D=128 tuning
+    assert got["fwd"][str(k128)] == {"chosen": "w4", "timings_ms": {"w8": [3.0] * 3, "w4": [2.0] * 3}}
+    json.dumps(got)  # what Run.save writes
