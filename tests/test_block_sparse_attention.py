@@ -383,7 +383,8 @@ def test_chunked_reference_matches_dense(case, dtype):
         if case == "varlen":
             cu = torch.tensor([0, 50, 61, 130], dtype=torch.int32)  # tokens 130+ belong to no video
     q, k, v = qkv(b, s, h, 16, dtype, scale=4.0)
-    want, want_lse = block_sparse_attention_with_lse(q, k, v, mask, 0.3, cu, upcast=dtype != torch.bfloat16)
+    upcast = dtype != torch.bfloat16
+    want, want_lse = block_sparse_attention_with_lse(q, k, v, mask, 0.3, cu, upcast=upcast)
     got, got_lse = block_sparse_attention_chunked(q, k, v, mask, 0.3, cu, dtype=dtype, chunk=48)
     assert got.dtype == dtype and got.shape == q.shape and got_lse.shape == (b, h, s)
     empty = torch.isneginf(want_lse)

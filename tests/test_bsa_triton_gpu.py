@@ -3,9 +3,9 @@
 Two oracles: the fp32 reference computed in query chunks (``block_sparse_attention_chunked``: exact,
 memory-bounded), with plain torch at the kernel dtype as the error yardstick of the tolerance policy;
 and compiled FlexAttention on the identical ``BlockMask`` (the official Kandinsky kernel), whose error
-must be matched within the policy's factor. The main bf16 cases run through autotuning; the variant cases (padding, packed
-segments, fp16) and the atomic backward scheme use the fixed default tile so the run stays short (the
-atomic scheme's autotuning runs in benchmarks/gpu_timing.py).
+must be matched within the policy's factor. The main bf16 cases run through autotuning; the variant
+cases (padding, packed segments, fp16) and the atomic backward scheme use the fixed default tile so the
+run stays short (the atomic scheme's autotuning runs in benchmarks/gpu_timing.py).
 """
 from __future__ import annotations
 
