@@ -57,9 +57,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 inline int64_t chunk_blocks(int64_t bs) { return std::max<int64_t>(1, 512 / bs); }
 constexpr int64_t kMaxChunk = 32;  // chunk_blocks() for the smallest block size (16)
 
-// 2^x, exact 0 below -126 (so -inf and masked scores vanish). x = n + f, |f| <= 1/2, 2^f by its
-// degree-7 Taylor polynomial (truncation error < 1e-8 relative). Scalar twin of exp2_ps below.
+// 2^x, exact 0 below -126 (so -inf and masked scores vanish), NaN for NaN: a NaN (or inf - inf)
+// score must make its row NaN, as in torch's SDPA, not drop the key. x = n + f, |f| <= 1/2, 2^f by
+// its degree-7 Taylor polynomial (truncation error < 1e-8 relative). Scalar twin of exp2_ps below.
 inline float exp2f_fast(float x) {
+  if (std::isnan(x)) return x;
   const float xc = x < -126.f ? -126.f : x;
   const float n = std::floor(xc + 0.5f);
   const float f = (xc - n) * kLn2;
@@ -86,6 +88,7 @@ inline float exp2f_fast(float x) {
 inline __m512 exp2_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-126.f);
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // false for -inf and NaN
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   const __m512 xc = _mm512_max_ps(x, lo);
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(xc, n), _mm512_set1_ps(kLn2));
@@ -97,7 +100,7 @@ inline __m512 exp2_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+  return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n)), nan, x);
 }
 #endif
 
@@ -462,8 +465,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& kv_num_blocks, const
   KK_CHECK(block_size > 0 && p.S % block_size == 0, "S=", p.S, " must be a multiple of block_size=",
            block_size);
   p.nb = p.S / block_size;
-  KK_CHECK(p.D % 16 == 0 && block_size % 16 == 0, "head dim D=", p.D, " and block_size=", block_size,
-           " must be multiples of 16");
+  KK_CHECK(p.D > 0 && p.D % 16 == 0 && block_size % 16 == 0, "head dim D=", p.D, " and block_size=",
+           block_size, " must be positive multiples of 16");
+  KK_CHECK_CPU(kv_num_blocks);
+  KK_CHECK_CPU(kv_indices);
+  if (token_valid.has_value() && token_valid->defined()) KK_CHECK_CPU(*token_valid);
+  if (cu_seqlens.has_value() && cu_seqlens->defined()) KK_CHECK_CPU(*cu_seqlens);
   KK_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4, "kv_num_blocks must be (B, H, Nq) and "
            "kv_indices (B, H, Nq, Nk), got ", kv_num_blocks.sizes(), " and ", kv_indices.sizes());
   KK_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
@@ -476,43 +483,57 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& kv_num_blocks, const
   KK_CHECK(kv_num_blocks.is_contiguous() && kv_indices.is_contiguous(), "mask tensors must be contiguous");
   p.kv_num = kv_num_blocks.data_ptr<int32_t>();
   p.kv_idx = kv_indices.data_ptr<int32_t>();
-  // O(active blocks), like the transpose below: a bad index would otherwise read out of bounds.
-  for (int64_t row = 0; row < p.Bm * p.Hm * p.nb; ++row) {
-    const int32_t n = p.kv_num[row];
-    KK_CHECK(n >= 0 && n <= p.nb, "kv_num_blocks must lie in [0, ", p.nb, "], got ", n);
-    for (int32_t t = 0; t < n; ++t) {
-      const int32_t j = p.kv_idx[row * p.nb + t];
-      KK_CHECK(j >= 0 && j < p.nb, "kv_indices must lie in [0, ", p.nb, "), got ", j);
+  // Every index is read by the kernels, so the whole active part is checked first, in O(active
+  // blocks): counts in range, ids in range and no id twice in a row (a repeat would count its block
+  // twice). `seen[j] == row + 1` marks id j as used in this row without clearing between rows.
+  {
+    std::vector<int64_t> seen(p.nb, 0);
+    for (int64_t row = 0; row < p.Bm * p.Hm * p.nb; ++row) {
+      const int32_t n = p.kv_num[row];
+      KK_CHECK(n >= 0 && n <= p.nb, "kv_num_blocks must lie in [0, Nk=", p.nb, "], got ", n,
+               " at flat index ", row);
+      for (int32_t t = 0; t < n; ++t) {
+        const int32_t j = p.kv_idx[row * p.nb + t];
+        KK_CHECK(j >= 0 && j < p.nb, "kv_indices must lie in [0, Nk=", p.nb, ") in the first kv_num_blocks "
+                 "entries of each row, got ", j, " in row ", row);
+        KK_CHECK(seen[j] != row + 1, "kv_indices repeats block ", j, " in the active part of row ", row,
+                 " (each key block may appear once)");
+        seen[j] = row + 1;
+      }
     }
   }
+  KK_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   p.scale = static_cast<float>(scale);
 
   const bool has_tv = token_valid.has_value() && token_valid->defined();
   const bool has_cu = cu_seqlens.has_value() && cu_seqlens->defined();
   p.per_element = has_tv || has_cu;
-  p.Bt = has_tv ? token_valid->size(0) : 1;
+  const at::Tensor tv = has_tv ? token_valid->contiguous() : at::Tensor();
+  if (has_tv) {
+    KK_CHECK(tv.scalar_type() == at::kBool && tv.dim() == 2 && tv.size(1) == p.S &&
+                 (tv.size(0) == 1 || tv.size(0) == p.B),
+             "token_valid must be bool (1 or B, S), got ", tv.scalar_type(), " ", tv.sizes());
+  }
+  p.Bt = has_tv ? tv.size(0) : 1;
   p.qcode.assign(p.S, 0);
   if (has_cu) {
     const at::Tensor cu = cu_seqlens->contiguous();
     KK_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
-             "cu_seqlens must be int32 (n+1,), got ", cu.scalar_type(), " ", cu.sizes());
+             "cu_seqlens must be int32 (n+1,) with n >= 1, got ", cu.scalar_type(), " ", cu.sizes());
     KK_CHECK(p.B == 1, "cu_seqlens needs B == 1, got B=", p.B);
     const int32_t* c = cu.data_ptr<int32_t>();
     const int64_t n = cu.size(0) - 1;
-    KK_CHECK(c[0] == 0 && c[n] <= p.S, "cu_seqlens must start at 0 and end at most at S=", p.S);
+    // All offsets are checked before any is used as a write bound.
+    KK_CHECK(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+    for (int64_t seg = 0; seg < n; ++seg)
+      KK_CHECK(c[seg] <= c[seg + 1], "cu_seqlens must be non-decreasing, got ", c[seg], " then ", c[seg + 1],
+               " at position ", seg);
+    KK_CHECK(c[n] <= p.S, "cu_seqlens must end <= S=", p.S, ", got ", c[n]);
     std::fill(p.qcode.begin(), p.qcode.end(), -4);
-    for (int64_t seg = 0; seg < n; ++seg) {
-      KK_CHECK(c[seg] <= c[seg + 1], "cu_seqlens must be non-decreasing");
+    for (int64_t seg = 0; seg < n; ++seg)
       for (int64_t t = c[seg]; t < c[seg + 1]; ++t) p.qcode[t] = static_cast<int32_t>(seg);
-    }
   }
   p.kcode.resize(p.Bt * p.S);
-  const at::Tensor tv = has_tv ? token_valid->contiguous() : at::Tensor();
-  if (has_tv) {
-    KK_CHECK(tv.scalar_type() == at::kBool && tv.dim() == 2 && tv.size(1) == p.S &&
-                 (p.Bt == 1 || p.Bt == p.B),
-             "token_valid must be bool (1 or B, S), got ", tv.scalar_type(), " ", tv.sizes());
-  }
   for (int64_t b = 0; b < p.Bt; ++b) {
     const bool* v = has_tv ? tv.data_ptr<bool>() + b * p.S : nullptr;
     for (int64_t t = 0; t < p.S; ++t) {
@@ -715,7 +736,9 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
       }
       float* lrow = L + (b * p.H + h) * p.S + s0;
       for (int64_t r = 0; r < bs; ++r) {
-        const bool any = l[r] > 0.f;
+        // l is NaN for a row that met a NaN or inf - inf score: its output and lse stay NaN (not the
+        // "no visible key" zeros), so the backward sees the same NaN.
+        const bool any = l[r] != 0.f;
         const float inv = any ? 1.f / l[r] : 0.f;
         float* ar = acc.data() + r * D;
         for (int64_t d = 0; d < D; ++d) ar[d] *= inv;
@@ -1379,7 +1402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
 
 namespace kk {
 bool bsa_bf16_dot_compiled() {
-#ifdef KK_BF16_DOT
+#if KK_BF16_DOT
   return true;
 #else
   return false;

@@ -17,7 +17,17 @@
 
 namespace {
 
-int64_t padded(int64_t n, int64_t tile) { return (n + tile - 1) / tile * tile; }
+// n rounded up to a multiple of tile, or a ValueError when that leaves int64 (a huge tile).
+int64_t padded(int64_t n, int64_t tile) {
+  KK_CHECK(tile > 0 && n >= 0 && n <= INT64_MAX - (tile - 1), "fractal: grid size ", n, " padded to tile ",
+           tile, " overflows int64");
+  return kk::checked_product("fractal: padded grid size", {(n + tile - 1) / tile, tile});
+}
+
+// Bytes of a (frames, hp, wp) token grid, checked: every offset the kernels compute is below it.
+int64_t grid_bytes(int64_t frames, int64_t hp, int64_t wp, int64_t token_bytes) {
+  return kk::checked_product("fractal: output size in bytes", {frames, hp, wp, token_bytes});
+}
 
 struct Geometry {
   int64_t frames;       // B * T
@@ -97,10 +107,11 @@ at::Tensor fractal_flatten(const at::Tensor& x, int64_t tile) {
   KK_CHECK(tile > 0, "fractal_flatten: tile must be positive, got ", tile);
   KK_CHECK(x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
            "fractal_flatten: the grid (T, H, W) must be non-empty, got x of shape ", x.sizes());
-  const at::Tensor xc = x.contiguous();
   const int64_t t = x.size(1), h = x.size(2), w = x.size(3);
   const Geometry g{x.size(0) * t, h, w, tile, padded(h, tile), padded(w, tile),
                    trailing_numel(x.sizes(), 4) * static_cast<int64_t>(x.element_size())};
+  grid_bytes(g.frames, g.hp, g.wp, g.token_bytes);
+  const at::Tensor xc = x.contiguous();
   std::vector<int64_t> shape{x.size(0), t * g.hp * g.wp};
   shape.insert(shape.end(), x.sizes().begin() + 4, x.sizes().end());
   at::Tensor y = at::empty(shape, xc.options());
@@ -116,8 +127,9 @@ at::Tensor fractal_unflatten(const at::Tensor& y, int64_t t, int64_t h, int64_t 
   KK_CHECK(t > 0 && h > 0 && w > 0 && tile > 0,
            "fractal_unflatten: t, h, w and tile must be positive, got t=", t, " h=", h, " w=", w,
            " tile=", tile);
-  const Geometry g{y.size(0) * t, h, w, tile, padded(h, tile), padded(w, tile),
-                   trailing_numel(y.sizes(), 2) * static_cast<int64_t>(y.element_size())};
+  const Geometry g{kk::checked_product("fractal_unflatten: B * T", {y.size(0), t}), h, w, tile, padded(h, tile),
+                   padded(w, tile), trailing_numel(y.sizes(), 2) * static_cast<int64_t>(y.element_size())};
+  grid_bytes(g.frames, g.hp, g.wp, g.token_bytes);
   KK_CHECK(y.size(1) == t * g.hp * g.wp, "fractal_unflatten: y has S=", y.size(1), " tokens but the grid (T=",
            t, ", H=", h, ", W=", w, ") with tile ", tile, " needs S=T*Hp*Wp=", t * g.hp * g.wp);
   const at::Tensor yc = y.contiguous();

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -185,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
     pool_blocks<scalar_t>(q, k, valid, block_size, qp.data_ptr<float>(), kt.data_ptr<float>());
   });
 
+  kk::checked_product("nabla_block_mask: output size B * H * N * N", {B, H, N, N});
   at::Tensor counts = at::empty({B, H, N}, q.options().dtype(at::kInt));
   at::Tensor indices = at::empty({B, H, N, N}, q.options().dtype(at::kInt));
   const float c = static_cast<float>(1.0 - threshold);  // torch compares the fp32 prefix with fp32(1 - thr)
@@ -195,6 +197,9 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
   int32_t* counts_p = counts.data_ptr<int32_t>();
   int32_t* idx_p = indices.data_ptr<int32_t>();
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+  // The first (b, h, query block) whose block logits are not finite (NaN / inf in q or k, or means so
+  // large that q.k overflows fp32): the CDF rule has no meaning there, so the op raises.
+  std::atomic<int64_t> bad_row{-1};
 
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> logits(kRowTile * N);
@@ -227,6 +232,11 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
           p[j] = std::exp(p[j] - mx);
           sum += p[j];
         }
+        if (!std::isfinite(sum)) {  // a NaN logit or an inf one (inf - inf) makes the sum NaN
+          int64_t none = -1;
+          bad_row.compare_exchange_strong(none, bh * N + i);
+          continue;
+        }
         const float inv = 1.f / sum;
         for (int64_t j = 0; j < N; ++j) p[j] *= inv;
         topcdf_row(p, N, c, keep.data(), cand.data());
@@ -249,6 +259,10 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
       }
     }
   });
+  const int64_t bad = bad_row.load();
+  KK_CHECK(bad < 0, "nabla_block_mask needs finite block logits, but query block ", bad % N, " of (b=", bad / N / H,
+           ", h=", bad / N % H, ") has a NaN or inf logit: q or k holds NaN/inf, or values so large that "
+           "the pooled q.k overflows fp32");
   return {counts, indices};
 }
 
