@@ -1,6 +1,7 @@
 """Boundary checks shared by the public ops: every failure is a ValueError naming what was passed."""
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Sequence
 
 import torch
@@ -46,3 +47,94 @@ def check_positive_int(name: str, value, *, multiple_of: int | None = None) -> i
     if multiple_of is not None and value % multiple_of:
         raise ValueError(f"{name} must be a multiple of {multiple_of}, got {value}")
     return value
+
+
+def check_finite_number(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a float; ValueError for a non-number (bools included), NaN, inf, or (with
+    ``positive``) a value <= 0."""
+    import math
+    import numbers
+
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        want = "a finite positive number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return float(value)
+
+
+def _versions(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor):
+    """Version counters of both tensors, or None where they are not tracked (inference mode)."""
+    try:
+        return kv_num_blocks._version, kv_indices._version
+    except RuntimeError:
+        return None
+
+
+def mark_mask_checked(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> None:
+    """Record that this (counts, indices) pair passed :func:`check_mask_contents` (or was built valid by
+    the library). The record lives on the index tensor: a weak reference to the counts it was checked
+    with and both tensors' versions, so pairing it with other counts, or changing either tensor in
+    place, makes the next use check again."""
+    versions = _versions(kv_num_blocks, kv_indices)
+    if versions is not None:
+        kv_indices._kk_mask_checked = (weakref.ref(kv_num_blocks), versions)
+
+
+def _is_marked(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> bool:
+    record = getattr(kv_indices, "_kk_mask_checked", None)
+    if record is None:
+        return False
+    counts_ref, versions = record
+    return counts_ref() is kv_num_blocks and versions == _versions(kv_num_blocks, kv_indices)
+
+
+def check_mask_contents(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, force: bool = False) -> None:
+    """ValueError unless every row of the mask is well formed: ``kv_num_blocks`` in [0, Nk], the first
+    ``kv_num_blocks`` entries of each ``kv_indices`` row in [0, Nk) and pairwise distinct (the
+    inactive tail is never read and may hold anything).
+
+    kv_num_blocks int32 (B, H, Nq), kv_indices int32 (B, H, Nq, Nk), any device. Vectorised torch
+    (on a GPU one host sync); a pair already checked and unchanged since (see
+    :func:`mark_mask_checked`) is not checked again unless ``force``, so a mask shared by layers and
+    by the backward costs one check. The C++ kernels repeat the check themselves in O(active blocks).
+    """
+    if kv_indices.device.type == "meta" or (not force and _is_marked(kv_num_blocks, kv_indices)):
+        return  # meta tensors hold no values: shapes only
+    nk = kv_indices.shape[-1]
+    if kv_num_blocks.numel():
+        lo, hi = (int(x) for x in torch.aminmax(kv_num_blocks))
+        if lo < 0 or hi > nk:
+            raise ValueError(f"kv_num_blocks must lie in [0, Nk={nk}], got values in [{lo}, {hi}]")
+    if kv_indices.numel():
+        active = torch.arange(nk, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+        out_of_range = active & ((kv_indices < 0) | (kv_indices >= nk))
+        if bool(out_of_range.any()):
+            where = tuple(out_of_range.nonzero()[0].tolist())
+            raise ValueError(
+                f"kv_indices must lie in [0, Nk={nk}) in the first kv_num_blocks entries of each row, got "
+                f"{int(kv_indices[where])} at index {where}"
+            )
+        # Count each active id per row; inactive slots land in the spare column nk.
+        ids = torch.where(active, kv_indices, nk).long()
+        seen = torch.zeros((*kv_indices.shape[:-1], nk + 1), dtype=torch.int32, device=kv_indices.device)
+        seen.scatter_add_(-1, ids, torch.ones_like(ids, dtype=torch.int32))
+        repeated = seen[..., :nk] > 1
+        if bool(repeated.any()):
+            where = tuple(repeated.nonzero()[0].tolist())
+            raise ValueError(
+                f"kv_indices repeats key block {where[-1]} in the active part of row {where[:-1]} "
+                "(each key block may appear once per row)"
+            )
+    mark_mask_checked(kv_num_blocks, kv_indices)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+    """ValueError unless int32 (n+1,) offsets start at 0, never decrease and end at most at ``seq_len``.
+    Reads the values (a host sync on a GPU)."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or any(x > y for x, y in zip(c, c[1:])) or c[-1] > seq_len:
+        shown = c if len(c) <= 16 else f"{c[:8]} ... {c[-4:]}"
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= S={seq_len}, got {shown}")

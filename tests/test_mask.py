@@ -80,13 +80,48 @@ def test_constructor_rejects_bad_input(kwargs, match):
         BlockSparseMask(**kwargs)
 
 
-def test_validate_rejects_bad_content():
-    m = BlockSparseMask(torch.full((1, 1, 2), 3, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32))
+@pytest.mark.parametrize(
+    "counts, indices, match",
+    [
+        ([[[3, 3]]], [[[[0, 1], [0, 1]]]], "kv_num_blocks must lie"),
+        ([[[-1, 0]]], [[[[0, 1], [0, 1]]]], "kv_num_blocks must lie"),
+        ([[[1, 1]]], [[[[2, 0], [0, 1]]]], "kv_indices must lie"),
+        ([[[1, 1]]], [[[[0, 1], [-1, 0]]]], "kv_indices must lie"),
+        ([[[2, 1]]], [[[[1, 1], [0, 1]]]], "repeats key block 1"),
+    ],
+)
+def test_constructor_and_validate_reject_bad_content(counts, indices, match):
+    counts = torch.tensor(counts, dtype=torch.int32)
+    indices = torch.tensor(indices, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        BlockSparseMask(counts, indices)
+    # The same contents written into a valid mask after construction: validate() finds them.
+    m = BlockSparseMask.from_dense_blocks(torch.ones(2, 2, dtype=torch.bool))
+    m.kv_num_blocks.copy_(counts)
+    m.kv_indices.copy_(indices)
+    with pytest.raises(ValueError, match=match):
+        m.validate()
+
+
+def test_inactive_tail_may_hold_anything():
+    m = BlockSparseMask(torch.tensor([[[1, 0]]], dtype=torch.int32),
+                        torch.tensor([[[[1, 1], [-5, 99]]]], dtype=torch.int32))
+    assert m.to_dense_blocks().tolist() == [[[[False, True], [False, False]]]]
+    assert m.density() == 0.25
+
+
+def test_checked_mask_is_checked_again_after_in_place_change():
+    from kandinsky_kernels._validation import check_mask_contents
+
+    m = BlockSparseMask.from_dense_blocks(torch.ones(1, 2, 2, dtype=torch.bool))
+    check_mask_contents(m.kv_num_blocks, m.kv_indices)  # marked: a no-op
+    m.kv_indices[0, 0, 0, 1] = 0
+    with pytest.raises(ValueError, match="repeats"):
+        check_mask_contents(m.kv_num_blocks, m.kv_indices)
+    # Other counts paired with checked indices are checked too.
+    m2 = BlockSparseMask.from_dense_blocks(torch.ones(1, 2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="kv_num_blocks must lie"):
-        m.validate()
-    m = BlockSparseMask(torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32))
-    with pytest.raises(ValueError, match="permutation"):
-        m.validate()
+        check_mask_contents(torch.full_like(m2.kv_num_blocks, 3), m2.kv_indices)
 
 
 @pytest.mark.parametrize("padded", [False, True])

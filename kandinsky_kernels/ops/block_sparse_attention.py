@@ -43,7 +43,13 @@ from torch import Tensor
 
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, tl, triton
-from kandinsky_kernels._validation import check_same_device, check_tensor
+from kandinsky_kernels._validation import (
+    check_cu_seqlens,
+    check_finite_number,
+    check_mask_contents,
+    check_same_device,
+    check_tensor,
+)
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.reference.attention import (
@@ -167,8 +173,9 @@ if HAS_TRITON:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_new
 
-        # Rows with no visible key have l = 0 and acc = 0: output exactly 0, lse = -inf.
-        has_key = l_i > 0.0
+        # Rows with no visible key have l = 0 and acc = 0: output exactly 0, lse = -inf. A row that met
+        # a NaN (or inf - inf) score has l = NaN and keeps it, in out and lse, so the backward sees it too.
+        has_key = l_i != 0.0
         l_safe = tl.where(has_key, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -649,6 +656,8 @@ def _fwd_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if backend != "cpu":  # the C++ kernels check the same things themselves
+        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
     if backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
@@ -687,6 +696,8 @@ def _bwd_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
+    if backend != "cpu":
+        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
     if backend == "cpu":
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
             dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
@@ -730,7 +741,16 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------- validation
-def _validate(q, k, v, mask, cu_seqlens) -> None:
+def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, seq_len: int) -> None:
+    """The data-dependent checks, run where the kernels run: inside the custom ops (so also under
+    torch.compile, whose tracing sees no values) and before the eager reference. The mask is checked
+    once while it stays unchanged (see check_mask_contents)."""
+    check_mask_contents(kv_num_blocks, kv_indices)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, seq_len)
+
+
+def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, ndim=4, dtypes=_DTYPES)
     if not (q.shape == k.shape == v.shape):
@@ -742,9 +762,11 @@ def _validate(q, k, v, mask, cu_seqlens) -> None:
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
     b, s, h, d = q.shape
-    if d % 16 or d > _MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={d} (q shape {tuple(q.shape)}) must be a multiple of 16, at most "
-                         f"{_MAX_HEAD_DIM}")
+    if d <= 0 or d % 16 or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} (q shape {tuple(q.shape)}) must be a positive multiple of 16, "
+                         f"at most {_MAX_HEAD_DIM}")
+    if scale is not None:
+        check_finite_number("scale", scale)
     if not isinstance(mask, BlockSparseMask):
         raise ValueError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
     bs = mask.block_size
@@ -770,10 +792,6 @@ def _validate(q, k, v, mask, cu_seqlens) -> None:
             raise ValueError(f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
         if b != 1:
             raise ValueError(f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}")
-        if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
-            c = cu_seqlens.tolist()
-            if c[0] != 0 or any(x > y for x, y in zip(c, c[1:])) or c[-1] > s:
-                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= S={s}, got {c}")
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -802,13 +820,26 @@ def block_sparse_attention(
         (B, S, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
         gradients), never NaN. Differentiable in q, k and v.
 
+    Raises:
+        ValueError: a wrong shape, dtype, device or scale; a malformed mask (a count outside
+            [0, Nk], an active index outside [0, Nk) or repeated in its row); ``cu_seqlens`` not
+            starting at 0, decreasing or ending past S. The data-dependent checks run wherever the
+            kernels run, also under ``torch.compile`` (on a GPU: one host sync per new mask).
+
+    Non-finite inputs behave as in torch's SDPA: a query row whose visible scores hold a NaN, or an
+    inf that meets another inf, is NaN in the output and in lse, and the backward returns NaN for
+    the inputs that row touched; an inf in v gives +-inf where it is weighted. The fused kernels never
+    read key blocks a row does not see, so values there cannot reach it (the dense ``reference``
+    backend, like SDPA with a boolean mask, multiplies them by zero and may turn more rows NaN).
+
     Backends (see :mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``,
     ``reference`` (dense fp32 masked SDPA, O(S^2) memory).
     """
-    _validate(q, k, v, mask, cu_seqlens)
+    _validate(q, k, v, mask, cu_seqlens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = _backend(q.device.type)
     if backend == "reference" and not torch.compiler.is_compiling():
+        _check_contents(mask.kv_num_blocks, mask.kv_indices, cu_seqlens, q.shape[1])
         return block_sparse_attention_reference(q, k, v, mask, scale, cu_seqlens)
     out, _ = _fwd_op(
         q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid,
@@ -844,22 +875,37 @@ def nabla_attention(
     Returns:
         out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
     """
+    from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
     from kandinsky_kernels.ops.nabla import nabla_block_mask
+    from kandinsky_kernels.ops.sta import sta_block_mask
 
+    check_tensor("q", q, ndim=4)
     token_valid = None
-    if grid is not None and not isinstance(grid, (tuple, list)):  # a FractalLayout
-        if getattr(grid, "is_padded", True):  # an all-True token_valid would only cost time
+    if isinstance(grid, FractalLayout):
+        if grid.block_size != 64:
+            raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
+                             f"({grid.block_size}-token blocks); flatten with tile=8")
+        if grid.is_padded:  # an all-True token_valid would only cost time
             token_valid = grid.token_valid(q.device)
         grid = (grid.t, grid.h_tiles, grid.w_tiles)
+    elif grid is not None:
+        if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
+                and all(map(_is_positive_int, grid))):
+            raise ValueError(f"grid must be a FractalLayout or a (T, h_tiles, w_tiles) tuple of three "
+                             f"positive ints, got {grid!r}")
+        grid = tuple(grid)
+    if grid is not None and math.prod(grid) * 64 != q.shape[1]:
+        raise ValueError(f"grid (T, h_tiles, w_tiles)={grid} holds {math.prod(grid)} blocks of 64 tokens = "
+                         f"{math.prod(grid) * 64} tokens, but q has S={q.shape[1]} (shape {tuple(q.shape)})")
     sta = None
     if sta_window is not None:
         if grid is None:
             raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
                              "when sta_window is set")
-        from kandinsky_kernels.ops.sta import sta_block_mask
-
-        t, h_tiles, w_tiles = grid
-        sta = sta_block_mask(t, h_tiles, w_tiles, tuple(sta_window), device=q.device)
+        if not isinstance(sta_window, (tuple, list)):
+            raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
+                             f"got {sta_window!r}")
+        sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
     mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid)
     out = block_sparse_attention(q, k, v, mask, scale)
     return (out, mask) if return_mask else out

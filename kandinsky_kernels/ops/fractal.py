@@ -34,6 +34,16 @@ def _padded(n, tile):
     return -(-n // tile) * tile
 
 
+def _check_size(what: str, layout: "FractalLayout", batch: int, token_shape) -> None:
+    """ValueError when the padded sequence of ``layout`` (``batch`` sequences of tokens shaped
+    ``token_shape``) has more elements than an int64 can count (a huge tile or grid)."""
+    if isinstance(layout.seq_len, int) and batch * layout.seq_len * math.prod(token_shape) >= 2**63:
+        raise ValueError(
+            f"{what}: grid (T={layout.t}, H={layout.h}, W={layout.w}) padded to tile {layout.tile} gives "
+            f"S={layout.seq_len} tokens, too many for one tensor; use a smaller tile"
+        )
+
+
 def _is_positive_int(value) -> bool:
     # SymInt: a grid seen while torch.compile traces with dynamic shapes.
     return not isinstance(value, bool) and isinstance(value, (int, torch.SymInt)) and value > 0
@@ -309,6 +319,7 @@ def fractal_flatten(
     if min(x.shape[1:4]) <= 0:
         raise ValueError(f"x must have a non-empty grid (T, H, W), got shape {tuple(x.shape)}")
     layout = FractalLayout(*x.shape[1:4], tile)
+    _check_size("fractal_flatten", layout, x.shape[0], x.shape[4:])
     y = _fractal_flatten_op(x, tile)
     return (y, layout) if return_layout else y
 
@@ -338,6 +349,7 @@ def fractal_unflatten(y: torch.Tensor, grid, *, tile: int = 8) -> torch.Tensor:
     check_tensor("y", y)
     if y.dim() < 2:
         raise ValueError(f"y must have shape (B, S, *rest) (at least 2 dims), got shape {tuple(y.shape)}")
+    _check_size("fractal_unflatten", grid, 1, ())
     if y.shape[1] != grid.seq_len:
         raise ValueError(
             f"y has S={y.shape[1]} tokens (shape {tuple(y.shape)}) but grid (T={grid.t}, H={grid.h}, "

@@ -28,10 +28,15 @@ import torch
 
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
-from kandinsky_kernels._validation import check_positive_int, check_same_device, check_tensor
+from kandinsky_kernels._validation import (
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+    mark_mask_checked,
+)
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
-from kandinsky_kernels.reference.nabla import nabla_block_mask_ref
+from kandinsky_kernels.reference.nabla import block_map_ref, pool_blocks_ref, topcdf_mask_ref
 
 __all__ = ["nabla_block_mask"]
 
@@ -126,7 +131,11 @@ if HAS_TRITON:
         # the reference for the CDF rule to make the same decision.
         logits = tl.where(mask_n[None, :], tl.math.div_rn(acc, sqrt_d), float("-inf"))
         e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        p = e * tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sum(e, axis=1))[:, None]
+        total = tl.sum(e, axis=1)
+        # A NaN or +inf logit makes the total NaN (NaN compares false): such rows get count -1, which the
+        # launcher turns into a ValueError, as the other backends raise.
+        row_ok = total < float("inf")
+        p = e * tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), total)[:, None]
 
         # Smallest bit pattern t with fp32(sum of p over bits <= t) >= c, per row, by bisection with the
         # invariant pred(lo) false, pred(hi) true. min(bits) - 1 and max(bits) + 1 stand in for the ends:
@@ -164,7 +173,7 @@ if HAS_TRITON:
         rows = (bh * Nq + offs_m).to(tl.int64)
         ids = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32) + offs_n[None, :]
         tl.store(idx_ptr + rows[:, None] * Nk + slot, ids, mask=mask)
-        tl.store(counts_ptr + rows, count, mask=mask_m)
+        tl.store(counts_ptr + rows, tl.where(row_ok, count, -1), mask=mask_m)
 
 
 def nabla_block_mask_forward(
@@ -227,7 +236,28 @@ def nabla_block_mask_forward(
         HAS_STA=sta is not None,
         num_warps=min(16, max(4, block_m * block_n // 256)),
     )
+    bad = (counts < 0).nonzero()
+    if len(bad):
+        _raise_nonfinite(*bad[0].tolist())
     return counts, indices
+
+
+def _raise_nonfinite(b: int, h: int, i: int):
+    # The message of the C++ kernel's check, so that every backend reports the same thing.
+    raise ValueError(
+        f"nabla_block_mask needs finite block logits, but query block {i} of (b={b}, h={h}) has a NaN "
+        "or inf logit: q or k holds NaN/inf, or values so large that the pooled q.k overflows fp32"
+    )
+
+
+def _nabla_reference(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor:
+    """The reference algorithm with the kernels' finiteness check: dense bool (B, H, Nq, Nk)."""
+    p = block_map_ref(pool_blocks_ref(q, block_size, token_valid), pool_blocks_ref(k, block_size, token_valid))
+    bad = (~torch.isfinite(p)).any(-1).nonzero()
+    if len(bad):
+        _raise_nonfinite(*bad[0].tolist())
+    mask = topcdf_mask_ref(p, threshold)
+    return mask if sta is None else mask | sta
 
 
 def _fp32(x: float) -> float:
@@ -339,16 +369,20 @@ def nabla_block_mask(
         (B, H, Nq, Nk) (kept key blocks ascending, then the others ascending).
 
     Raises:
-        ValueError: on mismatched or malformed inputs (the message names the shapes or values).
+        ValueError: on mismatched or malformed inputs (the message names the shapes or values), and
+            when a row of block logits is not finite (NaN or inf in q or k, or pooled means so large
+            that q.k overflows fp32): the CDF rule means nothing there. Every backend checks this, also
+            under ``torch.compile`` (on a GPU it costs one host sync per call).
 
     Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
-    sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced. Inputs
-    are assumed finite.
+    sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced.
     """
     valid = _check_inputs(q, k, threshold, sta, block_size, token_valid)
     backend = _backend(q.device.type)
     if backend == "reference":
-        dense = nabla_block_mask_ref(q, k, threshold, sta, block_size, valid)
+        dense = _nabla_reference(q, k, threshold, sta, block_size, valid)
         return BlockSparseMask.from_dense_blocks(dense, block_size, token_valid=valid)
     counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, backend)
+    if not torch.compiler.is_compiling():
+        mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)

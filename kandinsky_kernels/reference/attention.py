@@ -33,16 +33,18 @@ def _segment_ids(cu_seqlens: torch.Tensor, s: int, device) -> torch.Tensor:
 
 
 def _probs(q, k, mask: BlockSparseMask, scale, cu_seqlens):
-    """Softmax probabilities (B, H, Sq, Sk) over the visible keys, masked logits, and the bool
-    (B, H, Sq, 1) "row sees some key". Rows that see nothing are softmaxed over zeros (finite values
-    and gradients), then zeroed."""
+    """Softmax probabilities (B, H, Sq, Sk) over the visible keys, masked logits, the bool
+    (B, H, Sq, 1) "row sees some key" and the token mask (B, H, Sq, Sk). Rows that see nothing are
+    softmaxed over zeros (finite values and gradients), then zeroed. Probabilities of hidden keys are
+    exactly 0 even in a row made NaN by a NaN score, as in the kernels, which never touch them."""
     b, _, h, _ = q.shape
     allowed = token_mask(mask, b, h, cu_seqlens)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     any_key = allowed.any(-1, keepdim=True)
     scores = scores.masked_fill(~any_key, 0.0)
-    return torch.softmax(scores, -1) * any_key, scores, any_key
+    probs = torch.where(allowed, torch.softmax(scores, -1), 0.0)
+    return probs, scores, any_key, allowed
 
 
 def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -54,7 +56,7 @@ def block_sparse_attention_with_lse(q, k, v, mask: BlockSparseMask, scale=None, 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype, cdt = q.dtype, _compute_dtype(q, upcast)
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    probs, scores, any_key = _probs(q, k, mask, scale, cu_seqlens)
+    probs, scores, any_key, _ = _probs(q, k, mask, scale, cu_seqlens)
     lse = torch.logsumexp(scores.float(), -1).masked_fill(~any_key[..., 0], float("-inf"))
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return out.to(dtype), lse
@@ -70,9 +72,9 @@ def block_sparse_attention_backward_reference(dout, q, k, v, mask: BlockSparseMa
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype, cdt = q.dtype, _compute_dtype(q, True)
     q, k, v, dout = q.to(cdt), k.to(cdt), v.to(cdt), dout.to(cdt)
-    p, _, _ = _probs(q, k, mask, scale, cu_seqlens)
+    p, _, _, allowed = _probs(q, k, mask, scale, cu_seqlens)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, v)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    ds = torch.where(allowed, p * (dp - (p * dp).sum(-1, keepdim=True)), 0.0)
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, k) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * scale
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
@@ -81,6 +83,11 @@ def block_sparse_attention_backward_reference(dout, q, k, v, mask: BlockSparseMa
 
 def block_sparse_attention_reference(q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, upcast=True):
     """Dense masked attention. q, k, v: (B, S, H, D); returns (B, S, H, D) in q's dtype.
+
+    Non-finite inputs: a row whose visible scores hold a NaN (or an inf that meets another) is NaN, as
+    in torch's SDPA and in the kernels. Being dense, the products here also multiply hidden entries by
+    zero, so a NaN/inf stored in q, k or v at a position a row does not see can still turn that row
+    (or a gradient) NaN here, where the block-sparse kernels never read it.
 
     ``upcast=True`` computes in fp32 (or in the inputs' dtype when that is fp64); ``upcast=False``
     computes in the inputs' dtype, the "plain torch at that precision" of the tolerance policy.
