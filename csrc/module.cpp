@@ -15,13 +15,6 @@ bool bsa_bf16_dot_compiled();  // block_sparse_attention.cpp
 }
 
 namespace {
-bool with_cuda() {
-#ifdef KANDINSKY_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
 int omp_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -33,7 +26,6 @@ int omp_threads() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kandinsky_kernels compiled kernels (ops live in torch.ops.kandinsky_kernels_C)";
-  m.def("with_cuda", &with_cuda, "True when the CUDA kernels were compiled in");
   m.def("omp_threads", &omp_threads, "OpenMP threads available to the CPU kernels");
   m.def("cpu_bf16_dot", &kk::bsa_bf16_dot_compiled,
         "True when the attention kernels take bf16 through AVX512-BF16 dot products (-march has them)");

@@ -1,7 +1,7 @@
 """The compiled extension, imported once and optional.
 
 ``EXT`` is the ``kandinsky_kernels._C`` module or ``None``; ``EXT_ERROR`` keeps the reason when the
-import failed, so a forced ``cpu``/``cuda`` backend can say why it cannot run. Operators compiled into
+import failed, so a forced ``cpu`` backend can say why it cannot run. Operators compiled into
 the extension are looked up with :func:`cpp_op`, which returns ``None`` for an op that this build lacks.
 """
 from __future__ import annotations
@@ -28,7 +28,3 @@ def cpp_op(name: str):
         return getattr(ns, name)
     except (AttributeError, RuntimeError):
         return None
-
-
-def has_cuda_kernels() -> bool:
-    return EXT is not None and bool(EXT.with_cuda())

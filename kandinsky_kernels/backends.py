@@ -5,15 +5,14 @@ Backends
 ``reference``  pure torch (``kandinsky_kernels.reference``); runs anywhere, slow, the ground truth.
 ``triton``     Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests only).
 ``cpu``        C++/OpenMP kernels from the compiled ``kandinsky_kernels._C``; CPU tensors.
-``cuda``       CUDA kernels from ``kandinsky_kernels._C`` where it was built with CUDA; CUDA tensors.
 
 Selection
 ---------
-Automatic: CUDA tensors take ``cuda`` > ``triton`` > ``reference``; CPU tensors take ``cpu`` >
-``reference`` (the Triton interpreter is never picked automatically: it is a testing tool). An op that
-lacks a kernel for a backend simply skips it.
+Automatic: CUDA tensors take ``triton`` > ``reference``; CPU tensors take ``cpu`` > ``reference`` (the
+Triton interpreter is never picked automatically: it is a testing tool). An op that lacks a kernel for a
+backend simply skips it.
 
-Forced: ``KANDINSKY_KERNELS_BACKEND=reference|triton|cpu|cuda`` (read at every call), or the
+Forced: ``KANDINSKY_KERNELS_BACKEND=reference|triton|cpu`` (read at every call), or the
 :func:`use_backend` context manager, which takes precedence. A forced backend that cannot run the
 call raises :class:`BackendUnavailableError` naming the op, the device and the reason; it never falls
 back silently.
@@ -29,11 +28,11 @@ import torch
 
 from kandinsky_kernels import _ext, _triton
 
-BACKENDS = ("reference", "triton", "cpu", "cuda")
+BACKENDS = ("reference", "triton", "cpu")
 ENV_VAR = "KANDINSKY_KERNELS_BACKEND"
 
 _AUTO_ORDER = {
-    "cuda": ("cuda", "triton", "reference"),
+    "cuda": ("triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
 
@@ -77,7 +76,7 @@ def use_backend(name: str | None) -> Iterator[None]:
 def _why_not(backend: str, device_type: str, implemented: bool) -> str | None:
     """``None`` if ``backend`` can run on ``device_type``, else the reason it cannot."""
     if not implemented:
-        if backend in ("cpu", "cuda") and _ext.EXT is None:
+        if backend == "cpu" and _ext.EXT is None:
             return f"the compiled extension is not available ({_ext.EXT_ERROR})"
         return "this op has no kernel for that backend in this build"
     if backend == "reference":
@@ -88,10 +87,6 @@ def _why_not(backend: str, device_type: str, implemented: bool) -> str | None:
         if _ext.EXT is None:
             return f"the compiled extension is not available ({_ext.EXT_ERROR})"
         return None if device_type == "cpu" else f"the cpu backend takes CPU tensors, got {device_type}"
-    if backend == "cuda":
-        if not _ext.has_cuda_kernels():
-            return "the compiled extension was built without CUDA kernels"
-        return None if device_type == "cuda" else f"the cuda backend takes CUDA tensors, got {device_type}"
     raise AssertionError(backend)
 
 
@@ -99,7 +94,7 @@ def select_backend(op: str, device: torch.device | str, implemented: Mapping[str
     """Pick the backend that runs ``op`` on ``device``.
 
     ``implemented`` maps backend name -> whether this op has a kernel for it in this build (for
-    ``cpu``/``cuda``: whether the compiled op exists). ``reference`` is always assumed implemented.
+    ``cpu``: whether the compiled op exists). ``reference`` is always assumed implemented.
     """
     device_type = torch.device(device).type
     impl = {"reference": True, **implemented}

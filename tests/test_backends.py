@@ -39,7 +39,6 @@ def test_unknown_backend_name_is_a_value_error(monkeypatch):
 @pytest.mark.parametrize(
     "forced, implemented, match",
     [
-        ("cuda", {"cuda": True}, "cuda"),
         ("cpu", {}, "cpu"),
         ("triton", {"triton": False}, "no kernel"),
     ],
@@ -50,11 +49,28 @@ def test_forcing_an_impossible_backend_raises(forced, implemented, match):
             select_backend("some_op", "cpu", implemented)
 
 
-def test_cuda_backend_rejects_cpu_tensors_even_when_built(monkeypatch):
-    monkeypatch.setattr(backends._ext, "has_cuda_kernels", lambda: True)
-    with use_backend("cuda"):
-        with pytest.raises(BackendUnavailableError, match="takes CUDA tensors"):
-            select_backend("some_op", torch.device("cpu"), {"cuda": True})
+def test_cpu_backend_rejects_cuda_tensors_even_when_built(monkeypatch):
+    monkeypatch.setattr(backends._ext, "EXT", object())
+    with use_backend("cpu"):
+        with pytest.raises(BackendUnavailableError, match="takes CPU tensors"):
+            select_backend("some_op", torch.device("cuda"), {"cpu": True})
+
+
+def test_there_is_no_cuda_backend(monkeypatch):
+    # No CUDA op exists (GPU kernels are Triton): forcing `cuda` is a name error listing the real
+    # backends, and CUDA tensors choose Triton, then the reference.
+    assert backends.BACKENDS == ("reference", "triton", "cpu")
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="'cuda' is not a backend; expected one of reference, triton, cpu$"):
+        select_backend("op", "cuda", {"cuda": True, "triton": True})
+    with pytest.raises(ValueError, match="not a backend"):
+        with use_backend("cuda"):
+            pass
+    monkeypatch.delenv(backends.ENV_VAR)
+    monkeypatch.setattr(backends._triton, "triton_runs_on", lambda device_type: device_type == "cuda")
+    assert select_backend("op", "cuda", {"cuda": True, "triton": True}) == "triton"
+    assert select_backend("op", "cuda", {"triton": False}) == "reference"
+    assert not hasattr(backends._ext, "has_cuda_kernels")
 
 
 @pytest.mark.skipif(os.environ.get("KANDINSKY_SKIP_EXT") == "1", reason="pure-Python install requested")
@@ -65,6 +81,7 @@ def test_extension_is_built_here():
 
     assert _ext.EXT is not None, _ext.EXT_ERROR
     assert _ext.EXT.omp_threads() >= 1
+    assert not hasattr(_ext.EXT, "with_cuda")  # no CUDA kernels exist, so the build reports none
 
 
 def _numpy_rejects_int_of_1_element_arrays() -> bool:
