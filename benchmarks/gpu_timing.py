@@ -42,7 +42,7 @@ def _flex_call(key, fn):
     """fn(kernel_options) with the first FLEX_OPTS entry that works for ``key``; remembered per key.
 
     A key for which every entry failed fails at once afterwards: each failed try is a full compile."""
-    from kandinsky_kernels._flex_compat import flex_bwd_heuristic_tiles_at_most
+    from benchmarks.flex_compat import flex_bwd_heuristic_tiles_at_most
 
     flex_bwd_heuristic_tiles_at_most(BS)  # before anything compiles (also for test_bench_attention_gpu)
     choice = _flex_choice.get(key)

@@ -414,7 +414,7 @@ def test_flex_bwd_tile_clamp_helper(monkeypatch):
     import dataclasses
 
     choices = pytest.importorskip("torch._inductor.choices")
-    from kandinsky_kernels._flex_compat import flex_bwd_heuristic_tiles_at_most
+    from benchmarks.flex_compat import flex_bwd_heuristic_tiles_at_most
 
     @dataclasses.dataclass(frozen=True)
     class Cfg:

@@ -62,7 +62,7 @@ def _flex(q, k, v, mask, scale):
     """Compiled FlexAttention on the same pattern, BSHD in and out (autograd-capable)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from kandinsky_kernels._flex_compat import flex_bwd_heuristic_tiles_at_most
+    from benchmarks.flex_compat import flex_bwd_heuristic_tiles_at_most
 
     flex_bwd_heuristic_tiles_at_most(BS)
     fn = _flex.compiled = getattr(_flex, "compiled", None) or torch.compile(flex_attention, dynamic=False)
