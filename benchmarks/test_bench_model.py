@@ -91,14 +91,6 @@ def _contexts(block, x, text, time_embed):
 
 @pytest.fixture(scope="module", params=list(DTYPES))
 def setup(request):
-    try:
-        import kandinsky_kernels as kk
-        from kandinsky_model.attention import _kernels
-
-        _kernels()
-        kk.sta_block_mask  # noqa: B018
-    except (ImportError, AttributeError) as e:
-        pytest.skip(f"NABLA kernel ops not available: {e}")
     block, x, text, time_embed = _setup(DTYPES[request.param])
     dense, sparse, density, qkv = _contexts(block, x, text, time_embed)
     return request.param, block, x, text, time_embed, {"sdpa": dense, "nabla": sparse}, density, qkv

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import kandinsky_kernels as kk
+
 from .config import ATTENTION_BACKENDS
 
 
@@ -76,7 +78,9 @@ def _sdpa(q, k, v, key_mask):
 def _flash(q, k, v, key_mask):
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError as e:  # pragma: no cover - depends on the install
+    except ModuleNotFoundError as e:  # pragma: no cover - depends on the install
+        if e.name != "flash_attn":  # installed but broken (a missing dependency): show that error
+            raise
         raise RuntimeError("attention backend 'flash' needs the flash-attn package") from e
     if key_mask is None:
         return flash_attn_func(q, k, v)
@@ -140,26 +144,14 @@ def dense_attention(
 
 
 # ------------------------------------------------------------------------------------- sparse backend
-def _kernels():
-    """The kernel ops, imported lazily so the model imports without them."""
-    import kandinsky_kernels as kk
-
-    try:
-        bsa = kk.block_sparse_attention
-    except AttributeError:
-        from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention as bsa
-    return kk.nabla_block_mask, bsa
-
-
 def nabla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: NablaState) -> torch.Tensor:
     """NABLA self-attention on fractal-ordered tokens, q/k/v (B, S, H, Dh) with S = N * block_size."""
-    nabla_block_mask, block_sparse_attention = _kernels()
-    mask = nabla_block_mask(
+    mask = kk.nabla_block_mask(
         q, k, state.threshold, sta=state.sta, block_size=state.block_size, token_valid=state.token_valid
     )
     if state.record is not None:
         state.record.append(mask)
-    return block_sparse_attention(q, k, v, mask)
+    return kk.block_sparse_attention(q, k, v, mask)
 
 
 def self_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+import kandinsky_kernels as kk
+
 from .attention import AttentionContext, NablaState
 from .config import ATTENTION_BACKENDS, CrossDiTConfig, preset
 from .nn import (
@@ -181,8 +183,6 @@ class CrossDiT(nn.Module):
         """Fractal order (8x8 tiles, zero-padded) for tokens and RoPE angles, and the per-forward NABLA
         state: the STA block mask of the grid and the pad-token flags. visual (B, T', H', W', D),
         angles (T', H', W', Dh/2) -> (B, S, D), (S, Dh/2), NablaState; pad tokens get angle 0."""
-        import kandinsky_kernels as kk
-
         nc = self.config.nabla
         t = visual.shape[1]
         visual, layout = kk.fractal_flatten(visual, nc.tile, return_layout=True)
@@ -206,8 +206,6 @@ class CrossDiT(nn.Module):
         b, _, d = visual.shape
         t, h, w = state.grid
         if state.fractal:
-            import kandinsky_kernels as kk
-
             visual = kk.fractal_unflatten(visual, state.grid, tile=self.config.nabla.tile)
         else:
             visual = visual.view(b, t, h, w, d)

@@ -84,7 +84,6 @@ def test_cfg_batch_equals_separate_branches():
 def test_nabla_backend_end_to_end():
     """Sampling through the fractal layout with padding (8x8 latent = 4x4 tokens in one padded tile):
     with P = 1 it equals sdpa."""
-    pytest.importorskip("kandinsky_kernels.ops.nabla")
     model = make(nabla={"threshold": 1.0})
     p = prompts(model.config)
     dense = generate(model, shape=SHAPE, num_steps=2, attention_backend="sdpa", **p)
