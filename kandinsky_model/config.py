@@ -9,9 +9,12 @@ keys such as ``model_dim``, ``axes_dims``, ``attention_type``, ``attention_P``) 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from ._checks import check_bool, check_choice, check_int, check_ints, check_number
 
 ATTENTION_BACKENDS = ("sdpa", "flash", "flex", "nabla")
 
@@ -30,19 +33,22 @@ class NablaConfig:
     """Tokens per attention block; the fractal tile is its square root (8x8 spatial tiles)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"nabla threshold P must lie in (0, 1], got {self.threshold}")
-        self.window = tuple(int(w) for w in self.window)  # type: ignore[assignment]
-        if len(self.window) != 3 or any(w < 1 or w % 2 == 0 for w in self.window):
-            raise ValueError(f"nabla window must be three odd positive ints (wT, wH, wW), got {self.window}")
-        tile = int(round(self.block_size**0.5))
+        """Raises ValueError naming the field on a bad value."""
+        self.threshold = check_number("nabla threshold P", self.threshold, gt=0.0, le=1.0)
+        self.window = check_ints("nabla window (wT, wH, wW)", self.window, what="odd positive ints")
+        if any(w % 2 == 0 for w in self.window):
+            raise ValueError(f"nabla window (wT, wH, wW) must be 3 odd positive ints, got {self.window}")
+        check_bool("nabla add_sta", self.add_sta)
+        # 16: the granularity of the block-sparse attention kernels.
+        check_int("nabla block_size", self.block_size, multiple_of=16)
+        tile = math.isqrt(self.block_size)
         if tile * tile != self.block_size:
             raise ValueError(f"nabla block_size must be a square (tile x tile), got {self.block_size}")
 
     @property
     def tile(self) -> int:
         """Side of the square spatial tile whose tokens form one block (8 for 64)."""
-        return int(round(self.block_size**0.5))
+        return math.isqrt(self.block_size)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,30 +89,35 @@ class CrossDiTConfig:
     """RoPE base (official 10000)."""
 
     def __post_init__(self) -> None:
+        """Raises ValueError naming the field on a bad value; lists become tuples, a dict ``nabla`` a
+        :class:`NablaConfig`."""
         for name in ("in_visual_dim", "out_visual_dim", "in_text_dim", "in_text_dim2", "time_dim",
                      "model_dim", "ff_dim", "num_visual_blocks"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_text_blocks < 0:
-            raise ValueError(f"num_text_blocks must be >= 0, got {self.num_text_blocks}")
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        self.axes_dims = tuple(int(a) for a in self.axes_dims)  # type: ignore[assignment]
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive ints, got {self.patch_size}")
-        if len(self.axes_dims) != 3 or any(a <= 0 or a % 2 for a in self.axes_dims):
-            raise ValueError(f"axes_dims must be three positive even ints (T, H, W), got {self.axes_dims}")
+            check_int(name, getattr(self, name))
+        check_int("num_text_blocks", self.num_text_blocks, ge=0)
+        self.patch_size = check_ints("patch_size (pt, ph, pw)", self.patch_size)  # type: ignore[assignment]
+        self.axes_dims = check_ints(  # type: ignore[assignment]
+            "axes_dims (T, H, W)", self.axes_dims, what="positive even ints (RoPE rotates pairs)"
+        )
+        if any(a % 2 for a in self.axes_dims):
+            raise ValueError(f"axes_dims (T, H, W) must be 3 positive even ints (RoPE rotates pairs), "
+                             f"got {self.axes_dims}")
         if self.model_dim % self.head_dim:
             raise ValueError(
                 f"model_dim {self.model_dim} is not a multiple of head_dim = sum(axes_dims) = {self.head_dim}"
             )
         if self.model_dim % 2:
             raise ValueError(f"model_dim must be even (sinusoidal time features), got {self.model_dim}")
-        if self.instruct_type not in (None, "channel"):
-            raise ValueError(f"instruct_type must be None or 'channel', got {self.instruct_type!r}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        check_bool("visual_cond", self.visual_cond)
+        check_choice("instruct_type", self.instruct_type, (None, "channel"))
+        check_choice("attention", self.attention, ATTENTION_BACKENDS)
         if isinstance(self.nabla, Mapping):
             self.nabla = NablaConfig(**self.nabla)
+        elif not isinstance(self.nabla, NablaConfig):
+            raise ValueError(
+                f"nabla must be a NablaConfig or a dict of its fields, got {type(self.nabla).__name__}"
+            )
+        self.rope_theta = check_number("rope_theta", self.rope_theta, gt=0.0)
 
     # ----------------------------------------------------------------------------- derived sizes
     @property
@@ -135,12 +146,19 @@ class CrossDiTConfig:
         ``attention_type``/``attention_P``/``attention_wT``...) and the official YAML ``model`` section
         (``dit_params`` plus an ``attention`` dict with ``type``, ``P``, ``wT``, ``wH``, ``wW``). Keys
         starting with ``_`` are metadata; other unknown keys are ignored with a warning.
+        Raises ValueError when ``d`` or its ``model``/``dit_params``/``attention`` sections are not
+        dicts, or when a value is invalid (see ``__post_init__``).
         """
-        d = dict(d)
-        if "model" in d and isinstance(d["model"], Mapping):  # a whole YAML config
+        def section(name, value):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"official config{name} must be a dict, got {type(value).__name__}")
+            return dict(value)
+
+        d = section("", d)
+        if isinstance(d.get("model"), Mapping):  # a whole YAML config
             d = dict(d["model"])
-        flat: dict[str, Any] = dict(d.pop("dit_params", {}) or {})
-        attn: dict[str, Any] = dict(d.pop("attention", {}) or {})
+        flat: dict[str, Any] = section(" section 'dit_params'", d.pop("dit_params", None) or {})
+        attn: dict[str, Any] = section(" section 'attention'", d.pop("attention", None) or {})
         for k, v in d.items():
             if k.startswith("attention_"):
                 attn[k[len("attention_"):]] = v
@@ -153,12 +171,13 @@ class CrossDiTConfig:
             warnings.warn(f"CrossDiTConfig.from_official_dict ignores keys {ignored}", stacklevel=2)
         kind = attn.get("type")
         nabla_kwargs: dict[str, Any] = {}
-        if "P" in attn and attn["P"] is not None:
-            nabla_kwargs["threshold"] = float(attn["P"])
-        if all(attn.get(k) is not None for k in ("wT", "wH", "wW")):
-            nabla_kwargs["window"] = (int(attn["wT"]), int(attn["wH"]), int(attn["wW"]))
+        if attn.get("P") is not None:
+            nabla_kwargs["threshold"] = attn["P"]
+        window = [attn.get(k) for k in ("wT", "wH", "wW")]
+        if any(w is not None for w in window):
+            nabla_kwargs["window"] = tuple(window)  # NablaConfig rejects a partial window
         if attn.get("add_sta") is not None:
-            nabla_kwargs["add_sta"] = bool(attn["add_sta"])
+            nabla_kwargs["add_sta"] = attn["add_sta"]
         if attn.get("method") not in (None, "topcdf"):
             raise ValueError(f"only the 'topcdf' NABLA method exists, got {attn['method']!r}")
         kwargs["nabla"] = NablaConfig(**nabla_kwargs)

@@ -26,6 +26,7 @@ from torch import nn
 
 import kandinsky_kernels as kk
 
+from ._checks import check_bool, check_choice, check_int, check_number, check_numbers, check_tensor
 from .attention import AttentionContext, NablaState
 from .config import ATTENTION_BACKENDS, CrossDiTConfig, preset
 from .nn import (
@@ -66,6 +67,9 @@ class CrossDiT(nn.Module):
     """
 
     def __init__(self, config: CrossDiTConfig, *, attention_backend: str | None = None):
+        if not isinstance(config, CrossDiTConfig):
+            raise ValueError(f"config must be a CrossDiTConfig (e.g. kandinsky_model.video_lite()), "
+                             f"got {type(config).__name__}")
         super().__init__()
         c = config
         self.config = c
@@ -113,8 +117,14 @@ class CrossDiT(nn.Module):
         pooled_text (B, in_text_dim2) CLIP pooled vector
         timestep    (B,) or scalar, official scale 1000 t (t = 1 is pure noise)
         text_mask   bool (B, L), True on real tokens; None means all real
-        rope_scale  per-axis RoPE position divisor (T, H, W), e.g. (1, 2, 2) for 512-px video
+        rope_scale  per-axis RoPE position divisor (T, H, W), three positive numbers, e.g. (1, 2, 2) for
+                    512-px video
         returns     (B, T, H, W, C_out) in the dtype of ``x``
+
+        ``x``, ``text`` and ``pooled_text`` must be on the weights' device and ``x`` in the weights' dtype
+        (unless autocast is on); ``text`` and ``pooled_text`` may be any float dtype (cast to ``x``'s),
+        ``timestep`` and ``text_mask`` any device. T, H, W must be multiples of the patch size.
+        Raises ValueError naming the argument, with its shape or dtype and what is expected.
         """
         state = self.prepare(
             x, text, pooled_text, timestep, text_mask, rope_scale, attention_backend=attention_backend
@@ -133,25 +143,15 @@ class CrossDiT(nn.Module):
         attention_backend: str | None = None,
         record_masks: list | None = None,
     ) -> ForwardState:
-        """Embeddings, the text refiner and the token layout (everything before the CrossDiT blocks)."""
+        """Embeddings, the text refiner and the token layout (everything before the CrossDiT blocks).
+
+        Arguments as in :meth:`forward`; raises the same ValueErrors.
+        """
         c = self.config
         backend = attention_backend or self.attention_backend
-        if x.dim() != 5 or x.shape[-1] != c.in_channels:
-            raise ValueError(f"x must be (B, T, H, W, {c.in_channels}), got {tuple(x.shape)}")
-        b = x.shape[0]
-        if text.dim() != 3 or text.shape[0] != b or text.shape[-1] != c.in_text_dim:
-            raise ValueError(f"text must be (B={b}, L, {c.in_text_dim}), got {tuple(text.shape)}")
-        if pooled_text.shape != (b, c.in_text_dim2):
-            raise ValueError(f"pooled_text must be ({b}, {c.in_text_dim2}), got {tuple(pooled_text.shape)}")
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        if text_mask is not None:
-            if text_mask.shape != text.shape[:2]:
-                raise ValueError(
-                    f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}"
-                )
-            text_mask = text_mask.to(device=x.device, dtype=torch.bool)
-            if not bool(text_mask.any(-1).all()):  # a sample without text would softmax over nothing
-                raise ValueError("every sample needs at least one real text token in text_mask")
+        timestep, text_mask, rope_scale = self._check_inputs(
+            x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks
+        )
         dtype = x.dtype
 
         # 1. conditioning vector and text
@@ -178,6 +178,59 @@ class CrossDiT(nn.Module):
             angles = angles.flatten(0, 2)
         rope = rope_cos_sin(angles[None, :, None])
         return ForwardState(visual, text_embed, time_embed, rope, ctx, grid, fractal)
+
+    def _check_inputs(self, x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks):
+        """Boundary checks of :meth:`prepare` -> (timestep (B,), text_mask bool (B, L) or None, rope_scale).
+
+        Shapes, dtypes and devices are static under torch.compile; the value checks (finite timestep,
+        a real token per sample, rope_scale values) read data or Python numbers that Dynamo may turn
+        into symbols, so they run only in eager mode.
+        """
+        c = self.config
+        check_choice("attention_backend", backend, ATTENTION_BACKENDS)
+        check_tensor("x", x, ("B", "T", "H", "W", ("C_in", c.in_channels)))
+        weight = self.visual_embeddings.in_layer.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model's weights are on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: pass x in "
+                f"{weight.dtype} (or run under torch.autocast)"
+            )
+        b, *grid = x.shape[:4]
+        if any(n % p for n, p in zip(grid, c.patch_size)):
+            raise ValueError(
+                f"x has latent grid (T, H, W) = {tuple(grid)} (shape {tuple(x.shape)}), which is not "
+                f"divisible by patch_size {c.patch_size}"
+            )
+        check_tensor("text", text, (("B", b), "L", ("in_text_dim", c.in_text_dim)))
+        check_tensor("pooled_text", pooled_text, (("B", b), ("in_text_dim2", c.in_text_dim2)))
+        for name, t in (("text", text), ("pooled_text", pooled_text)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if isinstance(timestep, torch.Tensor):
+            if timestep.shape not in ((), (1,), (b,)):
+                raise ValueError(f"timestep must be a scalar or of shape (B,) = ({b},), got shape "
+                                 f"{tuple(timestep.shape)}")
+            check_tensor("timestep", timestep.reshape(-1), ("B",), kind="real")
+        elif not torch.compiler.is_compiling():
+            check_number("timestep (a number, or a (B,) tensor)", timestep)
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        if text_mask is not None:
+            check_tensor("text_mask", text_mask, (("B", b), ("L", text.shape[1])), kind="mask")
+            text_mask = text_mask.to(device=x.device, dtype=torch.bool)
+        if not isinstance(rope_scale, (list, tuple)) or len(rope_scale) != 3:
+            raise ValueError(f"rope_scale must be 3 positive finite numbers (T, H, W), got {rope_scale!r}")
+        if record_masks is not None and not isinstance(record_masks, list):
+            raise ValueError(f"record_masks must be a list or None, got {type(record_masks).__name__}")
+        if not torch.compiler.is_compiling():
+            rope_scale = check_numbers("rope_scale (T, H, W)", rope_scale)
+            if not bool(torch.isfinite(timestep).all()):
+                raise ValueError(f"timestep holds NaN or infinite values: {timestep.tolist()}")
+            if text_mask is not None and not bool(text_mask.any(-1).all()):
+                # a sample without text would softmax over nothing
+                raise ValueError("text_mask: every sample needs at least one real (True) text token")
+        return timestep, text_mask, rope_scale
 
     def _fractal_layout(self, visual, angles, record):
         """Fractal order (8x8 tiles, zero-padded) for tokens and RoPE angles, and the per-forward NABLA
@@ -224,8 +277,11 @@ class CrossDiT(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
         """Write the Diffusers layout: ``config.json`` (official keys) and
         ``diffusion_pytorch_model.safetensors``, or numbered shards plus an index JSON when
-        ``max_shard_bytes`` is given."""
+        ``max_shard_bytes`` (a positive int) is given."""
         from safetensors.torch import save_file
+
+        if max_shard_bytes is not None:
+            check_int("max_shard_bytes", max_shard_bytes)
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -274,31 +330,43 @@ class CrossDiT(nn.Module):
           - a bare official ``.safetensors`` file, with ``config`` a preset name (``"video_lite"``...),
             an official config dict, a ``config.json`` path or a :class:`CrossDiTConfig`.
         ``config`` overrides the folder's ``config.json`` when given. ``dtype`` casts the weights
-        (default: keep the checkpoint's). ``strict`` raises a ``KeyError`` listing missing, unexpected
-        and mis-shaped keys; with ``strict=False`` missing weights keep their fresh initialisation.
+        (default: keep the checkpoint's).
+
+        Raises FileNotFoundError for a missing ``path``, config file or shard, and ValueError naming
+        the file for a malformed ``config.json`` or index (not a JSON object, no ``weight_map`` of
+        shard file names), an unreadable safetensors file, a key stored in two shards, and
+        keys that do not fit the config: mis-shaped or non-float keys always, missing and unexpected
+        keys with ``strict=True`` (with ``strict=False`` missing weights keep their fresh
+        initialisation and unexpected ones are dropped); ValueError naming the argument for a bad
+        ``config``, ``dtype``, ``device``, ``strict`` or ``attention_backend``.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from e
+        check_bool("strict", strict)
+        if attention_backend is not None:
+            check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
         path = Path(path)
         files, folder_cfg = _find_checkpoint(path)
         cfg = _resolve_config(config if config is not None else folder_cfg, path)
         model = cls.on_meta(cfg, attention_backend=attention_backend)
         expected = {k: v.shape for k, v in model.state_dict().items()}
 
-        from safetensors import safe_open
-
-        sd: dict[str, torch.Tensor] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt", device=str(device)) as fh:
-                for k in fh.keys():
-                    t = fh.get_tensor(k)
-                    sd[k] = t if dtype is None else t.to(dtype)
+        sd, origin = _read_safetensors(files, device, dtype)
         missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        mis_shaped = sorted(
-            f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-            for k in set(sd) & set(expected) if sd[k].shape != expected[k]
+        unexpected = sorted(f"{k} (in {origin[k]})" for k in set(sd) - set(expected))
+        mismatched = sorted(
+            f"{k} (in {origin[k]}): checkpoint {tuple(sd[k].shape)} {sd[k].dtype} "
+            f"vs model {tuple(expected[k])}"
+            for k in set(sd) & set(expected) if sd[k].shape != expected[k] or not sd[k].is_floating_point()
         )
-        if mis_shaped or (strict and (missing or unexpected)):
-            raise KeyError(_mismatch_message(path, missing, unexpected, mis_shaped))
+        if mismatched or (strict and (missing or unexpected)):
+            raise ValueError(_mismatch_message(path, missing, unexpected, mismatched))
         if missing:  # non-strict: materialise the fresh init for what the checkpoint lacks
             model = cls(cfg, attention_backend=attention_backend).to(device=device, dtype=dtype)
             model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
@@ -310,7 +378,7 @@ class CrossDiT(nn.Module):
 _WEIGHTS = "diffusion_pytorch_model"
 
 
-def _mismatch_message(path, missing, unexpected, mis_shaped, show: int = 20) -> str:
+def _mismatch_message(path, missing, unexpected, mismatched, show: int = 20) -> str:
     def part(name, keys):
         more = f" ... and {len(keys) - show} more" if len(keys) > show else ""
         return f"\n  {len(keys)} {name}: {keys[:show]}{more}"
@@ -320,13 +388,24 @@ def _mismatch_message(path, missing, unexpected, mis_shaped, show: int = 20) -> 
         msg += part("missing keys", missing)
     if unexpected:
         msg += part("unexpected keys", unexpected)
-    if mis_shaped:
-        msg += part("keys with another shape", mis_shaped)
+    if mismatched:
+        msg += part("keys with another shape or a non-float dtype", mismatched)
     return msg
 
 
-def _find_checkpoint(path: Path) -> tuple[list[Path], dict | None]:
-    """-> (safetensors files to read, config dict of the folder or None)."""
+def _read_json(file: Path) -> dict:
+    """The JSON object stored in ``file``: FileNotFoundError if absent, ValueError naming it if malformed."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _find_checkpoint(path: Path) -> tuple[list[Path], Path | None]:
+    """-> (safetensors files to read, the folder's config.json or None)."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"expected a .safetensors file or a folder, got {path}")
@@ -335,16 +414,24 @@ def _find_checkpoint(path: Path) -> tuple[list[Path], dict | None]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
         path = path / "transformer"
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    cfg = path / "config.json" if (path / "config.json").exists() else None
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise ValueError(f"several safetensors index files in {path}: {[i.name for i in indexes]}")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = _read_json(indexes[0]).get("weight_map")
+        # shard names must be plain file names next to the index (no path escapes)
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+                           for k, v in weight_map.items())):
+            raise ValueError(
+                f"{indexes[0]} needs a non-empty 'weight_map' object mapping each key to a shard file name "
+                f"in {path}, got {weight_map!r:.200}"
+            )
         files = [path / name for name in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.exists()]
         if absent:
-            raise FileNotFoundError(f"shards named in {indexes[0].name} are absent: {absent}")
+            raise FileNotFoundError(f"shards named in {indexes[0]} are absent: {absent}")
         return files, cfg
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
@@ -355,7 +442,30 @@ def _find_checkpoint(path: Path) -> tuple[list[Path], dict | None]:
     return files, cfg
 
 
+def _read_safetensors(files, device, dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of ``files`` -> (state dict, key -> file name); a key stored twice is a ValueError."""
+    from safetensors import safe_open
+
+    sd: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for f in files:
+        try:
+            fh = safe_open(str(f), framework="pt", device=str(device))
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from e
+        with fh:
+            for k in fh.keys():
+                if k in sd:
+                    raise ValueError(f"key {k!r} is stored twice: in {origin[k]} and in {f.name}")
+                t = fh.get_tensor(k)
+                sd[k] = t if dtype is None else t.to(dtype)
+                origin[k] = f.name
+    return sd, origin
+
+
 def _resolve_config(config, path: Path) -> CrossDiTConfig:
+    """``config`` (or the folder's config.json) as a CrossDiTConfig; errors in a file's content are
+    re-raised naming the file."""
     if config is None:
         raise ValueError(
             f"{path} carries no config.json: pass config= (a preset name such as 'video_lite', an official "
@@ -363,10 +473,17 @@ def _resolve_config(config, path: Path) -> CrossDiTConfig:
         )
     if isinstance(config, CrossDiTConfig):
         return config
+    if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
+        content = _read_json(Path(config))
+        try:
+            return CrossDiTConfig.from_official_dict(content)
+        except ValueError as e:
+            raise ValueError(f"{config}: {e}") from e
     if isinstance(config, Mapping):
         return CrossDiTConfig.from_official_dict(config)
-    if isinstance(config, (str, os.PathLike)) and str(config).endswith(".json"):
-        return CrossDiTConfig.from_official_dict(json.loads(Path(config).read_text()))
     if isinstance(config, str):
         return preset(config)
-    raise TypeError(f"config must be a CrossDiTConfig, preset name, dict or json path, got {type(config)}")
+    raise ValueError(
+        f"config must be a CrossDiTConfig, a preset name, an official config dict or a config.json path, "
+        f"got {type(config).__name__}"
+    )

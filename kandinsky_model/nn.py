@@ -79,11 +79,7 @@ class VisualEmbeddings(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, c = x.shape
-        pt, ph, pw = self.patch_size
-        if t % pt or h % ph or w % pw:
-            raise ValueError(
-                f"latent grid (T, H, W) = {(t, h, w)} is not divisible by patch {self.patch_size}"
-            )
+        pt, ph, pw = self.patch_size  # divisibility is checked by CrossDiT.prepare
         x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, c)
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7).flatten(4)
         return self.in_layer(x)

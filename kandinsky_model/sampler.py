@@ -43,6 +43,10 @@ from typing import Sequence
 
 import torch
 
+from ._checks import (
+    check_bool, check_choice, check_int, check_ints, check_number, check_numbers, check_tensor,
+)
+from .config import ATTENTION_BACKENDS
 from .dit import CrossDiT
 from .magcache_ratios import OFFICIAL_MAG_RATIOS
 
@@ -55,7 +59,12 @@ MAX_TEXT_LENGTH = {"video": 256, "image2video": 256, "image": 512, "image_edit":
 
 
 def time_grid(num_steps: int, shift: float) -> torch.Tensor:
-    """fp64 (N + 1,) official flow-matching times from 1 to 0, warped by ``shift``."""
+    """fp64 (N + 1,) official flow-matching times from 1 to 0, warped by ``shift``.
+
+    Raises ValueError unless ``num_steps`` is a positive int and ``shift`` a positive finite number.
+    """
+    check_int("num_steps", num_steps)
+    check_number("shift", shift, gt=0.0)
     t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     return shift * t / (1.0 + (shift - 1.0) * t)
 
@@ -63,7 +72,9 @@ def time_grid(num_steps: int, shift: float) -> torch.Tensor:
 def video_rope_scale(height: int, width: int) -> tuple[float, float, float]:
     """RoPE position divisor of the video models for a pixel resolution: (1, 2, 2) for the 512-px (SD)
     family (both sides in 480..854 px, the Diffusers rule), (1, 3.16, 3.16) for 1024-px (HD). Image
-    models use (1, 1, 1)."""
+    models use (1, 1, 1). Raises ValueError unless both are positive ints."""
+    check_int("height", height)
+    check_int("width", width)
     sd = 480 <= height <= 854 and 480 <= width <= 854
     return (1.0, 2.0, 2.0) if sd else (1.0, 3.16, 3.16)
 
@@ -95,10 +106,17 @@ class MagCacheConfig:
         return cls(mag_ratios=OFFICIAL_MAG_RATIOS[name], **overrides)
 
     def __post_init__(self) -> None:
-        if len(self.mag_ratios) < 2:
-            raise ValueError("mag_ratios needs at least one cond/uncond pair")
-        if self.threshold < 0 or self.max_skips < 0 or not 0 <= self.retention_ratio <= 1:
-            raise ValueError(f"invalid MagCache settings {self}")
+        """Raises ValueError naming the field on a bad value."""
+        ratios = self.mag_ratios
+        if not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or len(ratios) % 2:
+            got = f"{len(ratios)} values" if isinstance(ratios, (list, tuple)) else type(ratios).__name__
+            raise ValueError(f"mag_ratios must be a list of cond/uncond pairs (an even count >= 2), "
+                             f"got {got}")
+        for i, r in enumerate(ratios):
+            check_number(f"mag_ratios[{i}]", r, ge=0.0)  # 0 marks the unused uncond slots of nocfg configs
+        self.threshold = check_number("threshold", self.threshold, ge=0.0)
+        check_int("max_skips", self.max_skips, ge=0)
+        self.retention_ratio = check_number("retention_ratio", self.retention_ratio, ge=0.0, le=1.0)
 
 
 def _nearest(src: list[float], n: int) -> list[float]:
@@ -193,15 +211,12 @@ def normalize_first_frame(
     Frames 4.. are returned unchanged. Deviation from the official code: with T <= 4 (no reference
     frame) the input is returned unchanged (the official code does so only for T <= 1 and produces NaN
     for 2 <= T <= 4, from the empty reference). As there, a constant source frame (s_i = 0) gives
-    non-finite values.
+    non-finite values. Raises ValueError for a non-float or non-5-D ``latents``, a ``reference_frames``
+    that is not a positive int or a non-bool ``clamp_values``.
     """
-    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
-        got = f"shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a (B, T, H, W, C) tensor, got {got}")
-    if not latents.is_floating_point():
-        raise ValueError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
-    if isinstance(reference_frames, bool) or not isinstance(reference_frames, int) or reference_frames < 1:
-        raise ValueError(f"reference_frames must be an int >= 1, got {reference_frames!r}")
+    check_tensor("latents", latents, ("B", "T", "H", "W", "C"))
+    check_int("reference_frames", reference_frames)
+    check_bool("clamp_values", clamp_values)
     t_len = latents.shape[1]
     if t_len <= _FIRST_FRAMES:
         return latents.clone()
@@ -227,7 +242,19 @@ _normalize_first_frame = normalize_first_frame  # ``generate`` has a keyword of 
 
 # ------------------------------------------------------------------------------------------- helpers
 def pack_text(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad per-prompt text states [(L_i, D)] to (B, max L, D) with a bool mask (B, max L)."""
+    """Right-pad per-prompt text states [(L_i, D)] to (B, max L, D) with a bool mask (B, max L).
+
+    Raises ValueError unless ``embeds`` is a non-empty list of float (L_i >= 1, D) tensors sharing D,
+    dtype and device.
+    """
+    if not isinstance(embeds, (list, tuple)) or not embeds:
+        raise ValueError(f"embeds must be a non-empty list of (L_i, D) tensors, got {embeds!r:.100}")
+    check_tensor("embeds[0]", embeds[0], ("L_0", "D"))
+    for i, e in enumerate(embeds):
+        check_tensor(f"embeds[{i}]", e, (f"L_{i}", ("D", embeds[0].shape[1])))
+        if (e.dtype, e.device) != (embeds[0].dtype, embeds[0].device):
+            raise ValueError(f"embeds[{i}] is {e.dtype} on {e.device}, embeds[0] {embeds[0].dtype} on "
+                             f"{embeds[0].device}: they must match")
     length = max(e.shape[0] for e in embeds)
     text = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
     mask = torch.zeros(len(embeds), length, dtype=torch.bool, device=embeds[0].device)
@@ -253,10 +280,27 @@ def _noise(shape, seed, device) -> torch.Tensor:
     if isinstance(seed, int) or seed is None:
         g = torch.Generator().manual_seed(0 if seed is None else seed)
         return torch.randn(shape, generator=g).to(device)
-    if len(seed) != shape[0]:
-        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
     draws = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed]
     return torch.stack(draws).to(device)
+
+
+def _check_prompt(prefix: str, cfg, b: int, text, pooled, mask) -> None:
+    """The ``{prefix}text``, ``{prefix}pooled_text``, ``{prefix}text_mask`` arguments of :func:`generate`."""
+    check_tensor(f"{prefix}text", text, (("B", b), "L", ("in_text_dim", cfg.in_text_dim)), finite=True)
+    check_tensor(f"{prefix}pooled_text", pooled, (("B", b), ("in_text_dim2", cfg.in_text_dim2)), finite=True)
+    if mask is not None:
+        check_tensor(f"{prefix}text_mask", mask, (("B", b), ("L", text.shape[1])), kind="mask")
+        if not bool(mask.bool().any(-1).all()):  # a sample without text would softmax over nothing
+            raise ValueError(f"{prefix}text_mask: every sample needs at least one real (True) text token")
+
+
+def _check_seed(seed, b: int) -> None:
+    def is_seed(s):  # the range torch.Generator.manual_seed takes
+        return isinstance(s, int) and not isinstance(s, bool) and -(2**63) <= s < 2**64
+
+    if not (seed is None or is_seed(seed)
+            or (isinstance(seed, (list, tuple)) and len(seed) == b and all(map(is_seed, seed)))):
+        raise ValueError(f"seed must be None, an int or a list of {b} ints (one per sample), got {seed!r}")
 
 
 @dataclass
@@ -313,28 +357,68 @@ def generate(
     magcache      skip block-stack evaluations (:class:`MagCacheConfig`); ``calibrate`` measures the
                   magnitude ratios instead (returned in ``GenerationResult.mag_ratios``)
     cfg_batch     run the cond and uncond branches as one batch of 2B (text padded and masked)
-    dtype         activation dtype of the model calls (default: the model's parameter dtype); the
-                  latent state stays fp32
+    dtype         activation dtype of the model calls (default: the model's parameter dtype; another
+                  one only under torch.autocast); the latent state stays fp32
+
+    Raises ValueError naming the argument for: tensors of the wrong shape (B from ``text``; L of a
+    mask from its text), a non-float dtype or NaN/inf values (a mask must be bool or 0/1 integer,
+    with a True per sample); ``num_steps`` not a positive int; ``guidance_scale`` not finite; ``shift``
+    not positive and finite; ``shape`` not three positive ints divisible by the patch size;
+    ``rope_scale`` not three positive finite numbers; ``seed`` not None, an int or B ints; flags that
+    are not bools; an unknown ``attention_backend``; a conditioning input the model cannot take.
     """
+    if not isinstance(model, CrossDiT):
+        raise ValueError(f"model must be a CrossDiT, got {type(model).__name__}")
     cfg = model.config
-    device = next(model.parameters()).device
-    dtype = dtype or next(model.parameters()).dtype
+    param = next(model.parameters())
+    device = param.device
+    grid = time_grid(num_steps, shift)  # validates both
+    guidance_scale = check_number("guidance_scale", guidance_scale)
+    rope_scale = check_numbers("rope_scale (T, H, W)", rope_scale)
+    t_len, h, w = check_ints("shape (T, H, W)", shape)
+    if t_len % cfg.patch_size[0] or h % cfg.patch_size[1] or w % cfg.patch_size[2]:
+        raise ValueError(f"shape (T, H, W) = {(t_len, h, w)} must be divisible by the model's patch_size "
+                         f"{cfg.patch_size}")
+    for name, flag in (("i2v_cond_channels", i2v_cond_channels), ("calibrate", calibrate),
+                       ("cfg_batch", cfg_batch), ("normalize_first_frame", normalize_first_frame)):
+        check_bool(name, flag)
+    if attention_backend is not None:
+        check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
+    if magcache is not None and not isinstance(magcache, MagCacheConfig):
+        raise ValueError(f"magcache must be a MagCacheConfig or None, got {type(magcache).__name__}")
+    if dtype is None:
+        dtype = param.dtype
+    elif not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+    elif dtype != param.dtype and not torch.is_autocast_enabled(device.type):
+        raise ValueError(f"dtype {dtype} differs from the model's weights ({param.dtype}): cast the model, "
+                         "or run under torch.autocast")
+
+    check_tensor("text", text, ("B", "L", ("in_text_dim", cfg.in_text_dim)))
     b = text.shape[0]
-    t_len, h, w = (int(s) for s in shape)
     c = cfg.in_visual_dim
+    _check_prompt("", cfg, b, text, pooled_text, text_mask)
     use_cfg = abs(guidance_scale - 1.0) >= 1e-6
     if use_cfg and (negative_text is None or negative_pooled_text is None):
         raise ValueError("guidance_scale != 1 needs negative_text and negative_pooled_text")
+    if negative_text is not None or negative_pooled_text is not None or negative_text_mask is not None:
+        _check_prompt("negative_", cfg, b, negative_text, negative_pooled_text, negative_text_mask)
     if first_frame is not None and not cfg.visual_cond:
         raise ValueError("first_frame (image-to-video) needs a model with visual_cond=True")
     if source_image is not None and cfg.instruct_type != "channel":
         raise ValueError("source_image (editing) needs a model with instruct_type='channel'")
+    for name, image in (("first_frame", first_frame), ("source_image", source_image)):
+        if image is not None:
+            check_tensor(name, image, (("B", b), ("H", h), ("W", w), ("C", c)), finite=True)
     if cfg_batch and (magcache is not None or calibrate):
         raise ValueError("MagCache keeps one residual per branch: use cfg_batch=False with it")
 
-    x = noise.float().to(device) if noise is not None else _noise((b, t_len, h, w, c), seed, device)
-    if x.shape != (b, t_len, h, w, c):
-        raise ValueError(f"noise must be {(b, t_len, h, w, c)}, got {tuple(x.shape)}")
+    if noise is not None:
+        check_tensor("noise", noise, (("B", b), ("T", t_len), ("H", h), ("W", w), ("C", c)), finite=True)
+        x = noise.float().to(device)
+    else:
+        _check_seed(seed, b)
+        x = _noise((b, t_len, h, w, c), seed, device)
 
     # The conditioning channels are fixed over the whole trajectory.
     extra = None
@@ -342,12 +426,12 @@ def generate(
         cond = torch.zeros(b, t_len, h, w, c, device=device)
         mask = torch.zeros(b, t_len, h, w, 1, device=device)
         if first_frame is not None:
-            first_frame = first_frame.float().to(device).reshape(b, 1, h, w, c)
+            first_frame = first_frame.float().to(device)[:, None]
             mask[:, 0] = 1.0
             if i2v_cond_channels:
                 cond[:, :1] = first_frame
         if source_image is not None:
-            cond = source_image.float().to(device).reshape(b, 1, h, w, c).expand(b, t_len, h, w, c)
+            cond = source_image.float().to(device)[:, None].expand(b, t_len, h, w, c)
             mask = torch.ones_like(mask)
         extra = torch.cat([cond, mask], dim=-1)
 
@@ -370,7 +454,6 @@ def generate(
     cache = None
     if magcache is not None or calibrate:
         cache = MagCache(magcache, num_steps, calibrate=calibrate)
-    grid = time_grid(num_steps, shift)
     nfe = 0
     for i in range(num_steps):
         xin = model_input(x)
@@ -460,8 +543,12 @@ def encode_prompt(
     with its tokenizer, all loaded by the caller (nothing here downloads). The prompt goes into
     ``PROMPT_TEMPLATES[kind]``, is tokenised right-padded to the longest prompt and truncated to
     ``MAX_TEXT_LENGTH[kind] + CROP_START[kind]`` tokens; the last hidden states lose their first
-    ``CROP_START[kind]`` positions. CLIP sees the raw prompt (77 tokens, padded).
+    ``CROP_START[kind]`` positions. CLIP sees the raw prompt (77 tokens, padded). Raises ValueError for
+    an unknown ``kind`` or ``prompts`` that is not a non-empty list of strings (a bare string included).
     """
+    check_choice("kind", kind, tuple(PROMPT_TEMPLATES))
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.100}")
     crop = CROP_START[kind]
     texts = [PROMPT_TEMPLATES[kind].format(p) for p in prompts]
     tok = qwen_processor(text=texts, padding=True, truncation=True, max_length=MAX_TEXT_LENGTH[kind] + crop,
