@@ -81,6 +81,9 @@ def test_extension_is_built_here():
 
     assert _ext.EXT is not None, _ext.EXT_ERROR
     assert _ext.EXT.omp_threads() >= 1
+    # The op tests skip a backend whose op is missing; here a missing op fails instead.
+    for op in ("bsa_fwd", "bsa_bwd", "nabla_block_mask", "fractal_flatten", "fractal_unflatten"):
+        assert _ext.cpp_op(op) is not None, f"the built extension lacks {op}"
     assert not hasattr(_ext.EXT, "with_cuda")  # no CUDA kernels exist, so the build reports none
 
 
