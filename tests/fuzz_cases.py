@@ -68,10 +68,12 @@ def rejects(fn: Callable[[], object], pattern: str) -> None:
     raise AssertionError(f"expected ValueError matching {pattern!r}, but the call returned")
 
 
-def agrees(got: torch.Tensor, want: torch.Tensor, name: str = "output", *, nan_superset: bool = False) -> None:
+def agrees(got: torch.Tensor, want: torch.Tensor, name: str = "output", *, nan_superset: bool = False,
+           torch_out: torch.Tensor | None = None) -> None:
     """Same shape, NaN and +-inf exactly where ``want`` has them, and elsewhere within the fp32
     tolerance policy. ``nan_superset``: ``got`` may also be NaN where ``want`` is finite (the dense
-    reference backend, whose zero products reach hidden values), but nowhere else off."""
+    reference backend, whose zero products reach hidden values), but nowhere else off. ``torch_out``:
+    plain torch at got's dtype, the policy's yardstick (default: the oracle rounded to that dtype)."""
     from conftest import assert_close_to_reference
 
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
@@ -83,7 +85,8 @@ def agrees(got: torch.Tensor, want: torch.Tensor, name: str = "output", *, nan_s
     check = ~(nan_got | nan_want | inf_want)
     if not torch.equal(got[inf_want & ~nan_got], want[inf_want & ~nan_got].to(got.dtype)):
         raise AssertionError(f"{name}: +-inf entries differ from the oracle's")
-    assert_close_to_reference(got[check], want[check].to(torch.float64), name=name)
+    yardstick = None if torch_out is None else torch_out[check]
+    assert_close_to_reference(got[check], want[check].to(torch.float64), yardstick, name=name)
 
 
 def qkv(seed: int = 0, s: int = S, d: int = D, dtype=torch.float32):
@@ -279,6 +282,36 @@ for _backend in ATTN_BACKENDS:
             assert dq_rows.equal(rows), "dq must be NaN exactly on the NaN rows"
 
 
+for _backend in ATTN_BACKENDS:
+    for _b, _s, _h in ((0, S, H), (1, S, 0), (1, 0, H)):
+
+        @case(f"bsa-{_backend}-empty-b{_b}-s{_s}-h{_h}-forward-backward")
+        def _(_backend=_backend, _b=_b, _s=_s, _h=_h):
+            q, k, v = (torch.randn(_b, _s, _h, D, requires_grad=True) for _ in range(3))
+            nb, mb, mh = _s // BS, max(_b, 1), max(_h, 1)
+            m = BlockSparseMask(torch.full((mb, mh, nb), nb, dtype=torch.int32),
+                                torch.arange(nb, dtype=torch.int32).repeat(mb, mh, nb, 1))
+            out = _bsa(_backend, q, k, v, m)
+            out.sum().backward()  # sum's gradient is an expanded (stride 0) tensor
+            assert out.shape == q.shape and q.grad.shape == q.shape
+
+    @case(f"bsa-{_backend}-expanded-stride-0-inputs")
+    def _(_backend=_backend):
+        x = torch.randn(1, 1, H, D).expand(1, S, H, D)
+        m = band_mask()
+        # Equal keys: the oracle's answer is exactly representable, so plain fp32 torch is the yardstick.
+        plain = block_sparse_attention_reference(x, x, x, m, upcast=False)
+        agrees(_bsa(_backend, x, x, x, m), oracle(x, x, x, m), torch_out=plain)
+
+    @case(f"bsa-{_backend}-all-keys-padding-gives-zeros")
+    def _(_backend=_backend):
+        q, k, v = qkv(7)
+        m = BlockSparseMask.from_dense_blocks(torch.ones(NB, NB, dtype=torch.bool),
+                                              token_valid=torch.zeros(S, dtype=torch.bool))
+        out = _bsa(_backend, q, k, v, m)
+        assert torch.equal(out, torch.zeros_like(out))
+
+
 for _label, _mk, _msg in (
     ("q-3d", lambda: [torch.randn(1, S, H)] * 3, "q must have 4 dims"),
     ("shape-mismatch", lambda: [torch.randn(1, S, H, D), torch.randn(1, S, H, D + 16), torch.randn(1, S, H, D)],
@@ -463,6 +496,7 @@ for _label, _args, _msg in (
     ("t-zero", (0, 2, 2), "t must be"),
     ("window-even", (2, 2, 2, (2, 3, 3)), "odd"),
     ("window-2", (2, 2, 2, (3, 3)), "three positive odd"),
+    ("huge-grid", (2**20, 2**10, 2**10), "bool mask, more than"),
 ):
 
     @case(f"sta-rejects-{_label}")

@@ -658,6 +658,9 @@ def _fwd_op(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if backend != "cpu":  # the C++ kernels check the same things themselves
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
+    if q.numel() == 0:  # nothing to compute (and an empty tensor's strides may be anything)
+        b, s, h, _ = q.shape
+        return q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
     if backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
@@ -698,6 +701,8 @@ def _bwd_op(
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
+    if q.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if backend == "cpu":
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
             dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),

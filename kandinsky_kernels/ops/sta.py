@@ -13,6 +13,10 @@ from kandinsky_kernels._validation import check_positive_int
 
 __all__ = ["sta_block_mask"]
 
+# 4 GiB of bool: ~2,000x Kandinsky 5 Pro's 1,464 x 1,464 blocks at 10 s, far below which an absurd grid
+# is refused with a clear error instead of an allocation that fails or exhausts host memory.
+_MAX_ELEMENTS = 2**32
+
 
 def _check_window(window) -> tuple[int, int, int]:
     """``window`` as a tuple of three positive odd ints (wT, wH, wW), or ValueError."""
@@ -48,14 +52,20 @@ def sta_block_mask(
         t, h_tiles, w_tiles: latent frames and tile rows / columns (positive ints).
         window: (wT, wH, wW) in frames and tiles, positive odd ints. Kandinsky 5 Lite uses (11, 3, 3).
         device: where the mask is built.
+
+    Raises:
+        ValueError: a non-positive size, a bad window, or N * N above 2**32 (a dense mask of 4 GiB).
     """
     for name, v in (("t", t), ("h_tiles", h_tiles), ("w_tiles", w_tiles)):
         check_positive_int(name, v)
     wt, wh, ww = _check_window(window)
+    n = t * h_tiles * w_tiles
+    if n * n > _MAX_ELEMENTS:
+        raise ValueError(f"sta_block_mask: a grid of {t} x {h_tiles} x {w_tiles} = {n} blocks needs a dense "
+                         f"({n}, {n}) bool mask, more than {_MAX_ELEMENTS} elements")
     bt, bh, bw = _band(t, wt, device), _band(h_tiles, wh, device), _band(w_tiles, ww, device)
     # (i_t, i_h, i_w, j_t, j_h, j_w) -> (i, j) with i, j flattened t-major like the blocks.
     mask = (
         bt[:, None, None, :, None, None] & bh[None, :, None, None, :, None] & bw[None, None, :, None, None, :]
     )
-    n = t * h_tiles * w_tiles
     return mask.reshape(n, n)
