@@ -1,26 +1,57 @@
-"""Shared helpers of the speedup suites: timing through pytest-benchmark, peak memory, smoke mode.
+"""Shared helpers of the speedup suites: profiles, interleaved timing of the providers of one case
+(:func:`run_case`, through pytest-benchmark), peak memory.
 
-Every benchmark records in ``benchmark.extra_info``:
-  ``suite``     the comparison it belongs to (rows of the report are grouped by it and ``case``),
-  ``case``      the shape/parameter description, identical for every provider of one comparison,
-  ``provider``  what ran (``ours[cpu]``, ``torch.clone``, ``official``, ...),
-  ``baseline``  True for the provider the others are compared with,
-  ``peak_mb``   peak bytes allocated by torch during one call (optional),
-  ``goal``      optional string such as ``>=3.0x`` (speed) checked by the report against the baseline,
-  ``mem_goal``  optional string such as ``<=0.333`` (peak memory ratio ours/baseline).
-``make bench`` saves the JSON and ``python -m benchmarks.report`` prints ratios from one run.
+Every suite has one pytest test per *case* (one shape/dtype/parameter point); :func:`run_case` times
+all providers of the case interleaved, round by round, and records per-provider per-round times in
+``benchmark.extra_info`` (its docstring gives the JSON layout the report reads).
 
-``KANDINSKY_BENCH_SMOKE=1`` (set by ``make test``) shrinks every shape so the suites run in seconds as
-tests of the benchmark code itself; the numbers are then meaningless and no goal is judged.
+Profiles (``KANDINSKY_BENCH_PROFILE``; ``python -m benchmarks --profile P`` sets it):
+  ``smoke``    toy shapes, 1 round, no goals: tests of the benchmark code itself (``make test``; the
+               older ``KANDINSKY_BENCH_SMOKE=1`` also means smoke), seconds in all;
+  ``quick``    small but real shapes, few rounds: about a minute on a 2-core host (``make bench-quick``);
+  ``default``  the shapes of the goals, rounds chosen so ``make bench`` takes <= 10 minutes on a 2-core
+               host;
+  ``gpu``      the Kandinsky-scale GPU suite only (``test_bench_attention_gpu.py``); the CPU suites
+               skip themselves.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-SMOKE = os.environ.get("KANDINSKY_BENCH_SMOKE", "0") == "1"
+PROFILES = ("smoke", "quick", "default", "gpu")
+
+
+def _profile() -> str:
+    name = os.environ.get("KANDINSKY_BENCH_PROFILE", "").strip().lower()
+    if not name:
+        name = "smoke" if os.environ.get("KANDINSKY_BENCH_SMOKE", "0") == "1" else "default"
+    if name not in PROFILES:
+        raise ValueError(f"KANDINSKY_BENCH_PROFILE={name!r}: must be one of {PROFILES}")
+    return name
+
+
+PROFILE = _profile()
+SMOKE = PROFILE == "smoke"
+
+
+def by_profile(*, smoke, quick, default, gpu=None):
+    """The value for the current profile (``gpu`` falls back to ``default``)."""
+    if PROFILE == "gpu" and gpu is not None:
+        return gpu
+    return {"smoke": smoke, "quick": quick, "default": default, "gpu": default}[PROFILE]
+
+
+def skip_cpu_suite_in_gpu_profile() -> None:
+    """Call at the top of a CPU suite: the ``gpu`` profile runs the GPU suite only."""
+    if PROFILE == "gpu":
+        import pytest
+
+        pytest.skip("CPU suite: not part of the gpu profile", allow_module_level=True)
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
@@ -46,32 +77,92 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def run_benchmark(
+@dataclass
+class Provider:
+    """One contender of a case. ``fn`` runs one call (it must finish its work before returning);
+    ``skip`` says why it cannot run on this machine (then ``fn`` is never called, and the report shows
+    the provider as skipped with this reason). ``memory``: also record torch's peak allocation of one
+    call (``peak_mb``)."""
+
+    name: str
+    fn: Callable[[], object] | None = None
+    skip: str | None = None
+    memory: bool = False
+
+
+def run_case(
     benchmark,
-    fn: Callable[[], object],
     *,
     suite: str,
+    op: str,
     case: str,
-    provider: str,
-    baseline: bool = False,
-    goal: str | None = None,
-    mem_goal: str | None = None,
-    measure_memory: bool = False,
+    baseline: str,
+    providers: Sequence[Provider],
+    params: dict | None = None,
+    ideal: float | None = None,
+    goals: Sequence[dict] = (),
+    mem_goal: dict | None = None,
     rounds: int = 5,
     warmup_rounds: int = 1,
-    **extra,
+    sync: Callable[[], None] | None = None,
 ):
-    """Time ``fn`` with ``benchmark.pedantic`` and record the metadata the report needs."""
-    benchmark.group = f"{suite} | {case}"
-    info = dict(suite=suite, case=case, provider=provider, baseline=baseline, **extra)
-    if goal and not SMOKE:
-        info["goal"] = goal
-    if mem_goal and not SMOKE:
-        info["mem_goal"] = mem_goal
-    if measure_memory:
-        fn()  # warm caches and lazy inits so they are not counted as peak
-        info["peak_mb"] = peak_memory_bytes(fn) / 2**20
-    benchmark.extra_info.update(info)
-    if SMOKE:
+    """Time every provider of one case *interleaved*: each round calls every provider once, back to
+    back (the order alternates between rounds), so a drift of a shared host's speed hits all of them
+    alike and round ``r`` of the baseline and of ours form a fair pair.
+
+    Records in ``benchmark.extra_info`` (the JSON the report reads):
+      ``suite``, ``op``, ``case``    rows of the report (``case`` describes shape and dtype);
+      ``params``                     plot coordinates, e.g. ``{"density": 0.1, "head_dim": 64,
+                                     "seq_len": 8192, "pass": "forward", "dtype": "fp32"}``;
+      ``baseline``                   the provider the others are compared with;
+      ``providers``                  ``{name: {"times": [seconds per round], "peak_mb": float | None}}``
+                                     for the providers that ran, ``{name: {"skip": reason}}`` for the rest;
+      ``ideal``                      the best speedup skipping work can give (1 / density), or None;
+      ``goals``                      ``[{"provider": p, "vs": q, "min_speedup": x}, ...]``; met only if the
+                                     lower quartile of the per-round ratios q / p is >= x;
+      ``mem_goal``                   ``{"provider": p, "vs": q, "max_ratio": r}`` on peak memory.
+      ``profile``, ``rounds``, ``warmup_rounds``  how it was run (every provider that ran has
+                                     ``rounds`` times; warm-up rounds are not recorded).
+    pytest-benchmark's own statistics are those of a whole round. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs after every call, inside its timing. In the smoke profile, and
+    under ``--benchmark-disable``, one recorded round and no warm-up; goals are dropped in smoke.
+    """
+    ran = [p for p in providers if p.skip is None]
+    if not any(p.name == baseline for p in ran):
+        raise ValueError(f"baseline {baseline!r} must be one of the providers that run")
+    if len({p.name for p in providers}) != len(providers):
+        raise ValueError(f"provider names repeat: {[p.name for p in providers]}")
+    if SMOKE or getattr(benchmark, "disabled", False):
+        # smoke: one round of toy shapes; --benchmark-disable: pytest-benchmark calls the round once
+        # and ignores rounds, so that one call must be the recorded one
         rounds, warmup_rounds = 1, 0
-    return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    info = dict(suite=suite, op=op, case=case, params=dict(params or {}), baseline=baseline, ideal=ideal,
+                providers={}, goals=[] if SMOKE else list(goals), mem_goal=None if SMOKE else mem_goal,
+                profile=PROFILE, rounds=rounds, warmup_rounds=warmup_rounds)
+    for p in providers:  # in the order given (the report's legend order)
+        if p.skip is not None:
+            info["providers"][p.name] = {"skip": p.skip}
+            continue
+        entry = {"times": [], "peak_mb": None}
+        if p.memory:
+            p.fn()  # warm caches and lazy inits so they are not counted as peak
+            entry["peak_mb"] = peak_memory_bytes(p.fn) / 2**20
+        info["providers"][p.name] = entry
+    calls = {"n": 0}
+
+    def one_round():
+        order = ran if calls["n"] % 2 == 0 else ran[::-1]
+        record = calls["n"] >= warmup_rounds
+        calls["n"] += 1
+        for p in order:
+            t0 = time.perf_counter()
+            p.fn()
+            if sync is not None:
+                sync()
+            if record:
+                info["providers"][p.name]["times"].append(time.perf_counter() - t0)
+
+    benchmark.group = f"{suite} | {case}"
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return info

@@ -12,22 +12,26 @@ Goals at 10 % density (H200, bf16):
     two-pass one and ``KANDINSKY_BSA_TRITON_BWD=atomic``).
 The report prints the fraction of ideal (speedup x density) on every ours row.
 
-Timing: each call ends with ``torch.cuda.synchronize()``; the warm-up round absorbs compilation and
-autotuning. ``scripts/gpu_check.sh`` runs this file in smoke mode (toy shapes) to check that it runs,
-and times the full shapes under a time budget with ``benchmarks/gpu_timing.py``.
+Timing: one test per case; its providers run interleaved, round by round (``run_case``), each call
+followed by ``torch.cuda.synchronize()`` inside its timing; the two warm-up rounds absorb compilation
+and autotuning. A provider that cannot run here (flash-attn not installed, Flex's backward on the
+CPU, Triton unavailable) is listed as skipped with the reason.
 
-Without CUDA the suite is skipped, except in smoke mode (``make test``): there it runs at a toy shape
-on the CPU (Triton interpreter, fp32, Flex uncompiled) to test this file's own code.
+Profiles: ``gpu`` (``python -m benchmarks --profile gpu``; ``scripts/gpu_check.sh`` runs it under a
+time limit, 10 % density first so the goals' rows come first) runs the shapes above; ``quick`` and
+``default`` skip this file; ``smoke`` (``make test``) runs a toy shape, on the CPU without CUDA
+(Triton interpreter, fp32, Flex uncompiled) to test this file's own code.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks._util import SMOKE, run_benchmark
+from benchmarks._util import PROFILE, SMOKE, Provider, run_case
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
@@ -36,6 +40,9 @@ CUDA = torch.cuda.is_available()
 if not CUDA and not SMOKE:
     pytest.skip("GPU suite: needs CUDA (runs at a toy shape on the CPU only in smoke mode)",
                 allow_module_level=True)
+if PROFILE in ("quick", "default"):
+    pytest.skip(f"GPU suite: Kandinsky-scale shapes run in the gpu profile only (this is {PROFILE}; "
+                "python -m benchmarks --profile gpu)", allow_module_level=True)
 
 DEVICE = "cuda" if CUDA else "cpu"
 BS = 64
@@ -45,7 +52,7 @@ if SMOKE:
     DTYPE = torch.bfloat16 if CUDA else torch.float32  # the interpreter computes bf16 wrongly
 else:
     MODELS = {"lite": (93_696, 28, 64), "pro": (93_696, 32, 128)}
-    DENSITIES = [0.05, 0.10, 0.25, 0.50]
+    DENSITIES = [0.10, 0.05, 0.25, 0.50]  # the goals' density first: a time-limited run measures it
     DTYPE = torch.bfloat16
 DT = {torch.bfloat16: "bf16", torch.float32: "fp32"}[DTYPE]
 FLEX = "flex[compiled]" if CUDA else "flex[eager]"
@@ -54,25 +61,9 @@ _cache: dict = {}  # one model's inputs and masks at a time (Pro's four inputs a
 _flex_compiled: dict = {}
 
 
-def _need_triton():
-    from kandinsky_kernels import _triton
-
-    if not _triton.triton_runs_on(DEVICE):
-        pytest.skip(_triton.why_not(DEVICE))
-
-
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
-
-
-def _timed(fn):
-    def call():
-        out = fn()
-        _sync()
-        return out
-
-    return call
 
 
 def _inputs(model: str):
@@ -138,89 +129,119 @@ def _case(model: str, density: float) -> str:
     return f"{model} S={s} H={h} D={d} {DT} density={density:.0%}"
 
 
-PROVIDERS = ["sdpa[flash]", "flash-attn", FLEX, OURS]
+SDPA = "sdpa[flash]"
 M_IDS = list(MODELS)
 D_IDS = [f"{int(x * 100)}pct" for x in DENSITIES]
 
 
-# Order, slowest-varying first: model (one model's inputs cached at a time), density, mode, provider
-# (the providers of one case run back to back).
-@pytest.mark.parametrize("provider", PROVIDERS)
+def _why_no_triton() -> str | None:
+    from kandinsky_kernels import _triton
+
+    return None if _triton.triton_runs_on(DEVICE) else _triton.why_not(DEVICE)
+
+
+# Order, slowest-varying first: model (one model's inputs cached at a time), density, mode; the
+# providers of one case run interleaved, round by round.
 @pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
 @pytest.mark.parametrize("density", DENSITIES, ids=D_IDS)
 @pytest.mark.parametrize("model", M_IDS)
-def test_gpu_attention(benchmark, provider, mode, model, density):
+def test_gpu_attention(benchmark, mode, model, density):
     q, k, v, do = _inputs(model)
     mask = _mask(model, density)
     real = mask.density()
     scale = 1.0 / math.sqrt(q.shape[-1])
     grad = mode == "fwd+bwd"
     qg, kg, vg = (t.detach().requires_grad_(grad) for t in (q, k, v))
-    dense = provider in ("sdpa[flash]", "flash-attn")
-    if provider == "sdpa[flash]":
-        call = lambda: _sdpa(qg, kg, vg)  # noqa: E731
-    elif provider == "flash-attn":
-        fa = _flash_attn()
-        if fa is None:
-            pytest.skip("flash-attn is not installed (or no CUDA)")
-        qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))
-        call = lambda: fa(qs, ks, vs).transpose(1, 2)  # noqa: E731
-    elif provider == FLEX:
-        if grad and not CUDA:
-            pytest.skip("FlexAttention has no CPU backward")
-        if ("bm", model, density) not in _cache:
-            _cache[("bm", model, density)] = mask.to_flex_block_mask()
-        bm = _cache[("bm", model, density)]
-        call = lambda: _flex(qg, kg, vg, bm, scale)  # noqa: E731
-    else:
-        _need_triton()
-        qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))
 
-        def call():
-            with use_backend("triton"):
-                return block_sparse_attention(qs, ks, vs, mask, scale=scale).transpose(1, 2)
+    def timed(call):
+        if grad:
+            return lambda: torch.autograd.grad(call(), (qg, kg, vg), do)
 
-    if grad:
-        def fn():
-            return torch.autograd.grad(call(), (qg, kg, vg), do)
-    else:
         def fn():
             with torch.no_grad():
                 return call()
+        return fn
 
-    suite = f"bsa {mode} (GPU)"
-    goal = None
-    if provider == OURS and mode == "forward" and density == 0.10:
-        goal = f">={0.75 / real:.2f}x; >=1.3x vs {FLEX}"
-    # dense providers are timed in every case (each case needs its baseline in the same run)
-    run_benchmark(benchmark, _timed(fn), suite=suite, case=_case(model, density), provider=provider,
-                  baseline=provider == "sdpa[flash]", goal=goal, rounds=5, warmup_rounds=2,
-                  **({} if dense else {"ideal": 1.0 / real}))
+    providers = [Provider(SDPA, timed(lambda: _sdpa(qg, kg, vg)))]
+    fa = _flash_attn()
+    if fa is None:
+        providers.append(Provider("flash-attn", skip="flash-attn is not installed (or no CUDA)"))
+    else:
+        qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))
+        providers.append(Provider("flash-attn", timed(lambda: fa(qs, ks, vs).transpose(1, 2))))
+    if grad and not CUDA:
+        providers.append(Provider(FLEX, skip="FlexAttention has no CPU backward"))
+    else:
+        if ("bm", model, density) not in _cache:
+            _cache[("bm", model, density)] = mask.to_flex_block_mask()
+        bm = _cache[("bm", model, density)]
+        providers.append(Provider(FLEX, timed(lambda: _flex(qg, kg, vg, bm, scale))))
+    qs, ks, vs = (t.transpose(1, 2) for t in (qg, kg, vg))
+
+    def ours():
+        with use_backend("triton"):
+            return block_sparse_attention(qs, ks, vs, mask, scale=scale).transpose(1, 2)
+
+    providers.append(Provider(OURS, timed(ours), skip=_why_no_triton()))
+    goals = []
+    if mode == "forward" and density == 0.10:
+        goals = [{"provider": OURS, "vs": SDPA, "min_speedup": round(0.75 / real, 3)},
+                 {"provider": OURS, "vs": FLEX, "min_speedup": 1.3}]
+    s, h, d = MODELS[model]
+    run_case(benchmark, suite=f"bsa {mode} (GPU)", op="block_sparse_attention", case=_case(model, density),
+             baseline=SDPA, providers=providers,
+             params={"model": model, "density": density, "measured_density": round(real, 5), "head_dim": d,
+                     "seq_len": s, "heads": h, "pass": mode, "dtype": DT},
+             ideal=1.0 / real, goals=goals, rounds=5, warmup_rounds=2, sync=_sync)
+
+
+def _scheme(scheme: str, fn):
+    """Run ``fn`` with KANDINSKY_BSA_TRITON_BWD=scheme (read when the backward launches)."""
+    def call():
+        old = os.environ.get("KANDINSKY_BSA_TRITON_BWD")
+        os.environ["KANDINSKY_BSA_TRITON_BWD"] = scheme
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["KANDINSKY_BSA_TRITON_BWD"]
+            else:
+                os.environ["KANDINSKY_BSA_TRITON_BWD"] = old
+    return call
 
 
 @pytest.mark.parametrize("model", M_IDS)
-@pytest.mark.parametrize("part", ["forward", "backward", "backward-atomic"])
-def test_gpu_backward_vs_forward(benchmark, part, model, monkeypatch):
+def test_gpu_backward_vs_forward(benchmark, model):
     """Our backward alone (each Triton scheme) against our forward at 10 % density: goal backward <= 3x
-    forward."""
-    _need_triton()
-    monkeypatch.setenv("KANDINSKY_BSA_TRITON_BWD", "atomic" if part == "backward-atomic" else "two_pass")
+    forward (forward / backward >= 1/3)."""
+    why = _why_no_triton()
+    if why is not None:
+        pytest.skip(why)
     q, k, v, do = _inputs(model)
     density = 0.10 if 0.10 in DENSITIES else DENSITIES[0]
     mask = _mask(model, density)
-    qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_(part != "forward") for t in (q, k, v))
+    fwd = f"{OURS} forward"
+    qf, kf, vf = (t.detach().transpose(1, 2) for t in (q, k, v))
+    qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_(True) for t in (q, k, v))
     dos = do.transpose(1, 2)
-    if part == "forward":
-        def fn():
-            with torch.no_grad(), use_backend("triton"):
-                return block_sparse_attention(qs, ks, vs, mask)
-    else:
-        with use_backend("triton"):
-            out = block_sparse_attention(qs, ks, vs, mask)
 
-        def fn():
-            return torch.autograd.grad(out, (qs, ks, vs), dos, retain_graph=True)
+    def forward():
+        with torch.no_grad(), use_backend("triton"):
+            return block_sparse_attention(qf, kf, vf, mask)
 
-    run_benchmark(benchmark, _timed(fn), suite="bsa backward vs forward (GPU)", case=_case(model, density),
-                  provider=f"{OURS} {part}", baseline=part == "forward",
-                  goal=">=0.333x" if part != "forward" else None, rounds=5, warmup_rounds=2)
+    with use_backend("triton"):
+        out = block_sparse_attention(qs, ks, vs, mask)
+
+    def backward():
+        return torch.autograd.grad(out, (qs, ks, vs), dos, retain_graph=True)
+
+    providers = [Provider(fwd, forward),
+                 Provider(f"{OURS} backward", _scheme("two_pass", backward)),
+                 Provider(f"{OURS} backward-atomic", _scheme("atomic", backward))]
+    s, h, d = MODELS[model]
+    run_case(benchmark, suite="bsa backward vs forward (GPU)", op="block_sparse_attention",
+             case=_case(model, density), baseline=fwd, providers=providers,
+             params={"model": model, "density": density, "head_dim": d, "seq_len": s, "heads": h,
+                     "pass": "backward vs forward", "dtype": DT},
+             goals=[{"provider": p.name, "vs": fwd, "min_speedup": 0.333} for p in providers[1:]],
+             rounds=5, warmup_rounds=2, sync=_sync)

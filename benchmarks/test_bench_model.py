@@ -12,23 +12,47 @@ GFLOP). In fp32 the Linears run at the sgemm peak, about as fast per FLOP as den
 fp32 block speed-up is bounded by about 1.6x however fast the sparse attention is. In bf16 the
 Linears run on the AVX512-BF16 dot products (oneDNN, about 2.5x the fp32 rate on this CPU) while
 dense bf16 attention gains little, so attention is most of the block and the bound is far higher. The
-``self-attention forward`` rows isolate the part NABLA accelerates. On a shared CPU the rounds of
-different providers run at different times, so compare medians of several runs.
+``self-attention forward`` rows isolate the part NABLA accelerates. One test per (dtype, mode) case;
+sdpa and nabla run interleaved, round by round. The smoke profile runs toy widths; quick runs bf16
+at S = 4,096 visual tokens (forward and self-attention only, no goal: at a shorter S the Linears weigh
+more).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks._util import SMOKE, run_benchmark
+from benchmarks._util import PROFILE, Provider, by_profile, run_case, skip_cpu_suite_in_gpu_profile
 from kandinsky_model.attention import AttentionContext, NablaState, self_attention
 from kandinsky_model.nn import TransformerDecoderBlock
 from kandinsky_model.rope import rope_cos_sin, visual_rope_angles
 
-if SMOKE:
-    DIM, FF, HEAD_DIM, TIME_DIM, GRID, TEXT = 128, 256, 64, 32, (2, 8, 16), 16
-else:
-    DIM, FF, HEAD_DIM, TIME_DIM, GRID, TEXT = 1792, 7168, 64, 512, (8, 32, 32), 256
+skip_cpu_suite_in_gpu_profile()
+
+DIM, FF, HEAD_DIM, TIME_DIM, GRID, TEXT = by_profile(
+    smoke=(128, 256, 64, 32, (2, 8, 16), 16),
+    quick=(1792, 7168, 64, 512, (4, 32, 32), 128),
+    default=(1792, 7168, 64, 512, (8, 32, 32), 256),
+)
+_ALL_MODES = ["self-attention forward", "forward", "forward+backward"]
+# (dtype, mode) cases, in run order (one dtype's setup at a time). A default round of all of them took
+# ~100 s on the 2-vCPU host with fp32 forward+backward (~45 s a round) included; that row is dropped
+# from the default profile (its speed-up is bounded by the fp32 Linears, see above; bf16 is the
+# model's dtype), so 3 rounds of the rest fit the 10-minute budget of `make bench`.
+CASES = by_profile(
+    smoke=[(dt, m) for dt in ("fp32", "bf16") for m in _ALL_MODES],
+    quick=[("bf16", "self-attention forward"), ("bf16", "forward")],
+    default=[("fp32", "self-attention forward"), ("fp32", "forward"),
+             ("bf16", "self-attention forward"), ("bf16", "forward"), ("bf16", "forward+backward")],
+)
+# Calls take 0.2-20 s: a warm-up round only for the self-attention rows, which run first in each dtype
+# (one call of a multi-second block forward is not measurably slower than the next).
+ROUNDS = by_profile(
+    smoke={m: 1 for m in _ALL_MODES},
+    quick={"self-attention forward": 3, "forward": 2, "forward+backward": 1},
+    default={"self-attention forward": 3, "forward": 3, "forward+backward": 2},
+)
+WARMUP = {"self-attention forward": 1, "forward": 0, "forward+backward": 0}
 AXES = (16, 24, 24)
 TARGET_DENSITY = 0.10
 WINDOW = (1, 3, 3)
@@ -89,38 +113,50 @@ def _contexts(block, x, text, time_embed):
     return dense, sparse, density, qkv
 
 
-@pytest.fixture(scope="module", params=list(DTYPES))
-def setup(request):
-    block, x, text, time_embed = _setup(DTYPES[request.param])
-    dense, sparse, density, qkv = _contexts(block, x, text, time_embed)
-    return request.param, block, x, text, time_embed, {"sdpa": dense, "nabla": sparse}, density, qkv
+_setups: dict = {}  # one dtype's block and inputs at a time
 
 
-# provider varies fastest: the two providers of one case run back to back (less host drift between them)
-@pytest.mark.parametrize("provider", ["sdpa", "nabla"])
-@pytest.mark.parametrize("mode", ["forward", "forward+backward", "self-attention forward"])
-def test_bench_crossdit_block(benchmark, setup, provider, mode):
-    dtype, block, x, text, time_embed, ctxs, density, (q, k, v) = setup
-    ctx, rope = ctxs[provider]
-    if mode == "self-attention forward":  # the part NABLA accelerates: mask + attention of one layer
-        def fn():
-            with torch.no_grad():
-                return self_attention(q, k, v, ctx)
-    elif mode == "forward":
-        def fn():
-            with torch.no_grad():
-                return block(x, text, time_embed, rope, ctx)
-    else:
-        xg = x.clone().requires_grad_(True)
+def _get_setup(dtype: str):
+    if dtype not in _setups:
+        _setups.clear()
+        block, x, text, time_embed = _setup(DTYPES[dtype])
+        dense, sparse, density, qkv = _contexts(block, x, text, time_embed)
+        _setups[dtype] = block, x, text, time_embed, {"sdpa": dense, "nabla": sparse}, density, qkv
+    return _setups[dtype]
 
-        def fn():
-            block.zero_grad(set_to_none=True)
-            block(xg, text, time_embed, rope, ctx).sum().backward()
-            return xg.grad
 
-    goal = ">=2.0x" if provider == "nabla" and mode == "forward" else None
-    run_benchmark(
-        benchmark, fn, suite=f"CrossDiT block {mode} (CPU)", case=_case(dtype), provider=provider,
-        baseline=provider == "sdpa", goal=goal, rounds=3, density=round(density, 4),
-        threshold=round(ctx.nabla.threshold, 5) if ctx.nabla else None,
+@pytest.mark.parametrize("dtype,mode", CASES, ids=[f"{d}-{m.replace(' ', '_')}" for d, m in CASES])
+def test_bench_crossdit_block(benchmark, dtype, mode):
+    block, x, text, time_embed, ctxs, density, (q, k, v) = _get_setup(dtype)
+
+    def provider(name):
+        ctx, rope = ctxs[name]
+        if mode == "self-attention forward":  # the part NABLA accelerates: mask + attention of one layer
+            def fn():
+                with torch.no_grad():
+                    return self_attention(q, k, v, ctx)
+        elif mode == "forward":
+            def fn():
+                with torch.no_grad():
+                    return block(x, text, time_embed, rope, ctx)
+        else:
+            xg = x.clone().requires_grad_(True)
+
+            def fn():
+                block.zero_grad(set_to_none=True)
+                xg.grad = None
+                block(xg, text, time_embed, rope, ctx).sum().backward()
+                return xg.grad
+        return Provider(name, fn)
+
+    threshold = ctxs["nabla"][0].nabla.threshold
+    run_case(
+        benchmark, suite=f"CrossDiT block {mode} (CPU)", op="CrossDiT block", case=_case(dtype),
+        baseline="sdpa", providers=[provider("sdpa"), provider("nabla")],
+        params={"mode": mode, "dtype": dtype, "seq_len": GRID[0] * GRID[1] * GRID[2], "dim": DIM,
+                "density": round(density, 4), "threshold": round(threshold, 5)},
+        # the goal is set at the default shape; at quick's shorter S the Linears weigh more
+        goals=[{"provider": "nabla", "vs": "sdpa", "min_speedup": 2.0}]
+        if mode == "forward" and PROFILE == "default" else [],
+        rounds=ROUNDS[mode], warmup_rounds=WARMUP[mode],
     )
