@@ -1,9 +1,84 @@
-"""Benchmark session setup. Without CUDA, Triton kernels can only run on CPU tensors through the
-interpreter, which must be chosen before triton is first imported: the GPU suite uses it in smoke mode
-(``make test``) to test its own code at a toy shape. The CPU suites never select the Triton backend."""
+"""Benchmark session setup and the metadata of ``results.json``.
+
+Without CUDA, Triton kernels can only run on CPU tensors through the interpreter, which must be chosen
+before triton is first imported: the GPU suite uses it in smoke mode (``make test``) to test its own
+code at a toy shape. The CPU suites never select the Triton backend.
+
+``machine_info`` (pytest-benchmark's, in the JSON) gains:
+  ``cpu_model``      "model name" of /proc/cpuinfo (lscpu's "Model name" as a fallback),
+  ``isa``            ``{flag: bool}`` for avx2, fma, avx512f, avx512bw, avx512_bf16, amx_tile, amx_bf16,
+  ``cpu_cores``      logical CPUs this process may run on; ``cpu_count`` all of the machine's;
+  ``torch_threads``  torch's intra-op thread count,
+  ``torch``, ``triton``, ``numpy``  versions (None when not installed),
+  ``gpu``            the CUDA device name, or None.
+The JSON's top level gains ``kandinsky``: ``{"profile": ...}``. pytest-benchmark itself records the git
+commit in ``commit_info`` (id, branch, dirty, time).
+"""
 import os
+import platform
+import re
+import subprocess
+from importlib import metadata
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo() -> tuple[str | None, set[str]]:
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if model is None or not flags:
+        try:
+            text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        m = re.search(r"^Model name:\s*(.+)$", text, re.M)
+        if model is None and m:
+            model = m.group(1).strip()
+        m = re.search(r"^Flags:\s*(.+)$", text, re.M)
+        if not flags and m:
+            flags = set(m.group(1).split())
+    return model or platform.processor() or None, flags
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    model, flags = _cpuinfo()
+    machine_info["cpu_model"] = model
+    machine_info["isa"] = {f: f in flags for f in ISA_FLAGS}
+    try:
+        machine_info["cpu_cores"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        machine_info["cpu_cores"] = os.cpu_count()
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = _version("triton")
+    machine_info["numpy"] = _version("numpy")
+    machine_info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    from benchmarks._util import PROFILE
+
+    output_json["kandinsky"] = {"profile": PROFILE}
