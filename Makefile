@@ -1,5 +1,9 @@
-# make test   set up .venv (CPU torch from the pinned version), build the extension, run the whole suite
-# make bench  run the speedup suites and print the report (ratios against named baselines, one run)
+# make test           set up .venv (CPU torch from the pinned version), build the extension, run the whole suite
+# make bench          every op's speedup suite, default profile (<= 10 min on a 2-core host), into
+#                     bench-results/<UTC timestamp>/ (results.json, report.md, plots; bench-results/latest)
+# make bench-quick    the same at small shapes (about a minute)
+# make bench-compare A=bench-results/<run> B=bench-results/<run>   per-case times and speedups of two runs
+# BENCH_ARGS passes more driver options, e.g. BENCH_ARGS='-k nabla' or BENCH_ARGS='--out /tmp/run'
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,16 +15,16 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==
 # NumPy >= 2.4; with one, keep whatever triton the CUDA torch pins.
 TRITON_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),triton>=3.2,triton>=3.7)
 PYTEST_ARGS ?=
-BENCH_DIR := benchmarks/results
+BENCH_ARGS ?=
 
-.PHONY: test bench ext venv clean
+.PHONY: test bench bench-quick bench-compare ext venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: $(PY) setup.py pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" "$(TRITON_SPEC)"
+	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" matplotlib "$(TRITON_SPEC)"
 	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -35,9 +39,15 @@ test: ext
 	KANDINSKY_BENCH_SMOKE=1 $(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
 
 bench: ext
-	mkdir -p $(BENCH_DIR)
-	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_DIR)/latest.json --benchmark-sort=name $(PYTEST_ARGS)
-	$(PY) -m benchmarks.report $(BENCH_DIR)/latest.json
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: ext
+	$(PY) -m benchmarks --profile quick $(BENCH_ARGS)
+
+bench-compare:
+	@if [ -z "$(A)" ] || [ -z "$(B)" ]; then \
+	  echo "usage: make bench-compare A=bench-results/<run> B=bench-results/<run>"; exit 2; fi
+	$(PY) -m benchmarks.compare "$(A)" "$(B)"
 
 clean:
 	rm -rf build kandinsky_kernels/_C*.so *.egg-info .ext.lock

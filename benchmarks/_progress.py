@@ -89,9 +89,9 @@ class Progress:
     def pytest_report_teststatus(self, report, config):
         # no dot or 's' per test (the progress line says it); failures keep pytest's own 'F'
         if report.when == "call" and report.passed:
-            return "passed", "", ""
+            return "passed", "", "PASSED"
         if report.skipped and not hasattr(report, "wasxfail"):
-            return "skipped", "", ""
+            return "skipped", "", "SKIPPED"
         return None
 
     def pytest_runtest_logfinish(self, nodeid, location):

@@ -7,10 +7,12 @@
 #      after a sampled fp32 check of the gradients at the full shapes; gpu_timing.json also keeps the
 #      config Triton's autotuner chose per kernel and key, with its timings of every config
 #   4. the other gpu-marked tests and the Triton-backend tests of every op
-#   5. benchmarks/test_bench_attention_gpu.py (the `make bench` GPU suite) in smoke mode
+#   5. python -m benchmarks --profile gpu: the pytest-benchmark GPU suite at Kandinsky shapes (10 % density
+#      first), for the time left; a timed-out run still writes the cases it finished
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
-# Everything is written directly under $OUT, 9 files: env.txt summary.txt build.log pytest_bsa.log
-# pytest.log timing.log gpu_timing.json gpu_timing_table.txt bench_smoke.log. Whole run: < 8 minutes.
+# Written under $OUT: env.txt summary.txt build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
+# gpu_timing_table.txt bench.log, and the folder bench/ (results.json, progress.log, report.md, plots).
+# Whole run: < 8 minutes.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 
@@ -81,11 +83,11 @@ stage pytest_rest $LIMIT "$OUT/pytest.log" env KANDINSKY_BSA_AUTOTUNE=0 $PY -m p
   -k "(gpu or triton) and not compile_for_hopper" -rs -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
 
-# 5. the pytest-benchmark GPU suite (what `make bench` runs on a GPU machine) at its toy smoke shape:
-#    does it run on CUDA (the full shapes are what stage 3 times)
+# 5. the bench driver's GPU profile (`python -m benchmarks --profile gpu`): the pytest-benchmark GPU suite at
+#    Kandinsky shapes, cases in order of importance (10 % density first); on the time limit's SIGINT pytest
+#    stops, results.json keeps the finished cases and the driver still writes the report
 LIMIT=$(( $(left) - 5 )); [ $LIMIT -gt 90 ] && LIMIT=90; [ $LIMIT -lt 20 ] && LIMIT=20
-stage bench_smoke $LIMIT "$OUT/bench_smoke.log" env KANDINSKY_BENCH_SMOKE=1 $PY -m pytest \
-  benchmarks/test_bench_attention_gpu.py -q -rs -p no:cacheprovider --benchmark-disable
-tail -n 5 "$OUT/bench_smoke.log" | tee -a "$SUMMARY"
+stage bench $LIMIT "$OUT/bench.log" $PY -m benchmarks --profile gpu --out "$OUT/bench"
+tail -n 5 "$OUT/bench.log" | tee -a "$SUMMARY"
 note "total $(( $(date +%s) - START ))s; files: $(ls "$OUT" | tr '\n' ' ')"
 exit 0
