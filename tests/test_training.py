@@ -1,0 +1,274 @@
+"""Training harness (CPU, one process): configs, shards, buckets, objective, loop, resume, EMA export.
+
+Runs of ``python -m training.train`` are subprocesses with OMP_NUM_THREADS=1 and a timeout; the
+multi-process FSDP2 check is in test_training_dist.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec  # noqa: F401  (the harness needs it: fail here, not skip)
+import pytest
+import torch
+import tqdm  # noqa: F401
+from safetensors.torch import save_file
+
+from kandinsky_model import CrossDiT
+from training.config import REGISTRY, apply_overrides, get_config, memory_estimate
+from training.data import BucketBatcher, LatentLoader, ShardError, ShardReader, read_manifest, write_dataset
+from training.data.synthetic import synthetic_samples, write_synthetic
+from training.objective import batch_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 180
+
+
+def run_train(output, *args, env_extra=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "training.train", "--config", "tiny-cpu", "--output", str(output),
+           "log.progress=False", *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def losses(output) -> dict[int, float]:
+    rows = {}
+    for line in (Path(output) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[r["step"]] = r["loss"]
+    return rows
+
+
+def assert_same_losses(a: dict, b: dict, steps, rtol=1e-5):
+    for s in steps:
+        assert abs(a[s] - b[s]) <= rtol * abs(a[s]), f"step {s}: {a[s]} vs {b[s]}"
+
+
+# ------------------------------------------------------------------------------------------- configs
+def test_overrides_and_validation():
+    cfg = apply_overrides(get_config("tiny-cpu"), [
+        "optim.lr=3e-4", "model.num_visual_blocks=3", "optim.betas=(0.8, 0.9)", "log.progress=false",
+        'data.task_probs={"t2i": 0.0, "t2v": 1.0, "i2v": 0.0}', "schedule.kind=cosine",
+    ])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9) and cfg.model.num_visual_blocks == 3
+    assert cfg.log.progress is False and cfg.data.task_probs["t2v"] == 1.0
+    base = get_config("tiny-cpu")
+    assert base.optim.betas == (0.9, 0.95) and base.optim.eps == 1e-8 and base.optim.grad_clip == 1.0
+    for bad, msg in [("optim.lrr=1", "unknown config key 'optim.lrr'"), ("nope.x=1", "unknown config key"),
+                     ("optim.lr=abc", "optim.lr"), ("optim.lr=-1", "optim.lr must be > 0"),
+                     ("optim.grad_accum=1.5", "optim.grad_accum"), ("model=3", "section"),
+                     ("model.visual_cond=False", "visual_cond"), ("schedule.kind=linear", "schedule.kind"),
+                     ("data.task_probs={'t2v': 0.5}", "sum to 1"), ("novalue", "key=value"),
+                     ("model.num_visual_blocks=0", "num_visual_blocks")]:
+        with pytest.raises(ValueError, match=msg):
+            apply_overrides(get_config("tiny-cpu"), [bad])
+    with pytest.raises(ValueError, match="unknown config"):
+        get_config("video-huge")
+
+
+def test_schedule():
+    cfg = apply_overrides(get_config("tiny-cpu"), ["schedule.warmup_steps=4", "schedule.kind=cosine",
+                                                   "schedule.min_lr_ratio=0.1"])
+    f = [cfg.schedule.factor(s, 14) for s in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and abs(f[-1] - 0.1) < 0.05 and all(a >= b for a, b in zip(f[3:], f[4:]))
+
+
+def test_stage_configs_build_on_meta():
+    names = [n for n in REGISTRY if n != "tiny-cpu"]
+    assert any(n.startswith("video-lite") for n in names) and any(n.startswith("video-pro") for n in names)
+    for name in names:
+        cfg = get_config(name)
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.ema.decay == 0.9999 and cfg.data.null_text_prob == 0.1
+        est = memory_estimate(cfg, world_size=64)
+        n = est["num_params"]
+        assert (1.9e9 < n < 2.1e9) if "lite" in name else (19e9 < n < 19.6e9), (name, n)
+        assert abs(est["total_gib"] * 1024 ** 3 - 20 * n) < 1e3  # 4 param + 4 grad + 8 AdamW + 4 EMA
+        assert abs(est["per_rank_gib"] * 64 - est["total_gib"]) < 1e-6
+    lite = get_config("video-lite-mr-5s")
+    assert lite.optim.lr == 3e-5 and lite.max_steps == 50_000 and lite.data.task_probs["i2v"] == 0.2
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _samples(n=5):
+    return list(synthetic_samples(n, [[1, 4, 4], [3, 4, 6]], 4, 8, 6, (2, 5), seed=1))
+
+
+def test_shard_roundtrip_and_corrupt_shard(tmp_path):
+    samples = _samples()
+    write_dataset(str(tmp_path / "ds"), samples, samples_per_shard=2)
+    manifest = read_manifest(str(tmp_path / "ds"))
+    assert [len(s["samples"]) for s in manifest["shards"]] == [2, 2, 1]
+    reader = ShardReader(str(tmp_path / "ds"))
+    where = {s["key"]: sh["name"] for sh in manifest["shards"] for s in sh["samples"]}
+    for key, latent, text, pooled in samples:
+        got = reader.read(where[key], key)
+        assert torch.equal(got["latent"], latent) and torch.equal(got["text"], text)
+        assert torch.equal(got["pooled"], pooled)
+    reader.close()
+    # corrupt one shard: the error names it
+    bad = tmp_path / "ds" / "shard-00001.tar"
+    raw = bytearray(bad.read_bytes())
+    raw[600:1200] = b"\x13" * 600
+    bad.write_bytes(bytes(raw))
+    reader = ShardReader(str(tmp_path / "ds"))
+    with pytest.raises(ShardError, match="shard-00001.tar"):
+        for s in manifest["shards"][1]["samples"]:
+            reader.read("shard-00001.tar", s["key"])
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardError, match="shard-00001.tar"):
+        ShardReader(str(tmp_path / "ds")).read("shard-00001.tar", manifest["shards"][1]["samples"][0]["key"])
+    bad.unlink()
+    with pytest.raises(ShardError, match="shard-00001.tar is missing"):
+        ShardReader(str(tmp_path / "ds")).read("shard-00001.tar", "x")
+    with pytest.raises(ShardError, match="no dataset manifest"):
+        read_manifest(str(tmp_path / "nowhere"))
+
+
+def test_write_shards_cli(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for key, latent, text, pooled in _samples(3):
+        save_file({"latent": latent, "text": text, "pooled": pooled}, str(src / f"{key}.safetensors"))
+    res = subprocess.run([sys.executable, "-m", "training.data.write_shards", str(src), str(tmp_path / "dst"),
+                          "--samples-per-shard", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    loader = LatentLoader(str(tmp_path / "dst"), t_max=3)
+    keys = {s["key"] for _ in range(loader.batcher.num_batches) for s in loader.next()[1]}
+    assert keys == {f"sample-{i:06d}" for i in range(3)}
+
+
+def test_buckets_ranks_and_resume(tmp_path):
+    cfg = get_config("tiny-cpu")
+    write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 37})
+    shapes = {e.key: e.shape for e in BucketBatcher(str(tmp_path), t_max=6).entries}
+    for world in (1, 2):
+        batchers = [BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=r, world=world) for r in range(world)]
+        n = batchers[0].num_batches
+        seen, epoch1 = [], []
+        for _ in range(n // world + 2):
+            for b in batchers:
+                gid, batch = b.next()
+                assert len({e.shape[:3] for e in batch}) == 1  # one bucket per batch
+                assert sum(e.shape[0] for e in batch) <= 6  # frame budget
+                (seen if gid < n else epoch1).extend(e.key for e in batch)
+        assert sorted(seen) == sorted(shapes), "every sample exactly once per epoch across ranks"
+    # resume: a fresh batcher with the saved state continues with the next unseen batch
+    a = BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=1, world=2)
+    for _ in range(5):
+        a.next()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=1, world=2)
+    b.load_state_dict(state)
+    for _ in range(n):
+        assert a.next() == b.next()
+    with pytest.raises(ValueError, match="more than data.t_max"):
+        BucketBatcher(str(tmp_path), t_max=2)
+
+
+# ---------------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run_train(out, "--max-steps", "8", "checkpoint.every=4")
+    return out
+
+
+def test_first_step_loss_is_flow_matching(full_run):
+    """Step 1's logged loss equals the flow-matching loss computed here by hand on the same batch."""
+    cfg = get_config("tiny-cpu")
+    loader = LatentLoader(str(full_run / "data"), t_max=cfg.data.t_max, seed=cfg.data.seed)
+    gid, samples = loader.next()
+    torch.manual_seed(cfg.seed)
+    model = CrossDiT(cfg.model)
+    g = batch_generator(cfg.data.seed, gid)
+    x0 = torch.stack([s["latent"] for s in samples])
+    b = x0.shape[0]
+    u = float(torch.rand(1, generator=g))
+    p = cfg.data.task_probs
+    task = "t2i" if x0.shape[1] == 1 or u < p["t2i"] else ("t2v" if u < p["t2i"] + p["t2v"] else "i2v")
+    drop = (torch.rand(b, generator=g) < cfg.data.null_text_prob).tolist()
+    t = torch.sigmoid(torch.randn(b, generator=g, dtype=torch.float64)).clamp(1e-5, 1 - 1e-5).float()
+    if task == "t2i":
+        x0 = x0[:, :1]
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
+    mask = torch.zeros(*x0.shape[:4], 1)
+    frames = slice(None)
+    if task == "i2v":
+        xt[:, 0], mask[:, 0], frames = x0[:, 0], 1.0, slice(1, None)
+    null_text, null_pooled = loader.null_text
+    texts = [null_text if d else s["text"] for s, d in zip(samples, drop)]
+    length = max(x.shape[0] for x in texts)
+    text = torch.stack([torch.cat([x, x.new_zeros(length - x.shape[0], x.shape[1])]) for x in texts])
+    text_mask = torch.stack([torch.arange(length) < x.shape[0] for x in texts])
+    pooled = torch.stack([null_pooled if d else s["pooled"] for s, d in zip(samples, drop)])
+    with torch.no_grad():
+        v = model(torch.cat([xt, torch.zeros_like(xt), mask], -1), text, pooled, 1000 * t, text_mask)
+    expected = ((v - (eps - x0))[:, frames] ** 2).mean().item()
+    got = losses(full_run)[1]
+    assert abs(got - expected) <= 1e-5 * expected, (got, expected, task)
+
+
+def test_resume_matches_uninterrupted(full_run, tmp_path):
+    out = tmp_path / "resumed"
+    run_train(out, "--max-steps", "5", "checkpoint.every=4")
+    assert (out / "checkpoints" / "step-00000005" / "COMPLETE").exists()
+    run_train(out, "--max-steps", "8", "checkpoint.every=4")
+    assert_same_losses(losses(full_run), losses(out), range(1, 9))
+
+
+def test_killed_during_async_save_resumes_from_previous(full_run, tmp_path):
+    out = tmp_path / "killed"
+    res = run_train(out, "--max-steps", "8", "checkpoint.every=4",
+                    env_extra={"KANDINSKY_TRAIN_KILL_AFTER_SAVE": "8"}, check=False)
+    assert res.returncode == 17, res.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step-00000004" / "COMPLETE").exists()
+    assert not (ckpts / "step-00000008" / "COMPLETE").exists()
+    run_train(out, "--max-steps", "8", "checkpoint.every=4")  # resumes from step 4, redoes 5..8
+    assert_same_losses(losses(full_run), losses(out), range(1, 9))
+    assert (ckpts / "step-00000008" / "COMPLETE").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008"]  # keep_last=2
+
+
+def test_ema_export_loads_with_from_pretrained(full_run):
+    import torch.distributed.checkpoint as dcp
+
+    cfg = get_config("tiny-cpu")
+    exported = CrossDiT.from_pretrained(full_run / "ema")
+    ref = CrossDiT(cfg.model)
+    ema = {f"ema.{k}": torch.empty_like(v) for k, v in ref.state_dict().items()}
+    dcp.load(ema, checkpoint_id=str(full_run / "checkpoints" / "step-00000008"))
+    ref.load_state_dict({k[4:]: v for k, v in ema.items()})
+    trained = {f"model.{k}": torch.empty_like(v) for k, v in ref.state_dict().items()}
+    dcp.load(trained, checkpoint_id=str(full_run / "checkpoints" / "step-00000008"))
+    assert any(not torch.equal(trained[f"model.{k}"], v) for k, v in ref.state_dict().items())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 4, cfg.model.in_channels, generator=g)
+    text, pooled = torch.randn(1, 3, cfg.model.in_text_dim, generator=g), torch.randn(1, cfg.model.in_text_dim2, generator=g)
+    for k, v in exported.state_dict().items():  # bit-equal weights
+        assert torch.equal(v, ema[f"ema.{k}"]), k
+    with torch.no_grad():  # outputs equal up to fp32 summation order (another memory layout)
+        torch.testing.assert_close(exported(x, text, pooled, torch.tensor([500.0])),
+                                   ref(x, text, pooled, torch.tensor([500.0])), rtol=1e-6, atol=1e-6)
+    assert (full_run / "loss.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+
+
+def test_loss_decreases_on_overfit_set(tmp_path):
+    run_train(tmp_path, "--max-steps", "40", "data.null_text_prob=0.0", "optim.lr=3e-3", "checkpoint.every=0",
+              "checkpoint.export_ema=False", "log.plot=False",
+              'synthetic={"samples": 4, "shapes": [[2, 8, 8]], "text_len": [4, 4]}')
+    ls = losses(tmp_path)
+    first = sum(ls[s] for s in range(1, 6)) / 5
+    last = sum(ls[s] for s in range(36, 41)) / 5
+    assert last < 0.75 * first, (first, last)

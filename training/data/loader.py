@@ -1,0 +1,123 @@
+"""Bucketed, rank-sharded, resumable batches of latent clips.
+
+Buckets: one per latent shape (T, H, W), i.e. per aspect ratio *and* per frame count in this slice
+(a batch is one stacked (B, T, H, W, C) tensor). A batch takes clips of one bucket while the sum of
+latent frames stays <= ``t_max`` (``t_max // T`` clips, at least one; a bucket's last batch may be
+smaller). Packing clips of different lengths into ONE sequence with ``cu_seqlens`` (the report's
+sum t_i ~ t_max) needs per-video timesteps and text in the model, which CrossDiT does not have yet,
+so it is left out. Images (T = 1) form their own buckets, so image batches are image-only.
+
+Order: epoch ``e`` shuffles each bucket and the list of batches with a generator seeded by
+(seed, e); the global stream is epoch 0's batches, then epoch 1's, ... Rank ``r`` of ``W`` takes
+global batches ``p + r`` for p = 0, W, 2W, ... (the same rule per micro-batch of gradient
+accumulation), so over an epoch no sample is lost or repeated across ranks, and an epoch boundary may
+fall inside a round. The state ``{"epoch", "position"}`` (the next global batch, equal on every rank)
+is saved in checkpoints; a resumed run continues with the next unseen batch. No DataLoader workers in
+this slice: samples are read in the main process (one ShardReader per rank, shards cached LRU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .shards import ShardReader, read_manifest, read_null_text
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: str
+    key: str
+    shape: tuple[int, int, int, int]
+
+
+class BucketBatcher:
+    """The batch plan of a dataset (metadata only) and this rank's cursor in it."""
+
+    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1):
+        if not (0 <= rank < world):
+            raise ValueError(f"rank {rank} must be in [0, world={world})")
+        self.url, self.t_max, self.seed, self.rank, self.world = url, t_max, seed, rank, world
+        self.manifest = read_manifest(url)
+        self.entries: list[Entry] = []
+        for shard in self.manifest["shards"]:
+            for s in shard["samples"]:
+                self.entries.append(Entry(shard["name"], s["key"], tuple(int(v) for v in s["shape"])))
+        channels = {e.shape[3] for e in self.entries}
+        if len(channels) != 1:
+            raise ValueError(f"dataset {url} mixes latent channel counts {sorted(channels)}")
+        self.buckets: dict[tuple[int, int, int], list[int]] = {}
+        for i, e in enumerate(self.entries):
+            if e.shape[0] > t_max:
+                raise ValueError(f"sample {e.key!r} in {e.shard} has {e.shape[0]} latent frames, more than "
+                                 f"data.t_max = {t_max}")
+            self.buckets.setdefault(e.shape[:3], []).append(i)
+        self.epoch = 0
+        self.position = 0
+        self._plan_epoch = -1
+        self._plan: list[list[int]] = []
+        self.num_batches = len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if epoch == self._plan_epoch:
+            return self._plan
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches: list[list[int]] = []
+        for shape in sorted(self.buckets):
+            idx = self.buckets[shape]
+            order = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+            per = max(1, self.t_max // shape[0])
+            batches += [order[i:i + per] for i in range(0, len(order), per)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        self._plan_epoch, self._plan = epoch, batches
+        return batches
+
+    def next(self) -> tuple[int, list[Entry]]:
+        """This rank's next batch: (global batch id, entries); advances every rank's cursor by W."""
+        e, p = self.epoch, self.position + self.rank
+        while p >= self.num_batches:
+            p -= self.num_batches
+            e += 1
+        gid = e * self.num_batches + p
+        batch = [self.entries[i] for i in self._batches(e)[p]]
+        self.position += self.world
+        while self.position >= self.num_batches:
+            self.position -= self.num_batches
+            self.epoch += 1
+        return gid, batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "num_batches": self.num_batches,
+                "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_batches"] != self.num_batches or state["seed"] != self.seed:
+            raise ValueError(f"loader state does not fit this dataset: saved {state}, now "
+                             f"num_batches={self.num_batches} seed={self.seed}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class LatentLoader:
+    """Iterates this rank's batches: (global batch id, list of samples {key, latent, text, pooled})."""
+
+    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.batcher = BucketBatcher(url, t_max=t_max, seed=seed, rank=rank, world=world)
+        self.reader = ShardReader(url)
+        self.null_text = read_null_text(url, self.batcher.manifest)
+
+    def next(self) -> tuple[int, list[dict]]:
+        gid, entries = self.batcher.next()
+        samples = []
+        for e in entries:
+            s = self.reader.read(e.shard, e.key)
+            if tuple(s["latent"].shape) != e.shape:
+                raise ValueError(f"sample {e.key!r} in {e.shard}: latent shape {tuple(s['latent'].shape)} "
+                                 f"differs from the manifest's {e.shape}")
+            samples.append({"key": e.key, **s})
+        return gid, samples
+
+    def state_dict(self) -> dict:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state)
