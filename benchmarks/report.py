@@ -117,16 +117,15 @@ def load(data: dict) -> list[Row]:
 
 
 def machine_line(data: dict) -> str:
-    """"AMD EPYC (2 cores; avx2, avx512f, avx512_bf16)" or the GPU's name, for titles and headers."""
+    """"AMD EPYC (2 cores; avx2, avx512f, avx512_bf16)", with the GPU's name first where there is one:
+    for titles and headers. Reads the fields benchmarks/conftest.py adds to ``machine_info``."""
     m = data.get("machine_info", {})
-    kk = m.get("kandinsky", {}) if isinstance(m.get("kandinsky"), dict) else {}
-    cpu = kk.get("cpu_model") or m.get("cpu", {}).get("brand_raw") or m.get("processor") or "unknown CPU"
-    cores = kk.get("cores") or m.get("cpu", {}).get("count", "?")
-    isa = kk.get("isa")
+    cpu = m.get("cpu_model") or m.get("cpu", {}).get("brand_raw") or m.get("processor") or "unknown CPU"
+    cores = m.get("cpu_cores") or m.get("cpu", {}).get("count", "?")
+    isa = m.get("isa")
     isa_s = ", ".join(k for k, v in isa.items() if v) if isinstance(isa, dict) else ""
-    gpu = kk.get("gpu")
     text = f"{cpu} ({cores} cores{'; ' + isa_s if isa_s else ''})"
-    return f"{gpu} + {text}" if gpu else text
+    return f"{m['gpu']} + {text}" if m.get("gpu") else text
 
 
 # ------------------------------------------------------------------------------------- report.md
@@ -143,16 +142,16 @@ def _fmt_speedup(q):
 
 def render_markdown(data: dict, rows: list[Row]) -> str:
     m = data.get("machine_info", {})
-    kk = m.get("kandinsky", {}) if isinstance(m.get("kandinsky"), dict) else {}
+    profile = (data.get("kandinsky") or {}).get("profile", "?")
     commit = data.get("commit_info", {})
     lines = [
         "# kandinsky-kernels benchmark report",
         "",
         f"- Machine: {machine_line(data)}",
-        f"- Software: python {m.get('python_version', '?')}, torch {kk.get('torch', '?')}, "
-        f"triton {kk.get('triton', '?')}",
+        f"- Software: python {m.get('python_version', '?')}, torch {m.get('torch', '?')}, "
+        f"triton {m.get('triton', '?')}, numpy {m.get('numpy', '?')}",
         f"- Commit: {commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}; "
-        f"run {data.get('datetime', '?')}; profile {kk.get('profile', '?')}",
+        f"run {data.get('datetime', '?')}; profile {profile}",
         "- Method: every provider of a case runs once per round, back to back; speedup = median of "
         "the per-round ratios baseline / provider, with the lower-upper quartile in brackets. A goal "
         "is met only if it holds at the lower quartile.",

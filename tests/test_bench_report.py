@@ -47,8 +47,8 @@ def _run(ours_fwd_rounds=(0.010, 0.010, 0.010)):
                          {"mode": "forward", "dtype": "bf16"}, "sdpa",
                          {"sdpa": {"times": [6.0, 6.0]}, "nabla": {"times": [2.5, 2.5]}},
                          goals=[{"provider": "nabla", "vs": "sdpa", "min_speedup": 2.0}]))
-    machine = {"python_version": "3.11", "kandinsky": {"cpu_model": "Test CPU", "cores": 2,
-                                                       "isa": {"avx2": True, "amx_tile": False}}}
+    machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2,
+               "isa": {"avx2": True, "amx_tile": False}, "torch": "2.13.0", "gpu": None}
     return {"benchmarks": benches, "machine_info": machine, "commit_info": {"id": "abc123"},
             "datetime": "2026-12-02T00:00:00"}
 
