@@ -37,17 +37,24 @@ def run_train(output, *args, env_extra=None, check=True):
     return res
 
 
-def losses(output) -> dict[int, float]:
-    rows = {}
-    for line in (Path(output) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        rows[r["step"]] = r["loss"]
+def metrics(output) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output, key="loss") -> dict[int, float]:
+    rows = {r["step"]: r[key] for r in metrics(output)}
+    assert len(rows) == len(metrics(output)), "one metrics line per step"
     return rows
 
 
 def assert_same_losses(a: dict, b: dict, steps, rtol=1e-5):
     for s in steps:
         assert abs(a[s] - b[s]) <= rtol * abs(a[s]), f"step {s}: {a[s]} vs {b[s]}"
+
+
+# the runs compared with ``full_run``: a cosine schedule (fixed length: --max-steps differs between the
+# runs), so a resumed scheduler state matters
+COMMON = ("checkpoint.every=4", "schedule.kind=cosine", "schedule.total_steps=8")
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -176,7 +183,7 @@ def test_buckets_ranks_and_resume(tmp_path):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    run_train(out, "--max-steps", "8", "checkpoint.every=4")
+    run_train(out, "--max-steps", "8", *COMMON)
     return out
 
 
@@ -218,21 +225,24 @@ def test_first_step_loss_is_flow_matching(full_run):
 
 def test_resume_matches_uninterrupted(full_run, tmp_path):
     out = tmp_path / "resumed"
-    run_train(out, "--max-steps", "5", "checkpoint.every=4")
+    run_train(out, "--max-steps", "5", *COMMON)
     assert (out / "checkpoints" / "step-00000005" / "COMPLETE").exists()
-    run_train(out, "--max-steps", "8", "checkpoint.every=4")
+    run_train(out, "--max-steps", "8", *COMMON)
     assert_same_losses(losses(full_run), losses(out), range(1, 9))
+    assert_same_losses(losses(full_run, "lr"), losses(out, "lr"), range(1, 9), rtol=1e-12)
+    assert len(set(losses(out, "lr").values())) > 3  # warmup, then a decaying cosine
 
 
 def test_killed_during_async_save_resumes_from_previous(full_run, tmp_path):
     out = tmp_path / "killed"
-    res = run_train(out, "--max-steps", "8", "checkpoint.every=4",
+    res = run_train(out, "--max-steps", "8", *COMMON,
                     env_extra={"KANDINSKY_TRAIN_KILL_AFTER_SAVE": "8"}, check=False)
     assert res.returncode == 17, res.stderr[-2000:]
     ckpts = out / "checkpoints"
     assert (ckpts / "step-00000004" / "COMPLETE").exists()
     assert not (ckpts / "step-00000008" / "COMPLETE").exists()
-    run_train(out, "--max-steps", "8", "checkpoint.every=4")  # resumes from step 4, redoes 5..8
+    assert max(losses(out)) == 8  # it logged steps 5..8 before the kill
+    run_train(out, "--max-steps", "8", *COMMON)  # resumes from step 4, redoes 5..8
     assert_same_losses(losses(full_run), losses(out), range(1, 9))
     assert (ckpts / "step-00000008" / "COMPLETE").exists()
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008"]  # keep_last=2
@@ -259,7 +269,7 @@ def test_ema_export_loads_with_from_pretrained(full_run):
         torch.testing.assert_close(exported(x, text, pooled, torch.tensor([500.0])),
                                    ref(x, text, pooled, torch.tensor([500.0])), rtol=1e-6, atol=1e-6)
     assert (full_run / "loss.png").stat().st_size > 0
-    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(full_run)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
 

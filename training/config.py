@@ -90,7 +90,8 @@ class ScheduleConfig:
     kind: str = "constant"
     """After warmup: ``constant`` or ``cosine`` (down to ``min_lr_ratio * lr`` at ``total_steps``)."""
     total_steps: int = 0
-    """Length of the cosine schedule (0: the run's max_steps)."""
+    """Length of the cosine schedule (0: the run's max_steps; set it when a resumed run may be given
+    another --max-steps, or the cosine changes shape on resume)."""
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:

@@ -23,13 +23,13 @@ def init_distributed(device_type: str, timeout_s: float = 300.0) -> tuple[int, i
     """Initialise the default process group once -> (rank, world size)."""
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(seconds=timeout_s)
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -39,9 +39,13 @@ def build_mesh(device_type: str) -> DeviceMesh:
 
 
 def mixed_precision_policy(mode: str, device_type: str) -> MixedPrecisionPolicy | None:
-    """``auto``: bf16 params + fp32 gradient reduction on CUDA, plain fp32 on CPU."""
+    """``auto``: bf16 params + fp32 gradient reduction on CUDA, plain fp32 on CPU.
+
+    Forward inputs are not cast by FSDP (``cast_forward_inputs=False``): the loop passes latents and
+    text in bf16 itself and keeps the timestep (1000 t) in fp32, which bf16 would round to ~4 units."""
     if mode == "bf16" or (mode == "auto" and device_type == "cuda"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
     return None
 
 

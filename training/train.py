@@ -102,7 +102,9 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model = CrossDiT(cfg.model).to(device)  # full init on every rank (same seed), then sharded
     mesh = build_mesh(device_type)
-    parallelize_dit(model, mesh, mixed_precision_policy(cfg.mixed_precision, device_type))
+    mp_policy = mixed_precision_policy(cfg.mixed_precision, device_type)
+    compute_dtype = torch.float32 if mp_policy is None else mp_policy.param_dtype
+    parallelize_dit(model, mesh, mp_policy)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -126,6 +128,10 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
             raise RuntimeError(f"checkpoint step-{latest:08d} holds step {step}")
 
     metrics_path = out / "metrics.jsonl"
+    if rank == 0 and metrics_path.exists():  # drop lines of steps after the checkpoint (redone now)
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.log.progress,
                desc=cfg.name, dynamic_ncols=True)
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
@@ -142,7 +148,7 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
         for _ in range(o.grad_accum):
             gid, samples = loader.next()
             fb = build_batch(samples, gid, cfg.data, cfg.flow, visual_cond=cfg.model.visual_cond,
-                             null_text=loader.null_text, patch=cfg.model.patch_size).to(device, torch.float32)
+                             null_text=loader.null_text, patch=cfg.model.patch_size).to(device, compute_dtype)
             loss = flow_loss(model, fb, cfg.data.rope_scale)
             (loss / o.grad_accum).backward()
             loss_sum += loss.detach().double().cpu()
