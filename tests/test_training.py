@@ -179,6 +179,24 @@ def test_buckets_ranks_and_resume(tmp_path):
         BucketBatcher(str(tmp_path), t_max=2)
 
 
+def test_prefetch_keeps_order_state_and_errors(tmp_path):
+    cfg = get_config("tiny-cpu")
+    write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 12}, samples_per_shard=4)
+    plain = LatentLoader(str(tmp_path), t_max=6, seed=1)
+    ahead = LatentLoader(str(tmp_path), t_max=6, seed=1, prefetch=3)
+    for _ in range(plain.batcher.num_batches + 2):  # across an epoch boundary
+        (g1, a), (g2, b) = plain.next(), ahead.next()
+        assert g1 == g2 and [x["key"] for x in a] == [x["key"] for x in b]
+        assert ahead.state_dict() == plain.state_dict()  # consumed, not read ahead
+    ahead.close()
+    (tmp_path / "shard-00002.tar").write_bytes(b"broken" * 300)
+    broken = LatentLoader(str(tmp_path), t_max=6, seed=1, prefetch=2)
+    with pytest.raises(ShardError, match="shard-00002.tar"):
+        for _ in range(plain.batcher.num_batches):
+            broken.next()
+    broken.close()
+
+
 # ---------------------------------------------------------------------------------- training runs
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
@@ -248,6 +266,7 @@ def test_killed_during_async_save_resumes_from_previous(full_run, tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008"]  # keep_last=2
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read in this single process
 def test_ema_export_loads_with_from_pretrained(full_run):
     import torch.distributed.checkpoint as dcp
 

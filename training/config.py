@@ -137,6 +137,8 @@ class DataConfig:
     """Probability that a sample's text is replaced by the null (empty-caption) embedding."""
     seed: int = 0
     """Seed of the shuffling (per epoch), noise, timesteps, dropout and task choice."""
+    prefetch: int = 2
+    """Batches a background thread reads ahead (0: read in the training thread)."""
     rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """RoPE position divisor given to the model ((1, 2, 2) for 512 px video, (1, 3.16, 3.16) at 1024)."""
 
@@ -150,6 +152,7 @@ class DataConfig:
         self.task_probs = _probs("data.task_probs", self.task_probs, TASKS)
         self.null_text_prob = _num("data.null_text_prob", self.null_text_prob, lo=0.0, hi=1.0)
         _num("data.seed", self.seed, lo=0, integer=True)
+        _num("data.prefetch", self.prefetch, lo=0, integer=True)
         if not isinstance(self.rope_scale, (tuple, list)) or len(self.rope_scale) != 3:
             raise ValueError(f"data.rope_scale must be 3 positive numbers, got {self.rope_scale!r}")
         self.rope_scale = tuple(_num("data.rope_scale", r, lo=0.0, lo_open=True) for r in self.rope_scale)

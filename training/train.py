@@ -110,7 +110,8 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.schedule.factor(s, cfg.max_steps))
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema.enabled else {}
-    loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=rank, world=world)
+    loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=rank, world=world,
+                          prefetch=cfg.data.prefetch)
     ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                         async_save=cfg.checkpoint.async_save, rank=rank)
 
@@ -185,6 +186,7 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
             if step == kill_at:
                 os._exit(17)
     bar.close()
+    loader.close()
     ckpt.close()
     result = {"step": step, "losses": losses, "output": str(out)}
     if ema and cfg.checkpoint.export_ema:

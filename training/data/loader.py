@@ -13,10 +13,13 @@ global batches ``p + r`` for p = 0, W, 2W, ... (the same rule per micro-batch of
 accumulation), so over an epoch no sample is lost or repeated across ranks, and an epoch boundary may
 fall inside a round. The state ``{"epoch", "position"}`` (the next global batch, equal on every rank)
 is saved in checkpoints; a resumed run continues with the next unseen batch. No DataLoader workers in
-this slice: samples are read in the main process (one ShardReader per rank, shards cached LRU).
+this slice: samples are read by one background prefetch thread per rank (``data.prefetch`` batches
+ahead; one ShardReader per rank, shards cached LRU).
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -98,14 +101,62 @@ class BucketBatcher:
 
 
 class LatentLoader:
-    """Iterates this rank's batches: (global batch id, list of samples {key, latent, text, pooled})."""
+    """Iterates this rank's batches: (global batch id, list of samples {key, latent, text, pooled}).
 
-    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1):
+    With ``prefetch > 0`` a background thread reads up to that many batches ahead (overlapping shard
+    I/O, e.g. from S3, with the step); the order is the same, errors surface at the batch that hit
+    them, and :meth:`state_dict` describes the batches *consumed*, not the ones read ahead."""
+
+    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 prefetch: int = 0):
         self.batcher = BucketBatcher(url, t_max=t_max, seed=seed, rank=rank, world=world)
         self.reader = ShardReader(url)
         self.null_text = read_null_text(url, self.batcher.manifest)
+        self.prefetch = prefetch
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._consumed = self.batcher.state_dict()
 
     def next(self) -> tuple[int, list[dict]]:
+        if self.prefetch <= 0:
+            out = self._read_next()
+            self._consumed = self.batcher.state_dict()
+            return out
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._run, name="latent-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        state, out = item
+        self._consumed = state
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = self._read_next()
+                item = (self.batcher.state_dict(), out)
+            except BaseException as e:  # handed to the consumer
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.reader.close()
+
+    def _read_next(self) -> tuple[int, list[dict]]:
         gid, entries = self.batcher.next()
         samples = []
         for e in entries:
@@ -117,7 +168,10 @@ class LatentLoader:
         return gid, samples
 
     def state_dict(self) -> dict:
-        return self.batcher.state_dict()
+        return dict(self._consumed)
 
     def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load the loader state before the first batch is read")
         self.batcher.load_state_dict(state)
+        self._consumed = self.batcher.state_dict()
