@@ -58,3 +58,29 @@ def parallelize_dit(model: torch.nn.Module, mesh: DeviceMesh, mp_policy: MixedPr
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def build_sharded_dit(config, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None, device: torch.device,
+                      seed: int) -> torch.nn.Module:
+    """The CrossDiT built on the meta device, sharded, then filled from rank 0.
+
+    Rank 0 alone builds the full fp32 model on the CPU (``torch.manual_seed(seed)``, the model's own
+    init), every rank builds it on meta, applies FSDP2 and allocates only its shards; then
+    ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` sends each tensor from
+    rank 0 and keeps the local shard. So the weights equal ``CrossDiT(config)`` under that seed for
+    any world size, and only rank 0 needs host memory for the whole model (4 bytes per parameter).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from kandinsky_model import CrossDiT
+
+    full = {}
+    if dist.get_rank() == 0:
+        torch.manual_seed(seed)
+        full = CrossDiT(config).state_dict()
+    model = CrossDiT.on_meta(config)
+    parallelize_dit(model, mesh, mp_policy)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    torch.manual_seed(seed)  # every rank leaves with the same RNG state
+    return model

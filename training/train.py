@@ -28,14 +28,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from kandinsky_model import CrossDiT
-
 from .checkpoint import Checkpointer, export_ema
 from .config import TrainConfig, apply_overrides, get_config
 from .data import LatentLoader, write_synthetic
 from .data.shards import MANIFEST, join
 from .objective import build_batch, flow_loss
-from .parallelize import build_mesh, init_distributed, mixed_precision_policy, parallelize_dit
+from .parallelize import build_mesh, build_sharded_dit, init_distributed, mixed_precision_policy
 
 KILL_ENV = "KANDINSKY_TRAIN_KILL_AFTER_SAVE"
 """Test hook: ``os._exit`` right after the async save of this step started (a crash mid-save)."""
@@ -99,12 +97,10 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
             write_synthetic(url, cfg.model, cfg.synthetic, seed=cfg.data.seed)
     dist.barrier()
 
-    torch.manual_seed(cfg.seed)
-    model = CrossDiT(cfg.model).to(device)  # full init on every rank (same seed), then sharded
     mesh = build_mesh(device_type)
     mp_policy = mixed_precision_policy(cfg.mixed_precision, device_type)
     compute_dtype = torch.float32 if mp_policy is None else mp_policy.param_dtype
-    parallelize_dit(model, mesh, mp_policy)
+    model = build_sharded_dit(cfg.model, mesh, mp_policy, device, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
