@@ -5,7 +5,8 @@ in this process, one progress line per case, into DIR (default ``bench-results/<
 then ``bench-results/latest`` points at it):
 
     results.json    pytest-benchmark's JSON: per case ``extra_info`` with every provider's per-round
-                    times (``benchmarks._util.run_case``), machine and commit info (``benchmarks/conftest.py``)
+                    times (``benchmarks._util.run_case``), machine and commit info
+                    (``benchmarks/conftest.py``)
     progress.log    the progress lines and the wall time
     report.md, *.png  written by ``benchmarks.report.write_report``, whose text is printed at the end
 
@@ -27,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_ROOT = ROOT / "bench-results"
 PROFILES = ("smoke", "quick", "default", "gpu")
-CPU_SUITES = ["test_bench_fractal.py", "test_bench_nabla.py", "test_bench_attention.py", "test_bench_model.py"]
+CPU_SUITES = [
+    "test_bench_fractal.py", "test_bench_nabla.py", "test_bench_attention.py", "test_bench_model.py",
+]
 SUITES = {
     "smoke": CPU_SUITES + ["test_bench_attention_gpu.py"],
     "quick": CPU_SUITES,

@@ -16,7 +16,8 @@ ISA = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf1
 
 
 def _drive(out: Path, keyword: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("KANDINSKY_BENCH_SMOKE", "KANDINSKY_BENCH_PROFILE")}
+    drop = ("KANDINSKY_BENCH_SMOKE", "KANDINSKY_BENCH_PROFILE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return subprocess.run([sys.executable, "-m", "benchmarks", "--profile", "smoke", "--out", str(out),
                            "-k", keyword], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
@@ -57,9 +58,10 @@ def test_driver_prints_one_progress_line_per_case(runs):
     (_, proc), _ = runs
     lines = [ln for ln in proc.stdout.splitlines() if re.match(r"\[\s*\d+/3\] ", ln)]
     assert len(lines) == 3, proc.stdout
-    assert any(re.search(r"nabla_block_mask \| .* \| ours\[cpu\] [\d.]+x vs official", ln) for ln in lines), lines
-    assert any(re.search(r"fractal_flatten \| .*ours\[cpu\] [\d.]+x, ours\[reference\] [\d.]+x vs torch.clone",
-                         ln) for ln in lines), lines
+    nabla = r"nabla_block_mask \| .* \| ours\[cpu\] [\d.]+x vs official"
+    fractal = r"fractal_flatten \| .*ours\[cpu\] [\d.]+x, ours\[reference\] [\d.]+x vs torch.clone"
+    assert any(re.search(nabla, ln) for ln in lines), lines
+    assert any(re.search(fractal, ln) for ln in lines), lines
     assert not re.search(r"^\.+\s", proc.stdout, re.M), "pytest's per-test dots should be off"
     assert "wall time:" in proc.stdout
 
@@ -98,8 +100,9 @@ def test_run_case_interleaves_providers(disabled, monkeypatch):
     calls = []
     providers = [Provider("base", lambda: calls.append("base")), Provider("x", lambda: calls.append("x")),
                  Provider("off", skip="not here")]
-    info = run_case(_FakeBenchmark(disabled), suite="s", op="o", case="c", baseline="base", providers=providers,
-                    rounds=3, warmup_rounds=1, goals=[{"provider": "x", "vs": "base", "min_speedup": 1.0}])
+    goals = [{"provider": "x", "vs": "base", "min_speedup": 1.0}]
+    info = run_case(_FakeBenchmark(disabled), suite="s", op="o", case="c", baseline="base",
+                    providers=providers, rounds=3, warmup_rounds=1, goals=goals)
     n = 1 if disabled else 3
     assert list(info["providers"]) == ["base", "x", "off"]
     assert info["providers"]["off"] == {"skip": "not here"}
