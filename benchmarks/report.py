@@ -42,6 +42,7 @@ class Row:
     ideal: float | None = None
     skip: str | None = None
     goals: list = field(default_factory=list)  # [(text, measured_pessimistic, met)]
+    goal_spread: dict = field(default_factory=dict)  # speed goal text -> (q1, median, q3) of its ratio
 
     @property
     def is_baseline(self) -> bool:
@@ -106,6 +107,8 @@ def load(data: dict) -> list[Row]:
                 q = _ratio_between(provs, g["vs"], name)
                 text = f">={g['min_speedup']:g}x vs {g['vs']}"
                 row.goals.append((text, None if q is None else q[0], q is not None and q[0] >= g["min_speedup"]))
+                if q is not None:
+                    row.goal_spread[text] = q
             mg = info.get("mem_goal")
             if mg and mg["provider"] == name:
                 other = provs.get(mg["vs"], {}).get("peak_mb")
@@ -189,7 +192,7 @@ def headline(rows: list[Row]) -> str:
         for text, val, ok in r.goals:
             shown = "-" if val is None else f"{val:.2f}"
             how = (f"measured {shown}" if "memory" in text
-                   else f"lower quartile {shown}x, median {_fmt_speedup(r.speedup)}")
+                   else f"lower quartile {shown}x, median {_fmt_speedup(r.goal_spread.get(text))}")
             out.append(f"{'met   ' if ok else 'MISSED'}  {r.suite:<28.28} {r.case:<46.46} {r.provider:<12.12} "
                        f"{text}: {how}")
     met = sum(ok for r in rows for _, _, ok in r.goals)
@@ -259,7 +262,7 @@ def plot_attention(data: dict, rows: list[Row], path: str) -> None:
     axes[0].set_ylabel("speedup (x, median of paired rounds, quartile bars)")
     fig.suptitle(f"Attention speedup vs density - {machine_line(data)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -304,7 +307,7 @@ def plot_nabla(data: dict, rows: list[Row], path: str) -> None:
         ax.set_title(title)
     fig.suptitle(f"NABLA block mask vs sequence length - {machine_line(data)}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -318,14 +321,12 @@ def plot_summary(data: dict, rows: list[Row], path: str) -> None:
             if "memory" in text:
                 continue
             vs = text.split(" vs ", 1)[1]
-            q = r.speedup if vs == r.baseline else None
-            if q is None:  # a goal against another provider of the case
-                q = (val, val, val) if val is not None else None
+            q = r.goal_spread.get(text)
             if q is None:
                 continue
             want = float(text[2:].split("x", 1)[0])
-            items.append((f"{r.suite}: {r.case}\n{r.provider} vs {vs}", q, want, ok))
-    fig, ax = plt.subplots(figsize=(10, max(2.5, 0.55 * len(items) + 1.2)))
+            items.append((f"{r.suite}: {r.case[:44]}\n{r.provider} vs {vs}", q, want, ok))
+    fig, ax = plt.subplots(figsize=(12, max(2.5, 0.55 * len(items) + 1.4)))
     if not items:
         _no_data(ax, "goals")
     for i, (label, (lo, med, hi), want, ok) in enumerate(items):
@@ -336,10 +337,10 @@ def plot_summary(data: dict, rows: list[Row], path: str) -> None:
     ax.set_yticklabels([it[0] for it in items], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup (x): bar = median, whiskers = quartiles, black tick = goal")
-    ax.set_title(f"Headline ratios (green: goal met at the lower quartile) - {machine_line(data)}", fontsize=9)
+    ax.set_title(f"Headline ratios (green: goal met at the lower quartile)\n{machine_line(data)}", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -356,11 +357,18 @@ def write_report(json_path: str, out_dir: str | None = None) -> str:
     with open(md, "w") as f:
         f.write(render_markdown(data, rows))
     paths = [md]
-    for name, fn in zip(PLOTS, (plot_attention, plot_nabla, plot_summary)):
-        p = os.path.join(out_dir, name)
-        fn(data, rows, p)
-        paths.append(p)
-    return "\n".join([headline(rows), "", "Written:", *[f"  {p}" for p in [json_path, *paths]]])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # e.g. a GPU machine without it: the tables still count
+        note = "plots skipped: matplotlib is not installed"
+    else:
+        note = None
+        for name, fn in zip(PLOTS, (plot_attention, plot_nabla, plot_summary)):
+            p = os.path.join(out_dir, name)
+            fn(data, rows, p)
+            paths.append(p)
+    lines = [headline(rows), "", "Written:", *[f"  {p}" for p in [json_path, *paths]]]
+    return "\n".join(lines + ([note] if note else []))
 
 
 def main(argv: list[str]) -> int:

@@ -102,3 +102,23 @@ def test_memory_goal_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("MISSED") == 3 and "peak memory <=0.333x of official" in out
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_goal_against_another_provider_shows_its_own_spread(tmp_path):
+    data = _run()
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if info["params"].get("density") == 0.10 and info["params"].get("pass") == "forward":
+            info["goals"].append({"provider": "ours[cpu]", "vs": "flex[compiled]", "min_speedup": 2.0})
+    text = report.write_report(_write(tmp_path, data), str(tmp_path))
+    (line,) = [x for x in text.splitlines() if "vs flex[compiled]" in x]
+    assert "lower quartile 2.50x, median 2.50x (2.50-2.50)" in line and line.startswith("met")
+
+
+def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    text = report.write_report(_write(tmp_path, _run()), str(tmp_path))
+    assert (tmp_path / "report.md").exists() and not (tmp_path / "summary.png").exists()
+    assert "plots skipped: matplotlib is not installed" in text
