@@ -83,7 +83,8 @@ def test_schedule():
     cfg = apply_overrides(get_config("tiny-cpu"), ["schedule.warmup_steps=4", "schedule.kind=cosine",
                                                    "schedule.min_lr_ratio=0.1"])
     f = [cfg.schedule.factor(s, 14) for s in range(14)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and abs(f[-1] - 0.1) < 0.05 and all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and abs(f[-1] - 0.1) < 0.05
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
 
 
 def test_stage_configs_build_on_meta():
@@ -281,7 +282,8 @@ def test_ema_export_loads_with_from_pretrained(full_run):
     assert any(not torch.equal(trained[f"model.{k}"], v) for k, v in ref.state_dict().items())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 4, 4, cfg.model.in_channels, generator=g)
-    text, pooled = torch.randn(1, 3, cfg.model.in_text_dim, generator=g), torch.randn(1, cfg.model.in_text_dim2, generator=g)
+    text = torch.randn(1, 3, cfg.model.in_text_dim, generator=g)
+    pooled = torch.randn(1, cfg.model.in_text_dim2, generator=g)
     for k, v in exported.state_dict().items():  # bit-equal weights
         assert torch.equal(v, ema[f"ema.{k}"]), k
     with torch.no_grad():  # outputs equal up to fp32 summation order (another memory layout)

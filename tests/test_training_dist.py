@@ -22,9 +22,11 @@ def _free_port() -> int:
 def test_fsdp2_two_ranks_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # 1 rank x 2 micro-batches sees the same global batches per step as 2 ranks x 1
-    run_train(one, "--max-steps", "4", "optim.grad_accum=2", "checkpoint.every=2", "checkpoint.export_ema=False")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "training.train", "--config", "tiny-cpu", "--output", str(two),
+    run_train(one, "--max-steps", "4", "optim.grad_accum=2", "checkpoint.every=2",
+              "checkpoint.export_ema=False")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "training.train", "--config", "tiny-cpu", "--output", str(two),
            "--max-steps", "3", "log.progress=False", "checkpoint.every=2"]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=TIMEOUT)
@@ -32,7 +34,8 @@ def test_fsdp2_two_ranks_match_one(tmp_path):
     assert_same_losses(losses(one), losses(two), range(1, 4), rtol=1e-5)
     ckpt = Path(two) / "checkpoints" / "step-00000003"
     assert (ckpt / "COMPLETE").exists()
-    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard per rank
+    # a shard file per rank
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (Path(two) / "ema" / "config.json").exists()
     # resume the 2-rank checkpoint in 1 process (DCP reshards; the loader cursor is global)
     run_train(two, "--max-steps", "4", "optim.grad_accum=2", "checkpoint.every=2")

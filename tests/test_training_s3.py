@@ -13,7 +13,8 @@ from test_training import losses, run_train
 from training.config import get_config
 from training.data import LatentLoader, ShardError, write_synthetic
 
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+         "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_s3_shards_train_like_local(s3_env, tmp_path):
     for _ in range(remote.batcher.num_batches):
         (g1, a), (g2, b) = remote.next(), local.next()
         assert g1 == g2 and [s["key"] for s in a] == [s["key"] for s in b]
-        assert all(torch.equal(x["latent"], y["latent"]) and torch.equal(x["text"], y["text"]) for x, y in zip(a, b))
+        for x, y in zip(a, b):
+            assert torch.equal(x["latent"], y["latent"]) and torch.equal(x["text"], y["text"])
     # a training run streams from s3:// and sees the same batches as one on the local copy
     args = ("--max-steps", "2", "checkpoint.every=0", "checkpoint.export_ema=False", "log.plot=False")
     run_train(tmp_path / "s3run", "--data", "s3://bucket/ds", *args, env_extra=env)

@@ -107,7 +107,8 @@ class Checkpointer:
             self.pg = None
 
 
-def export_ema(model: torch.nn.Module, ema: dict[str, torch.Tensor], path: str | Path, rank: int) -> Path | None:
+def export_ema(model: torch.nn.Module, ema: dict[str, torch.Tensor], path: str | Path,
+               rank: int) -> Path | None:
     """Gather the EMA weights (collective: call on every rank) and, on rank 0, write them with the
     model's own ``save_pretrained`` (the folder ``CrossDiT.from_pretrained`` loads)."""
     from kandinsky_model import CrossDiT

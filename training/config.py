@@ -237,7 +237,8 @@ class TrainConfig:
                            ("ema", EMAConfig), ("data", DataConfig), ("flow", FlowConfig),
                            ("checkpoint", CheckpointConfig), ("log", LogConfig)):
             if not isinstance(getattr(self, fname), typ):
-                raise ValueError(f"{fname} must be a {typ.__name__}, got {type(getattr(self, fname)).__name__}")
+                got = type(getattr(self, fname)).__name__
+                raise ValueError(f"{fname} must be a {typ.__name__}, got {got}")
         _num("max_steps", self.max_steps, lo=1, integer=True)
         _num("seed", self.seed, lo=0, integer=True)
         _choice("mixed_precision", self.mixed_precision, ("auto", "bf16", "fp32"))
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
     est = memory_estimate(cfg, args.world)
     print(cfg)
     print(f"{cfg.name}: {est['num_params'] / 1e9:.3f} B params; params {est['params_gib']:.2f} GiB, grads "
-          f"{est['grads_gib']:.2f} GiB, AdamW {est['adamw_gib']:.2f} GiB, EMA {est['ema_gib']:.2f} GiB; total "
+          f"{est['grads_gib']:.2f} GiB, AdamW {est['adamw_gib']:.2f} GiB, EMA {est['ema_gib']:.2f} GiB; "
+          f"total "
           f"{est['total_gib']:.2f} GiB, {est['per_rank_gib']:.3f} GiB per rank over {args.world} FSDP ranks")
     return est
 

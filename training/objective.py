@@ -113,7 +113,8 @@ def build_batch(samples: list[dict], gid: int, data: DataConfig, flow: FlowConfi
         pooled.append((null_text[1] if dropped else s["pooled"]).float())
     text, text_mask = pack_text(texts)
     tokens = b * (frames // patch[0]) * (x0.shape[2] // patch[1]) * (x0.shape[3] // patch[2])
-    return FlowBatch(x, target, loss_frames, 1000.0 * t, t, text, text_mask, torch.stack(pooled), task, tokens)
+    return FlowBatch(x, target, loss_frames, 1000.0 * t, t, text, text_mask, torch.stack(pooled), task,
+                     tokens)
 
 
 def flow_loss(model, fb: FlowBatch, rope_scale=(1.0, 1.0, 1.0)) -> torch.Tensor:

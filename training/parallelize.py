@@ -81,6 +81,7 @@ def build_sharded_dit(config, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy 
     model = CrossDiT.on_meta(config)
     parallelize_dit(model, mesh, mp_policy)
     model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
     torch.manual_seed(seed)  # every rank leaves with the same RNG state
     return model

@@ -1,6 +1,7 @@
 """Flow-matching training of the CrossDiT on latent shards, FSDP2, async DCP checkpoints.
 
-    python -m training.train --config tiny-cpu --max-steps 20 --output runs/tiny [--data PATH_OR_URL] [key=value ...]
+    python -m training.train --config tiny-cpu --max-steps 20 --output runs/tiny \\
+        [--data PATH_OR_URL] [key=value ...]
     torchrun --nproc-per-node 2 -m training.train --config tiny-cpu --output runs/tiny2
 
 Without ``--data`` the config's synthetic set is written into ``<output>/data`` (once). Running again
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpointer, export_ema
 from .config import TrainConfig, apply_overrides, get_config
 from .data import LatentLoader, write_synthetic
-from .data.shards import MANIFEST, join
+from .data.shards import MANIFEST
 from .objective import build_batch, flow_loss
 from .parallelize import build_mesh, build_sharded_dit, init_distributed, mixed_precision_policy
 
@@ -86,7 +87,9 @@ def plot_losses(metrics: Path, out: Path) -> Path | None:
 def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     rank, world = init_distributed(device_type)
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     out = Path(output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,8 @@ def read_manifest(url: str) -> dict:
         with fsspec.open(path, "r") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"no dataset manifest at {path} (write one with python -m training.data.write_shards)") from None
+        raise ShardError(f"no dataset manifest at {path} "
+                         "(write one with python -m training.data.write_shards)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"dataset manifest {path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("shards"):
@@ -161,7 +162,8 @@ class ShardReader:
         except Exception as e:  # safetensors raises its own error type on corrupt bytes
             raise ShardError(f"shard {path}: sample {key!r} is corrupt: {e}") from e
         if set(sample) != set(SAMPLE_KEYS):
-            raise ShardError(f"shard {path}: sample {key!r} holds {sorted(sample)}, expected {list(SAMPLE_KEYS)}")
+            raise ShardError(f"shard {path}: sample {key!r} holds {sorted(sample)}, "
+                             f"expected {list(SAMPLE_KEYS)}")
         return sample
 
     def close(self) -> None:

@@ -28,7 +28,8 @@ def _load(path: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m training.data.write_shards", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.data.write_shards",
+                                description=__doc__.split("\n")[0])
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--samples-per-shard", type=int, default=16)
