@@ -21,7 +21,7 @@ from kandinsky_model import CrossDiT
 from training.config import REGISTRY, apply_overrides, get_config, memory_estimate
 from training.data import BucketBatcher, LatentLoader, ShardError, ShardReader, read_manifest, write_dataset
 from training.data.synthetic import synthetic_samples, write_synthetic
-from training.objective import batch_generator
+from training.objective import batch_generator, build_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180
@@ -100,6 +100,15 @@ def test_stage_configs_build_on_meta():
         assert abs(est["per_rank_gib"] * 64 - est["total_gib"]) < 1e-6
     lite = get_config("video-lite-mr-5s")
     assert lite.optim.lr == 3e-5 and lite.max_steps == 50_000 and lite.data.task_probs["i2v"] == 0.2
+
+
+def test_config_cli_prints_memory_estimate(capsys):
+    from training.config import main
+
+    est = main(["video-lite-mr-10s", "--world", "8", "optim.lr=1e-5"])
+    out = capsys.readouterr().out
+    assert "video-lite-mr-10s" in out and "per rank over 8 FSDP ranks" in out and "lr=1e-05" in out
+    assert abs(est["per_rank_gib"] * 8 - est["total_gib"]) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -196,6 +205,41 @@ def test_prefetch_keeps_order_state_and_errors(tmp_path):
         for _ in range(plain.batcher.num_batches):
             broken.next()
     broken.close()
+
+
+def test_objective_tasks_null_text_and_i2v_inputs():
+    cfg = apply_overrides(get_config("tiny-cpu"), ['data.task_probs={"t2i": 0.2, "t2v": 0.5, "i2v": 0.3}'])
+    g = torch.Generator().manual_seed(0)
+    video = [{"latent": torch.randn(3, 2, 2, 4, generator=g), "text": torch.randn(2 + i, 48, generator=g),
+              "pooled": torch.randn(24, generator=g)} for i in range(4)]
+    image = [{**s, "latent": s["latent"][:1]} for s in video]
+    null = (torch.full((1, 48), 7.0), torch.full((24,), 7.0))
+    tasks, dropped, n = {"t2i": 0, "t2v": 0, "i2v": 0}, 0, 1500
+    for gid in range(n):
+        fb = build_batch(video, gid, cfg.data, cfg.flow, visual_cond=True, null_text=null)
+        tasks[fb.task] += 1
+        is_null = (fb.pooled == 7.0).all(-1)
+        dropped += int(is_null.sum())
+        assert torch.equal(fb.text_mask.sum(-1)[is_null], torch.ones(int(is_null.sum()), dtype=torch.long))
+        x0 = torch.stack([s["latent"] for s in video])[:, : fb.x.shape[1]]
+        t = fb.t.view(-1, 1, 1, 1, 1)
+        eps = fb.target + x0
+        assert fb.x.shape[-1] == 2 * 4 + 1 and not fb.x[..., 4:8].any()  # [x_t | cond = 0 | mask]
+        if fb.task == "i2v":
+            assert torch.equal(fb.x[:, 0, ..., :4], x0[:, 0]) and (fb.x[:, 0, ..., 8] == 1).all()
+            assert not fb.x[:, 1:, ..., 8].any() and fb.loss_frames.tolist() == [False, True, True]
+            torch.testing.assert_close(fb.x[:, 1:, ..., :4], ((1 - t) * x0 + t * eps)[:, 1:])
+        else:
+            assert not fb.x[..., 8].any() and fb.loss_frames.all()
+            torch.testing.assert_close(fb.x[..., :4], (1 - t) * x0 + t * eps)
+            assert fb.x.shape[1] == (1 if fb.task == "t2i" else 3)  # T2I: the first latent frame
+        torch.testing.assert_close(fb.timestep, 1000 * fb.t)
+        assert ((fb.t > 0) & (fb.t < 1)).all()
+    for task, p in cfg.data.task_probs.items():
+        assert abs(tasks[task] / n - p) < 0.04, (task, tasks)
+    assert abs(dropped / (4 * n) - 0.1) < 0.02
+    assert all(build_batch(image, gid, cfg.data, cfg.flow, visual_cond=True, null_text=null).task == "t2i"
+               for gid in range(50))  # image batches are always T2I
 
 
 # ---------------------------------------------------------------------------------- training runs

@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("name", choices=sorted(REGISTRY))
     p.add_argument("--world", type=int, default=64, help="FSDP ranks for the per-rank figure")
     p.add_argument("overrides", nargs="*", help="key=value (dotted keys)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = apply_overrides(get_config(args.name), args.overrides)
     est = memory_estimate(cfg, args.world)
     print(cfg)
