@@ -111,6 +111,10 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema.enabled else {}
     loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=rank, world=world,
                           prefetch=cfg.data.prefetch)
+    channels = loader.batcher.entries[0].shape[3]
+    if channels != cfg.model.in_visual_dim:
+        raise ValueError(f"dataset {url} holds {channels}-channel latents but the model takes "
+                         f"model.in_visual_dim = {cfg.model.in_visual_dim}")
     ckpt = Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                         async_save=cfg.checkpoint.async_save, rank=rank)
 
