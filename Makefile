@@ -22,9 +22,11 @@ BENCH_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: $(PY) setup.py pyproject.toml
+# Re-run when the Makefile changes too: a dependency added here must reach existing checkouts.
+$(VENV)/.deps: $(PY) setup.py pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" matplotlib "$(TRITON_SPEC)"
+	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" matplotlib \
+	  tqdm fsspec s3fs "moto[server]" "$(TRITON_SPEC)"
 	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -51,6 +51,7 @@ setup(
     install_requires=["torch>=2.6", "numpy", "safetensors", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         "triton": ["triton>=3.2"],
+        "train": ["tqdm", "fsspec", "s3fs", "matplotlib"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ninja", "triton>=3.2"],
     },
     ext_modules=ext_modules,
