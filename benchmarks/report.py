@@ -43,6 +43,7 @@ class Row:
     skip: str | None = None
     goals: list = field(default_factory=list)  # [(text, measured_pessimistic, met)]
     goal_spread: dict = field(default_factory=dict)  # speed goal text -> (q1, median, q3) of its ratio
+    tokens_per_s: list = field(default_factory=list)  # throughput per round, where a suite records it
 
     @property
     def is_baseline(self) -> bool:
@@ -99,7 +100,7 @@ def load(data: dict) -> list[Row]:
                 params=info.get("params", {}), provider=name, baseline=base,
                 times=entry.get("times", []), base_times=base_entry.get("times", []),
                 peak_mb=entry.get("peak_mb"), base_peak_mb=base_entry.get("peak_mb"),
-                ideal=info.get("ideal"), skip=entry.get("skip"),
+                ideal=info.get("ideal"), skip=entry.get("skip"), tokens_per_s=entry.get("tokens_per_s") or [],
             )
             for g in info.get("goals") or []:
                 if g["provider"] != name:
@@ -181,8 +182,21 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
     met = sum(ok for r in rows for _, _, ok in r.goals)
     total = sum(len(r.goals) for r in rows)
     lines += ["", f"Goals: {met} of {total} met (judged at the pessimistic end of the spread)."]
+    tput = throughput(rows)
+    if tput:
+        lines += ["", "Throughput (median over rounds, quartiles in brackets):", "", *[f"- {t}" for t in tput]]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS)]
     return "\n".join(lines) + "\n"
+
+
+def throughput(rows: list[Row]) -> list[str]:
+    """"op, provider: N tokens/s (q1-q3)" for every row that records a throughput."""
+    out = []
+    for r in rows:
+        if r.tokens_per_s:
+            lo, med, hi = _quartiles(r.tokens_per_s)
+            out.append(f"{r.op}, {r.provider}: {med:,.0f} tokens/s ({lo:,.0f}-{hi:,.0f})")
+    return out
 
 
 def headline(rows: list[Row]) -> str:
@@ -196,7 +210,7 @@ def headline(rows: list[Row]) -> str:
             out.append(f"{'met   ' if ok else 'MISSED'}  {r.suite:<28.28} {r.case:<46.46} {r.provider:<12.12} "
                        f"{text}: {how}")
     met = sum(ok for r in rows for _, _, ok in r.goals)
-    return "\n".join(out + [f"Goals: {met} of {sum(len(r.goals) for r in rows)} met"])
+    return "\n".join(out + [f"Goals: {met} of {sum(len(r.goals) for r in rows)} met", *throughput(rows)])
 
 
 # ----------------------------------------------------------------------------------------- plots

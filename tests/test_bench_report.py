@@ -47,6 +47,9 @@ def _run(ours_fwd_rounds=(0.010, 0.010, 0.010)):
                          {"mode": "forward", "dtype": "bf16"}, "sdpa",
                          {"sdpa": {"times": [6.0, 6.0]}, "nabla": {"times": [2.5, 2.5]}},
                          goals=[{"provider": "nabla", "vs": "sdpa", "min_speedup": 2.0}]))
+    benches.append(_case("training tokens/s (CPU)", "training tiny-cpu", "tiny-cpu, 12 steps", {"steps": 12},
+                         "1 process", {"1 process": {"times": [10.0], "tokens_per_s": [1500.0]},
+                                       "2 processes (FSDP2)": {"times": [12.0], "tokens_per_s": [1200.0]}}))
     machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2,
                "isa": {"avx2": True, "amx_tile": False}, "torch": "2.13.0", "gpu": None}
     return {"benchmarks": benches, "machine_info": machine, "commit_info": {"id": "abc123"},
@@ -70,6 +73,7 @@ def test_report_files_rows_and_plots(tmp_path):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     assert "Goals: 10 of 10 met" in text and str(tmp_path / "summary.png") in text
+    assert "training tiny-cpu, 2 processes (FSDP2): 1,200 tokens/s" in text and "| training tiny-cpu |" in md
 
 
 def test_goal_is_judged_at_the_lower_quartile(tmp_path):
