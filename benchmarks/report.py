@@ -160,15 +160,15 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         "the per-round ratios baseline / provider, with the lower-upper quartile in brackets. A goal "
         "is met only if it holds at the lower quartile.",
         "",
-        "| op | case | provider | baseline | baseline ms | ms | speedup | of ideal | peak MB | mem ratio | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| suite | op | case | provider | baseline | baseline ms | ms | speedup | of ideal | peak MB | mem ratio | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_ms = {(r.suite, r.case): r.median_ms for r in rows if r.is_baseline}
     for r in rows:
         if r.is_baseline:
             continue
         if r.skip is not None:
-            lines.append(f"| {r.op} | {r.case} | {r.provider} | {r.baseline} | "
+            lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.provider} | {r.baseline} | "
                          f"{_fmt_ms(base_ms.get((r.suite, r.case)))} | skipped: {r.skip} | - | - | - | - | - |")
             continue
         sp = r.speedup
@@ -177,7 +177,7 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         mem = "-" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"
         goal = "; ".join(f"{t}: {'met' if ok else '**missed**'} ({'-' if v is None else f'{v:.2f}'})"
                          for t, v, ok in r.goals) or "-"
-        lines.append(f"| {r.op} | {r.case} | {r.provider} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.case)))} | "
+        lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.provider} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.case)))} | "
                      f"{_fmt_ms(r.median_ms)} | {_fmt_speedup(sp)} | {of_ideal} | {peak} | {mem} | {goal} |")
     met = sum(ok for r in rows for _, _, ok in r.goals)
     total = sum(len(r.goals) for r in rows)
