@@ -9,6 +9,8 @@
 // each prefix to fp32, so a radix select over the fp32 bit pattern with double mass per bin finds the
 // first kept entry of the stable order exactly (see topcdf_row). Then the STA row is OR-ed in and the
 // compact form (actives ascending, then inactives ascending) is written directly.
+// With cu_seqlens (packed videos of whole blocks), key blocks of other videos are masked to -inf before the
+// softmax and AND-ed out at the end, so each video's rows equal that video computed alone.
 // Scratch is thread-local and O(Nk); nothing O(Nq*Nk) is allocated besides the int32 output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -140,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
                                                         double threshold,
                                                         const c10::optional<at::Tensor>& sta,
                                                         int64_t block_size,
-                                                        const c10::optional<at::Tensor>& token_valid) {
+                                                        const c10::optional<at::Tensor>& token_valid,
+                                                        const c10::optional<at::Tensor>& cu_seqlens) {
   KK_CHECK_CPU(q_in);
   KK_CHECK_CPU(k_in);
   KK_CHECK_DIM(q_in, 4);
@@ -173,6 +176,34 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
              tv.sizes());
     valid_c = token_valid->contiguous();
   }
+  // Packed videos: every offset is checked before any is used. seg[n] is the video of block n, -1 past the
+  // end; pooling never crosses a video (offsets are whole blocks), the softmax and the CDF rule see only
+  // the row's own video and the final mask is AND-ed with "same video".
+  std::vector<int32_t> seg;
+  if (cu_seqlens.has_value() && cu_seqlens->defined()) {
+    KK_CHECK_CPU(*cu_seqlens);
+    const at::Tensor cu = cu_seqlens->contiguous();
+    KK_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
+             "cu_seqlens must be int32 (n+1,) with n >= 1, got ", cu.scalar_type(), " ", cu.sizes());
+    KK_CHECK(B == 1, "cu_seqlens packs videos along S and needs B == 1, got B=", B);
+    const int32_t* c = cu.data_ptr<int32_t>();
+    const int64_t n = cu.size(0) - 1;
+    KK_CHECK(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+    for (int64_t v = 0; v < n; ++v)
+      KK_CHECK(c[v] <= c[v + 1], "cu_seqlens must be non-decreasing, got ", c[v], " then ", c[v + 1],
+               " at position ", v);
+    KK_CHECK(c[n] <= S, "cu_seqlens must end <= S=", S, ", got ", c[n]);
+    for (int64_t v = 0; v <= n; ++v)
+      KK_CHECK(c[v] % block_size == 0, "cu_seqlens[", v, "]=", c[v], " is not a multiple of block_size=",
+               block_size, ": nabla_block_mask needs videos of whole blocks");
+    seg.assign(N, -1);
+    for (int64_t v = 0; v < n; ++v) {
+      for (int64_t blk = c[v] / block_size; blk < c[v + 1] / block_size; ++blk) {
+        seg[blk] = static_cast<int32_t>(v);
+      }
+    }
+  }
+  const int32_t* seg_p = seg.empty() ? nullptr : seg.data();
   // Pooling reads each token's (H, D) row as one contiguous run; other layouts are copied once.
   const auto rows_contiguous = [&](const at::Tensor& x) { return x.stride(3) == 1 && x.stride(2) == D; };
   const at::Tensor q = rows_contiguous(q_in) ? q_in : q_in.contiguous();
@@ -221,11 +252,25 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         float* p = logits.data() + r * N;
+        int32_t* out = idx_p + (bh * N + i) * N;
+        const int32_t si = seg_p != nullptr ? seg_p[i] : 0;
+        if (si < 0) {  // a query block past cu_seqlens[-1] belongs to no video: no active block
+          for (int64_t j = 0; j < N; ++j) out[j] = static_cast<int32_t>(j);
+          counts_p[bh * N + i] = 0;
+          continue;
+        }
         // softmax(logits / sqrt(D)) in fp32, normalised as exp * (1 / sum) like torch's CPU softmax.
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < N; ++j) {
-          p[j] /= sqrt_d;
-          mx = std::max(mx, p[j]);
+        if (seg_p == nullptr) {
+          for (int64_t j = 0; j < N; ++j) {
+            p[j] /= sqrt_d;
+            mx = std::max(mx, p[j]);
+          }
+        } else {  // key blocks of other videos get probability exactly 0 (exp(-inf)), as if absent
+          for (int64_t j = 0; j < N; ++j) {
+            p[j] = seg_p[j] == si ? p[j] / sqrt_d : -std::numeric_limits<float>::infinity();
+            mx = std::max(mx, p[j]);
+          }
         }
         float sum = 0.f;
         for (int64_t j = 0; j < N; ++j) {
@@ -244,9 +289,11 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
           const bool* srow = sta_p + i * N;
           for (int64_t j = 0; j < N; ++j) keep[j] |= static_cast<uint8_t>(srow[j]);
         }
+        if (seg_p != nullptr) {  // never a block of another video (threshold 1 and the STA would add them)
+          for (int64_t j = 0; j < N; ++j) keep[j] &= static_cast<uint8_t>(seg_p[j] == si);
+        }
         int32_t active = 0;
         for (int64_t j = 0; j < N; ++j) active += keep[j];
-        int32_t* out = idx_p + (bh * N + i) * N;
         int32_t a = 0, z = active;
         for (int64_t j = 0; j < N; ++j) {
           if (keep[j]) {
@@ -271,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def(
       "nabla_block_mask(Tensor q, Tensor k, float threshold, Tensor? sta, int block_size, "
-      "Tensor? token_valid) -> (Tensor, Tensor)");
+      "Tensor? token_valid, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) { m.impl("nabla_block_mask", &nabla_block_mask_cpu); }

@@ -475,6 +475,20 @@ for _backend in NABLA_BACKENDS:
             q, k, _ = qkv()
             rejects(lambda: _nabla(_backend, q, k, 0.9, **_kw), _msg)
 
+    for _label, _offsets, _msg in (
+        ("misaligned", [0, 100, S], r"cu_seqlens\[1\]=100 is not a multiple of block_size=64"),
+        ("decreasing", [0, 128, 64], "non-decreasing"),
+        ("past-s", [0, S + 64], "end <= S"),
+        ("not-at-0", [64, S], "start at 0"),
+    ):
+        for _compiled in (False, True) if _label == "misaligned" else (False,):
+
+            @case(f"nabla-{_backend}{'-compiled' if _compiled else ''}-rejects-cu-seqlens-{_label}")
+            def _(_backend=_backend, _offsets=_offsets, _msg=_msg, _compiled=_compiled):
+                q, k, _ = qkv()
+                cu = torch.tensor(_offsets, dtype=torch.int32)
+                rejects(lambda: _nabla(_backend, q, k, 0.9, compiled=_compiled, cu_seqlens=cu), _msg)
+
 
 for _label, _grid, _kw, _msg in (
     ("grid-2-tuple", (2, 2), {}, "grid must be"),
@@ -484,6 +498,9 @@ for _label, _grid, _kw, _msg in (
     ("window-even", (4, 1, 1), dict(sta_window=(2, 3, 3)), "odd"),
     ("window-int", (4, 1, 1), dict(sta_window=3), "sta_window"),
     ("layout-tile-4", kk.FractalLayout(4, 8, 8, tile=4), {}, "64-token blocks"),
+    ("cu-seqlens-misaligned", None,
+     dict(sta_window=None, cu_seqlens=torch.tensor([0, 96, S], dtype=torch.int32)),
+     r"cu_seqlens\[1\]=96 is not a multiple"),
 ):
 
     @case(f"nabla-attention-rejects-{_label}")

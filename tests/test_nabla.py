@@ -326,3 +326,211 @@ def test_torch_compile_fullgraph():
     eager = nabla_block_mask(q, k, 0.7, sta, 16)
     assert_exact(counts, eager.kv_num_blocks, "kv_num_blocks")
     assert_exact(indices, eager.kv_indices, "kv_indices")
+
+
+# ------------------------------------------------------------------------------------ packed videos
+def _cu(block_counts, block_size):
+    return torch.tensor([0, *torch.tensor(block_counts).cumsum(0).tolist()], dtype=torch.int32) * block_size
+
+
+def _per_video_oracle(q, k, thr, sta, block_size, token_valid, cu):
+    """Each video alone through the plain reference, placed on the block diagonal; False elsewhere."""
+    b, s, h, _ = q.shape
+    n = s // block_size
+    dense = torch.zeros(b, h, n, n, dtype=torch.bool)
+    valid = None if token_valid is None else token_valid.expand(b, s)
+    offsets = cu.tolist()
+    for start, end in zip(offsets, offsets[1:]):
+        if start == end:
+            continue
+        lo, hi = start // block_size, end // block_size
+        dense[:, :, lo:hi, lo:hi] = nabla_block_mask_ref(
+            q[:, start:end], k[:, start:end], thr, None if sta is None else sta[lo:hi, lo:hi], block_size,
+            None if valid is None else valid[:, start:end],
+        )
+    return dense
+
+
+@pytest.mark.parametrize("thr", [0.9, 1.0])
+@pytest.mark.parametrize("with_sta", [False, True], ids=["no-sta", "sta"])
+@pytest.mark.parametrize("with_valid", [False, True], ids=["dense", "token-valid"])
+@pytest.mark.parametrize(
+    "videos, tail",
+    [([6], 0), ([2, 5], 1), ([1, 4, 3], 2), ([3, 1, 5, 2], 0), ([2, 0, 3], 3)],
+    ids=["1-video", "2-videos-tail", "3-videos-tail", "4-videos", "empty-video-tail"],
+)
+def test_cu_seqlens_equals_videos_alone(backend, videos, tail, with_valid, with_sta, thr):
+    """Every backend equals each video computed alone, on the block diagonal, exactly."""
+    bs = 16
+    n = sum(videos) + tail
+    cu = _cu(videos, bs)
+    q, k = _qk(1, n, 2, 16, torch.float32, 4, bs)
+    valid = None
+    if with_valid:
+        valid = torch.rand(n * bs) > 0.3
+        valid[::bs] = True
+    # A window three blocks wide spans every video boundary (and the tail): the AND must remove it there.
+    sta = sta_block_mask(n, 1, 1, (3, 1, 1)) if with_sta else None
+    name, device = backend
+    with use_backend(name):
+        out = nabla_block_mask(q.to(device), k.to(device), thr, None if sta is None else sta.to(device), bs,
+                               token_valid=None if valid is None else valid.to(device),
+                               cu_seqlens=cu.to(device)).to("cpu")
+    want = _per_video_oracle(q, k, thr, sta, bs, valid, cu)
+    dense = out.to_dense_blocks()
+    assert_exact(dense, want, "dense mask")
+    expected = BlockSparseMask.from_dense_blocks(want, bs)
+    assert_exact(out.kv_num_blocks, expected.kv_num_blocks, "kv_num_blocks")
+    assert_exact(out.kv_indices, expected.kv_indices, "kv_indices")
+    # Spelled out: nothing across videos, nothing for the blocks past the end.
+    seg = torch.full((n,), -1)
+    for i, (lo, hi) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        seg[lo // bs : hi // bs] = i
+    cross = (seg[:, None] != seg[None, :]) | (seg[:, None] < 0)
+    assert not (dense & cross).any(), "a block pair across videos is active"
+    assert (out.kv_num_blocks[..., seg < 0] == 0).all(), "query blocks past the end must have no block"
+    if valid is not None:
+        assert torch.equal(out.token_valid, valid.expand(1, -1))
+
+
+def test_cu_seqlens_one_video_of_everything_is_unchanged(backend):
+    """cu_seqlens = [0, S] gives exactly the mask without cu_seqlens."""
+    bs, n = 16, 7
+    q, k = _qk(1, n, 2, 16, torch.float32, 4, bs)
+    sta = sta_block_mask(n, 1, 1, (3, 1, 1))
+    packed = _run_cu(backend, q, k, 0.8, sta, bs, torch.tensor([0, n * bs], dtype=torch.int32))
+    plain = _run(backend, q, k, 0.8, sta, bs)
+    assert_exact(packed.kv_num_blocks, plain.kv_num_blocks, "kv_num_blocks")
+    assert_exact(packed.kv_indices, plain.kv_indices, "kv_indices")
+
+
+def test_cu_seqlens_ignores_tokens_past_the_end(backend):
+    """NaN past cu_seqlens[-1] belongs to no video: no error, and the same mask as finite values there."""
+    bs = 16
+    q, k = _qk(1, 6, 2, 16, torch.float32, 4, bs)
+    cu = _cu([2, 2], bs)
+    clean = _run_cu(backend, q, k, 0.7, None, bs, cu)
+    q[:, 4 * bs :] = float("nan")
+    k[:, 4 * bs + 3] = float("inf")
+    dirty = _run_cu(backend, q, k, 0.7, None, bs, cu)
+    assert_exact(dirty.kv_indices, clean.kv_indices, "kv_indices")
+    assert_exact(dirty.kv_num_blocks, clean.kv_num_blocks, "kv_num_blocks")
+    q[:, 5] = float("nan")  # inside video 0: its rows have no meaning, as without cu_seqlens
+    with pytest.raises(ValueError, match="finite block logits"):
+        _run_cu(backend, q, k, 0.7, None, bs, cu)
+
+
+def _run_cu(backend, q, k, thr, sta, block_size, cu, compiled=False) -> BlockSparseMask:
+    name, device = backend
+
+    def move(t):
+        return None if t is None else t.to(device)
+
+    fn = nabla_block_mask
+    if compiled:
+        torch._dynamo.reset()  # the backend is fixed per compiled graph
+        fn = torch.compile(nabla_block_mask)
+    with use_backend(name):
+        out = fn(move(q), move(k), thr, move(sta), block_size, cu_seqlens=move(cu))
+    return out.to("cpu")
+
+
+_BAD_CU = [  # S = 96 = 6 blocks of 16
+    ([0, 24, 96], r"cu_seqlens\[1\]=24 is not a multiple of block_size=16"),
+    ([0, 32, 88], r"cu_seqlens\[2\]=88 is not a multiple of block_size=16"),
+    ([0, 64, 32], "non-decreasing"),
+    ([0, 32, 112], "end <= S=96"),
+    ([16, 32], "start at 0"),
+]
+
+
+_BAD_CU_IDS = ["misaligned", "misaligned-end", "decreasing", "past-S", "not-at-0"]
+_BAD_CU_CASES = [pytest.param(*case, False, id=f"{i}-eager") for case, i in zip(_BAD_CU, _BAD_CU_IDS)] + [
+    pytest.param(*case, True, id=f"{i}-compiled")  # compiling is slow: the three kinds of error
+    for case, i in zip(_BAD_CU, _BAD_CU_IDS)
+    if i in ("misaligned", "decreasing", "past-S")
+]
+
+
+@pytest.mark.parametrize("offsets, match, compiled", _BAD_CU_CASES)
+def test_cu_seqlens_value_errors(backend, offsets, match, compiled):
+    """Misaligned, decreasing, past-S offsets raise on every backend, eagerly and under torch.compile
+    (inside the custom op for cpu and triton, where a compiled graph cannot skip the check)."""
+    q, k = _qk(1, 6, 2, 16, torch.float32, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        _run_cu(backend, q, k, 0.9, None, 16, torch.tensor(offsets, dtype=torch.int32), compiled)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda q: (q, torch.tensor([0, 64])), "cu_seqlens must have dtype in"),
+        (lambda q: (q, torch.tensor([[0, 64]], dtype=torch.int32)), "cu_seqlens must have 1 dims"),
+        (lambda q: (q, torch.tensor([0], dtype=torch.int32)), "at least 2 offsets"),
+        (lambda q: (q.expand(2, -1, -1, -1), torch.tensor([0, 64], dtype=torch.int32)), "needs B == 1"),
+        (lambda q: (q, torch.tensor([0, 64], dtype=torch.int32, device="meta")), "one device"),
+    ],
+    ids=["int64", "2d", "one-offset", "batch-2", "device"],
+)
+def test_cu_seqlens_shape_errors(make, match):
+    q, cu = make(torch.randn(1, 128, 2, 16))
+    with pytest.raises(ValueError, match=match):
+        nabla_block_mask(q, q, 0.9, None, 64, cu_seqlens=cu)
+
+
+@pytest.mark.skipif(_ext.cpp_op("nabla_block_mask") is None, reason="compiled op not available")
+def test_cpp_op_cu_seqlens_value_errors():
+    """The C++ op checks every offset itself before using any."""
+    op = _ext.cpp_op("nabla_block_mask")
+    q = torch.randn(1, 128, 2, 16)
+    for offsets, match in [
+        ([0, 24, 128], r"cu_seqlens\[1\]=24 is not a multiple of block_size=16"),
+        ([0, 64, 32], "non-decreasing"),
+        ([0, 144], "end <= S=128"),
+        ([16, 32], "start at 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            op(q, q, 0.5, None, 16, None, torch.tensor(offsets, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        op(q, q, 0.5, None, 16, None, torch.tensor([0, 64]))
+    with pytest.raises(ValueError, match="B == 1"):
+        op(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), 0.5, None, 16, None,
+           torch.tensor([0, 64], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("sta_window", [None, (3, 1, 1)], ids=["no-sta", "sta"])
+def test_nabla_attention_cu_seqlens_equals_videos_alone(name, sta_window, request):
+    """nabla_attention(cu_seqlens=...) equals each video run alone; tokens past the end give zeros.
+
+    Videos are whole frames of a (T, 1, 2) block grid, so the STA window of the whole grid restricted to
+    a video is that video's own window (sta_block_mask does not clamp at the borders)."""
+    from conftest import assert_close_to_reference
+
+    from kandinsky_kernels import nabla_attention
+    from kandinsky_kernels.reference.attention import block_sparse_attention_reference
+
+    if name == "cpu" and _ext.cpp_op("nabla_block_mask") is None:
+        pytest.skip(f"compiled nabla_block_mask not available ({_ext.EXT_ERROR})")
+    device = request.getfixturevalue("triton_device") if name == "triton" else "cpu"
+    frames, tail, per_frame = [2, 3], 1, 2  # blocks of 64 tokens
+    t = sum(frames) + tail
+    s = t * per_frame * 64
+    cu = _cu([f * per_frame for f in frames], 64)
+    q, k, v = (torch.randn(1, s, 2, 16) * 2 for _ in range(3))
+    grid = (t, 1, per_frame)
+    with use_backend(name):
+        out, mask = nabla_attention(q.to(device), k.to(device), v.to(device), 0.8, sta_window, grid=grid,
+                                    return_mask=True, cu_seqlens=cu.to(device))
+    out, mask = out.to("cpu"), mask.to("cpu")
+    sta = None if sta_window is None else sta_block_mask(*grid, sta_window)
+    assert_exact(mask.to_dense_blocks(), _per_video_oracle(q, k, 0.8, sta, 64, None, cu), "mask")
+    offsets = cu.tolist()
+    for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
+        qi, ki, vi = (x[:, start:end] for x in (q, k, v))
+        sta_i = None if sta_window is None else sta_block_mask(frames[i], 1, per_frame, sta_window)
+        mask_i = BlockSparseMask.from_dense_blocks(nabla_block_mask_ref(qi, ki, 0.8, sta_i, 64), 64)
+        ref = block_sparse_attention_reference(qi.double(), ki.double(), vi.double(), mask_i)
+        t_out = block_sparse_attention_reference(qi, ki, vi, mask_i, upcast=False)
+        assert_close_to_reference(out[:, start:end], ref, t_out, name=f"video {i}")
+    assert (out[:, offsets[-1] :] == 0).all(), "tokens past the end must give zeros"

@@ -862,6 +862,7 @@ def nabla_attention(
     grid=None,
     return_mask: bool = False,
     scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
 ):
     """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
 
@@ -876,9 +877,19 @@ def nabla_attention(
         return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
             unconditional CFG branch with :func:`block_sparse_attention`.
         scale: softmax scale, default 1/sqrt(D).
+        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1), each a
+            multiple of 64 (whole blocks). Passed to both :func:`kandinsky_kernels.nabla_block_mask`
+            (each video's mask computed alone, nothing across videos, the STA window included) and
+            :func:`block_sparse_attention`: every video attends as if it ran alone, and tokens past
+            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S.
 
     Returns:
         out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
+
+    Raises:
+        ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
+            raise (a bad ``cu_seqlens``: not int32 (n+1,), B > 1, not starting at 0, decreasing,
+            ending past S, or an offset that is not a multiple of 64), or a bad ``grid`` / window.
     """
     from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
     from kandinsky_kernels.ops.nabla import nabla_block_mask
@@ -911,6 +922,7 @@ def nabla_attention(
             raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
                              f"got {sta_window!r}")
         sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
-    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid)
-    out = block_sparse_attention(q, k, v, mask, scale)
+    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
+                            cu_seqlens=cu_seqlens)
+    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
     return (out, mask) if return_mask else out

@@ -11,7 +11,9 @@ O(B*H*N^2) int64 temporaries per layer and step. Here two kernels do the same ex
    on the fp32 bit pattern (monotone for p >= 0) with the mass summed in fp64 and rounded to fp32
    before comparing, which is what torch's CPU cumsum (double accumulator) compares; ties at the
    boundary value are resolved by their rank in index order, as a stable sort would. The STA row is
-   OR-ed in and the indices are scattered straight into their compact slots.
+   OR-ed in and the indices are scattered straight into their compact slots. With ``cu_seqlens``
+   (packed videos of whole blocks) a per-block video id masks other videos' logits to -inf before the
+   softmax and is AND-ed into the final keep; query blocks past the end keep nothing.
 
 Trade-off: every row tile re-reads the pooled keys of its head (no tensor-core GEMM), which is cheap
 for the N <= ~4k blocks of Kandinsky 5 (pooled keys are 64x smaller than k) and keeps the memory
@@ -29,6 +31,7 @@ import torch
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import (
+    check_cu_seqlens,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -95,6 +98,7 @@ if HAS_TRITON:
         qp_ptr,  # fp32 (B, H, Nq, D) contiguous
         kt_ptr,  # fp32 (B, H, D, Nk) contiguous
         sta_ptr,  # uint8 (Nq, Nk) contiguous
+        seg_ptr,  # int32 (N,): video of each block, -1 past the end (HAS_SEG)
         counts_ptr,  # int32 (B, H, Nq)
         idx_ptr,  # int32 (B, H, Nq, Nk)
         Nq,
@@ -106,6 +110,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         HAS_STA: tl.constexpr,
+        HAS_SEG: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -129,7 +134,19 @@ if HAS_TRITON:
         # IEEE divisions (div_rn), as torch computes them: a plain `/` compiles to the approximate
         # div.full.f32 on NVIDIA GPUs, and exactly tied rows (p = 1/n) must get the same last bit as
         # the reference for the CDF rule to make the same decision.
-        logits = tl.where(mask_n[None, :], tl.math.div_rn(acc, sqrt_d), float("-inf"))
+        logits = tl.math.div_rn(acc, sqrt_d)
+        if HAS_SEG:
+            # Packed videos: a row sees only its own video's key blocks (probability exactly 0 elsewhere,
+            # as if they were absent); a row past the end (segment -1) gets zero logits, a finite row
+            # that the final AND empties.
+            seg_m = tl.load(seg_ptr + offs_m, mask=mask_m, other=-1)
+            seg_n = tl.load(seg_ptr + offs_n, mask=mask_n, other=-2)
+            dead = seg_m < 0
+            same = (seg_m[:, None] == seg_n[None, :]) & ~dead[:, None]
+            logits = tl.where(dead[:, None], 0.0, logits)
+            logits = tl.where(mask_n[None, :] & (same | dead[:, None]), logits, float("-inf"))
+        else:
+            logits = tl.where(mask_n[None, :], logits, float("-inf"))
         e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         total = tl.sum(e, axis=1)
         # A NaN or +inf logit makes the total NaN (NaN compares false): such rows get count -1, which the
@@ -162,6 +179,8 @@ if HAS_TRITON:
             sta = tl.load(sta_ptr + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0)
             keep = keep | (sta != 0)
         keep = keep & mask_n[None, :]
+        if HAS_SEG:
+            keep = keep & same
 
         # Compact slots: actives ascending from 0, inactives ascending from the count.
         active = keep.to(tl.int32)
@@ -183,8 +202,10 @@ def nabla_block_mask_forward(
     sta: torch.Tensor | None,
     block_size: int,
     token_valid: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher: pool, then the fused mask kernel. Inputs as validated by :func:`nabla_block_mask`."""
+    """Triton launcher: pool, then the fused mask kernel. Inputs as validated by :func:`nabla_block_mask`
+    (``cu_seqlens`` also by :func:`_check_cu_blocks`)."""
     b, s, h, d = q.shape
     n = s // block_size
     qp = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
@@ -219,10 +240,12 @@ def nabla_block_mask_forward(
     # Rows per program: share the pooled-key loads while the (BLOCK_M, BLOCK_N) tile stays register-sized.
     block_m = max(1, min(16, triton.next_power_of_2(n), 2048 // block_n))
     block_d = max(1, min(triton.next_power_of_2(d), 8192 // (block_m * block_n)))
+    seg = None if cu_seqlens is None else _block_segments(cu_seqlens, n, block_size)
     _nabla_mask_fwd_kernel[(b * h, triton.cdiv(n, block_m))](
         qp,
         kt,
         counts if sta is None else sta.contiguous().view(torch.uint8),
+        counts if seg is None else seg,
         counts,
         indices,
         n,
@@ -234,6 +257,7 @@ def nabla_block_mask_forward(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         HAS_STA=sta is not None,
+        HAS_SEG=seg is not None,
         num_warps=min(16, max(4, block_m * block_n // 256)),
     )
     bad = (counts < 0).nonzero()
@@ -250,14 +274,54 @@ def _raise_nonfinite(b: int, h: int, i: int):
     )
 
 
-def _nabla_reference(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor:
-    """The reference algorithm with the kernels' finiteness check: dense bool (B, H, Nq, Nk)."""
+def _nabla_reference(
+    q, k, threshold, sta, block_size, token_valid, cu_seqlens=None, first_block=0
+) -> torch.Tensor:
+    """The reference algorithm with the kernels' finiteness check: dense bool (B, H, Nq, Nk).
+
+    With ``cu_seqlens`` (already checked by :func:`_check_cu_blocks`) each video is computed alone and
+    placed on the block diagonal; everything else stays False."""
+    if cu_seqlens is not None:
+        b, s, h, _ = q.shape
+        n = s // block_size
+        dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
+        offsets = cu_seqlens.tolist()
+        for start, end in zip(offsets, offsets[1:]):
+            if start == end:
+                continue
+            lo, hi = start // block_size, end // block_size
+            dense[:, :, lo:hi, lo:hi] = _nabla_reference(
+                q[:, start:end], k[:, start:end], threshold, None if sta is None else sta[lo:hi, lo:hi],
+                block_size, None if token_valid is None else token_valid[:, start:end], first_block=lo,
+            )
+        return dense
     p = block_map_ref(pool_blocks_ref(q, block_size, token_valid), pool_blocks_ref(k, block_size, token_valid))
     bad = (~torch.isfinite(p)).any(-1).nonzero()
     if len(bad):
-        _raise_nonfinite(*bad[0].tolist())
+        b, h, i = bad[0].tolist()
+        _raise_nonfinite(b, h, i + first_block)
     mask = topcdf_mask_ref(p, threshold)
     return mask if sta is None else mask | sta
+
+
+def _check_cu_blocks(cu_seqlens: torch.Tensor, seq_len: int, block_size: int) -> None:
+    """The data-dependent checks of ``cu_seqlens``: those of block-sparse attention (start at 0,
+    non-decreasing, end <= S), and every offset a multiple of ``block_size``. Reads the values (a host
+    sync on a GPU)."""
+    check_cu_seqlens(cu_seqlens, seq_len)
+    for i, c in enumerate(cu_seqlens.tolist()):
+        if c % block_size:
+            raise ValueError(
+                f"cu_seqlens[{i}]={c} is not a multiple of block_size={block_size}: nabla_block_mask "
+                "needs videos of whole blocks (in fractal order every video is)"
+            )
+
+
+def _block_segments(cu_seqlens: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """int32 (N,): the video of each block (offsets checked, whole blocks), -1 past ``cu_seqlens[-1]``."""
+    starts = torch.arange(n, dtype=torch.int32, device=cu_seqlens.device) * block_size
+    seg = torch.searchsorted(cu_seqlens[1:].contiguous(), starts, right=True, out_int32=True)
+    return torch.where(starts < cu_seqlens[-1], seg, -1).to(torch.int32).contiguous()
 
 
 def _fp32(x: float) -> float:
@@ -273,15 +337,18 @@ def _nabla_block_mask_op(
     sta: torch.Tensor | None,
     block_size: int,
     token_valid: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens is not None:  # here, so that a compiled graph cannot skip it (C++ checks again)
+        _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
     if backend == "cpu":
-        return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid)
-    return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid)
+        return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
 
 
 @_nabla_block_mask_op.register_fake
-def _(q, k, threshold, sta, block_size, token_valid, backend):
+def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, backend):
     b, s, h, _ = q.shape
     n = s // block_size
     return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
@@ -294,7 +361,7 @@ def _backend(device_type: str) -> str:
     return select_backend("nabla_block_mask", device_type, implemented)
 
 
-def _check_inputs(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor | None:
+def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None) -> torch.Tensor | None:
     """Raise ValueError on bad input; return ``token_valid`` as a contiguous bool (B, S) or None."""
     check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=_INPUT_DTYPES)
@@ -304,7 +371,7 @@ def _check_inputs(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor
         )
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
-    check_same_device(q=q, k=k, sta=sta, token_valid=token_valid)
+    check_same_device(q=q, k=k, sta=sta, token_valid=token_valid, cu_seqlens=cu_seqlens)
     check_positive_int("block_size", block_size)
     b, s, _, _ = q.shape
     if q.numel() == 0:
@@ -321,6 +388,16 @@ def _check_inputs(q, k, threshold, sta, block_size, token_valid) -> torch.Tensor
         check_tensor("sta", sta, ndim=2, dtypes=(torch.bool,))
         if sta.shape != (n, n):
             raise ValueError(f"sta must have shape (Nq, Nk) = ({n}, {n}), got {tuple(sta.shape)}")
+    if cu_seqlens is not None:  # the values are checked where the kernels run (_check_cu_blocks)
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+        if cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}"
+            )
+        if b != 1:
+            raise ValueError(
+                f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}"
+            )
     if token_valid is None:
         return None
     check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
@@ -340,6 +417,7 @@ def nabla_block_mask(
     block_size: int = 64,
     *,
     token_valid: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> BlockSparseMask:
     """NABLA block mask: the smallest set of most probable key blocks per query block, OR the STA mask.
 
@@ -363,6 +441,15 @@ def nabla_block_mask(
         token_valid: optional bool (S,) or (B, S), False for padding tokens (from the fractal
             reordering). Padding is left out of the pooled means; a block with no real token pools to
             the zero vector. Carried over into the returned mask.
+        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1), as for
+            :func:`kandinsky_kernels.block_sparse_attention`; every offset must be a multiple of
+            ``block_size`` (videos in fractal order are whole blocks). Pooling, the block softmax and
+            the CDF rule never cross a video: the result equals each video computed alone, placed on
+            the block diagonal. Every block pair across videos is inactive, also with ``threshold`` 1
+            and where ``sta`` would connect it (``sta`` is AND-ed with "same video"). Tokens past
+            ``cu_seqlens[-1]`` belong to no video: their query blocks have no active block (count 0),
+            their key blocks are never kept, and their values are never used. Use the mask with
+            ``block_sparse_attention(..., cu_seqlens=cu_seqlens)``.
 
     Returns:
         :class:`BlockSparseMask` with ``kv_num_blocks`` int32 (B, H, Nq) and ``kv_indices`` int32
@@ -372,17 +459,24 @@ def nabla_block_mask(
         ValueError: on mismatched or malformed inputs (the message names the shapes or values), and
             when a row of block logits is not finite (NaN or inf in q or k, or pooled means so large
             that q.k overflows fp32): the CDF rule means nothing there. Every backend checks this, also
-            under ``torch.compile`` (on a GPU it costs one host sync per call).
+            under ``torch.compile`` (on a GPU it costs one host sync per call). ``cu_seqlens`` that is
+            not int32 (n+1,) with n >= 1, given with B > 1, not starting at 0, decreasing, ending past
+            S, or holding an offset that is not a multiple of ``block_size`` (the message names it):
+            the value checks run where the kernels run, also under ``torch.compile`` (one host sync).
 
     Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
     sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced.
     """
-    valid = _check_inputs(q, k, threshold, sta, block_size, token_valid)
+    valid = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     backend = _backend(q.device.type)
     if backend == "reference":
-        dense = _nabla_reference(q, k, threshold, sta, block_size, valid)
+        if cu_seqlens is not None:
+            _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
+        dense = _nabla_reference(q, k, threshold, sta, block_size, valid, cu_seqlens)
         return BlockSparseMask.from_dense_blocks(dense, block_size, token_valid=valid)
-    counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, backend)
+    counts, indices = _nabla_block_mask_op(
+        q, k, float(threshold), sta, block_size, valid, cu_seqlens, backend
+    )
     if not torch.compiler.is_compiling():
         mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)

@@ -61,11 +61,31 @@ def nabla_block_mask_ref(
     sta: torch.Tensor | None = None,
     block_size: int = 64,
     token_valid: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k (B, S, H, D) -> dense bool (B, H, Nq, Nk) NABLA mask (Nq = Nk = S // block_size).
 
     ``sta``: optional bool (Nq, Nk) OR-ed in. ``token_valid``: optional bool (S,) or (B, S).
+    ``cu_seqlens``: optional int32 (n+1,) offsets of n packed videos (B == 1), each a multiple of
+    ``block_size`` (not checked here): every video is computed alone (its slice of q, k, token_valid
+    and its diagonal part of ``sta``) and placed on the block diagonal; every other entry, including
+    the rows and columns of blocks past ``cu_seqlens[-1]``, is False.
     """
+    if cu_seqlens is not None:
+        b, s, h, _ = q.shape
+        n = s // block_size
+        dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
+        valid = None if token_valid is None else token_valid.expand(b, s)
+        offsets = cu_seqlens.tolist()
+        for start, end in zip(offsets, offsets[1:]):
+            if start == end:
+                continue
+            lo, hi = start // block_size, end // block_size
+            dense[:, :, lo:hi, lo:hi] = nabla_block_mask_ref(
+                q[:, start:end], k[:, start:end], threshold, None if sta is None else sta[lo:hi, lo:hi],
+                block_size, None if valid is None else valid[:, start:end],
+            )
+        return dense
     q_pooled = pool_blocks_ref(q, block_size, token_valid)
     k_pooled = pool_blocks_ref(k, block_size, token_valid)
     p = block_map_ref(q_pooled, k_pooled)
