@@ -517,18 +517,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& kv_num_blocks, const
   p.Bt = has_tv ? tv.size(0) : 1;
   p.qcode.assign(p.S, 0);
   if (has_cu) {
-    const at::Tensor cu = cu_seqlens->contiguous();
-    KK_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
-             "cu_seqlens must be int32 (n+1,) with n >= 1, got ", cu.scalar_type(), " ", cu.sizes());
-    KK_CHECK(p.B == 1, "cu_seqlens needs B == 1, got B=", p.B);
+    const at::Tensor cu = kk::checked_cu_seqlens(*cu_seqlens, p.B, p.S);
     const int32_t* c = cu.data_ptr<int32_t>();
     const int64_t n = cu.size(0) - 1;
-    // All offsets are checked before any is used as a write bound.
-    KK_CHECK(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
-    for (int64_t seg = 0; seg < n; ++seg)
-      KK_CHECK(c[seg] <= c[seg + 1], "cu_seqlens must be non-decreasing, got ", c[seg], " then ", c[seg + 1],
-               " at position ", seg);
-    KK_CHECK(c[n] <= p.S, "cu_seqlens must end <= S=", p.S, ", got ", c[n]);
     std::fill(p.qcode.begin(), p.qcode.end(), -4);
     for (int64_t seg = 0; seg < n; ++seg)
       for (int64_t t = c[seg]; t < c[seg + 1]; ++t) p.qcode[t] = static_cast<int32_t>(seg);

@@ -181,18 +181,9 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
   // the row's own video and the final mask is AND-ed with "same video".
   std::vector<int32_t> seg;
   if (cu_seqlens.has_value() && cu_seqlens->defined()) {
-    KK_CHECK_CPU(*cu_seqlens);
-    const at::Tensor cu = cu_seqlens->contiguous();
-    KK_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
-             "cu_seqlens must be int32 (n+1,) with n >= 1, got ", cu.scalar_type(), " ", cu.sizes());
-    KK_CHECK(B == 1, "cu_seqlens packs videos along S and needs B == 1, got B=", B);
+    const at::Tensor cu = kk::checked_cu_seqlens(*cu_seqlens, B, S);
     const int32_t* c = cu.data_ptr<int32_t>();
     const int64_t n = cu.size(0) - 1;
-    KK_CHECK(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
-    for (int64_t v = 0; v < n; ++v)
-      KK_CHECK(c[v] <= c[v + 1], "cu_seqlens must be non-decreasing, got ", c[v], " then ", c[v + 1],
-               " at position ", v);
-    KK_CHECK(c[n] <= S, "cu_seqlens must end <= S=", S, ", got ", c[n]);
     for (int64_t v = 0; v <= n; ++v)
       KK_CHECK(c[v] % block_size == 0, "cu_seqlens[", v, "]=", c[v], " is not a multiple of block_size=",
                block_size, ": nabla_block_mask needs videos of whole blocks");

@@ -1,5 +1,6 @@
 // Shared helpers for the C++ kernels: boundary checks with readable messages.
 #pragma once
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -19,5 +20,24 @@ inline int64_t checked_product(const char* what, std::initializer_list<int64_t> 
     KK_CHECK(f >= 0 && !__builtin_mul_overflow(out, f, &out), what, " overflows int64 (factor ", f, ")");
   }
   return out;
+}
+
+// cu_seqlens of videos packed along S, every offset checked before any is used as a bound: a CPU int32
+// (n+1,) tensor, n >= 1, with B == 1, starting at 0, non-decreasing, ending at most at S. Returns the
+// contiguous tensor (keep it alive while reading its data).
+inline at::Tensor checked_cu_seqlens(const at::Tensor& cu_seqlens, int64_t B, int64_t S) {
+  KK_CHECK_CPU(cu_seqlens);
+  at::Tensor cu = cu_seqlens.contiguous();
+  KK_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) >= 2,
+           "cu_seqlens must be int32 (n+1,) with n >= 1, got ", cu.scalar_type(), " ", cu.sizes());
+  KK_CHECK(B == 1, "cu_seqlens packs videos along S and needs B == 1, got B=", B);
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0) - 1;
+  KK_CHECK(c[0] == 0, "cu_seqlens must start at 0, got ", c[0]);
+  for (int64_t v = 0; v < n; ++v)
+    KK_CHECK(c[v] <= c[v + 1], "cu_seqlens must be non-decreasing, got ", c[v], " then ", c[v + 1],
+             " at position ", v);
+  KK_CHECK(c[n] <= S, "cu_seqlens must end <= S=", S, ", got ", c[n]);
+  return cu;
 }
 }  // namespace kk
