@@ -22,6 +22,7 @@ from kandinsky_kernels.reference.nabla import (
     block_map_ref,
     nabla_block_mask_ref,
     nabla_official,
+    per_video_ref,
     pool_blocks_ref,
 )
 
@@ -334,21 +335,11 @@ def _cu(block_counts, block_size):
 
 
 def _per_video_oracle(q, k, thr, sta, block_size, token_valid, cu):
-    """Each video alone through the plain reference, placed on the block diagonal; False elsewhere."""
-    b, s, h, _ = q.shape
-    n = s // block_size
-    dense = torch.zeros(b, h, n, n, dtype=torch.bool)
-    valid = None if token_valid is None else token_valid.expand(b, s)
-    offsets = cu.tolist()
-    for start, end in zip(offsets, offsets[1:]):
-        if start == end:
-            continue
-        lo, hi = start // block_size, end // block_size
-        dense[:, :, lo:hi, lo:hi] = nabla_block_mask_ref(
-            q[:, start:end], k[:, start:end], thr, None if sta is None else sta[lo:hi, lo:hi], block_size,
-            None if valid is None else valid[:, start:end],
-        )
-    return dense
+    """Each video alone through the plain reference (no cu_seqlens), placed on the block diagonal."""
+    def one(qv, kv, sta_v, valid_v, first_block):
+        return nabla_block_mask_ref(qv, kv, thr, sta_v, block_size, valid_v)
+
+    return per_video_ref(one, q, k, sta, block_size, token_valid, cu)
 
 
 @pytest.mark.parametrize("thr", [0.9, 1.0])

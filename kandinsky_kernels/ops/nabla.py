@@ -39,7 +39,7 @@ from kandinsky_kernels._validation import (
 )
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
-from kandinsky_kernels.reference.nabla import block_map_ref, pool_blocks_ref, topcdf_mask_ref
+from kandinsky_kernels.reference.nabla import block_map_ref, per_video_ref, pool_blocks_ref, topcdf_mask_ref
 
 __all__ = ["nabla_block_mask"]
 
@@ -282,20 +282,12 @@ def _nabla_reference(
     With ``cu_seqlens`` (already checked by :func:`_check_cu_blocks`) each video is computed alone and
     placed on the block diagonal; everything else stays False."""
     if cu_seqlens is not None:
-        b, s, h, _ = q.shape
-        n = s // block_size
-        dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
-        offsets = cu_seqlens.tolist()
-        for start, end in zip(offsets, offsets[1:]):
-            if start == end:
-                continue
-            lo, hi = start // block_size, end // block_size
-            dense[:, :, lo:hi, lo:hi] = _nabla_reference(
-                q[:, start:end], k[:, start:end], threshold, None if sta is None else sta[lo:hi, lo:hi],
-                block_size, None if token_valid is None else token_valid[:, start:end], first_block=lo,
-            )
-        return dense
-    p = block_map_ref(pool_blocks_ref(q, block_size, token_valid), pool_blocks_ref(k, block_size, token_valid))
+        def one(qv, kv, sta_v, valid_v, first):
+            return _nabla_reference(qv, kv, threshold, sta_v, block_size, valid_v, first_block=first)
+
+        return per_video_ref(one, q, k, sta, block_size, token_valid, cu_seqlens)
+    p = block_map_ref(pool_blocks_ref(q, block_size, token_valid),
+                      pool_blocks_ref(k, block_size, token_valid))
     bad = (~torch.isfinite(p)).any(-1).nonzero()
     if len(bad):
         b, h, i = bad[0].tolist()

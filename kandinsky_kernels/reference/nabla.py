@@ -72,25 +72,35 @@ def nabla_block_mask_ref(
     the rows and columns of blocks past ``cu_seqlens[-1]``, is False.
     """
     if cu_seqlens is not None:
-        b, s, h, _ = q.shape
-        n = s // block_size
-        dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
-        valid = None if token_valid is None else token_valid.expand(b, s)
-        offsets = cu_seqlens.tolist()
-        for start, end in zip(offsets, offsets[1:]):
-            if start == end:
-                continue
-            lo, hi = start // block_size, end // block_size
-            dense[:, :, lo:hi, lo:hi] = nabla_block_mask_ref(
-                q[:, start:end], k[:, start:end], threshold, None if sta is None else sta[lo:hi, lo:hi],
-                block_size, None if valid is None else valid[:, start:end],
-            )
-        return dense
+        def one(qv, kv, sta_v, valid_v, first_block):
+            return nabla_block_mask_ref(qv, kv, threshold, sta_v, block_size, valid_v)
+
+        return per_video_ref(one, q, k, sta, block_size, token_valid, cu_seqlens)
     q_pooled = pool_blocks_ref(q, block_size, token_valid)
     k_pooled = pool_blocks_ref(k, block_size, token_valid)
     p = block_map_ref(q_pooled, k_pooled)
     mask = topcdf_mask_ref(p, threshold)
     return mask if sta is None else mask | sta
+
+
+def per_video_ref(fn, q, k, sta, block_size, token_valid, cu_seqlens) -> torch.Tensor:
+    """Dense bool (B, H, Nq, Nk) with ``fn(q_v, k_v, sta_v, token_valid_v, first_block)``, the mask of
+    each video of ``cu_seqlens`` (int32 offsets, multiples of ``block_size``) computed alone, on the
+    block diagonal; every other entry False. ``sta_v`` / ``token_valid_v`` are the video's parts (or
+    None), ``first_block`` the video's first block index in the packed sequence."""
+    b, s, h, _ = q.shape
+    n = s // block_size
+    dense = torch.zeros(b, h, n, n, dtype=torch.bool, device=q.device)
+    valid = None if token_valid is None else token_valid.expand(b, s)
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets, offsets[1:]):
+        if start == end:
+            continue
+        lo, hi = start // block_size, end // block_size
+        sta_v = None if sta is None else sta[lo:hi, lo:hi]
+        valid_v = None if valid is None else valid[:, start:end]
+        dense[:, :, lo:hi, lo:hi] = fn(q[:, start:end], k[:, start:end], sta_v, valid_v, lo)
+    return dense
 
 
 def nabla_official(
