@@ -28,3 +28,24 @@ def cpp_op(name: str):
         return getattr(ns, name)
     except (AttributeError, RuntimeError):
         return None
+
+
+# Instruction-set paths of the C++ CPU kernels, fastest first. One build carries all of them; the
+# extension picks the fastest one the CPU runs, by CPUID, at every call unless KANDINSKY_CPU_ISA
+# names one (then it raises if this CPU or build cannot run it).
+CPU_ISAS = ("amx", "avx512_bf16", "avx512", "avx2", "baseline")
+
+
+def cpu_isas() -> list[str]:
+    """The ISA paths of the C++ kernels this CPU and build can run, fastest first ([] without ``_C``)."""
+    op = cpp_op("cpu_isas")
+    return list(op()) if op is not None else []
+
+
+def cpu_isa() -> str | None:
+    """The ISA path the C++ kernels take now (``KANDINSKY_CPU_ISA`` honoured), or ``None`` without ``_C``.
+
+    Raises ``RuntimeError`` when ``KANDINSKY_CPU_ISA`` names a path this CPU or build cannot run.
+    """
+    op = cpp_op("cpu_isa")
+    return str(op()) if op is not None else None
