@@ -325,7 +325,7 @@ def test_validation(mutate, match):
 # --------------------------------------------------------------------------------- nabla_attention
 @pytest.mark.parametrize("padded", [False, True], ids=["grid-tuple", "fractal-layout-padded"])
 def test_nabla_attention(padded):
-    from kandinsky_kernels.ops.block_sparse_attention import nabla_attention
+    from kandinsky_kernels.ops.nabla import nabla_attention
     from kandinsky_kernels.ops.fractal import FractalLayout
     from kandinsky_kernels.ops.nabla import nabla_block_mask
     from kandinsky_kernels.ops.sta import sta_block_mask

@@ -10,7 +10,9 @@ Layers, bottom up:
     Both have fake implementations and are tied together with ``register_autograd``, so
     ``torch.compile(fullgraph=True)`` sees one opaque node per direction.
 :func:`block_sparse_attention`  validation + the public entry point.
-:func:`nabla_attention`  NABLA mask (+ STA union) and attention in one call.
+
+NABLA mask and attention in one call, :func:`kandinsky_kernels.nabla_attention`, lives with the NABLA op
+(:mod:`kandinsky_kernels.ops.nabla`).
 
 Conventions shared by every backend: q, k, v, out (B, S, H, D); lse (B, H, S) fp32, natural log of
 the softmax denominator of ``scale * q.k``, ``-inf`` for a row that sees no key (its output and
@@ -18,8 +20,7 @@ gradients are 0). Softmax statistics and accumulation are fp32 for every input d
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ from kandinsky_kernels.reference.attention import (
     block_sparse_attention_with_lse,
 )
 
-__all__ = ["block_sparse_attention", "nabla_attention"]
+__all__ = ["block_sparse_attention"]
 
 _OP = "block_sparse_attention"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -281,77 +282,3 @@ def block_sparse_attention(
     )
     return out
 
-
-def nabla_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    threshold: float,
-    sta_window: Sequence[int] | None = (11, 3, 3),
-    grid=None,
-    return_mask: bool = False,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-):
-    """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
-
-    Args:
-        q, k, v: (B, S, H, D) in fractal token order (:func:`kandinsky_kernels.fractal_flatten`),
-            S = T * h_tiles * w_tiles * 64. Same dtypes/head dims as :func:`block_sparse_attention`.
-        threshold: NABLA CDF threshold in (0, 1] (keep the most likely key blocks up to this mass).
-        sta_window: (t, h, w) sliding-tile window in blocks united with the NABLA mask, or None.
-        grid: (T, h_tiles, w_tiles) of the block grid, or a :class:`FractalLayout` (which also gives
-            the padding mask of a grid whose H or W is not a multiple of the tile). Needed for the
-            STA window; may be None when ``sta_window`` is None.
-        return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
-            unconditional CFG branch with :func:`block_sparse_attention`.
-        scale: softmax scale, default 1/sqrt(D).
-        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1), each a
-            multiple of 64 (whole blocks). Passed to both :func:`kandinsky_kernels.nabla_block_mask`
-            (each video's mask computed alone, nothing across videos, the STA window included) and
-            :func:`block_sparse_attention`: every video attends as if it ran alone, and tokens past
-            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S.
-
-    Returns:
-        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
-
-    Raises:
-        ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
-            raise (a bad ``cu_seqlens``: not int32 (n+1,), B > 1, not starting at 0, decreasing,
-            ending past S, or an offset that is not a multiple of 64), or a bad ``grid`` / window.
-    """
-    from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
-    from kandinsky_kernels.ops.nabla import nabla_block_mask
-    from kandinsky_kernels.ops.sta import sta_block_mask
-
-    check_tensor("q", q, ndim=4)
-    token_valid = None
-    if isinstance(grid, FractalLayout):
-        if grid.block_size != 64:
-            raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
-                             f"({grid.block_size}-token blocks); flatten with tile=8")
-        if grid.is_padded:  # an all-True token_valid would only cost time
-            token_valid = grid.token_valid(q.device)
-        grid = (grid.t, grid.h_tiles, grid.w_tiles)
-    elif grid is not None:
-        if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
-                and all(map(_is_positive_int, grid))):
-            raise ValueError(f"grid must be a FractalLayout or a (T, h_tiles, w_tiles) tuple of three "
-                             f"positive ints, got {grid!r}")
-        grid = tuple(grid)
-    if grid is not None and math.prod(grid) * 64 != q.shape[1]:
-        raise ValueError(f"grid (T, h_tiles, w_tiles)={grid} holds {math.prod(grid)} blocks of 64 tokens = "
-                         f"{math.prod(grid) * 64} tokens, but q has S={q.shape[1]} (shape {tuple(q.shape)})")
-    sta = None
-    if sta_window is not None:
-        if grid is None:
-            raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
-                             "when sta_window is set")
-        if not isinstance(sta_window, (tuple, list)):
-            raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
-                             f"got {sta_window!r}")
-        sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
-    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
-                            cu_seqlens=cu_seqlens)
-    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
-    return (out, mask) if return_mask else out
