@@ -1,12 +1,14 @@
-"""Fused block-sparse attention (the NABLA / STA attention of Kandinsky 5) and its custom ops; the Triton
-kernels, autotune tables and launchers are in :mod:`kandinsky_kernels.ops._bsa_triton`.
+"""Fused block-sparse attention (the NABLA / STA attention of Kandinsky 5): custom ops, autograd glue,
+validation and the public function.
 
 Layers, bottom up:
 
-``kandinsky_kernels::block_sparse_attention_fwd``  custom op -> (out, lse); picks the backend at run
-    time: ``cpu`` (C++/OpenMP, ``csrc/block_sparse_attention.cpp``), ``triton``
-    (:mod:`kandinsky_kernels.ops._bsa_triton`) or ``reference`` (dense masked SDPA in fp32).
-``kandinsky_kernels::block_sparse_attention_bwd``  custom op -> (dq, dk, dv), same backends.
+Kernels: ``cpu`` (C++/OpenMP, ``csrc/block_sparse_attention.cpp``), ``triton``
+    (:mod:`kandinsky_kernels.ops._bsa_triton`), ``reference`` (dense masked SDPA in fp32,
+    :mod:`kandinsky_kernels.reference.attention`).
+``kandinsky_kernels::block_sparse_attention_fwd``  custom op -> (out, lse, backend tag); chooses the
+    backend when it runs (the rule: :mod:`kandinsky_kernels.backends`) and tags its outputs with it.
+``kandinsky_kernels::block_sparse_attention_bwd``  custom op -> (dq, dk, dv) on the backend of the tag.
     Both have fake implementations and are tied together with ``register_autograd``, so
     ``torch.compile(fullgraph=True)`` sees one opaque node per direction.
 :func:`block_sparse_attention`  validation + the public entry point.
@@ -34,12 +36,11 @@ from kandinsky_kernels._validation import (
     check_same_device,
     check_tensor,
 )
-from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.backends import backend_of_tag, backend_tag, fake_backend_tag, select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops import _bsa_triton
 from kandinsky_kernels.reference.attention import (
     block_sparse_attention_backward_reference,
-    block_sparse_attention_reference,
     block_sparse_attention_with_lse,
 )
 
@@ -50,16 +51,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    # Chosen once at the boundary (fixed per compiled graph: dynamo cannot trace the registry's
-    # ContextVar) and handed to both custom ops, so the backward runs on the forward's backend even
-    # when the forward was forced with use_backend() and the backward runs outside that block.
+def _backend(device: torch.device | str) -> str:
+    """The backend a call on ``device`` runs on now: called inside the forward custom op, when it runs."""
     implemented = {
         "cpu": _ext.cpp_op("bsa_fwd") is not None and _ext.cpp_op("bsa_bwd") is not None,
         "triton": HAS_TRITON,
     }
-    return select_backend(_OP, device_type, implemented)
+    return select_backend(_OP, device, implemented)
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -83,15 +81,15 @@ def _fwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = _backend(q.device)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if backend != "cpu":  # the C++ kernels check the same things themselves
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
     if q.numel() == 0:  # nothing to compute (and an empty tensor's strides may be anything)
         b, s, h, _ = q.shape
-        return q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
-    if backend == "cpu":
+        out, lse = q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
+    elif backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
             token_valid, cu_seqlens,
@@ -103,13 +101,13 @@ def _fwd_op(
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
-    return out.contiguous(), lse.float().contiguous()
+    return out.contiguous(), lse.float().contiguous(), backend_tag(backend)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
+def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), fake_backend_tag()
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
@@ -126,8 +124,11 @@ def _bwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
-    backend: str,
+    backend_tag: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
+    # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
+    backend = backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
@@ -151,25 +152,27 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens,
+      backend_tag):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens)
-    ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
+    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens = inputs
+    out, lse, tag = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag)
+    ctx.block_size, ctx.scale = block_size, scale
 
 
-def _backward(ctx, dout, dlse):
-    # lse is an auxiliary output: its gradient (never used by the public API) is ignored.
-    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dtag):
+    # lse is an auxiliary output: its gradient (never used by the public API) is ignored; the tag is
+    # an integer, without gradient.
+    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag = ctx.saved_tensors
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
-        cu_seqlens, ctx.backend,
+        cu_seqlens, tag,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -178,8 +181,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------- validation
 def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, seq_len: int) -> None:
     """The data-dependent checks, run where the kernels run: inside the custom ops (so also under
-    torch.compile, whose tracing sees no values) and before the eager reference. The mask is checked
-    once while it stays unchanged (see check_mask_contents)."""
+    torch.compile, whose tracing sees no values). The mask is checked once while it stays unchanged
+    (see check_mask_contents)."""
     check_mask_contents(kv_num_blocks, kv_indices)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, seq_len)
@@ -268,17 +271,12 @@ def block_sparse_attention(
     backend, like SDPA with a boolean mask, multiplies them by zero and may turn more rows NaN).
 
     Backends (see :mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``,
-    ``reference`` (dense fp32 masked SDPA, O(S^2) memory).
+    ``reference`` (dense fp32 masked SDPA, O(S^2) memory), chosen when the call runs (also inside a
+    compiled graph); the backward runs on the forward's backend.
     """
     _validate(q, k, v, mask, cu_seqlens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _backend(q.device.type)
-    if backend == "reference" and not torch.compiler.is_compiling():
-        _check_contents(mask.kv_num_blocks, mask.kv_indices, cu_seqlens, q.shape[1])
-        return block_sparse_attention_reference(q, k, v, mask, scale, cu_seqlens)
-    out, _ = _fwd_op(
-        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid,
-        cu_seqlens, backend,
+    out, _, _ = _fwd_op(
+        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid, cu_seqlens
     )
     return out
-

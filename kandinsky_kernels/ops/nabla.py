@@ -329,6 +329,12 @@ def _fp32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
+def _backend(device: torch.device | str) -> str:
+    """The backend a call on ``device`` runs on now: called inside the custom op, when it runs."""
+    implemented = {"triton": HAS_TRITON, "cpu": _ext.cpp_op("nabla_block_mask") is not None}
+    return select_backend("nabla_block_mask", device, implemented)
+
+
 @torch.library.custom_op("kandinsky_kernels::nabla_block_mask", mutates_args=())
 def _nabla_block_mask_op(
     q: torch.Tensor,
@@ -338,27 +344,24 @@ def _nabla_block_mask_op(
     block_size: int,
     token_valid: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend(q.device)
     if cu_seqlens is not None:  # here, so that a compiled graph cannot skip it (C++ checks again)
         _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
     if backend == "cpu":
         return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    if backend == "triton":
+        return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    mask = BlockSparseMask.from_dense_blocks(dense, block_size)
+    return mask.kv_num_blocks, mask.kv_indices
 
 
 @_nabla_block_mask_op.register_fake
-def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, backend):
+def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
     n = s // block_size
     return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
-
-
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    # Chosen once per compiled graph: the backend registry reads a ContextVar, which dynamo cannot trace.
-    implemented = {"triton": HAS_TRITON, "cpu": _ext.cpp_op("nabla_block_mask") is not None}
-    return select_backend("nabla_block_mask", device_type, implemented)
 
 
 def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None) -> torch.Tensor | None:
@@ -465,18 +468,10 @@ def nabla_block_mask(
             the value checks run where the kernels run, also under ``torch.compile`` (one host sync).
 
     Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
-    sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced.
+    sort-based algorithm), chosen when the call runs, also inside a compiled graph.
     """
     valid = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    backend = _backend(q.device.type)
-    if backend == "reference":
-        if cu_seqlens is not None:
-            _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
-        dense = _nabla_reference(q, k, threshold, sta, block_size, valid, cu_seqlens)
-        return BlockSparseMask.from_dense_blocks(dense, block_size, token_valid=valid)
-    counts, indices = _nabla_block_mask_op(
-        q, k, float(threshold), sta, block_size, valid, cu_seqlens, backend
-    )
+    counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens)
     if not torch.compiler.is_compiling():
         mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)
