@@ -371,3 +371,23 @@ def test_data_dependent_checks_run_in_the_ops(backend, compiled, ran):
         with pytest.raises(ValueError, match=r"cu_seqlens\[1\]=100 is not a multiple"):
             nabla(q, k, cu)
     assert ran == []
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_custom_ops_pass_opcheck_on_every_backend(backend):
+    """One fake implementation per op serves every backend (the graph holds no backend): schema, fake
+    tensors, autograd registration and AOT dispatch agree with each backend's real outputs."""
+    if backend not in _runnable_on_cpu():
+        pytest.skip(f"{backend} cannot run on CPU tensors here")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 32, generator=g, requires_grad=True) for _ in range(3))
+    mask = BlockSparseMask.from_dense_blocks(torch.tensor([[True, False], [True, True]]))
+    x = torch.randn(1, 2, 9, 10, 4, generator=g, requires_grad=True)
+    cases = [
+        (bsa_ops._fwd_op, (q, k, v, mask.kv_num_blocks, mask.kv_indices, 64, 0.2, None, None)),
+        (nabla_ops._nabla_block_mask_op, (q.detach(), k.detach(), 0.9, None, 64, None, None)),
+        (fractal_ops._fractal_flatten_op, (x, 8)),
+    ]
+    with use_backend(backend):
+        for op, args in cases:
+            torch.library.opcheck(op, args)
