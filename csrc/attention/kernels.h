@@ -29,7 +29,6 @@
 #include "amx_gemm.h"
 #endif
 
-
 // A (B, S, H, D) tensor seen through its strides.
 template <typename T>
 struct Bshd {
@@ -61,10 +60,21 @@ inline void store_rows(const Bshd<T>& x, int64_t b, int64_t h, int64_t s0, int64
   }
 }
 
-// dst[c * ldd + r] = src[r * lds + c] (* mul) for a rows x cols block of 32-bit elements: fp32 K^T
-// tiles (times scale * log2(e)), or with kScale false bit-exact copies of any 32-bit words (the bf16
-// pair tiles). 16 x 16 sub-blocks go through registers (four butterfly stages of two-source permutes,
-// each swapping the off-diagonal s x s blocks, s = 8, 4, 2, 1; loads and permutes never touch the
+// Scratch that block products read and write: rows start on cache lines (AMX tile rows that straddle
+// two lines load up to 2x slower; see amx_gemm.h).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+template <class T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 #if KK_BF16_DOT
 
@@ -135,7 +145,7 @@ Packed pack(const at::Tensor& x, const Problem& p, bool want_rows, bool want_til
   const Bshd<T> X(x);
   const int64_t bs = p.bs, D = p.D;
   at::parallel_for(0, p.B * p.H * p.nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(bs * D);
+    AVec<float> buf(bs * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j = task % p.nb, h = (task / p.nb) % p.H, b = task / (p.nb * p.H);
       float* t = want_tiles ? pk.tiles + ((b * p.H + h) * p.nb + j) * D * bs : nullptr;
@@ -169,7 +179,7 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
   over_query_blocks(p, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs);
+    AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs);
     std::vector<int32_t> blocks;
     std::vector<int8_t> modes;
     for (int64_t task = begin; task < end; ++task) {
@@ -247,7 +257,7 @@ template <typename T>
 void row_stats(const Problem& p, const Bshd<T>& O, const Bshd<T>& dO, const float* L, std::vector<float>& lse2,
                std::vector<float>& lse2lo, std::vector<float>& delta) {
   at::parallel_for(0, p.B * p.H * p.nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> os(p.bs * p.D), dos(p.bs * p.D);
+    AVec<float> os(p.bs * p.D), dos(p.bs * p.D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task % p.nb, h = (task / p.nb) % p.H, b = task / (p.nb * p.H);
       load_rows(dO, b, h, i * p.bs, p.bs, p.D, 1.f, dos.data());
@@ -297,7 +307,7 @@ struct Fp32Products {
   // Key side (rows are the keys of block j): S^T = (K_j * scale * log2(e)) Q_i^T from a scaled copy
   // of the key block made once per key block, and dP^T = V_j dO_i^T.
   struct KeyScratch {
-    std::vector<float> ks;
+    AVec<float> ks;
   };
   void begin_key(KeyScratch& s, int64_t b, int64_t h, int64_t j) const {
     const int64_t bs = p.bs, D = p.D;
@@ -396,7 +406,7 @@ struct Bf16Products {
   }
   void acc_rows(Operand x, int64_t b, int64_t h, const int32_t* js, int64_t n, float alpha, const float* A,
                 int64_t lda, float* acc) const {
-    thread_local std::vector<uint16_t> a16;
+    thread_local AVec<uint16_t> a16;
     a16.resize(p.bs * lda);
     for (int64_t r = 0; r < p.bs; ++r) to_bf16(A + r * lda, n * p.bs, a16.data() + r * lda);
     const uint16_t* rws[kMaxChunk];
@@ -449,7 +459,7 @@ struct KeyBlockGrads {
   const Prod& prod;
   const std::vector<float> &lse2, &lse2lo, &delta;
   typename Prod::KeyScratch ks;
-  std::vector<float> dka, dva, st, dp, lb, lbl, db, dsq;
+  AVec<float> dka, dva, st, dp, lb, lbl, db, dsq;
   std::vector<int32_t> blocks;
   std::vector<int8_t> modes;
 
@@ -529,7 +539,7 @@ void backward_with(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   // pass 1: dQ, one task per (b, h, query block)
   const int64_t chunk = chunk_blocks(bs);
   over_query_blocks(p, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs);
+    AVec<float> acc(bs * D), st(bs * chunk * bs), dp(bs * chunk * bs);
     std::vector<int32_t> blocks;
     std::vector<int8_t> modes;
     for (int64_t task = begin; task < end; ++task) {
