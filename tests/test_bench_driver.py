@@ -38,6 +38,9 @@ def test_driver_writes_results_with_metadata(runs):
     assert m["cpu_model"]
     assert set(m["isa"]) == set(ISA) and all(isinstance(v, bool) for v in m["isa"].values())
     assert m["cpu_cores"] >= 1 and m["torch"] and "numpy" in m and "triton" in m and "gpu" in m
+    from kandinsky_kernels import _ext
+
+    assert m["cpu_isas"] == _ext.cpu_isas() and m["cpu_isa"] == _ext.cpu_isa()
     assert data["commit_info"].get("id"), data["commit_info"]
     assert data["kandinsky"]["profile"] == "smoke"
     suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
@@ -134,3 +137,56 @@ def test_latest_link_and_summary(tmp_path, monkeypatch):
             "providers": {"sdpa": {"times": [4.0, 6.0, 5.0]}, "flex": {"skip": "no"},
                           "ours[cpu]": {"times": [1.0, 2.0, 2.5]}}}
     assert summarize(info) == "bsa forward | S=1 | ours[cpu] 3.00x vs sdpa | skipped: flex"
+
+
+# ------------------------------------------------------------------ ISA paths (issue 13)
+def test_run_case_records_the_isa_path_and_no_goal(monkeypatch):
+    from benchmarks import _util
+    from benchmarks._util import Provider, run_case
+
+    monkeypatch.setattr(_util, "SMOKE", False)
+    providers = [Provider("sdpa", lambda: None), Provider("ours[cpu]", lambda: None, cpu_isa="avx2"),
+                 Provider("ours[gone]", skip="forced path", cpu_isa="amx")]
+    info = run_case(_FakeBenchmark(False), suite="s", op="o", case="c", baseline="sdpa", providers=providers,
+                    rounds=2, warmup_rounds=0, no_goal="bf16 goals need avx512_bf16 or amx")
+    assert "cpu_isa" not in info["providers"]["sdpa"]
+    assert info["providers"]["ours[cpu]"]["cpu_isa"] == "avx2"
+    assert info["providers"]["ours[gone]"] == {"skip": "forced path", "cpu_isa": "amx"}
+    assert info["no_goal"] == "bf16 goals need avx512_bf16 or amx"
+
+
+def test_cpu_isa_now(monkeypatch):
+    from benchmarks._util import cpu_isa_now
+    from kandinsky_kernels import _ext
+
+    monkeypatch.setattr(_ext, "cpu_isa", lambda: None)  # a build without the runtime dispatch
+    assert cpu_isa_now() == ("unknown", None)
+    monkeypatch.setattr(_ext, "cpu_isa", lambda: "avx512")
+    assert cpu_isa_now() == ("avx512", None)
+
+    def refuse():
+        raise RuntimeError("KANDINSKY_CPU_ISA=amx: this CPU has no AMX")
+
+    monkeypatch.setattr(_ext, "cpu_isa", refuse)
+    monkeypatch.setenv("KANDINSKY_CPU_ISA", "amx")
+    assert cpu_isa_now() == ("amx", "KANDINSKY_CPU_ISA=amx: this CPU has no AMX")
+
+
+def test_attention_goals_per_isa_path():
+    from benchmarks import test_bench_attention as suite
+
+    fp32 = {isa: suite._goals(0.10, "forward", "fp32", isa) for isa in ("amx", "avx2", "baseline", "unknown")}
+    for goals, why in fp32.values():  # fp32 goals on every path
+        assert {(g["vs"], g["min_speedup"]) for g in goals} == {("sdpa", 6.0), (suite.FLEX, 2.0)}
+        assert why is None
+    for isa in ("amx", "avx512_bf16"):
+        goals, why = suite._goals(0.10, "forward", "bf16", isa)
+        assert [(g["vs"], g["min_speedup"]) for g in goals] == [("sdpa", 6.0)] and why is None
+        goals, why = suite._goals(0.10, "fwd+bwd", "bf16", isa)
+        assert [(g["vs"], g["min_speedup"]) for g in goals] == [("sdpa", 4.0)] and why is None
+    for isa in ("avx512", "avx2", "baseline", "unknown"):
+        for mode in ("forward", "fwd+bwd"):
+            goals, why = suite._goals(0.10, mode, "bf16", isa)
+            assert goals == [] and why and isa in why
+    assert suite._goals(0.25, "forward", "bf16", "amx") == ([], None)
+    assert suite._goals(0.25, "forward", "fp32", "avx2") == ([], None)

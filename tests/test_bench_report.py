@@ -126,3 +126,57 @@ def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch
     text = report.write_report(_write(tmp_path, _run()), str(tmp_path))
     assert (tmp_path / "report.md").exists() and not (tmp_path / "summary.png").exists()
     assert "plots skipped: matplotlib is not installed" in text
+
+
+# ------------------------------------------------------------------ ISA paths (issue 13)
+def _isa_run(path, *, ours_fp32=0.010, ours_bf16=0.010, ran_on=None, bf16_goal=None, sdpa=0.100):
+    """A run of the attention suite on one ISA path: fp32 forward at 10 % (sdpa, flex, ours), fp32
+    fwd+bwd (flex skipped), bf16 forward (goal only where ``bf16_goal``)."""
+    isa = ran_on or path
+
+    def ours(t):
+        return {"times": [t] * 4, "peak_mb": None, "cpu_isa": isa}
+
+    fwd = _case("bsa forward", "block_sparse_attention", "S=8192 H=4 D=64 fp32 density=10%",
+                {"density": 0.1, "pass": "forward", "dtype": "fp32", "cpu_isa": isa}, "sdpa",
+                {"sdpa": {"times": [sdpa] * 4}, "flex[compiled]": {"times": [0.025] * 4},
+                 "ours[cpu]": ours(ours_fp32)},
+                goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 6.0},
+                       {"provider": "ours[cpu]", "vs": "flex[compiled]", "min_speedup": 2.0}])
+    bwd = _case("bsa fwd+bwd", "block_sparse_attention", "S=8192 H=4 D=64 fp32 density=10%",
+                {"density": 0.1, "pass": "fwd+bwd", "dtype": "fp32", "cpu_isa": isa}, "sdpa",
+                {"sdpa": {"times": [4 * sdpa] * 4},
+                 "flex[compiled]": {"skip": "FlexAttention has no CPU backward"}, "ours[cpu]": ours(4 * ours_fp32)},
+                goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 4.0}])
+    bf16 = _case("bsa forward", "block_sparse_attention", "S=8192 H=4 D=64 bf16 density=10%",
+                 {"density": 0.1, "pass": "forward", "dtype": "bf16", "cpu_isa": isa}, "sdpa",
+                 {"sdpa": {"times": [0.07] * 4}, "ours[cpu]": ours(ours_bf16)},
+                 goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 6.0}] if bf16_goal else [])
+    if not bf16_goal:
+        bf16["extra_info"]["no_goal"] = f"the {path} path converts bf16 to fp32"
+    machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2, "isa": {"avx2": True},
+               "torch": "2.13.0", "gpu": None, "cpu_isas": ["amx", "avx512_bf16", "avx512", "avx2"],
+               "cpu_isa": isa}
+    return {"benchmarks": [fwd, bwd, bf16], "machine_info": machine, "commit_info": {"id": "abc123"},
+            "datetime": "2026-12-02T00:00:00"}
+
+
+def test_report_labels_the_isa_path_and_says_why_a_case_has_no_goal(tmp_path):
+    report.write_report(_write(tmp_path, _isa_run("avx2")), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "- ISA paths of our C++ kernels: available amx, avx512_bf16, avx512, avx2; this run: avx2" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| bsa forward") and "bf16" in ln]
+    assert len(rows) == 1 and "| ours[cpu:avx2] |" in rows[0], rows
+    assert rows[0].endswith("| no goal: the avx2 path converts bf16 to fp32 |"), rows[0]
+    assert "| flex[compiled] |" in md  # baselines keep their plain names
+    text = report.headline(report.load(_isa_run("avx2")))
+    assert "ours[cpu:avx2]" in text and "ours[cpu] " not in text
+
+    from benchmarks._progress import summarize
+
+    info = _isa_run("avx512")["benchmarks"][0]["extra_info"]
+    assert summarize(info) == ("bsa forward | S=8192 H=4 D=64 fp32 density=10% | "
+                               "flex[compiled] 4.00x, ours[cpu:avx512] 10.00x vs sdpa")
+    # results of builds that record no path: labels unchanged, no ISA line
+    assert report.label("ours[cpu]", None) == "ours[cpu]" and report.label("nabla", "amx") == "nabla[cpu:amx]"
+    assert report.isa_paths_line(_run()) is None
