@@ -190,3 +190,90 @@ def test_attention_goals_per_isa_path():
             assert goals == [] and why and isa in why
     assert suite._goals(0.25, "forward", "bf16", "amx") == ([], None)
     assert suite._goals(0.25, "forward", "fp32", "avx2") == ([], None)
+
+
+def test_cpu_isa_request_and_plan():
+    from benchmarks import isa
+
+    assert isa.parse_request("all") == ["amx", "avx512_bf16", "avx512", "avx2", "baseline"]
+    assert isa.parse_request("avx2, AVX512,avx2") == ["avx512", "avx2"]  # fastest first, once each
+    for bad in ("avx3", "", "avx2,,sse"):
+        with pytest.raises(ValueError, match="expected 'all' or a comma list"):
+            isa.parse_request(bad)
+    flags = {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"}  # an AMD Zen 4: no AMX
+    run, skipped = isa.plan(["amx", "avx512_bf16", "avx512", "avx2"], ["avx512", "avx2", "baseline"], flags)
+    assert run == ["avx512", "avx2"]
+    assert skipped == {"amx": "this CPU lacks amx_tile, amx_bf16",
+                       "avx512_bf16": "this build cannot run it here (its paths: avx512, avx2, baseline)"}
+    run, skipped = isa.plan(["avx2"], [], flags)
+    assert run == [] and "cpu_isas() is empty" in skipped["avx2"]
+
+
+def _fake_results(path: str, isa: str, ours_s: float) -> dict:
+    provs = {"sdpa": {"times": [0.1, 0.1, 0.1]}, "ours[cpu]": {"times": [ours_s] * 3, "cpu_isa": isa}}
+    info = {"suite": "bsa forward", "op": "block_sparse_attention", "case": "S=4096 fp32 density=10%",
+            "params": {"density": 0.1, "cpu_isa": isa}, "baseline": "sdpa", "providers": provs,
+            "goals": [{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 6.0}]}
+    return {"benchmarks": [{"extra_info": info}],
+            "machine_info": {"cpu_model": "Fake CPU", "cpu_cores": 2, "cpu_isas": ["avx512", "avx2"],
+                             "cpu_isa": isa}}
+
+
+def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, capsys):
+    import benchmarks.__main__ as driver
+    from benchmarks import _util
+    from kandinsky_kernels import _ext
+
+    # the driver sets these for the suites; monkeypatch restores them after the test
+    monkeypatch.setenv("KANDINSKY_BENCH_PROFILE", "smoke")
+    monkeypatch.setenv("KANDINSKY_BENCH_SMOKE", "1")
+    monkeypatch.setattr(_ext, "cpu_isas", lambda: ["avx512_bf16", "avx512", "avx2", "baseline"])
+    monkeypatch.setattr(_util, "cpu_info", lambda: ("Fake CPU", {"avx2", "fma", "avx512f", "avx512bw",
+                                                                 "avx512_bf16"}))
+    calls = []
+
+    def fake_run(cmd, cwd=None, env=None):
+        out = Path(cmd[cmd.index("--out") + 1])
+        isa = env["KANDINSKY_CPU_ISA"]
+        calls.append((isa, cmd, env))
+        if isa == "baseline":  # as if the path crashed with an illegal instruction
+            return subprocess.CompletedProcess(cmd, -4)
+        out.mkdir(parents=True)
+        ours = {"avx512_bf16": 0.01, "avx512": 0.012, "avx2": 0.05}[isa]
+        (out / "results.json").write_text(json.dumps(_fake_results(str(out), isa, ours)))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "run"
+    rc = driver.main(["--cpu-isa", "all", "--out", str(out), "-k", "10pct"])
+    text = capsys.readouterr().out
+    assert rc == 1  # one path failed
+    assert [c[0] for c in calls] == ["avx512_bf16", "avx512", "avx2", "baseline"]
+    for isa, cmd, env in calls:
+        assert cmd[1:] == ["-m", "benchmarks", "--profile", "quick", "--out", str(out / f"isa-{isa}"),
+                           "--suite", "attention", "-k", "10pct"]
+        assert "KANDINSKY_BENCH_SMOKE" not in env
+    meta = json.loads((out / "isa.json").read_text())
+    assert meta["skipped"] == {"amx": "this CPU lacks amx_tile, amx_bf16"}
+    assert meta["ran"]["baseline"]["rc"] == -4 and meta["profile"] == "quick"
+    md = (out / "report.md").read_text()
+    assert md.rstrip() in text and "- Skipped amx: this CPU lacks amx_tile, amx_bf16" in md
+    assert "ours[cpu:avx512_bf16] | ours[cpu:avx512] | ours[cpu:avx2] | ours[cpu:baseline] |" in md
+    assert ("| bsa forward | S=4096 fp32 density=10% | 100.0 (100.0-100.0) | 10.0 ms · 10.00x sdpa | "
+            "12.0 ms · 8.33x sdpa | 50.0 ms · 2.00x sdpa | no results |") in md
+    assert "Goals met: avx512_bf16 1 of 1; avx512 1 of 1; avx2 0 of 1; baseline no results" in md
+    assert "killed by SIGILL" in md
+
+    # every path fine -> 0; the profile is passed on; a path list runs those paths only
+    calls.clear()
+    rc = driver.main(["--cpu-isa", "avx2,avx512", "--profile", "default", "--out", str(tmp_path / "b")])
+    assert rc == 0 and [c[0] for c in calls] == ["avx512", "avx2"]
+    assert all(c[1][c[1].index("--profile") + 1] == "default" for c in calls)
+    # nothing runnable, or a bad name: status 2, no subprocess
+    calls.clear()
+    monkeypatch.setattr(_ext, "cpu_isas", lambda: [])
+    assert driver.main(["--cpu-isa", "all", "--out", str(tmp_path / "c")]) == 2
+    assert driver.main(["--cpu-isa", "sse4", "--out", str(tmp_path / "d")]) == 2
+    assert calls == [] and "No path ran" in (tmp_path / "c" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        driver.main(["--cpu-isa", "all", "--profile", "gpu"])
