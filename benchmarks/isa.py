@@ -290,6 +290,9 @@ def render(meta: dict, runs: dict[str, dict]) -> str:
               "|" + "---|" * (3 + len(order))]
     for s, c, t, cells in goal_rows:
         lines.append(f"| {s} | {c} | {t} | " + " | ".join(cells[p] for p in order) + " |")
+    if not goal_rows:
+        lines.append(f"\nNo case carries a goal in these runs (profile {meta.get('profile', '?')}; "
+                     "smoke has none).")
     lines += ["", "Goals met: " + "; ".join(f"{p} {totals[p][0]} of {totals[p][1]}" if p in totals
                                             else f"{p} {failed[p]}" for p in order)]
     reasons: dict = {}

@@ -79,6 +79,9 @@ def test_compare_two_runs(runs, capsys):
     nabla = [ln for ln in text.splitlines() if ln.startswith("nabla_block_mask") and "ours[cpu]" in ln]
     assert len(nabla) == 1 and re.search(r"\d+\.\d\dx\s+\d+\.\d\dx$", nabla[0]), text
     assert "only in A" in text  # the fractal cases ran in A only
+    from kandinsky_kernels import _ext
+
+    assert f"cores, ISA path {_ext.cpu_isa() or 'unknown'}" in text.splitlines()[0], text
     assert compare.main([str(a)]) == 2
 
 

@@ -256,3 +256,14 @@ def test_side_by_side_with_no_path_run(tmp_path):
     md = _isa_folder(tmp_path, {}, meta)
     assert "- Machine: Some CPU" in md and "- Skipped amx: this build reports no ISA paths" in md
     assert "No path ran: nothing to compare." in md
+
+
+def test_side_by_side_without_goals_says_so(tmp_path):
+    data = _isa_run("avx2")
+    for b in data["benchmarks"]:
+        b["extra_info"]["goals"], b["extra_info"]["no_goal"] = [], None
+    meta = {"profile": "smoke", "requested": ["avx2"], "available": ["avx2"],
+            "ran": {"avx2": {"dir": "isa-avx2", "rc": 0, "seconds": 1.0}}, "skipped": {}}
+    md = _isa_folder(tmp_path, {"avx2": data}, meta)
+    assert "No case carries a goal in these runs (profile smoke; smoke has none)." in md
+    assert "Goals met: avx2 0 of 0" in md
