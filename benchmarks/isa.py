@@ -64,8 +64,26 @@ def parse_request(spec: str) -> list[str]:
     return [n for n in names if n in want]
 
 
-def plan(requested: list[str], available: list[str], flags: set[str]) -> tuple[list[str], dict[str, str]]:
-    """(paths to run, {path: why it is skipped}) from what this CPU and build report."""
+def build_reasons() -> dict[str, str]:
+    """{path: why it cannot run here} as the C++ says it (op ``cpu_isa_report``: "name: ok" or
+    "name: reason"), {} where the build lacks that op."""
+    from kandinsky_kernels import _ext
+
+    op = _ext.cpp_op("cpu_isa_report")
+    if op is None:
+        return {}
+    out = {}
+    for line in op():
+        name, _, why = str(line).partition(": ")
+        if why and why != "ok":
+            out[name] = why
+    return out
+
+
+def plan(requested: list[str], available: list[str], flags: set[str],
+         reasons: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(paths to run, {path: why it is skipped}) from what this CPU and build report; ``reasons``: the
+    build's own (:func:`build_reasons`), preferred over a guess from the CPU flags."""
     if not available:
         why = ("this build reports no ISA paths (kandinsky_kernels._ext.cpu_isas() is empty: the C++ "
                "extension is missing or predates the runtime ISA dispatch)")
@@ -76,8 +94,12 @@ def plan(requested: list[str], available: list[str], flags: set[str]) -> tuple[l
             run.append(p)
             continue
         missing = [f for f in REQUIRES.get(p, ()) if f not in flags]
-        skipped[p] = (f"this CPU lacks {', '.join(missing)}" if missing
-                      else f"this build cannot run it here (its paths: {', '.join(available)})")
+        if reasons and reasons.get(p):
+            skipped[p] = reasons[p]
+        elif missing:
+            skipped[p] = f"this CPU lacks {', '.join(missing)}"
+        else:
+            skipped[p] = f"this build cannot run it here (its paths: {', '.join(available)})"
     return run, skipped
 
 
@@ -335,7 +357,7 @@ def main_isa(args, out: Path, *, flags: set[str] | None = None, available: list[
 
     cpu_model, cpu_flags = cpu_info()
     flags = cpu_flags if flags is None else flags
-    paths, skipped = plan(requested, available, flags)
+    paths, skipped = plan(requested, available, flags, build_reasons())
     suites = args.suite or ["attention"]
     command = f"python -m benchmarks --cpu-isa {args.cpu_isa} --profile {args.profile}"
     command += "".join(f" --suite {s}" for s in args.suite or [])

@@ -210,6 +210,21 @@ def test_cpu_isa_request_and_plan():
                        "avx512_bf16": "this build cannot run it here (its paths: avx512, avx2, baseline)"}
     run, skipped = isa.plan(["avx2"], [], flags)
     assert run == [] and "cpu_isas() is empty" in skipped["avx2"]
+    # the build's own reason wins over the guess from the flags
+    why = {"amx": "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"}
+    run, skipped = isa.plan(["amx", "avx2"], ["avx2"], flags | {"amx_tile", "amx_bf16"}, why)
+    assert run == ["avx2"] and skipped == why
+
+
+def test_build_reasons(monkeypatch):
+    from benchmarks import isa
+    from kandinsky_kernels import _ext
+
+    monkeypatch.setattr(_ext, "cpp_op", lambda name: None)
+    assert isa.build_reasons() == {}
+    report = ["amx: this CPU lacks AMX-TILE/AMX-BF16 (or the OS does not enable them)", "avx512: ok", "avx2: ok"]
+    monkeypatch.setattr(_ext, "cpp_op", lambda name: (lambda: report) if name == "cpu_isa_report" else None)
+    assert isa.build_reasons() == {"amx": "this CPU lacks AMX-TILE/AMX-BF16 (or the OS does not enable them)"}
 
 
 def _fake_results(path: str, isa: str, ours_s: float) -> dict:
@@ -224,13 +239,14 @@ def _fake_results(path: str, isa: str, ours_s: float) -> dict:
 
 def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, capsys):
     import benchmarks.__main__ as driver
-    from benchmarks import _util
+    from benchmarks import _util, isa
     from kandinsky_kernels import _ext
 
     # the driver sets these for the suites; monkeypatch restores them after the test
     monkeypatch.setenv("KANDINSKY_BENCH_PROFILE", "smoke")
     monkeypatch.setenv("KANDINSKY_BENCH_SMOKE", "1")
     monkeypatch.setattr(_ext, "cpu_isas", lambda: ["avx512_bf16", "avx512", "avx2", "baseline"])
+    monkeypatch.setattr(isa, "build_reasons", dict)  # the real build's reasons depend on this machine
     monkeypatch.setattr(_util, "cpu_info", lambda: ("Fake CPU", {"avx2", "fma", "avx512f", "avx512bw",
                                                                  "avx512_bf16"}))
     calls = []
