@@ -3,8 +3,10 @@
 Environment switches
 --------------------
 KANDINSKY_SKIP_EXT=1       pure-Python install: no ``_C`` (every op still works via Triton or the reference).
-KANDINSKY_CPU_ARCH=native  value of -march for the C++ kernels (default native: this is a source build
-                           for the machine that runs it; set e.g. x86-64-v3 for a portable build).
+KANDINSKY_CPU_ARCH=ARCH    opt-in -march=ARCH for every C++ file (e.g. native). Default: none. The build
+                           is portable: the attention kernels carry one path per ISA (csrc/attention/isa_*.cpp,
+                           each compiled for its instruction set by a target pragma) and pick the fastest
+                           one the CPU runs at run time, so a wheel built here runs on any x86-64 CPU.
 MAX_JOBS=N                 ninja parallelism (read by torch.utils.cpp_extension).
 
 The extension holds C++ (OpenMP) CPU kernels only; GPU kernels are Triton, compiled at run time.
@@ -27,9 +29,11 @@ def _extensions():
         return [], {}
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    march = os.environ.get("KANDINSKY_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", f"-march={march}", "-ffp-contract=fast"]
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    march = os.environ.get("KANDINSKY_CPU_ARCH", "")
+    if march:
+        cxx.append(f"-march={march}")
     ext = cpp_extension.CppExtension(
         name="kandinsky_kernels._C",
         sources=sources,

@@ -132,7 +132,7 @@ def autotune_choices() -> dict:
 
     Accumulates over calls: a tuner keeps only its last tuning's timings, so they are filed under the
     key that is new since the previous call (omitted when several are)."""
-    from kandinsky_kernels.ops import block_sparse_attention as m
+    from kandinsky_kernels.ops import _bsa_triton as m
 
     for name in ("fwd", "dkdv", "dkdv_atomic", "dq"):
         tuner = getattr(m, f"_{name}_tuned", None)
@@ -204,7 +204,7 @@ def bench_model(run: Run, model: str, s: int, densities, first_round: bool = Tru
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from kandinsky_kernels.ops.block_sparse_attention import bsa_backward_triton, bsa_forward_triton
+    from kandinsky_kernels.ops._bsa_triton import bsa_backward_triton, bsa_forward_triton
 
     h, d = MODELS[model]
     scale = 1.0 / math.sqrt(d)

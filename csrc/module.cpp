@@ -10,10 +10,6 @@
 #include <omp.h>
 #endif
 
-namespace kk {
-bool bsa_bf16_dot_compiled();  // block_sparse_attention.cpp
-}
-
 namespace {
 int omp_threads() {
 #ifdef _OPENMP
@@ -27,6 +23,4 @@ int omp_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kandinsky_kernels compiled kernels (ops live in torch.ops.kandinsky_kernels_C)";
   m.def("omp_threads", &omp_threads, "OpenMP threads available to the CPU kernels");
-  m.def("cpu_bf16_dot", &kk::bsa_bf16_dot_compiled,
-        "True when the attention kernels take bf16 through AVX512-BF16 dot products (-march has them)");
 }

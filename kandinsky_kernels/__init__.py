@@ -27,7 +27,7 @@ _EXPORTS = {
     "sta_block_mask": "kandinsky_kernels.ops.sta",
     "nabla_block_mask": "kandinsky_kernels.ops.nabla",
     "block_sparse_attention": "kandinsky_kernels.ops.block_sparse_attention",
-    "nabla_attention": "kandinsky_kernels.ops.block_sparse_attention",
+    "nabla_attention": "kandinsky_kernels.ops.nabla",
     "use_backend": "kandinsky_kernels.backends",
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }

@@ -16,6 +16,28 @@ Forced: ``KANDINSKY_KERNELS_BACKEND=reference|triton|cpu`` (read at every call),
 :func:`use_backend` context manager, which takes precedence. A forced backend that cannot run the
 call raises :class:`BackendUnavailableError` naming the op, the device and the reason; it never falls
 back silently.
+
+Where the choice is made (the rule every op follows)
+----------------------------------------------------
+Inside the op's ``torch.library`` custom op, each time it runs: the custom op's body calls
+:func:`select_backend` first; the public function only validates and calls the custom op, and no
+backend name is an argument of a custom op. The fake implementations do not depend on the backend,
+and the data-dependent checks (mask contents, ``cu_seqlens``) run in the custom ops next to the
+kernels, so a compiled graph cannot skip them.
+
+Why at run time: ``torch.compile`` sees each custom op as one opaque node, so a compiled graph holds no
+backend, and ``use_backend`` or the environment variable applies to every later call of an already
+compiled function, without a recompile, raising there when the forced backend cannot run. A choice
+made while tracing would be baked into the graph, and since dynamo guards on neither the ContextVar
+nor the environment it would silently outlive a change of either.
+
+A backward that needs its forward's kernels (block-sparse attention: the saved ``out`` and ``lse``
+are the forward backend's) does not choose again: the forward custom op also returns the backend it
+ran as a tag (:func:`backend_tag`, a CPU int8 scalar, read without a device sync) and the backward
+custom op runs that one, also outside the forward's ``use_backend`` block or on an autograd worker
+thread, which does not see the ContextVar. The fractal ops' backward is the inverse custom op, which
+chooses again when it runs (a permutation: every backend gives the same bits). Put ``use_backend``
+around the call of a compiled function: inside it, dynamo cannot trace ``ContextVar.set``.
 """
 from __future__ import annotations
 
@@ -118,3 +140,20 @@ def available_backends(op: str, device: torch.device | str, implemented: Mapping
     device_type = torch.device(device).type
     impl = {"reference": True, **implemented}
     return [b for b in BACKENDS if _why_not(b, device_type, impl.get(b, False)) is None]
+
+
+def backend_tag(name: str) -> torch.Tensor:
+    """``name`` as a CPU int8 scalar: an output with which a forward custom op tells its backward
+    custom op the backend it ran (see the module doc); CPU even for CUDA inputs, so reading it back
+    (:func:`backend_of_tag`) never waits for the device."""
+    return torch.tensor(BACKENDS.index(name), dtype=torch.int8)
+
+
+def fake_backend_tag() -> torch.Tensor:
+    """What :func:`backend_tag` returns, for fake (meta) implementations: no value."""
+    return torch.empty((), dtype=torch.int8)
+
+
+def backend_of_tag(tag: torch.Tensor) -> str:
+    """The backend name a :func:`backend_tag` holds."""
+    return BACKENDS[int(tag)]

@@ -1,11 +1,19 @@
-"""The backend registry: automatic choice, forcing, and loud failure of impossible forcing."""
+"""The backend registry: automatic choice, forcing, and loud failure of impossible forcing; and the
+dispatch rule of every op (chosen inside its custom op when it runs, eager and compiled; attention's
+backward on its forward's backend), checked by spying on the kernels that actually run."""
 import os
 
 import pytest
 import torch
 
-from kandinsky_kernels import backends
+import kandinsky_kernels as kk
+from kandinsky_kernels import _ext, _triton, backends
 from kandinsky_kernels.backends import BackendUnavailableError, select_backend, use_backend
+from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.ops import _bsa_triton
+from kandinsky_kernels.ops import block_sparse_attention as bsa_ops
+from kandinsky_kernels.ops import fractal as fractal_ops
+from kandinsky_kernels.ops import nabla as nabla_ops
 
 
 def test_auto_prefers_compiled_cpu_kernels(monkeypatch):
@@ -119,3 +127,267 @@ def test_interpreter_defect_of_old_triton_with_new_numpy(monkeypatch):
     with use_backend("triton"):
         with pytest.raises(BackendUnavailableError, match="Triton 3.6.0"):
             select_backend("some_op", "cpu", {"triton": True})
+
+
+# ------------------------------------------------------------------------------------------------
+# Where every op chooses its backend (the rule in kandinsky_kernels.backends): inside its custom op,
+# each time it runs, eager and compiled alike; attention's backward runs on its forward's backend.
+# A spy on every kernel entry point records which backend actually ran.
+
+OPS = ("fractal", "nabla", "attention")
+# The kernel entry points each op may run, per direction: (module, attribute, direction, backend).
+_KERNELS = [
+    (fractal_ops, "fractal_flatten_ref", "fwd", "reference"),
+    (fractal_ops, "fractal_unflatten_ref", "bwd", "reference"),
+    (fractal_ops, "fractal_flatten_triton", "fwd", "triton"),
+    (fractal_ops, "fractal_unflatten_triton", "bwd", "triton"),
+    (nabla_ops, "_nabla_reference", "fwd", "reference"),
+    (nabla_ops, "nabla_block_mask_forward", "fwd", "triton"),
+    (bsa_ops, "block_sparse_attention_with_lse", "fwd", "reference"),
+    (bsa_ops, "block_sparse_attention_backward_reference", "bwd", "reference"),
+    (_bsa_triton, "bsa_forward_triton", "fwd", "triton"),
+    (_bsa_triton, "bsa_backward_triton", "bwd", "triton"),
+]
+# C++ ops, looked up by name when an op runs (fractal keeps its two in a table).
+_CPP_DIRECTION = {"fractal_flatten": "fwd", "fractal_unflatten": "bwd", "nabla_block_mask": "fwd",
+                  "bsa_fwd": "fwd", "bsa_bwd": "bwd"}
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """A list of (direction, backend), one per kernel call, for the ops of one test."""
+    calls = []
+
+    def spy(fn, direction, backend):
+        def wrapper(*args, **kwargs):
+            calls.append((direction, backend))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for module, name, direction, backend in _KERNELS:
+        monkeypatch.setattr(module, name, spy(getattr(module, name), direction, backend))
+    real_cpp_op = _ext.cpp_op
+
+    def cpp_op(name):
+        fn = real_cpp_op(name)
+        return None if fn is None else spy(fn, _CPP_DIRECTION[name], "cpu")
+
+    monkeypatch.setattr(_ext, "cpp_op", cpp_op)
+    for name, fn in fractal_ops._CPP.items():
+        if fn is not None:
+            monkeypatch.setitem(fractal_ops._CPP, name, spy(fn, _CPP_DIRECTION[name], "cpu"))
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    return calls
+
+
+def _runnable_on_cpu() -> list[str]:
+    """The backends every one of the three ops can run on CPU tensors here."""
+    ops = {"fractal_flatten": fractal_ops._CPP["fractal_flatten"] is not None,
+           "nabla_block_mask": _ext.cpp_op("nabla_block_mask") is not None,
+           "bsa": _ext.cpp_op("bsa_fwd") is not None and _ext.cpp_op("bsa_bwd") is not None}
+    def runs(backend, op, has_cpu):
+        implemented = {"cpu": has_cpu, "triton": _triton.HAS_TRITON}
+        return backend in backends.available_backends(op, "cpu", implemented)
+
+    return [b for b in backends.BACKENDS if all(runs(b, op, has_cpu) for op, has_cpu in ops.items())]
+
+
+def _auto_on_cpu() -> str:
+    return "cpu" if "cpu" in _runnable_on_cpu() else "reference"
+
+
+def _other_than(backend: str) -> str:
+    others = [b for b in _runnable_on_cpu() if b != backend]
+    if not others:
+        pytest.skip(f"only the {backend} backend runs here")
+    return others[0]
+
+
+def _call(op: str):
+    """(function of tensors -> loss through the op, its inputs); the loss's backward runs the op's
+    backward where it has one. Small CPU shapes."""
+    g = torch.Generator().manual_seed(0)
+    if op == "fractal":
+        x = torch.randn(1, 2, 9, 10, 4, generator=g, requires_grad=True)
+        w = torch.randn(1, 2 * 16 * 16, 4, generator=g)
+        return (lambda x: (kk.fractal_flatten(x) * w).sum()), (x,)
+    if op == "nabla":
+        q, k = (torch.randn(1, 256, 2, 32, generator=g) for _ in range(2))
+
+        def mask_sum(q, k):
+            mask = kk.nabla_block_mask(q, k, 0.5)
+            return mask.kv_num_blocks.sum() + mask.kv_indices.sum()
+
+        return mask_sum, (q, k)
+    q, k, v = (torch.randn(1, 256, 2, 32, generator=g, requires_grad=True) for _ in range(3))
+    blocks = (torch.rand(4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
+    mask = BlockSparseMask.from_dense_blocks(blocks)
+    return (lambda q, k, v: kk.block_sparse_attention(q, k, v, mask).square().sum()), (q, k, v)
+
+
+def _compiled(fn):
+    """``fn`` under torch.compile(fullgraph=True) through AOTAutograd (eager kernels: no C++ compiler
+    needed), and the counter of its compilations."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, backend=counter, fullgraph=True), counter
+
+
+def _run(fn, args):
+    loss = fn(*args)
+    if loss.requires_grad:
+        loss.backward()
+    return loss
+
+
+def _expect(op: str, backend: str) -> list[tuple[str, str]]:
+    """The kernel calls of one _call(op) forward (+ backward) on ``backend``."""
+    return [("fwd", backend)] if op == "nabla" else [("fwd", backend), ("bwd", backend)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("op", OPS)
+def test_auto_backend_runs(op, compiled, ran):
+    fn, args = _call(op)
+    if compiled:
+        fn, _ = _compiled(fn)
+    _run(fn, args)
+    assert ran == _expect(op, _auto_on_cpu())
+
+
+@pytest.mark.parametrize("how", ["use_backend", "env"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_forced_backend_runs(op, backend, compiled, how, ran, monkeypatch):
+    if backend not in _runnable_on_cpu():
+        pytest.skip(f"{backend} cannot run on CPU tensors here")
+    fn, args = _call(op)
+    if compiled:
+        fn, _ = _compiled(fn)
+    if how == "env":
+        monkeypatch.setenv(backends.ENV_VAR, backend)
+        _run(fn, args)
+    else:
+        with use_backend(backend):
+            _run(fn, args)
+    assert ran == _expect(op, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_compiled_function_follows_each_call(op, ran, monkeypatch):
+    """Forcing changes between calls of one compiled function: every call runs what is forced at that
+    call (a backend chosen at trace time would stay baked into the graph), and nothing recompiles."""
+    auto = _auto_on_cpu()
+    other = _other_than(auto)
+    fn, args = _call(op)
+    fn, counter = _compiled(fn)
+    want = []
+    _run(fn, args)
+    want += _expect(op, auto)
+    with use_backend(other):
+        _run(fn, args)
+    want += _expect(op, other)
+    monkeypatch.setenv(backends.ENV_VAR, other)
+    _run(fn, args)
+    want += _expect(op, other)
+    with use_backend(auto):  # use_backend takes precedence over the environment
+        _run(fn, args)
+    want += _expect(op, auto)
+    monkeypatch.delenv(backends.ENV_VAR)
+    _run(fn, args)
+    want += _expect(op, auto)
+    assert ran == want
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("op", OPS)
+def test_forcing_a_backend_that_cannot_run_raises(op, compiled, ran, monkeypatch):
+    fn, args = _call(op)
+    if compiled:
+        fn, counter = _compiled(fn)
+        _run(fn, args)  # compiled while the automatic backend runs; the failure comes at run time
+    monkeypatch.setattr(_triton, "triton_runs_on", lambda device_type: False)
+    monkeypatch.setattr(_triton, "why_not", lambda device_type: "triton switched off by the test")
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="switched off by the test"):
+        _run(fn, args)
+    monkeypatch.setattr(_ext, "cpp_op", lambda name: None)
+    monkeypatch.setitem(fractal_ops._CPP, "fractal_flatten", None)
+    monkeypatch.setattr(_ext, "EXT", None)
+    monkeypatch.setattr(_ext, "EXT_ERROR", "no extension in this test")
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    with pytest.raises(BackendUnavailableError, match="no extension in this test"):
+        _run(fn, args)
+    if compiled:
+        assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_attention_backward_runs_on_the_forward_backend(compiled, ran):
+    """Forced forward, backward outside the use_backend block, and the reverse: the backward always
+    runs the forward's backend (its lse and saved outputs are that backend's)."""
+    auto = _auto_on_cpu()
+    other = _other_than(auto)
+    fn, args = _call("attention")
+    if compiled:
+        fn, _ = _compiled(fn)
+    with use_backend(other):
+        loss = fn(*args)
+    loss.backward()
+    assert ran == [("fwd", other), ("bwd", other)]
+    ran.clear()
+    loss = fn(*args)
+    with use_backend(other):
+        loss.backward()
+    assert ran == [("fwd", auto), ("bwd", auto)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_data_dependent_checks_run_in_the_ops(backend, compiled, ran):
+    """The checks that read values (mask contents, cu_seqlens) run inside the custom ops on every
+    backend that does not repeat them in C++, also compiled; they raise before any kernel runs."""
+    if backend not in _runnable_on_cpu():
+        pytest.skip(f"{backend} cannot run on CPU tensors here")
+    q, k, v = (torch.randn(1, 256, 2, 32) for _ in range(3))
+    bad = BlockSparseMask.from_dense_blocks(torch.eye(4, dtype=torch.bool))
+    bad.kv_indices[0, 0, 1, 0] = 7  # out of range, after the mask was checked on construction
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32)  # 100: not a multiple of NABLA's block
+
+    def nabla(q, k, cu):
+        return kk.nabla_block_mask(q, k, 0.5, cu_seqlens=cu)
+
+    attention = kk.block_sparse_attention
+    if compiled:
+        attention, _ = _compiled(attention)
+        nabla = torch.compile(nabla, backend="aot_eager", fullgraph=True)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="kv_indices must lie in"):
+            attention(q, k, v, bad)
+        with pytest.raises(ValueError, match=r"cu_seqlens\[1\]=100 is not a multiple"):
+            nabla(q, k, cu)
+    assert ran == []
+
+
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_custom_ops_pass_opcheck_on_every_backend(backend):
+    """One fake implementation per op serves every backend (the graph holds no backend): schema, fake
+    tensors, autograd registration and AOT dispatch agree with each backend's real outputs."""
+    if backend not in _runnable_on_cpu():
+        pytest.skip(f"{backend} cannot run on CPU tensors here")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 2, 32, generator=g, requires_grad=True) for _ in range(3))
+    mask = BlockSparseMask.from_dense_blocks(torch.tensor([[True, False], [True, True]]))
+    x = torch.randn(1, 2, 9, 10, 4, generator=g, requires_grad=True)
+    cases = [
+        (bsa_ops._fwd_op, (q, k, v, mask.kv_num_blocks, mask.kv_indices, 64, 0.2, None, None)),
+        (nabla_ops._nabla_block_mask_op, (q.detach(), k.detach(), 0.9, None, 64, None, None)),
+        (fractal_ops._fractal_flatten_op, (x, 8)),
+    ]
+    with use_backend(backend):
+        for op, args in cases:
+            torch.library.opcheck(op, args)

@@ -20,9 +20,9 @@ BS = 64
 
 
 def _bsa():
-    from kandinsky_kernels.ops import block_sparse_attention
+    from kandinsky_kernels.ops import _bsa_triton
 
-    return block_sparse_attention
+    return _bsa_triton
 
 
 def _random_blocks(b, h, n, density):
@@ -213,6 +213,7 @@ def test_rejects_bad_arguments(triton_device):
 
 def test_backward_scheme_selection(triton_device, monkeypatch):
     """KANDINSKY_BSA_TRITON_BWD picks the scheme of the public op's backward; a bad value raises."""
+    from kandinsky_kernels import block_sparse_attention
     from kandinsky_kernels.backends import use_backend
 
     bsa = _bsa()
@@ -232,12 +233,12 @@ def test_backward_scheme_selection(triton_device, monkeypatch):
 
     monkeypatch.setattr(bsa, "bsa_backward_triton", spy)
     with use_backend("triton"):
-        bsa.block_sparse_attention(q, k, v, mask).sum().backward()
+        block_sparse_attention(q, k, v, mask).sum().backward()
     assert calls == ["atomic"]
     monkeypatch.setenv("KANDINSKY_BSA_TRITON_BWD", "fused")
     with pytest.raises(ValueError, match="KANDINSKY_BSA_TRITON_BWD"):
         with use_backend("triton"):
-            bsa.block_sparse_attention(q, k, v, mask).sum().backward()
+            block_sparse_attention(q, k, v, mask).sum().backward()
 
 
 _AOT_SCRIPT = r'''
@@ -245,7 +246,7 @@ import json, os, re, shutil, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kandinsky_kernels.ops import block_sparse_attention as m
+from kandinsky_kernels.ops import _bsa_triton as m
 
 def types(fn, dt, consts):
     sig = {}

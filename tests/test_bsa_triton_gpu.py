@@ -27,9 +27,9 @@ FLEX_OPTS = (
 
 
 def _bsa():
-    from kandinsky_kernels.ops import block_sparse_attention
+    from kandinsky_kernels.ops import _bsa_triton
 
-    return block_sparse_attention
+    return _bsa_triton
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_autotune_choices_are_recorded(monkeypatch):
     from types import SimpleNamespace
 
     from benchmarks import gpu_timing
-    from kandinsky_kernels.ops import block_sparse_attention as m
+    from kandinsky_kernels.ops import _bsa_triton as m
 
     monkeypatch.setattr(gpu_timing, "_autotune_seen", {})
     k64, k128 = (64, 64, False, False, "torch.bfloat16"), (128, 64, False, False, "torch.bfloat16")

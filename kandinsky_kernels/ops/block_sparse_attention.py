@@ -1,48 +1,34 @@
-"""Fused block-sparse attention (the NABLA / STA attention of Kandinsky 5) and its custom ops.
+"""Fused block-sparse attention (the NABLA / STA attention of Kandinsky 5): custom ops, autograd glue,
+validation and the public function.
 
 Layers, bottom up:
 
-``kandinsky_kernels::block_sparse_attention_fwd``  custom op -> (out, lse); picks the backend at run
-    time: ``cpu`` (C++/OpenMP, ``csrc/block_sparse_attention.cpp``), ``triton`` (below) or ``reference`` (dense masked SDPA in fp32).
-``kandinsky_kernels::block_sparse_attention_bwd``  custom op -> (dq, dk, dv), same backends.
+Kernels: ``cpu`` (C++/OpenMP, ``csrc/block_sparse_attention.cpp``), ``triton``
+    (:mod:`kandinsky_kernels.ops._bsa_triton`), ``reference`` (dense masked SDPA in fp32,
+    :mod:`kandinsky_kernels.reference.attention`).
+``kandinsky_kernels::block_sparse_attention_fwd``  custom op -> (out, lse, backend tag); chooses the
+    backend when it runs (the rule: :mod:`kandinsky_kernels.backends`) and tags its outputs with it.
+``kandinsky_kernels::block_sparse_attention_bwd``  custom op -> (dq, dk, dv) on the backend of the tag.
     Both have fake implementations and are tied together with ``register_autograd``, so
     ``torch.compile(fullgraph=True)`` sees one opaque node per direction.
 :func:`block_sparse_attention`  validation + the public entry point.
-:func:`nabla_attention`  NABLA mask (+ STA union) and attention in one call.
+
+NABLA mask and attention in one call, :func:`kandinsky_kernels.nabla_attention`, lives with the NABLA op
+(:mod:`kandinsky_kernels.ops.nabla`).
 
 Conventions shared by every backend: q, k, v, out (B, S, H, D); lse (B, H, S) fp32, natural log of
 the softmax denominator of ``scale * q.k``, ``-inf`` for a row that sees no key (its output and
 gradients are 0). Softmax statistics and accumulation are fp32 for every input dtype.
-
-Triton kernels. Triton kernels of fused block-sparse attention (FlashAttention-2 scheme over a BlockSparseMask).
-
-Design trade-off: every program owns one query tile (forward, dQ) or one key tile (dK/dV) lying inside a
-single mask block and walks only that block's active partner blocks through the compact index lists
-(``kv_indices`` / the transposed ``q_indices``), so work is proportional to the number of active blocks
-and the default backward needs no atomics (``KANDINSKY_BSA_TRITON_BWD=atomic`` trades them for two
-fewer tile products: see :func:`triton_backward_scheme`). Tiles never straddle mask blocks (BLOCK_M,
-BLOCK_N divide ``block_size``): a 128-row tile over 64-token blocks would have to merge two different
-key lists. Masking inside a block exists only for pad keys (``token_valid``) and packed-sequence
-boundaries (``cu_seqlens``); both are constexpr flags, so the dense-block path does no per-element work.
-
-Layout: q, k, v, out, do, dq, dk, dv are (B, S, H, D) with arbitrary strides; lse and delta are fp32
-(B, H, S). Mask tensors may broadcast over batch and heads (stride 0).
-
-Under the Triton interpreter (CPU tensors) bf16 multiplies and ``tl.dot`` are computed wrongly, so the
-launchers set ``UPCAST`` there and every tile is converted to fp32 right after loading. On a GPU the dots
-take the input dtype with fp32 accumulation (fp32 inputs use exact ``ieee`` dots, not tf32).
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from kandinsky_kernels import _ext
-from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, tl, triton
+from kandinsky_kernels._triton import HAS_TRITON
 from kandinsky_kernels._validation import (
     check_cu_seqlens,
     check_finite_number,
@@ -50,31 +36,28 @@ from kandinsky_kernels._validation import (
     check_same_device,
     check_tensor,
 )
-from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.backends import backend_of_tag, backend_tag, fake_backend_tag, select_backend
 from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.ops import _bsa_triton
 from kandinsky_kernels.reference.attention import (
     block_sparse_attention_backward_reference,
-    block_sparse_attention_reference,
     block_sparse_attention_with_lse,
 )
 
-__all__ = ["block_sparse_attention", "nabla_attention"]
+__all__ = ["block_sparse_attention"]
 
 _OP = "block_sparse_attention"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    # Chosen once at the boundary (fixed per compiled graph: dynamo cannot trace the registry's
-    # ContextVar) and handed to both custom ops, so the backward runs on the forward's backend even
-    # when the forward was forced with use_backend() and the backward runs outside that block.
+def _backend(device: torch.device | str) -> str:
+    """The backend a call on ``device`` runs on now: called inside the forward custom op, when it runs."""
     implemented = {
         "cpu": _ext.cpp_op("bsa_fwd") is not None and _ext.cpp_op("bsa_bwd") is not None,
         "triton": HAS_TRITON,
     }
-    return select_backend(_OP, device_type, implemented)
+    return select_backend(_OP, device, implemented)
 
 
 def _unit_last(x: Tensor) -> Tensor:
@@ -84,561 +67,6 @@ def _unit_last(x: Tensor) -> Tensor:
 
 def _mask_of(kv_num_blocks, kv_indices, block_size, token_valid) -> BlockSparseMask:
     return BlockSparseMask(kv_num_blocks, kv_indices, block_size, token_valid=token_valid)
-
-
-# ------------------------------------------------------------------------------------ Triton kernels
-_LOG2E = 1.4426950408889634
-_BLOCK_SIZES = (64, 128)
-# Set KANDINSKY_BSA_AUTOTUNE=0 to launch the fixed default tiles on the GPU too (faster first call).
-_AUTOTUNE = os.environ.get("KANDINSKY_BSA_AUTOTUNE", "1") != "0"
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _load(ptrs, d_mask, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-        if EVEN_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_mask, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        return x
-
-    # ------------------------------------------------------------------------------------ forward
-    @triton.jit
-    def _bsa_fwd_kernel(
-        Q, K, V, Out, Lse, KVNum, KVIdx, TokValid, QSeg, KSeg,
-        stride_qb, stride_qs, stride_qh, stride_qd,
-        stride_kb, stride_ks, stride_kh, stride_kd,
-        stride_vb, stride_vs, stride_vh, stride_vd,
-        stride_ob, stride_os, stride_oh, stride_od,
-        stride_nb, stride_nh, stride_nq,
-        stride_ib, stride_ih, stride_iq, stride_ik,
-        stride_tb,
-        H, S_Q, qk_scale,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        start_m = pid_m * BLOCK_M
-        qb = start_m // BLOCK_SIZE
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-
-        q_ptrs = (Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
-                  + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
-        q = _load(q_ptrs, d_ok[None, :], EVEN_D, UPCAST)
-        k_base = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-        v_base = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-        if IS_VARLEN:
-            qseg = tl.load(QSeg + start_m + offs_m)
-
-        num_kv = tl.load(KVNum + b * stride_nb + h * stride_nh + qb * stride_nq)
-        idx_ptr = KVIdx + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_iq
-        sub = BLOCK_SIZE // BLOCK_N  # key tiles per mask block
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # One flat loop over (active block, sub-tile) keeps the loop pipelinable.
-        for it in range(0, num_kv * sub):
-            kb = tl.load(idx_ptr + (it // sub) * stride_ik)
-            start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
-            kt = _load(k_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
-            v = _load(v_base + start_n.to(tl.int64) * stride_vs, d_ok[None, :], EVEN_D, UPCAST)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # log2 domain
-            if HAS_TOKEN_VALID:
-                tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
-                qk = tl.where(tv[None, :] != 0, qk, float("-inf"))
-            if IS_VARLEN:
-                kseg = tl.load(KSeg + start_n + offs_n)
-                qk = tl.where(qseg[:, None] == kseg[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            if HAS_TOKEN_VALID or IS_VARLEN:
-                # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_use = m_new
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
-
-        # Rows with no visible key have l = 0 and acc = 0: output exactly 0, lse = -inf. A row that met
-        # a NaN (or inf - inf) score has l = NaN and keeps it, in out and lse, so the backward sees it too.
-        has_key = l_i != 0.0
-        l_safe = tl.where(has_key, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        o_ptrs = (Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
-        if EVEN_D:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
-        else:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
-        tl.store(Lse + (b * H + h) * S_Q + start_m + offs_m, lse)
-
-    # ----------------------------------------------------------------------------------- backward
-    @triton.jit
-    def _bsa_bwd_preprocess_kernel(
-        Out, DO, Delta,
-        stride_ob, stride_os, stride_oh, stride_od,
-        stride_db, stride_ds, stride_dh, stride_dd,
-        H, S_Q,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        start_m = pid_m * BLOCK_M
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        o = _load(Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, d_ok[None, :], EVEN_D, True)
-        do = _load(DO + b * stride_db + h * stride_dh + start_m.to(tl.int64) * stride_ds
-                   + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd, d_ok[None, :], EVEN_D, True)
-        tl.store(Delta + (b * H + h) * S_Q + start_m + offs_m, tl.sum(o * do, 1))
-
-    @triton.jit
-    def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QNum, QIdx, TokValid, QSeg, KSeg,
-        stride_qb, stride_qs, stride_qh, stride_qd,
-        stride_kb, stride_ks, stride_kh, stride_kd,
-        stride_vb, stride_vs, stride_vh, stride_vd,
-        stride_db, stride_ds, stride_dh, stride_dd,
-        stride_dkb, stride_dks, stride_dkh, stride_dkd,
-        stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-        stride_ab, stride_as, stride_ah, stride_ad,
-        stride_nb, stride_nh, stride_nk,
-        stride_ib, stride_ih, stride_ik, stride_iq,
-        stride_tb,
-        H, S_Q, qk_scale, sm_scale,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        # ATOMIC_DQ: also add each walked query tile's share of dQ (dS^T K, fp32) into DQA with atomics,
-        # 5 products per tile pair instead of the 4 here plus 3 in the dQ kernel; DQA (B, S, H, D) fp32
-        # must start at zero. Otherwise DQA is never touched.
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        start_n = pid_n * BLOCK_N
-        kb = start_n // BLOCK_SIZE
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-
-        row_n = start_n.to(tl.int64) + offs_n[:, None]
-        k = _load(K + b * stride_kb + h * stride_kh + row_n * stride_ks + offs_d[None, :] * stride_kd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        v = _load(V + b * stride_vb + h * stride_vh + row_n * stride_vs + offs_d[None, :] * stride_vd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        qt_base = (Q + b * stride_qb + h * stride_qh
-                   + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd)
-        do_base = (DO + b * stride_db + h * stride_dh
-                   + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd)
-        row_stat = Lse + (b * H + h) * S_Q
-        delta_base = Delta + (b * H + h) * S_Q
-        if IS_VARLEN:
-            kseg = tl.load(KSeg + start_n + offs_n)
-        if ATOMIC_DQ:
-            dqa_base = (DQA + b * stride_ab + h * stride_ah
-                        + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad)
-            if HAS_TOKEN_VALID:
-                # dQ reads every key row of dS^T, so pad keys are masked in the loop, not only at the end
-                key_ok = tl.load(TokValid + b * stride_tb + start_n + offs_n) != 0
-
-        num_q = tl.load(QNum + b * stride_nb + h * stride_nh + kb * stride_nk)
-        idx_ptr = QIdx + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ik
-        sub = BLOCK_SIZE // BLOCK_M
-
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for it in range(0, num_q * sub):
-            qblk = tl.load(idx_ptr + (it // sub) * stride_iq)
-            start_m = qblk * BLOCK_SIZE + (it % sub) * BLOCK_M
-            qt = _load(qt_base + start_m.to(tl.int64) * stride_qs, d_ok[:, None], EVEN_D, UPCAST)
-            do = _load(do_base + start_m.to(tl.int64) * stride_ds, d_ok[None, :], EVEN_D, UPCAST)
-            lse = tl.load(row_stat + start_m + offs_m)
-            # Rows that saw no key (lse = -inf) must get P = 0: exp2(s - inf) = 0.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(delta_base + start_m + offs_m)
-            pt = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])
-            if IS_VARLEN:
-                qseg = tl.load(QSeg + start_m + offs_m)
-                pt = tl.where(kseg[:, None] == qseg[None, :], pt, 0.0)
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
-            if ATOMIC_DQ:
-                if HAS_TOKEN_VALID:
-                    dst = tl.where(key_ok[:, None], dst, 0.0)
-                dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale
-                dqa_ptrs = dqa_base + start_m.to(tl.int64) * stride_as
-                if EVEN_D:
-                    tl.atomic_add(dqa_ptrs, dq, sem="relaxed")
-                else:
-                    tl.atomic_add(dqa_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
-
-        dk = dk * sm_scale
-        if HAS_TOKEN_VALID:
-            # Pad keys are key-side only: their rows of dK/dV are zero, and no other row depends on
-            # them here, so masking once at the end replaces per-element masking in the loop.
-            tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
-            dk = tl.where(tv[:, None] != 0, dk, 0.0)
-            dv = tl.where(tv[:, None] != 0, dv, 0.0)
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + row_n * stride_dks + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + row_n * stride_dvs + offs_d[None, :] * stride_dvd
-        if EVEN_D:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-        else:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
-
-    @triton.jit
-    def _bsa_bwd_dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, KVNum, KVIdx, TokValid, QSeg, KSeg,
-        stride_qb, stride_qs, stride_qh, stride_qd,
-        stride_kb, stride_ks, stride_kh, stride_kd,
-        stride_vb, stride_vs, stride_vh, stride_vd,
-        stride_db, stride_ds, stride_dh, stride_dd,
-        stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-        stride_nb, stride_nh, stride_nq,
-        stride_ib, stride_ih, stride_iq, stride_ik,
-        stride_tb,
-        H, S_Q, qk_scale, sm_scale,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        start_m = pid_m * BLOCK_M
-        qb = start_m // BLOCK_SIZE
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-
-        row_m = start_m.to(tl.int64) + offs_m[:, None]
-        q = _load(Q + b * stride_qb + h * stride_qh + row_m * stride_qs + offs_d[None, :] * stride_qd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        do = _load(DO + b * stride_db + h * stride_dh + row_m * stride_ds + offs_d[None, :] * stride_dd,
-                   d_ok[None, :], EVEN_D, UPCAST)
-        lse = tl.load(Lse + (b * H + h) * S_Q + start_m + offs_m)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(Delta + (b * H + h) * S_Q + start_m + offs_m)
-        kt_base = (K + b * stride_kb + h * stride_kh
-                   + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-        vt_base = (V + b * stride_vb + h * stride_vh
-                   + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd)
-        if IS_VARLEN:
-            qseg = tl.load(QSeg + start_m + offs_m)
-
-        num_kv = tl.load(KVNum + b * stride_nb + h * stride_nh + qb * stride_nq)
-        idx_ptr = KVIdx + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_iq
-        sub = BLOCK_SIZE // BLOCK_N
-
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for it in range(0, num_kv * sub):
-            kb = tl.load(idx_ptr + (it // sub) * stride_ik)
-            start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
-            kt = _load(kt_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
-            vt = _load(vt_base + start_n.to(tl.int64) * stride_vs, d_ok[:, None], EVEN_D, UPCAST)
-            p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])
-            if HAS_TOKEN_VALID:
-                tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
-                p = tl.where(tv[None, :] != 0, p, 0.0)
-            if IS_VARLEN:
-                kseg = tl.load(KSeg + start_n + offs_n)
-                p = tl.where(qseg[:, None] == kseg[None, :], p, 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
-
-        dq = dq * sm_scale
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_m * stride_dqs + offs_d[None, :] * stride_dqd
-        if EVEN_D:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
-        else:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
-
-    # ----------------------------------------------------------------------------------- autotune
-    def _configs(shapes):
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in shapes
-        ]
-
-    def _prune(configs, named_args, **kwargs):
-        """Keep tiles that divide the mask block; for wide heads, smaller pipelines and tiles (shared
-        memory: at D = 256 the atomic dK/dV kernel needs 256 KB with 64-row query tiles)."""
-        bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-        d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        walk_max = 32 if kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)) else 128
-        kept = [
-            c for c in configs
-            if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
-            and (d <= 128 or (c.num_stages <= 2 and c.kwargs["BLOCK_N"] <= 64
-                              and c.kwargs["BLOCK_M"] <= walk_max))
-        ]
-        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-
-    _KEY = ["D", "BLOCK_SIZE", "HAS_TOKEN_VALID", "IS_VARLEN"]
-    _PRUNE = {"early_config_prune": _prune}
-    # (BLOCK_M, BLOCK_N, warps, stages); tiles that do not divide block_size are pruned, so 64-token
-    # masks tune 4 or 5 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
-    _FWD_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
-        (128, 128, 8, 2),
-    ])
-    # dK/dV: BLOCK_N is the key tile the program owns, BLOCK_M the walked query tile.
-    # With 4 warps the dK/dV kernels spill registers at D = 128 on sm_90 (the atomic one heavily); 32-row
-    # query tiles with 8 warps are the one tile that neither spills nor overflows shared memory at D = 256.
-    _DKDV_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2),
-    ])
-    _DQ_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2),
-    ])
-    _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_fwd_kernel)
-    _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dkdv_kernel)
-    # Its own tuner (own cache) for the atomic scheme; DQA is zeroed before every trial of a config.
-    _dkdv_atomic_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE,
-                                         reset_to_zero=["DQA"])(_bsa_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dq_kernel)
-
-
-# ---------------------------------------------------------------------------------------- launchers
-def fixed_config(kernel: str, block_d: int) -> dict:
-    """The config launched without autotuning (``KANDINSKY_BSA_AUTOTUNE=0``; tiles only under the
-    interpreter): ``kernel`` one of fwd / dkdv / dq / dkdv-atomic, ``block_d`` the head dim rounded up to a
-    power of two. Chosen from sm_90 compiles (Triton 3.6) so that nothing spills registers or overflows
-    shared memory: 4 warps up to D = 64, 8 beyond (with 4 the dK/dV kernels spill at D = 128), and at
-    D = 256 32-row query tiles in the dK/dV walk (64-row ones spill, and the atomic one needs 256 KB).
-    The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV."""
-    if block_d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    walk = 32 if kernel.startswith("dkdv") and block_d > 128 else 64
-    return {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-
-
-def _launch(tuned, plain, rows, bh, args, meta, kernel):
-    """Autotuned launch on the GPU; :func:`fixed_config` under the interpreter (or autotune off).
-
-    ``kernel`` names it for fixed_config; dK/dV programs own BLOCK_N key rows, the others BLOCK_M query
-    rows.
-    """
-    tile = "BLOCK_N" if kernel.startswith("dkdv") else "BLOCK_M"
-    if _AUTOTUNE and not INTERPRET:
-        tuned[lambda m: (rows // m[tile], bh)](*args, **meta)
-    else:
-        cfg = fixed_config(kernel, meta["BLOCK_D"])
-        if INTERPRET:  # warps and stages mean nothing there
-            cfg = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-        plain[(rows // 64, bh)](*args, **meta, **cfg)
-
-
-def _mask_strides(num: torch.Tensor, idx: torch.Tensor, b: int, h: int) -> tuple[int, ...]:
-    """Strides of (Bm, Hm, N) counts and (Bm, Hm, N, M) indices expanded to (B, H, ...): 0 = broadcast."""
-    if num.dim() != 3 or idx.dim() != 4 or idx.shape[:3] != num.shape:
-        raise ValueError(f"mask counts {tuple(num.shape)} / indices {tuple(idx.shape)} must be (Bm, Hm, N) / "
-                         "(Bm, Hm, N, M)")
-    if num.dtype != torch.int32 or idx.dtype != torch.int32:
-        raise ValueError(f"mask tensors must be int32, got {num.dtype} / {idx.dtype}")
-    if num.shape[0] not in (1, b) or num.shape[1] not in (1, h):
-        raise ValueError(f"mask batch/head dims {tuple(num.shape[:2])} must be 1 or ({b}, {h})")
-    n = num.expand(b, h, -1).stride()
-    i = idx.expand(b, h, -1, -1).stride()
-    return (*n, *i)
-
-
-def _common(q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens):
-    """Validate the shared arguments; return launch facts and the (token_valid, qseg, kseg) tensors."""
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not importable")
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, S, H, D)")
-    b, s_q, h, d = q.shape
-    s_k = k.shape[1]
-    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
-        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in B, H or D")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if d % 16 != 0 or d > 256:
-        raise ValueError(f"head dim {d} must be a multiple of 16 and at most 256")
-    if block_size not in _BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} must be one of {_BLOCK_SIZES}")
-    nq, nk = kv_indices.shape[2], kv_indices.shape[3]
-    if s_q != nq * block_size or s_k != nk * block_size:
-        raise ValueError(
-            f"sequence lengths ({s_q}, {s_k}) must equal mask blocks ({nq}, {nk}) x {block_size}")
-    dev = q.device
-    if dev.type == "cpu" and not INTERPRET:
-        raise RuntimeError("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    for name, t in (("k", k), ("v", v), ("kv_indices", kv_indices)):
-        if t.device != dev:
-            raise ValueError(f"{name} on {t.device} but q on {dev}")
-
-    tv = None
-    if token_valid is not None:
-        if token_valid.dtype != torch.bool or token_valid.dim() not in (1, 2) or token_valid.shape[-1] != s_k:
-            raise ValueError(f"token_valid must be bool (S,) or (B, S) with S={s_k}, got "
-                             f"{token_valid.dtype} {tuple(token_valid.shape)}")
-        tv = token_valid.reshape(-1, s_k)
-        if tv.shape[0] not in (1, b):
-            raise ValueError(f"token_valid batch {tv.shape[0]} must be 1 or {b}")
-        tv = tv.to(dev).contiguous().view(torch.uint8)
-    qseg = kseg = None
-    if cu_seqlens is not None:
-        if b != 1 or s_q != s_k:
-            raise ValueError(f"cu_seqlens needs packed self-attention with B == 1, got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}")
-        cu = cu_seqlens.to(dev, torch.int64)
-        pos = torch.arange(s_q, device=dev)
-        seg = torch.searchsorted(cu[1:].contiguous(), pos, right=True).to(torch.int32)
-        inside = (pos >= cu[0]) & (pos < cu[-1])
-        # Tokens outside every segment get ids that match nothing: -1 as queries, -2 as keys.
-        qseg = torch.where(inside, seg, -1).to(torch.int32)
-        kseg = torch.where(inside, seg, -2).to(torch.int32)
-        if tv is not None:  # B == 1: fold padding into the key ids, one per-element check instead of two
-            kseg = torch.where(tv[0] != 0, kseg, -2).to(torch.int32)
-            tv = None
-    upcast = dev.type == "cpu"
-    meta = dict(
-        D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), EVEN_D=triton.next_power_of_2(d) == d,
-        BLOCK_SIZE=block_size, HAS_TOKEN_VALID=tv is not None, IS_VARLEN=qseg is not None,
-        UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-    )
-    dummy = kv_indices  # never read when the matching flag is off
-    tensors = (
-        tv if tv is not None else dummy,
-        qseg if qseg is not None else dummy,
-        kseg if kseg is not None else dummy,
-    )
-    stride_tb = 0 if tv is None or tv.shape[0] == 1 else tv.stride(0)
-    return (b, s_q, s_k, h, d), meta, tensors, stride_tb
-
-
-def _scale(scale, d):
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-
-def bsa_forward_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
-    """Block-sparse attention forward. q, k, v: (B, S, H, D), any strides, fp32/fp16/bf16.
-
-    ``kv_num_blocks`` int32 (Bm, Hm, Nq) and ``kv_indices`` int32 (Bm, Hm, Nq, Nk) with Bm in {1, B},
-    Hm in {1, H}; ``token_valid`` bool (S,) / (B or 1, S) marks real keys; ``cu_seqlens`` int32 (n+1,)
-    packs segments along S (B == 1). Returns ``out`` (B, S, H, D) in q.dtype and ``lse`` fp32 (B, H, S):
-    the natural-log logsumexp of the scaled logits, -inf (with out = 0) for rows that see no key.
-    """
-    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens)
-    out = torch.empty((b, s_q, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    args = (
-        q, k, v, out, lse, kv_num_blocks, kv_indices, tv, qseg, kseg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *_mask_strides(kv_num_blocks, kv_indices, b, h), stride_tb,
-        h, s_q, _scale(scale, d) * _LOG2E,
-    )
-    _launch(_fwd_tuned, _bsa_fwd_kernel, s_q, b * h, args, meta, "fwd")
-    return out, lse
-
-
-_BWD_SCHEMES = ("two_pass", "atomic")
-
-
-def triton_backward_scheme(scheme: Optional[str] = None) -> str:
-    """The Triton backward scheme: ``scheme`` if given, else ``KANDINSKY_BSA_TRITON_BWD``, else
-    ``"two_pass"``.
-
-    ``two_pass``: a dK/dV kernel walks each key tile's query tiles, a dQ kernel each query tile's key
-    tiles (7 tile products per active tile pair, deterministic, no atomics; FlexAttention's scheme).
-    ``atomic``: one kernel computes dK/dV and adds dQ into an fp32 buffer with atomics (5 products, as
-    FlashAttention-2; dQ summation order, hence its last bits, varies from run to run).
-    """
-    if scheme is None:
-        scheme = os.environ.get("KANDINSKY_BSA_TRITON_BWD", "two_pass")
-    if scheme not in _BWD_SCHEMES:
-        raise ValueError(f"Triton backward scheme {scheme!r} (KANDINSKY_BSA_TRITON_BWD) must be one of "
-                         f"{_BWD_SCHEMES}")
-    return scheme
-
-
-def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                        block_size, scale, token_valid, cu_seqlens, scheme=None):
-    """Gradients (dq, dk, dv) of :func:`bsa_forward_triton`, each (B, S, H, D) in q.dtype.
-
-    ``q_num_blocks`` int32 (Bm, Hm, Nk) / ``q_indices`` int32 (Bm, Hm, Nk, Nq): the transposed mask
-    (``BlockSparseMask.transpose()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
-    forward. Rows with lse = -inf contribute nothing. ``scheme``: see :func:`triton_backward_scheme`.
-    """
-    scheme = triton_backward_scheme(scheme)
-    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens)
-    if do.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, s_q):
-        raise ValueError(f"do {tuple(do.shape)} / out {tuple(out.shape)} must be {tuple(q.shape)} and lse "
-                         f"{tuple(lse.shape)} must be {(b, h, s_q)}")
-    if q_indices.shape[2:] != (kv_indices.shape[3], kv_indices.shape[2]):
-        raise ValueError(f"q_indices {tuple(q_indices.shape)} is not the transpose of kv_indices "
-                         f"{tuple(kv_indices.shape)}")
-    lse = lse.contiguous().float()
-    atomic = scheme == "atomic"
-    # atomic: dQ accumulates in fp32, (B, S, H, D) so that the final cast is one contiguous copy
-    dq = (torch.zeros if atomic else torch.empty)(
-        (b, s_q, h, d), dtype=torch.float32 if atomic else q.dtype, device=q.device)
-    dk = torch.empty((b, s_k, h, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, s_k, h, d), dtype=v.dtype, device=q.device)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
-    sm_scale = _scale(scale, d)
-    delta = torch.empty_like(lse)
-    pre_m = 64
-    _bsa_bwd_preprocess_kernel[(s_q // pre_m, b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, s_q,
-        D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,
-    )
-    common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
-    dkdv_args = (
-        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *(dq.stride() if atomic else (0, 0, 0, 0)),
-        *_mask_strides(q_num_blocks, q_indices, b, h), *common_tail,
-    )
-    _launch(_dkdv_atomic_tuned if atomic else _dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args,
-            {**meta, "ATOMIC_DQ": atomic}, "dkdv-atomic" if atomic else "dkdv")
-    if atomic:
-        return dq.to(q.dtype), dk, dv
-    dq_args = (
-        q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices, tv, qseg, kseg,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *_mask_strides(kv_num_blocks, kv_indices, b, h), *common_tail,
-    )
-    _launch(_dq_tuned, _bsa_bwd_dq_kernel, s_q, b * h, dq_args, meta, "dq")
-    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------- custom ops
@@ -653,33 +81,33 @@ def _fwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = _backend(q.device)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if backend != "cpu":  # the C++ kernels check the same things themselves
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
     if q.numel() == 0:  # nothing to compute (and an empty tensor's strides may be anything)
         b, s, h, _ = q.shape
-        return q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
-    if backend == "cpu":
+        out, lse = q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
+    elif backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
             token_valid, cu_seqlens,
         )
     elif backend == "triton":
-        out, lse = bsa_forward_triton(
+        out, lse = _bsa_triton.bsa_forward_triton(
             q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens
         )
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
-    return out.contiguous(), lse.float().contiguous()
+    return out.contiguous(), lse.float().contiguous(), backend_tag(backend)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
+def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), fake_backend_tag()
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
@@ -696,8 +124,11 @@ def _bwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
-    backend: str,
+    backend_tag: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
+    # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
+    backend = backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
@@ -710,7 +141,7 @@ def _bwd_op(
         )
     elif backend == "triton":
         t = _mask_of(kv_num_blocks, kv_indices, block_size, None).transpose()
-        dq, dk, dv = bsa_backward_triton(
+        dq, dk, dv = _bsa_triton.bsa_backward_triton(
             dout, q, k, v, out, lse, kv_num_blocks, kv_indices, t.kv_num_blocks, t.kv_indices,
             block_size, scale, token_valid, cu_seqlens,
         )
@@ -721,25 +152,27 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend):
+def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens,
+      backend_tag):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens)
-    ctx.block_size, ctx.scale, ctx.backend = block_size, scale, backend
+    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens = inputs
+    out, lse, tag = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag)
+    ctx.block_size, ctx.scale = block_size, scale
 
 
-def _backward(ctx, dout, dlse):
-    # lse is an auxiliary output: its gradient (never used by the public API) is ignored.
-    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, dout, dlse, dtag):
+    # lse is an auxiliary output: its gradient (never used by the public API) is ignored; the tag is
+    # an integer, without gradient.
+    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag = ctx.saved_tensors
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
-        cu_seqlens, ctx.backend,
+        cu_seqlens, tag,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -748,8 +181,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------- validation
 def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, seq_len: int) -> None:
     """The data-dependent checks, run where the kernels run: inside the custom ops (so also under
-    torch.compile, whose tracing sees no values) and before the eager reference. The mask is checked
-    once while it stays unchanged (see check_mask_contents)."""
+    torch.compile, whose tracing sees no values). The mask is checked once while it stays unchanged
+    (see check_mask_contents)."""
     check_mask_contents(kv_num_blocks, kv_indices)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, seq_len)
@@ -838,91 +271,12 @@ def block_sparse_attention(
     backend, like SDPA with a boolean mask, multiplies them by zero and may turn more rows NaN).
 
     Backends (see :mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``,
-    ``reference`` (dense fp32 masked SDPA, O(S^2) memory).
+    ``reference`` (dense fp32 masked SDPA, O(S^2) memory), chosen when the call runs (also inside a
+    compiled graph); the backward runs on the forward's backend.
     """
     _validate(q, k, v, mask, cu_seqlens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = _backend(q.device.type)
-    if backend == "reference" and not torch.compiler.is_compiling():
-        _check_contents(mask.kv_num_blocks, mask.kv_indices, cu_seqlens, q.shape[1])
-        return block_sparse_attention_reference(q, k, v, mask, scale, cu_seqlens)
-    out, _ = _fwd_op(
-        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid,
-        cu_seqlens, backend,
+    out, _, _ = _fwd_op(
+        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid, cu_seqlens
     )
     return out
-
-
-def nabla_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    threshold: float,
-    sta_window: Sequence[int] | None = (11, 3, 3),
-    grid=None,
-    return_mask: bool = False,
-    scale: float | None = None,
-    cu_seqlens: Tensor | None = None,
-):
-    """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
-
-    Args:
-        q, k, v: (B, S, H, D) in fractal token order (:func:`kandinsky_kernels.fractal_flatten`),
-            S = T * h_tiles * w_tiles * 64. Same dtypes/head dims as :func:`block_sparse_attention`.
-        threshold: NABLA CDF threshold in (0, 1] (keep the most likely key blocks up to this mass).
-        sta_window: (t, h, w) sliding-tile window in blocks united with the NABLA mask, or None.
-        grid: (T, h_tiles, w_tiles) of the block grid, or a :class:`FractalLayout` (which also gives
-            the padding mask of a grid whose H or W is not a multiple of the tile). Needed for the
-            STA window; may be None when ``sta_window`` is None.
-        return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
-            unconditional CFG branch with :func:`block_sparse_attention`.
-        scale: softmax scale, default 1/sqrt(D).
-        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1), each a
-            multiple of 64 (whole blocks). Passed to both :func:`kandinsky_kernels.nabla_block_mask`
-            (each video's mask computed alone, nothing across videos, the STA window included) and
-            :func:`block_sparse_attention`: every video attends as if it ran alone, and tokens past
-            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S.
-
-    Returns:
-        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
-
-    Raises:
-        ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
-            raise (a bad ``cu_seqlens``: not int32 (n+1,), B > 1, not starting at 0, decreasing,
-            ending past S, or an offset that is not a multiple of 64), or a bad ``grid`` / window.
-    """
-    from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
-    from kandinsky_kernels.ops.nabla import nabla_block_mask
-    from kandinsky_kernels.ops.sta import sta_block_mask
-
-    check_tensor("q", q, ndim=4)
-    token_valid = None
-    if isinstance(grid, FractalLayout):
-        if grid.block_size != 64:
-            raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
-                             f"({grid.block_size}-token blocks); flatten with tile=8")
-        if grid.is_padded:  # an all-True token_valid would only cost time
-            token_valid = grid.token_valid(q.device)
-        grid = (grid.t, grid.h_tiles, grid.w_tiles)
-    elif grid is not None:
-        if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
-                and all(map(_is_positive_int, grid))):
-            raise ValueError(f"grid must be a FractalLayout or a (T, h_tiles, w_tiles) tuple of three "
-                             f"positive ints, got {grid!r}")
-        grid = tuple(grid)
-    if grid is not None and math.prod(grid) * 64 != q.shape[1]:
-        raise ValueError(f"grid (T, h_tiles, w_tiles)={grid} holds {math.prod(grid)} blocks of 64 tokens = "
-                         f"{math.prod(grid) * 64} tokens, but q has S={q.shape[1]} (shape {tuple(q.shape)})")
-    sta = None
-    if sta_window is not None:
-        if grid is None:
-            raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
-                             "when sta_window is set")
-        if not isinstance(sta_window, (tuple, list)):
-            raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
-                             f"got {sta_window!r}")
-        sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
-    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
-                            cu_seqlens=cu_seqlens)
-    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
-    return (out, mask) if return_mask else out

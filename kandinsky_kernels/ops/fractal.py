@@ -217,7 +217,8 @@ def fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int)
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (fake shapes below), backend chosen at run time.
+# Custom ops: opaque to torch.compile (fake shapes below), backend chosen inside them when they run
+# (the rule: kandinsky_kernels.backends). Each backward is the inverse op, which chooses again.
 
 _CPP = {name: cpp_op(name) for name in ("fractal_flatten", "fractal_unflatten")}
 

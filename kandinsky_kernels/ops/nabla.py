@@ -15,6 +15,9 @@ O(B*H*N^2) int64 temporaries per layer and step. Here two kernels do the same ex
    (packed videos of whole blocks) a per-block video id masks other videos' logits to -inf before the
    softmax and is AND-ed into the final keep; query blocks past the end keep nothing.
 
+:func:`nabla_attention` chains the two steps of Kandinsky 5's sparse attention: this mask (united with
+a sliding-tile window), then :func:`kandinsky_kernels.block_sparse_attention` over it.
+
 Trade-off: every row tile re-reads the pooled keys of its head (no tensor-core GEMM), which is cheap
 for the N <= ~4k blocks of Kandinsky 5 (pooled keys are 64x smaller than k) and keeps the memory
 O(N) per program. The C++ CPU kernel (``csrc/nabla.cpp``) follows the same plan with a radix select.
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence
 
 import torch
+from torch import Tensor
 
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
@@ -39,9 +44,12 @@ from kandinsky_kernels._validation import (
 )
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
+from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
+from kandinsky_kernels.ops.sta import sta_block_mask
 from kandinsky_kernels.reference.nabla import block_map_ref, per_video_ref, pool_blocks_ref, topcdf_mask_ref
 
-__all__ = ["nabla_block_mask"]
+__all__ = ["nabla_attention", "nabla_block_mask"]
 
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -321,6 +329,12 @@ def _fp32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
+def _backend(device: torch.device | str) -> str:
+    """The backend a call on ``device`` runs on now: called inside the custom op, when it runs."""
+    implemented = {"triton": HAS_TRITON, "cpu": _ext.cpp_op("nabla_block_mask") is not None}
+    return select_backend("nabla_block_mask", device, implemented)
+
+
 @torch.library.custom_op("kandinsky_kernels::nabla_block_mask", mutates_args=())
 def _nabla_block_mask_op(
     q: torch.Tensor,
@@ -330,27 +344,24 @@ def _nabla_block_mask_op(
     block_size: int,
     token_valid: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend(q.device)
     if cu_seqlens is not None:  # here, so that a compiled graph cannot skip it (C++ checks again)
         _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
     if backend == "cpu":
         return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    if backend == "triton":
+        return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    mask = BlockSparseMask.from_dense_blocks(dense, block_size)
+    return mask.kv_num_blocks, mask.kv_indices
 
 
 @_nabla_block_mask_op.register_fake
-def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, backend):
+def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
     n = s // block_size
     return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
-
-
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    # Chosen once per compiled graph: the backend registry reads a ContextVar, which dynamo cannot trace.
-    implemented = {"triton": HAS_TRITON, "cpu": _ext.cpp_op("nabla_block_mask") is not None}
-    return select_backend("nabla_block_mask", device_type, implemented)
 
 
 def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None) -> torch.Tensor | None:
@@ -457,18 +468,81 @@ def nabla_block_mask(
             the value checks run where the kernels run, also under ``torch.compile`` (one host sync).
 
     Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
-    sort-based algorithm). Under ``torch.compile`` the backend is fixed when the graph is traced.
+    sort-based algorithm), chosen when the call runs, also inside a compiled graph.
     """
     valid = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    backend = _backend(q.device.type)
-    if backend == "reference":
-        if cu_seqlens is not None:
-            _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
-        dense = _nabla_reference(q, k, threshold, sta, block_size, valid, cu_seqlens)
-        return BlockSparseMask.from_dense_blocks(dense, block_size, token_valid=valid)
-    counts, indices = _nabla_block_mask_op(
-        q, k, float(threshold), sta, block_size, valid, cu_seqlens, backend
-    )
+    counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens)
     if not torch.compiler.is_compiling():
         mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)
+
+
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = (11, 3, 3),
+    grid=None,
+    return_mask: bool = False,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+):
+    """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
+
+    Args:
+        q, k, v: (B, S, H, D) in fractal token order (:func:`kandinsky_kernels.fractal_flatten`),
+            S = T * h_tiles * w_tiles * 64. Same dtypes/head dims as :func:`block_sparse_attention`.
+        threshold: NABLA CDF threshold in (0, 1] (keep the most likely key blocks up to this mass).
+        sta_window: (t, h, w) sliding-tile window in blocks united with the NABLA mask, or None.
+        grid: (T, h_tiles, w_tiles) of the block grid, or a :class:`FractalLayout` (which also gives
+            the padding mask of a grid whose H or W is not a multiple of the tile). Needed for the
+            STA window; may be None when ``sta_window`` is None.
+        return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
+            unconditional CFG branch with :func:`block_sparse_attention`.
+        scale: softmax scale, default 1/sqrt(D).
+        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1), each a
+            multiple of 64 (whole blocks). Passed to both :func:`kandinsky_kernels.nabla_block_mask`
+            (each video's mask computed alone, nothing across videos, the STA window included) and
+            :func:`block_sparse_attention`: every video attends as if it ran alone, and tokens past
+            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S.
+
+    Returns:
+        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
+
+    Raises:
+        ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
+            raise (a bad ``cu_seqlens``: not int32 (n+1,), B > 1, not starting at 0, decreasing,
+            ending past S, or an offset that is not a multiple of 64), or a bad ``grid`` / window.
+    """
+    check_tensor("q", q, ndim=4)
+    token_valid = None
+    if isinstance(grid, FractalLayout):
+        if grid.block_size != 64:
+            raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
+                             f"({grid.block_size}-token blocks); flatten with tile=8")
+        if grid.is_padded:  # an all-True token_valid would only cost time
+            token_valid = grid.token_valid(q.device)
+        grid = (grid.t, grid.h_tiles, grid.w_tiles)
+    elif grid is not None:
+        if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
+                and all(map(_is_positive_int, grid))):
+            raise ValueError(f"grid must be a FractalLayout or a (T, h_tiles, w_tiles) tuple of three "
+                             f"positive ints, got {grid!r}")
+        grid = tuple(grid)
+    if grid is not None and math.prod(grid) * 64 != q.shape[1]:
+        raise ValueError(f"grid (T, h_tiles, w_tiles)={grid} holds {math.prod(grid)} blocks of 64 tokens = "
+                         f"{math.prod(grid) * 64} tokens, but q has S={q.shape[1]} (shape {tuple(q.shape)})")
+    sta = None
+    if sta_window is not None:
+        if grid is None:
+            raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
+                             "when sta_window is set")
+        if not isinstance(sta_window, (tuple, list)):
+            raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
+                             f"got {sta_window!r}")
+        sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
+    mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
+                            cu_seqlens=cu_seqlens)
+    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
+    return (out, mask) if return_mask else out

@@ -1,0 +1,213 @@
+// Block-sparse attention on the CPU: what every ISA path shares (compiled once, no ISA flags).
+//
+// Layout: q, k, v, out (B, S, H, D) with any strides except a unit stride on D; lse (B, H, S) fp32,
+// natural log, -inf for a query row that sees no key. Mask (BlockSparseMask): kv_num_blocks (Bm, Hm,
+// Nq), kv_indices (Bm, Hm, Nq, Nk) with Bm in {1, B}, Hm in {1, H} (broadcast). Optional token_valid
+// (Bt, S) bool with Bt in {1, B} (False = pad key) and cu_seqlens int32 (n+1,) (packed videos, B == 1).
+//
+// Files: common.h / problem.cpp (this: the problem, its checks, the schedules), dispatch.cpp (the ops
+// and the choice of ISA path), kernels.h (forward and backward over a product policy), simd.h (vector
+// row kernels, transposes), gemm.h (register-blocked block products), amx_gemm.h (AMX tiles), and
+// one isa_<name>.cpp per ISA path, which compiles kernels.h for that ISA in its own namespace.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace kk::attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr double kLn2d = 0.6931471805599453, kLog2ed = 1.4426950408889634;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Key (or query) blocks whose scores are softmaxed together: ~512 columns, few online rescales.
+inline int64_t chunk_blocks(int64_t bs) { return std::max<int64_t>(1, 512 / bs); }
+constexpr int64_t kMaxChunk = 32;  // chunk_blocks() for the smallest block size (16)
+
+enum PairMode : int8_t { kSkip = 0, kFull = 1, kPartial = 2 };
+
+// Everything about the problem except the data pointers.
+struct Problem {
+  int64_t B, S, H, D, bs, nb;  // nb = blocks per sequence (Nq == Nk)
+  int64_t Bm, Hm, Bt;          // mask batch/heads and token_valid batch (1 = broadcast)
+  float scale;
+  const int32_t* kv_num;  // (Bm, Hm, nb)
+  const int32_t* kv_idx;  // (Bm, Hm, nb, nb)
+  // Per-token codes: a query row attends key column only where qcode == kcode. qcode: segment id, or
+  // -4 beyond cu_seqlens[-1]; kcode (Bt, S): segment id, or -3 for a pad / beyond-the-end key.
+  std::vector<int32_t> qcode, kcode;
+  // Per-block codes: the common token code of the block, or -2 when its tokens differ.
+  std::vector<int32_t> qblk, kblk;  // (nb), (Bt, nb)
+  bool per_element;                 // false: no cu_seqlens and no token_valid, every pair is full
+
+  int64_t mask_row(int64_t b, int64_t h, int64_t i) const {
+    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nb + i;
+  }
+  int64_t tb(int64_t b) const { return Bt == 1 ? 0 : b; }
+  const int32_t* kcode_of(int64_t b) const { return kcode.data() + tb(b) * S; }
+
+  PairMode pair(int64_t b, int64_t qi, int64_t kj) const {
+    if (!per_element) return kFull;
+    const int32_t qc = qblk[qi], kc = kblk[tb(b) * nb + kj];
+    if (qc == -4 || kc == -3) return kSkip;
+    if (qc >= 0 && kc >= 0) return qc == kc ? kFull : kSkip;
+    return kPartial;
+  }
+};
+
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+                     int64_t block_size, double scale, const std::optional<at::Tensor>& token_valid,
+                     const std::optional<at::Tensor>& cu_seqlens);
+
+// q, k, v (and dout, out): CPU, 4-D, one shape and dtype, unit stride on D.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+// Sets -inf where the query (row) and key (column) codes differ. Rows index `rows_code`, columns
+// `cols_code`; the caller orients them (forward/dQ: rows = queries; dK/dV: rows = keys).
+inline void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const int32_t* rows_code,
+                      const int32_t* cols_code) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * ld;
+    const int32_t rc = rows_code[r];
+    for (int64_t c = 0; c < cols; ++c)
+      if (cols_code[c] != rc) sr[c] = -kInf;
+  }
+}
+
+// The active blocks of mask row (b, h, i) that the pair test does not skip.
+inline int64_t active_blocks(const Problem& p, int64_t b, int64_t h, int64_t i, std::vector<int32_t>& out,
+                             std::vector<int8_t>& mode) {
+  const int64_t row = p.mask_row(b, h, i);
+  const int32_t n = p.kv_num[row];
+  const int32_t* idx = p.kv_idx + row * p.nb;
+  out.clear();
+  mode.clear();
+  for (int32_t t = 0; t < n; ++t) {
+    const PairMode m = p.pair(b, i, idx[t]);
+    if (m == kSkip) continue;
+    out.push_back(idx[t]);
+    mode.push_back(m);
+  }
+  return static_cast<int64_t>(out.size());
+}
+
+// at::parallel_for splits a range evenly by count, but NABLA rows differ a lot in active blocks
+// (dense heads next to sparse ones), and on a shared machine one thread may get less CPU time. So
+// the tasks are cut into 8 contiguous pieces per thread of about equal cost (cost(task) = active
+// blocks + 1; contiguous pieces keep K/V in cache) which the threads take from a shared counter.
+template <typename Cost, typename Body>
+void parallel_balanced(int64_t n, const Cost& cost, const Body& body) {
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + cost(t) + 1;
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, 8 * threads));
+  auto start = [&](int64_t part) {
+    const int64_t target = prefix[n] * part / parts;
+    return static_cast<int64_t>(std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin());
+  };
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t part = next++; part < parts; part = next++) body(start(part), start(part + 1));
+  });
+}
+
+// parallel_balanced over the (b, h, query block) tasks, each costing its active key blocks.
+template <typename Body>
+void over_query_blocks(const Problem& p, const Body& body) {
+  const int64_t nb = p.nb, H = p.H;
+  const auto cost = [&](int64_t task) {
+    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * H), (task / nb) % H, task % nb)]);
+  };
+  parallel_balanced(p.B * H * nb, cost, body);
+}
+
+// One (B, S, H, D) input in the two fp32 layouts gemm() wants, so the inner loops never gather or
+// convert. `row(b, h, s)`: a block is a row-major (bs x D) matrix with leading dimension `ld`; for
+// fp32 inputs this is the input itself (no copy), otherwise an fp32 copy (B, H, S, D). `tile(b, h,
+// j)`: block j transposed (D x bs, ld bs) and multiplied by `tile_mul`, the B operand of q.k^T;
+
+
+// The mask seen from the key side, CSR per (mask batch, mask head, key block): ascending query blocks.
+struct Transposed {
+  std::vector<int32_t> off, idx;
+};
+
+Transposed transpose_mask(const Problem& p);
+
+// blocks; each thread makes one worker (make()) and calls run(worker, b, h, j) per task.
+template <class Make, class Run>
+void over_key_blocks(const Problem& p, const Transposed& tr, const Make& make, const Run& run) {
+  const int64_t nb = p.nb, H = p.H;
+  const auto cost = [&](int64_t task) {
+    const int64_t row = p.mask_row(task / (nb * H), (task / nb) % H, task % nb);
+    return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
+  };
+  parallel_balanced(p.B * H * nb, cost, [&](int64_t begin, int64_t end) {
+    auto worker = make();
+    for (int64_t task = begin; task < end; ++task) run(worker, task / (nb * H), (task / nb) % H, task % nb);
+  });
+}
+
+// Per query row of block i of (b, h): lse in the log2 domain as hi + lo (hi = +inf for a row that sees
+// nothing, so every P is 0) and Delta = rowsum(dO * O). dos: the block's dO rows in fp32 (row stride
+
+// The query blocks that key block j of (b, h) meets (ascending), without the skipped pairs.
+inline int64_t key_block_pairs(const Problem& p, const Transposed& tr, int64_t b, int64_t h, int64_t j,
+                               std::vector<int32_t>& blocks, std::vector<int8_t>& modes) {
+  const int64_t row = p.mask_row(b, h, j);
+  blocks.clear();
+  modes.clear();
+  for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
+    const PairMode md = p.pair(b, tr.idx[s], j);
+    if (md == kSkip) continue;
+    blocks.push_back(tr.idx[s]);
+    modes.push_back(md);
+  }
+  return static_cast<int64_t>(blocks.size());
+}
+
+// dK and dV of key block j of (b, h), walking its query blocks through the transposed mask: S^T and
+
+template <class Make, class Run>
+void for_heads_by_cost(const Problem& p, const Transposed& tr, const Make& make, const Run& run) {
+  std::vector<int64_t> heads(p.B * p.H), cost(p.B * p.H, 0);
+  for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
+    heads[bh] = bh;
+    for (int64_t j = 0; j < p.nb; ++j) {
+      const int64_t row = p.mask_row(bh / p.H, bh % p.H, j);
+      cost[bh] += tr.off[row + 1] - tr.off[row] + 1;
+    }
+  }
+  std::stable_sort(heads.begin(), heads.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    auto worker = make();
+    std::vector<float> dqa;
+    for (int64_t t = next++; t < p.B * p.H; t = next++) {
+      dqa.assign(p.S * p.D, 0.f);
+      run(worker, heads[t] / p.H, heads[t] % p.H, dqa.data());
+    }
+  });
+}
+
+// Single-pass backward: one task per (b, h), walking its key blocks; each pair adds to dK_j and dV_j
+// (owned by the task) and to dQ_i (in the task's own fp32 head buffer), so the scores and dP are
+// computed once per pair: 5 products instead of the two-pass scheme's 7. Whole heads per thread, so it
+
+
+// The single pass needs whole heads per thread. It does ~1.3x less work, so it pays while the heads'
+// rounds leave at most ~20 % of the thread time idle: n heads on t threads take ceil(n / t) rounds
+// (4 heads on 2 threads, 28 on 16 or 8: yes; 3 on 2, 28 on 32: no). KANDINSKY_BSA_CPU_BWD=fused|two_pass
+// forces a scheme (tests, A/B measurements).
+bool use_fused_backward(const Problem& p);
+
+}  // namespace kk::attn
