@@ -1,8 +1,10 @@
-"""The benchmark driver: ``python -m benchmarks [--profile P] [--out DIR] [-k EXPR] [-- PYTEST_ARGS]``.
+"""The benchmark driver: ``python -m benchmarks [--profile P] [--suite NAME ...] [--cpu-isa PATHS]
+[--out DIR] [-k EXPR] [-- PYTEST_ARGS]``.
 
-Runs the pytest-benchmark suites of profile P (smoke | quick | default | gpu; see ``benchmarks/_util.py``)
-in this process, one progress line per case, into DIR (default ``bench-results/<UTC timestamp>/``,
-then ``bench-results/latest`` points at it):
+Runs the pytest-benchmark suites of profile P (smoke | quick | default | gpu; see ``benchmarks/_util.py``;
+``--suite attention`` runs ``test_bench_attention.py`` alone, and so on) in this process, one progress
+line per case, into DIR (default ``bench-results/<UTC timestamp>/``, then ``bench-results/latest``
+points at it):
 
     results.json    pytest-benchmark's JSON: per case ``extra_info`` with every provider's per-round
                     times (``benchmarks._util.run_case``), machine and commit info
@@ -13,6 +15,10 @@ then ``bench-results/latest`` points at it):
 Exit status: pytest's (non-zero when a test failed or none ran), or 1 when the report failed.
 ``make bench`` runs the default profile, ``make bench-quick`` the quick one; ``make bench-compare
 A=dir1 B=dir2`` compares two result folders (``python -m benchmarks.compare``).
+
+``--cpu-isa all`` (or ``avx2,avx512``; ``make bench-isa``) instead runs the CPU attention suite once per
+ISA path of our C++ kernels, each in a subprocess with ``KANDINSKY_CPU_ISA`` set, at the ``quick``
+shapes unless ``--profile`` says otherwise, and writes a side-by-side report (``benchmarks/isa.py``).
 """
 from __future__ import annotations
 
@@ -71,18 +77,42 @@ def _point_latest(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=PROFILES, default="default")
+    ap.add_argument("--profile", choices=PROFILES, default=None,
+                    help="default: 'default', or 'quick' with --cpu-isa")
+    ap.add_argument("--suite", action="append", default=None, metavar="NAME",
+                    help="run benchmarks/test_bench_NAME.py only (repeatable), e.g. --suite attention")
+    ap.add_argument("--cpu-isa", default=None, metavar="PATHS",
+                    help="'all' or a comma list of ISA paths (amx, avx512_bf16, avx512, avx2, baseline): run "
+                         "the attention suite (or --suite) once per path, then a side-by-side report")
     ap.add_argument("--out", type=Path, default=None,
                     help="result folder (default: bench-results/<UTC timestamp>/, then bench-results/latest)")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression: run only matching cases")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
     args = ap.parse_args(argv)
+    if args.profile is None:
+        # one quick suite per path keeps --cpu-isa all near the time of one default attention suite
+        args.profile = "quick" if args.cpu_isa else "default"
+    if args.cpu_isa and args.profile == "gpu":
+        ap.error("--cpu-isa times our CPU kernels: use a CPU profile (smoke, quick, default)")
+    suites = SUITES[args.profile]
+    if args.suite:
+        suites = [f"test_bench_{name}.py" for name in args.suite]
+        missing = [f for f in suites if not (HERE / f).exists()]
+        if missing:
+            ap.error(f"--suite: no {', '.join(missing)} in {HERE}")
 
     # The suites read the profile when they are imported, below.
     os.environ["KANDINSKY_BENCH_PROFILE"] = args.profile
     os.environ.pop("KANDINSKY_BENCH_SMOKE", None)
 
     out = (args.out if args.out is not None else _new_dir()).resolve()
+    if args.cpu_isa:
+        from benchmarks.isa import main_isa
+
+        rc = main_isa(args, out)
+        if args.out is None and out.exists():
+            _point_latest(out)
+        return rc
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
     log = open(out / "progress.log", "w")
@@ -92,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks._progress import Progress
 
     progress = Progress(log)
-    pytest_args = [str(HERE / f) for f in SUITES[args.profile]] + [
+    pytest_args = [str(HERE / f) for f in suites] + [
         "-q", "-p", "no:cacheprovider", "--tb=short", "--disable-warnings", "-rfEs",
         "--benchmark-quiet", f"--benchmark-json={json_path}",
     ]

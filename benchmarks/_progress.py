@@ -1,10 +1,11 @@
 """A pytest plugin of the benchmark driver (``python -m benchmarks``): one progress line per case,
 and none of pytest's per-test dots.
 
-A line reads ``[ 7/31] bsa forward | S=8192 H=4 D=64 fp32 density=10% | ours[cpu] 10.7x, flex[compiled]
-4.8x vs sdpa (4.1 s)``: the suite and case of the test, then for every provider that ran beside the
-baseline the median over rounds of the per-round ratio baseline time / provider time (the providers of
-a case run interleaved, so round r of each is a fair pair), then the test's wall time (setup included).
+A line reads ``[ 7/31] bsa forward | S=8192 H=4 D=64 fp32 density=10% | flex[compiled] 4.8x,
+ours[cpu:avx512] 10.7x vs sdpa (4.1 s)``: the suite and case of the test, then for every provider that
+ran beside the baseline the median over rounds of the per-round ratio baseline time / provider time (the
+providers of a case run interleaved, so round r of each is a fair pair), then the test's wall time
+(setup included). A provider that ran our C++ kernels shows their ISA path (``ours[cpu:avx512]``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from typing import TextIO
 
 import pytest
+
+from benchmarks.report import label
 
 
 def _median_ratio(base: list[float], other: list[float]) -> float | None:
@@ -29,11 +32,12 @@ def summarize(info: dict) -> str:
     for name, entry in providers.items():
         if name == base:
             continue
+        shown = label(name, entry.get("cpu_isa"))
         if "skip" in entry:
-            skipped.append(name)
+            skipped.append(shown)
             continue
         r = _median_ratio(base_times, entry.get("times") or [])
-        parts.append(f"{name} {r:.2f}x" if r is not None else f"{name} ?")
+        parts.append(f"{shown} {r:.2f}x" if r is not None else f"{shown} ?")
     if parts:
         text = ", ".join(parts) + f" vs {base}"
     elif base_times:

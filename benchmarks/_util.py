@@ -17,6 +17,9 @@ Profiles (``KANDINSKY_BENCH_PROFILE``; ``python -m benchmarks --profile P`` sets
 from __future__ import annotations
 
 import os
+import platform
+import re
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,6 +57,34 @@ def skip_cpu_suite_in_gpu_profile() -> None:
         pytest.skip("CPU suite: not part of the gpu profile", allow_module_level=True)
 
 
+def cpu_info() -> tuple[str | None, set[str]]:
+    """(model name, ISA flags) of this CPU from /proc/cpuinfo, lscpu as a fallback."""
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if model is None or not flags:
+        try:
+            text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        m = re.search(r"^Model name:\s*(.+)$", text, re.M)
+        if model is None and m:
+            model = m.group(1).strip()
+        m = re.search(r"^Flags:\s*(.+)$", text, re.M)
+        if not flags and m:
+            flags = set(m.group(1).split())
+    return model or platform.processor() or None, flags
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes torch allocates on the CPU while ``fn`` runs, above what was live before.
 
@@ -77,17 +108,33 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
+def cpu_isa_now() -> tuple[str, str | None]:
+    """``(path, error)``: the ISA path our C++ kernels take now, ``"unknown"`` where the build does not
+    report one (no ``_C``, or one built before the runtime dispatch), and the error text when
+    ``KANDINSKY_CPU_ISA`` forces a path this CPU or build cannot run (our kernels would raise)."""
+    from kandinsky_kernels import _ext
+
+    try:
+        isa = _ext.cpu_isa()
+    except RuntimeError as e:
+        return os.environ.get("KANDINSKY_CPU_ISA", "unknown"), str(e)
+    return isa or "unknown", None
+
+
 @dataclass
 class Provider:
     """One contender of a case. ``fn`` runs one call (it must finish its work before returning);
     ``skip`` says why it cannot run on this machine (then ``fn`` is never called, and the report shows
     the provider as skipped with this reason). ``memory``: also record torch's peak allocation of one
-    call (``peak_mb``)."""
+    call (``peak_mb``). ``cpu_isa``: the ISA path of our C++ kernels this provider runs on (from
+    :func:`cpu_isa_now`), recorded in its entry so the report can label it ``ours[cpu:avx512]``;
+    None for providers whose speed does not depend on it (the baselines)."""
 
     name: str
     fn: Callable[[], object] | None = None
     skip: str | None = None
     memory: bool = False
+    cpu_isa: str | None = None
 
 
 def run_case(
@@ -102,6 +149,7 @@ def run_case(
     ideal: float | None = None,
     goals: Sequence[dict] = (),
     mem_goal: dict | None = None,
+    no_goal: str | None = None,
     rounds: int = 5,
     warmup_rounds: int = 1,
     sync: Callable[[], None] | None = None,
@@ -121,6 +169,8 @@ def run_case(
       ``goals``                      ``[{"provider": p, "vs": q, "min_speedup": x}, ...]``; met only if the
                                      lower quartile of the per-round ratios q / p is >= x;
       ``mem_goal``                   ``{"provider": p, "vs": q, "max_ratio": r}`` on peak memory.
+      ``no_goal``                    why a case that carries a goal elsewhere has none here (e.g. on an
+                                     ISA path the goal does not apply to), or None.
       ``profile``, ``rounds``, ``warmup_rounds``  how it was run (every provider that ran has
                                      ``rounds`` times; warm-up rounds are not recorded).
     pytest-benchmark's own statistics are those of a whole round. ``sync`` (e.g.
@@ -138,12 +188,14 @@ def run_case(
         rounds, warmup_rounds = 1, 0
     info = dict(suite=suite, op=op, case=case, params=dict(params or {}), baseline=baseline, ideal=ideal,
                 providers={}, goals=[] if SMOKE else list(goals), mem_goal=None if SMOKE else mem_goal,
-                profile=PROFILE, rounds=rounds, warmup_rounds=warmup_rounds)
+                no_goal=None if SMOKE else no_goal, profile=PROFILE, rounds=rounds,
+                warmup_rounds=warmup_rounds)
     for p in providers:  # in the order given (the report's legend order)
+        tag = {} if p.cpu_isa is None else {"cpu_isa": p.cpu_isa}
         if p.skip is not None:
-            info["providers"][p.name] = {"skip": p.skip}
+            info["providers"][p.name] = {"skip": p.skip, **tag}
             continue
-        entry = {"times": [], "peak_mb": None}
+        entry = {"times": [], "peak_mb": None, **tag}
         if p.memory:
             p.fn()  # warm caches and lazy inits so they are not counted as peak
             entry["peak_mb"] = peak_memory_bytes(p.fn) / 2**20

@@ -49,8 +49,9 @@ def _describe(path: Path, data: dict) -> str:
     cpu = machine.get("cpu_model") or machine.get("cpu", {}).get("brand_raw") or "?"
     profile = data.get("kandinsky", {}).get("profile", "?")
     dirty = " (dirty)" if commit.get("dirty") else ""
+    isa = f", ISA path {machine.get('cpu_isa') or 'unknown'}" if "cpu_isas" in machine else ""
     return (f"{path.parent}: {data.get('datetime', '?')}, commit {str(commit.get('id', '?'))[:10]}{dirty}, "
-            f"profile {profile}, {cpu}, {machine.get('cpu_cores', '?')} cores")
+            f"profile {profile}, {cpu}, {machine.get('cpu_cores', '?')} cores{isa}")
 
 
 def _ms(r: dict | None) -> str:

@@ -7,6 +7,10 @@ code at a toy shape. The CPU suites never select the Triton backend.
 ``machine_info`` (pytest-benchmark's, in the JSON) gains:
   ``cpu_model``      "model name" of /proc/cpuinfo (lscpu's "Model name" as a fallback),
   ``isa``            ``{flag: bool}`` for avx2, fma, avx512f, avx512bw, avx512_bf16, amx_tile, amx_bf16,
+  ``cpu_isas``       the ISA paths of our C++ kernels this CPU and build can run, fastest first
+                     (``kandinsky_kernels._ext.cpu_isas()``; [] where the build does not report them),
+  ``cpu_isa``        the path they take in this run (``KANDINSKY_CPU_ISA`` honoured), or None where
+                     unknown; ``cpu_isa_error`` the reason when a forced path cannot run here,
   ``cpu_cores``      logical CPUs this process may run on; ``cpu_count`` all of the machine's;
   ``torch_threads``  torch's intra-op thread count,
   ``torch``, ``triton``, ``numpy``  versions (None when not installed),
@@ -15,44 +19,16 @@ The JSON's top level gains ``kandinsky``: ``{"profile": ...}``. pytest-benchmark
 commit in ``commit_info`` (id, branch, dirty, time).
 """
 import os
-import platform
-import re
-import subprocess
 from importlib import metadata
 
 import torch
+
+from benchmarks._util import cpu_info
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def _cpuinfo() -> tuple[str | None, set[str]]:
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    if model is None or not flags:
-        try:
-            text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            text = ""
-        m = re.search(r"^Model name:\s*(.+)$", text, re.M)
-        if model is None and m:
-            model = m.group(1).strip()
-        m = re.search(r"^Flags:\s*(.+)$", text, re.M)
-        if not flags and m:
-            flags = set(m.group(1).split())
-    return model or platform.processor() or None, flags
 
 
 def _version(dist: str) -> str | None:
@@ -63,9 +39,17 @@ def _version(dist: str) -> str | None:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     machine_info["cpu_model"] = model
     machine_info["isa"] = {f: f in flags for f in ISA_FLAGS}
+    from kandinsky_kernels import _ext
+
+    machine_info["cpu_isas"] = _ext.cpu_isas()
+    try:
+        machine_info["cpu_isa"] = _ext.cpu_isa()
+    except RuntimeError as e:  # a forced path this CPU cannot run: the suites skip ours, saying so
+        machine_info["cpu_isa"] = None
+        machine_info["cpu_isa_error"] = str(e)
     try:
         machine_info["cpu_cores"] = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -44,10 +44,16 @@ class Row:
     goals: list = field(default_factory=list)  # [(text, measured_pessimistic, met)]
     goal_spread: dict = field(default_factory=dict)  # speed goal text -> (q1, median, q3) of its ratio
     tokens_per_s: list = field(default_factory=list)  # throughput per round, where a suite records it
+    cpu_isa: str | None = None  # the ISA path of our C++ kernels this provider ran on, where recorded
+    no_goal: str | None = None  # why this case has no goal here (set by the suite), shown in the goal cell
 
     @property
     def is_baseline(self) -> bool:
         return self.provider == self.baseline
+
+    @property
+    def label(self) -> str:
+        return label(self.provider, self.cpu_isa)
 
     @property
     def median_ms(self) -> float | None:
@@ -67,6 +73,16 @@ class Row:
         if self.peak_mb is None or not self.base_peak_mb:
             return None
         return self.peak_mb / self.base_peak_mb
+
+
+def label(provider: str, cpu_isa: str | None) -> str:
+    """The provider's name with the ISA path it ran on: ``ours[cpu]`` -> ``ours[cpu:avx512]``,
+    ``nabla`` -> ``nabla[cpu:avx512]``; unchanged where no path is recorded (the baselines)."""
+    if not cpu_isa:
+        return provider
+    if provider.endswith("]") and "[" in provider:
+        return f"{provider[:-1]}:{cpu_isa}]"
+    return f"{provider}[cpu:{cpu_isa}]"
 
 
 def _quartiles(xs: list) -> tuple:
@@ -101,6 +117,7 @@ def load(data: dict) -> list[Row]:
                 times=entry.get("times", []), base_times=base_entry.get("times", []),
                 peak_mb=entry.get("peak_mb"), base_peak_mb=base_entry.get("peak_mb"),
                 ideal=info.get("ideal"), skip=entry.get("skip"), tokens_per_s=entry.get("tokens_per_s") or [],
+                cpu_isa=entry.get("cpu_isa"), no_goal=None if name == base else info.get("no_goal"),
             )
             for g in info.get("goals") or []:
                 if g["provider"] != name:
@@ -132,6 +149,20 @@ def machine_line(data: dict) -> str:
     return f"{m['gpu']} + {text}" if m.get("gpu") else text
 
 
+def isa_paths_line(data: dict) -> str | None:
+    """"available amx, avx512_bf16, avx512, avx2, baseline; this run: avx512" from ``machine_info``
+    (None for results recorded before the runtime ISA dispatch was reported)."""
+    m = data.get("machine_info", {})
+    if "cpu_isas" not in m:
+        return None
+    avail = ", ".join(m["cpu_isas"]) or "unknown (this build does not report them)"
+    if m.get("cpu_isa_error"):
+        now = f"forced path cannot run here: {m['cpu_isa_error']}"
+    else:
+        now = m.get("cpu_isa") or "unknown"
+    return f"available {avail}; this run: {now}"
+
+
 # ------------------------------------------------------------------------------------- report.md
 def _fmt_ms(x):
     return "-" if x is None else (f"{x:.1f}" if x >= 10 else f"{x:.2f}")
@@ -156,6 +187,7 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         f"triton {m.get('triton', '?')}, numpy {m.get('numpy', '?')}",
         f"- Commit: {commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}; "
         f"run {data.get('datetime', '?')}; profile {profile}",
+        *([f"- ISA paths of our C++ kernels: {isa_paths_line(data)}"] if isa_paths_line(data) else []),
         "- Method: every provider of a case runs once per round, back to back; speedup = median of "
         "the per-round ratios baseline / provider, with the lower-upper quartile in brackets. A goal "
         "is met only if it holds at the lower quartile.",
@@ -168,7 +200,7 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         if r.is_baseline:
             continue
         if r.skip is not None:
-            lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.provider} | {r.baseline} | "
+            lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.label} | {r.baseline} | "
                          f"{_fmt_ms(base_ms.get((r.suite, r.case)))} | skipped: {r.skip} | - | - | - | - | - |")
             continue
         sp = r.speedup
@@ -176,8 +208,8 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         mem = "-" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"
         goal = "; ".join(f"{t}: {'met' if ok else '**missed**'} ({'-' if v is None else f'{v:.2f}'})"
-                         for t, v, ok in r.goals) or "-"
-        lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.provider} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.case)))} | "
+                         for t, v, ok in r.goals) or (f"no goal: {r.no_goal}" if r.no_goal else "-")
+        lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.label} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.case)))} | "
                      f"{_fmt_ms(r.median_ms)} | {_fmt_speedup(sp)} | {of_ideal} | {peak} | {mem} | {goal} |")
     met = sum(ok for r in rows for _, _, ok in r.goals)
     total = sum(len(r.goals) for r in rows)
@@ -195,7 +227,7 @@ def throughput(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.tokens_per_s:
             lo, med, hi = _quartiles(r.tokens_per_s)
-            out.append(f"{r.op}, {r.provider}: {med:,.0f} tokens/s ({lo:,.0f}-{hi:,.0f})")
+            out.append(f"{r.op}, {r.label}: {med:,.0f} tokens/s ({lo:,.0f}-{hi:,.0f})")
     return out
 
 
@@ -207,7 +239,7 @@ def headline(rows: list[Row]) -> str:
             shown = "-" if val is None else f"{val:.2f}"
             how = (f"measured {shown}" if "memory" in text
                    else f"lower quartile {shown}x, median {_fmt_speedup(r.goal_spread.get(text))}")
-            out.append(f"{'met   ' if ok else 'MISSED'}  {r.suite:<28.28} {r.case:<46.46} {r.provider:<12.12} "
+            out.append(f"{'met   ' if ok else 'MISSED'}  {r.suite:<28.28} {r.case:<46.46} {r.label:<21.21} "
                        f"{text}: {how}")
     met = sum(ok for r in rows for _, _, ok in r.goals)
     return "\n".join(out + [f"Goals: {met} of {sum(len(r.goals) for r in rows)} met", *throughput(rows)])
@@ -243,7 +275,7 @@ def plot_attention(data: dict, rows: list[Row], path: str) -> None:
             continue
         groups: dict = {}
         for r in sel:
-            key = (r.provider, r.baseline, r.params.get("head_dim"), r.params.get("dtype"))
+            key = (r.label, r.baseline, r.params.get("head_dim"), r.params.get("dtype"))
             groups.setdefault(key, []).append(r)
         # each baseline a line: also ours vs the other competitors (e.g. flex) from the same rounds
         for r in sel:
@@ -252,7 +284,7 @@ def plot_attention(data: dict, rows: list[Row], path: str) -> None:
             for other in [o for o in sel if (o.suite, o.case) == (r.suite, r.case) and o is not r]:
                 cp = _pair(r, other)
                 if cp:
-                    groups.setdefault((r.provider, other.provider, r.params.get("head_dim"),
+                    groups.setdefault((r.label, other.provider, r.params.get("head_dim"),
                                        r.params.get("dtype")), []).append(cp)
         for (prov, base, hd, dt), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
             if not prov.startswith("ours"):
@@ -285,7 +317,7 @@ def _pair(ours: Row, other: Row) -> Row | None:
     if not other.times or other.provider.startswith("ours"):
         return None
     return Row(ours.suite, ours.op, ours.case, ours.params, ours.provider, other.provider,
-               times=ours.times, base_times=other.times)
+               times=ours.times, base_times=other.times, cpu_isa=ours.cpu_isa)
 
 
 def plot_nabla(data: dict, rows: list[Row], path: str) -> None:
@@ -339,7 +371,7 @@ def plot_summary(data: dict, rows: list[Row], path: str) -> None:
             if q is None:
                 continue
             want = float(text[2:].split("x", 1)[0])
-            items.append((f"{r.suite}: {r.case[:44]}\n{r.provider} vs {vs}", q, want, ok))
+            items.append((f"{r.suite}: {r.case[:44]}\n{r.label} vs {vs}", q, want, ok))
     fig, ax = plt.subplots(figsize=(12, max(2.5, 0.55 * len(items) + 1.4)))
     if not items:
         _no_data(ax, "goals")

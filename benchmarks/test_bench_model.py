@@ -16,13 +16,19 @@ dense bf16 attention gains little, so attention is most of the block and the bou
 sdpa and nabla run interleaved, round by round. The smoke profile runs toy widths; quick runs bf16
 at S = 4,096 visual tokens (forward and self-attention only, no goal: at a shorter S the Linears weigh
 more).
+
+The ``nabla`` provider runs our C++ attention, so each case records the ISA path it took
+(``params["cpu_isa"]``, ``unknown`` where the build does not report one; the report shows
+``nabla[cpu:avx512]``); ``KANDINSKY_CPU_ISA`` forces one.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks._util import PROFILE, Provider, by_profile, run_case, skip_cpu_suite_in_gpu_profile
+from benchmarks._util import (
+    PROFILE, Provider, by_profile, cpu_isa_now, run_case, skip_cpu_suite_in_gpu_profile,
+)
 from kandinsky_model.attention import AttentionContext, NablaState, self_attention
 from kandinsky_model.nn import TransformerDecoderBlock
 from kandinsky_model.rope import rope_cos_sin, visual_rope_angles
@@ -130,6 +136,7 @@ def _get_setup(dtype: str):
 @pytest.mark.parametrize("dtype,mode", CASES, ids=[f"{d}-{m.replace(' ', '_')}" for d, m in CASES])
 def test_bench_crossdit_block(benchmark, dtype, mode):
     block, x, text, time_embed, ctxs, density, (q, k, v) = _get_setup(dtype)
+    isa, isa_error = cpu_isa_now()
 
     def provider(name):
         ctx, rope = ctxs[name]
@@ -149,6 +156,9 @@ def test_bench_crossdit_block(benchmark, dtype, mode):
                 xg.grad = None
                 block(xg, text, time_embed, rope, ctx).sum().backward()
                 return xg.grad
+        if name == "nabla":
+            skip = None if isa_error is None else f"KANDINSKY_CPU_ISA: {isa_error}"
+            return Provider(name, fn, skip=skip, cpu_isa=isa)
         return Provider(name, fn)
 
     threshold = ctxs["nabla"][0].nabla.threshold
@@ -156,7 +166,7 @@ def test_bench_crossdit_block(benchmark, dtype, mode):
         benchmark, suite=f"CrossDiT block {mode} (CPU)", op="CrossDiT block", case=_case(dtype),
         baseline="sdpa", providers=[provider("sdpa"), provider("nabla")],
         params={"mode": mode, "dtype": dtype, "seq_len": GRID[0] * GRID[1] * GRID[2], "dim": DIM,
-                "density": round(density, 4), "threshold": round(threshold, 5)},
+                "density": round(density, 4), "threshold": round(threshold, 5), "cpu_isa": isa},
         # the goal is set at the default shape; at quick's shorter S the Linears weigh more
         goals=[{"provider": "nabla", "vs": "sdpa", "min_speedup": 2.0}]
         if mode == "forward" and PROFILE == "default" else [],

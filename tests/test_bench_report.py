@@ -126,3 +126,144 @@ def test_report_without_matplotlib_still_writes_the_tables(tmp_path, monkeypatch
     text = report.write_report(_write(tmp_path, _run()), str(tmp_path))
     assert (tmp_path / "report.md").exists() and not (tmp_path / "summary.png").exists()
     assert "plots skipped: matplotlib is not installed" in text
+
+
+# ------------------------------------------------------------------ ISA paths (issue 13)
+def _isa_run(path, *, ours_fp32=0.010, ours_bf16=0.010, ran_on=None, bf16_goal=None, sdpa=0.100):
+    """A run of the attention suite on one ISA path: fp32 forward at 10 % (sdpa, flex, ours), fp32
+    fwd+bwd (flex skipped), bf16 forward (goal only where ``bf16_goal``)."""
+    isa = ran_on or path
+
+    def ours(t):
+        return {"times": [t] * 4, "peak_mb": None, "cpu_isa": isa}
+
+    fwd = _case("bsa forward", "block_sparse_attention", "S=8192 H=4 D=64 fp32 density=10%",
+                {"density": 0.1, "pass": "forward", "dtype": "fp32", "cpu_isa": isa}, "sdpa",
+                {"sdpa": {"times": [sdpa] * 4}, "flex[compiled]": {"times": [0.025] * 4},
+                 "ours[cpu]": ours(ours_fp32)},
+                goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 6.0},
+                       {"provider": "ours[cpu]", "vs": "flex[compiled]", "min_speedup": 2.0}])
+    bwd = _case("bsa fwd+bwd", "block_sparse_attention", "S=8192 H=4 D=64 fp32 density=10%",
+                {"density": 0.1, "pass": "fwd+bwd", "dtype": "fp32", "cpu_isa": isa}, "sdpa",
+                {"sdpa": {"times": [4 * sdpa] * 4},
+                 "flex[compiled]": {"skip": "FlexAttention has no CPU backward"}, "ours[cpu]": ours(4 * ours_fp32)},
+                goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 4.0}])
+    bf16 = _case("bsa forward", "block_sparse_attention", "S=8192 H=4 D=64 bf16 density=10%",
+                 {"density": 0.1, "pass": "forward", "dtype": "bf16", "cpu_isa": isa}, "sdpa",
+                 {"sdpa": {"times": [0.07] * 4}, "ours[cpu]": ours(ours_bf16)},
+                 goals=[{"provider": "ours[cpu]", "vs": "sdpa", "min_speedup": 6.0}] if bf16_goal else [])
+    if not bf16_goal:
+        bf16["extra_info"]["no_goal"] = f"the {path} path converts bf16 to fp32"
+    machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2, "isa": {"avx2": True},
+               "torch": "2.13.0", "gpu": None, "cpu_isas": ["amx", "avx512_bf16", "avx512", "avx2"],
+               "cpu_isa": isa}
+    return {"benchmarks": [fwd, bwd, bf16], "machine_info": machine, "commit_info": {"id": "abc123"},
+            "datetime": "2026-12-02T00:00:00"}
+
+
+def test_report_labels_the_isa_path_and_says_why_a_case_has_no_goal(tmp_path):
+    report.write_report(_write(tmp_path, _isa_run("avx2")), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "- ISA paths of our C++ kernels: available amx, avx512_bf16, avx512, avx2; this run: avx2" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| bsa forward") and "bf16" in ln]
+    assert len(rows) == 1 and "| ours[cpu:avx2] |" in rows[0], rows
+    assert rows[0].endswith("| no goal: the avx2 path converts bf16 to fp32 |"), rows[0]
+    assert "| flex[compiled] |" in md  # baselines keep their plain names
+    text = report.headline(report.load(_isa_run("avx2")))
+    assert "ours[cpu:avx2]" in text and "ours[cpu] " not in text
+
+    from benchmarks._progress import summarize
+
+    info = _isa_run("avx512")["benchmarks"][0]["extra_info"]
+    assert summarize(info) == ("bsa forward | S=8192 H=4 D=64 fp32 density=10% | "
+                               "flex[compiled] 4.00x, ours[cpu:avx512] 10.00x vs sdpa")
+    # results of builds that record no path: labels unchanged, no ISA line
+    assert report.label("ours[cpu]", None) == "ours[cpu]" and report.label("nabla", "amx") == "nabla[cpu:amx]"
+    assert report.isa_paths_line(_run()) is None
+
+
+def _isa_folder(tmp_path, runs, meta):
+    from benchmarks import isa
+
+    for p, data in runs.items():
+        sub = tmp_path / f"isa-{p}"
+        sub.mkdir()
+        (sub / "results.json").write_text(json.dumps(data))
+    (tmp_path / "isa.json").write_text(json.dumps(meta))
+    return isa.write_isa_report(tmp_path)
+
+
+def _table(md, title):
+    block = md.split(title, 1)[1].split("\n## ", 1)[0]
+    return [ln for ln in block.splitlines() if ln.startswith("|")]
+
+
+def test_side_by_side_table_per_isa_path(tmp_path):
+    runs = {"amx": _isa_run("amx", ours_fp32=0.009, ours_bf16=0.010, bf16_goal=True, sdpa=0.090),
+            "avx512": _isa_run("avx512", ours_fp32=0.010, sdpa=0.100),
+            "avx2": _isa_run("avx2", ours_fp32=0.040, ours_bf16=0.050, sdpa=0.110)}
+    ran = {p: {"dir": f"isa-{p}", "rc": 0, "seconds": 60.0} for p in runs}
+    ran["avx512_bf16"] = {"dir": "isa-avx512_bf16", "rc": -4, "seconds": 3.0}  # crashed, no results
+    meta = {"command": "python -m benchmarks --cpu-isa all --profile quick", "profile": "quick",
+            "requested": ["amx", "avx512_bf16", "avx512", "avx2", "baseline"],
+            "available": ["amx", "avx512_bf16", "avx512", "avx2"], "ran": ran,
+            "skipped": {"baseline": "this build cannot run it here (its paths: amx, avx512_bf16, avx512, "
+                                    "avx2)"}}
+    text = _isa_folder(tmp_path, runs, meta)
+    md = (tmp_path / "report.md").read_text()
+    assert md.rstrip() in text and "isa-<path>/report.md" in text
+    assert "- Machine: Test CPU (2 cores; avx2)" in md
+    assert ("- Ran (wall time per path): amx 60 s; avx512_bf16 3 s, killed by SIGILL (illegal instruction), "
+            "no results.json; avx512 60 s; avx2 60 s") in md
+    assert "- Skipped baseline: this build cannot run it here" in md
+    # rows = cases, columns = the baselines once, then our time and speedups per path (fastest first)
+    times = _table(md, "## Time and speedup per path")
+    assert times[0] == ("| suite | case | sdpa ms | flex[compiled] ms | ours[cpu:amx] | "
+                        "ours[cpu:avx512_bf16] | ours[cpu:avx512] | ours[cpu:avx2] |")
+    fwd = [ln for ln in times if ln.startswith("| bsa forward | S=8192 H=4 D=64 fp32")]
+    assert fwd == ["| bsa forward | S=8192 H=4 D=64 fp32 density=10% | 100.0 (90.0-110.0) | 25.0 (25.0-25.0) | "
+                   "9.00 ms · 10.00x sdpa · 2.78x flex[compiled] | no results | "
+                   "10.0 ms · 10.00x sdpa · 2.50x flex[compiled] | 40.0 ms · 2.75x sdpa · 0.62x flex[compiled] |"], times
+    bwd = [ln for ln in times if ln.startswith("| bsa fwd+bwd")]
+    assert "| skipped |" in bwd[0]
+    assert "flex[compiled] skipped in bsa fwd+bwd: FlexAttention has no CPU backward" in md
+    # goals per path: bf16 has a goal on amx only; the others say "no goal" and why, below the table
+    goals = _table(md, "## Goals per path")
+    assert goals[0] == "| suite | case | goal | amx | avx512_bf16 | avx512 | avx2 |"
+    bf16 = [ln for ln in goals if "bf16 density" in ln]
+    assert bf16 == ["| bsa forward | S=8192 H=4 D=64 bf16 density=10% | >=6x vs sdpa | met (7.00) | - | "
+                    "no goal | no goal |"], goals
+    flex = [ln for ln in goals if "vs flex" in ln]
+    assert flex == ["| bsa forward | S=8192 H=4 D=64 fp32 density=10% | >=2x vs flex[compiled] | met (2.78) | - | "
+                    "met (2.50) | **missed** (0.62) |"], goals
+    assert "Goals met: amx 4 of 4; avx512_bf16 no results; avx512 3 of 3; avx2 0 of 3" in md
+    assert "no goal on avx512: the avx512 path converts bf16 to fp32" in md
+    assert "no goal on avx2: the avx2 path converts bf16 to fp32" in md
+
+
+def test_side_by_side_flags_a_run_that_took_another_path(tmp_path):
+    runs = {"avx2": _isa_run("avx2", ran_on="avx512")}  # e.g. a build that ignores KANDINSKY_CPU_ISA
+    meta = {"profile": "quick", "requested": ["avx2"], "available": ["avx512", "avx2"],
+            "ran": {"avx2": {"dir": "isa-avx2", "rc": 0, "seconds": 1.0}}, "skipped": {}}
+    md = _isa_folder(tmp_path, runs, meta)
+    (fwd,) = [ln for ln in _table(md, "## Time and speedup") if ln.startswith("| bsa forward | S=8192 H=4 D=64 fp")]
+    assert fwd.endswith("10.0 ms · 10.00x sdpa · 2.50x flex[compiled] (ran on avx512) |"), fwd
+
+
+def test_side_by_side_with_no_path_run(tmp_path):
+    meta = {"profile": "quick", "requested": ["amx"], "available": [], "cpu_model": "Some CPU",
+            "ran": {}, "skipped": {"amx": "this build reports no ISA paths"}}
+    md = _isa_folder(tmp_path, {}, meta)
+    assert "- Machine: Some CPU" in md and "- Skipped amx: this build reports no ISA paths" in md
+    assert "No path ran: nothing to compare." in md
+
+
+def test_side_by_side_without_goals_says_so(tmp_path):
+    data = _isa_run("avx2")
+    for b in data["benchmarks"]:
+        b["extra_info"]["goals"], b["extra_info"]["no_goal"] = [], None
+    meta = {"profile": "smoke", "requested": ["avx2"], "available": ["avx2"],
+            "ran": {"avx2": {"dir": "isa-avx2", "rc": 0, "seconds": 1.0}}, "skipped": {}}
+    md = _isa_folder(tmp_path, {"avx2": data}, meta)
+    assert "No case carries a goal in these runs (profile smoke; smoke has none)." in md
+    assert "Goals met: avx2 0 of 0" in md
