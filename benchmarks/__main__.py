@@ -18,7 +18,9 @@ A=dir1 B=dir2`` compares two result folders (``python -m benchmarks.compare``).
 
 ``--cpu-isa all`` (or ``avx2,avx512``; ``make bench-isa``) instead runs the CPU attention suite once per
 ISA path of our C++ kernels, each in a subprocess with ``KANDINSKY_CPU_ISA`` set, at the ``quick``
-shapes unless ``--profile`` says otherwise, and writes a side-by-side report (``benchmarks/isa.py``).
+shapes unless ``--profile`` says otherwise, and writes a side-by-side report (``benchmarks/isa.py``);
+``--torch-isa same`` (the default) limits torch's baselines in each path's run to that path's instruction
+set, ``native`` leaves them at this CPU's best.
 """
 from __future__ import annotations
 
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-isa", default=None, metavar="PATHS",
                     help="'all' or a comma list of ISA paths (amx, avx512_bf16, avx512, avx2, baseline): run "
                          "the attention suite (or --suite) once per path, then a side-by-side report")
+    ap.add_argument("--torch-isa", choices=("same", "native"), default="same",
+                    help="with --cpu-isa: 'same' (default) limits torch's own kernels in each path's run to "
+                         "that path's instruction set (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
+                         "MKL_ENABLE_INSTRUCTIONS), so the baselines are what a CPU of that class runs; "
+                         "'native' leaves them at this CPU's best")
     ap.add_argument("--out", type=Path, default=None,
                     help="result folder (default: bench-results/<UTC timestamp>/, then bench-results/latest)")
     ap.add_argument("-k", dest="keyword", default=None, help="pytest -k expression: run only matching cases")

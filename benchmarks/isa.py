@@ -8,8 +8,11 @@ build can run, the driver starts one subprocess, ``python -m benchmarks --suite 
 that path alone); a path it cannot run is listed as skipped with the reason, never silently dropped.
 A subprocess per path also keeps an illegal instruction on one path from taking the others down.
 
-The baselines (dense SDPA, compiled Flex) do not depend on our path, but they are timed again in every
-path's run, interleaved with ours with equal rounds: every speedup and goal is then a paired ratio from
+Each path's run stands for a CPU class: by default (``--torch-isa same``) torch's own kernels in that
+run, the baselines (dense SDPA, compiled Flex), are limited to the path's instruction set too
+(:data:`TORCH_ISA_ENV`), so the AVX2 column is what an AVX2 laptop would see; ``--torch-isa native``
+times the baselines at this CPU's best in every run. The baselines are timed in every path's run,
+interleaved with ours with equal rounds: every speedup and goal is then a paired ratio from
 one run, as in ``make bench``. The side-by-side ``<out>/report.md`` (also printed) shows per case the
 baselines' median time over the runs (range across runs in brackets) and per path our time and our
 speedup against each baseline, then every goal per path, judged as in ``benchmarks.report`` (the lower
@@ -43,6 +46,31 @@ REQUIRES = {
     "avx2": ("avx2", "fma"),
     "baseline": (),
 }
+
+
+# What each path stands for as a CPU class: with ``--torch-isa same`` the baselines of a path's run are
+# limited to it too, ATen's vector kernels and Inductor's code for compiled Flex through
+# ATEN_CPU_CAPABILITY, oneDNN (bf16 SDPA, matmuls) through ONEDNN_MAX_CPU_ISA, MKL through
+# MKL_ENABLE_INSTRUCTIONS. An AVX2 path measured against AVX-512 (or AMX) baselines answers no user's
+# question: a laptop without AVX-512 runs neither.
+TORCH_ISA_ENV = {
+    "amx": {},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                    "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def torch_isa_env(path: str, mode: str) -> dict[str, str]:
+    """The environment that limits torch's kernels to ``path``'s instruction set (``mode`` 'same'), or
+    {} (``mode`` 'native')."""
+    if mode not in ("same", "native"):
+        raise ValueError(f"torch_isa mode {mode!r}: expected 'same' or 'native'")
+    return dict(TORCH_ISA_ENV.get(path, {})) if mode == "same" else {}
 
 
 def all_paths() -> tuple[str, ...]:
@@ -114,9 +142,11 @@ def _exit_text(rc: int) -> str:
 
 
 def run_paths(paths: list[str], out: Path, *, profile: str, suites: list[str], keyword: str | None,
-              pytest_args: list[str], runner=None) -> dict[str, dict]:
-    """One ``python -m benchmarks`` subprocess per path (``KANDINSKY_CPU_ISA`` set), its output shown
-    as it goes. Returns ``{path: {"dir", "rc", "seconds"}}``. ``runner``: ``subprocess.run`` by default."""
+              pytest_args: list[str], runner=None, torch_isa: str = "same") -> dict[str, dict]:
+    """One ``python -m benchmarks`` subprocess per path (``KANDINSKY_CPU_ISA`` set, and with
+    ``torch_isa`` 'same' torch limited to the path's instruction set: :data:`TORCH_ISA_ENV`), its output
+    shown as it goes. Returns ``{path: {"dir", "rc", "seconds", "env"}}``. ``runner``:
+    ``subprocess.run`` by default."""
     runner = runner or subprocess.run
     ran = {}
     for i, p in enumerate(paths, 1):
@@ -128,12 +158,14 @@ def run_paths(paths: list[str], out: Path, *, profile: str, suites: list[str], k
             cmd += ["-k", keyword]
         if pytest_args:
             cmd += ["--", *pytest_args]
-        env = dict(os.environ, KANDINSKY_CPU_ISA=p)
+        extra = {"KANDINSKY_CPU_ISA": p, **torch_isa_env(p, torch_isa)}
+        env = dict(os.environ, **extra)
         env.pop("KANDINSKY_BENCH_SMOKE", None)
-        print(f"\n=== ISA path {p} ({i}/{len(paths)}): KANDINSKY_CPU_ISA={p} -> {sub}", flush=True)
+        shown = " ".join(f"{k}={v}" for k, v in extra.items())
+        print(f"\n=== ISA path {p} ({i}/{len(paths)}): {shown} -> {sub}", flush=True)
         t0 = time.perf_counter()
         rc = runner(cmd, cwd=str(ROOT), env=env).returncode
-        ran[p] = {"dir": sub.name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
+        ran[p] = {"dir": sub.name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1), "env": extra}
         if rc != 0:
             print(f"=== ISA path {p}: {_exit_text(rc)}", flush=True)
     return ran
@@ -227,6 +259,9 @@ def render(meta: dict, runs: dict[str, dict]) -> str:
     for p in order:
         r = ran[p]
         status = "" if r["rc"] == 0 else f", {_exit_text(r['rc'])}"
+        torch_env = {k: v for k, v in r.get("env", {}).items() if k != "KANDINSKY_CPU_ISA"}
+        if torch_env:
+            status += f", torch: {' '.join(f'{k}={v}' for k, v in torch_env.items())}"
         if p not in runs:
             status += ", no results.json"
         done.append(f"{p} {r['seconds']:.0f} s{status}")
@@ -234,10 +269,19 @@ def render(meta: dict, runs: dict[str, dict]) -> str:
         lines.append(f"- Ran (wall time per path): {'; '.join(done)}")
     for p, why in meta.get("skipped", {}).items():
         lines.append(f"- Skipped {p}: {why}")
+    if meta.get("torch_isa", "native") == "same":
+        lines.append(
+            "- Baselines limited to each path's instruction set (`--torch-isa same`: ATEN_CPU_CAPABILITY, "
+            "ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS per path, as each path's run line records), so "
+            "each path's column is what a CPU of that class would see; baseline columns: the median over "
+            "the runs of each run's median (min-max across runs, which spans the instruction sets).")
+    else:
+        lines.append(
+            "- Baselines at this CPU's best instruction set in every run (`--torch-isa native`); "
+            "baseline columns: the median over the runs of each run's median (min-max across runs).")
     lines += [
-        "- Baselines do not depend on our ISA path; they are timed again in every path's run, interleaved "
-        "with ours with equal rounds, so each speedup below is the median of paired per-round ratios from "
-        "one run. Baseline columns: the median over the runs of each run's median (min-max across runs).",
+        "- Baselines are timed again in every path's run, interleaved with ours with equal rounds, so each "
+        "speedup below is the median of paired per-round ratios from one run.",
         "",
     ]
     if not paths:
@@ -359,11 +403,12 @@ def main_isa(args, out: Path, *, flags: set[str] | None = None, available: list[
     flags = cpu_flags if flags is None else flags
     paths, skipped = plan(requested, available, flags, build_reasons())
     suites = args.suite or ["attention"]
-    command = f"python -m benchmarks --cpu-isa {args.cpu_isa} --profile {args.profile}"
+    torch_isa = getattr(args, "torch_isa", "same")
+    command = f"python -m benchmarks --cpu-isa {args.cpu_isa} --profile {args.profile} --torch-isa {torch_isa}"
     command += "".join(f" --suite {s}" for s in args.suite or [])
     command += f" -k '{args.keyword}'" if args.keyword else ""
     meta = {"command": command, "cpu_model": cpu_model, "profile": args.profile, "requested": requested,
-            "available": list(available),
+            "available": list(available), "torch_isa": torch_isa,
             "suites": suites, "ran": {}, "skipped": skipped}
     print(f"benchmarks: ISA paths {', '.join(paths) or 'none'} (profile {args.profile}, suites "
           f"{', '.join(suites)}), results in {out}", flush=True)
@@ -372,7 +417,7 @@ def main_isa(args, out: Path, *, flags: set[str] | None = None, available: list[
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     meta["ran"] = run_paths(paths, out, profile=args.profile, suites=suites, keyword=args.keyword,
-                            pytest_args=args.pytest_args, runner=runner)
+                            pytest_args=args.pytest_args, runner=runner, torch_isa=torch_isa)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "isa.json").write_text(json.dumps(meta, indent=1))
     print("\n" + write_isa_report(out), flush=True)

@@ -242,6 +242,7 @@ def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, caps
     from benchmarks import _util, isa
     from kandinsky_kernels import _ext
 
+    isa_mod = isa
     # the driver sets these for the suites; monkeypatch restores them after the test
     monkeypatch.setenv("KANDINSKY_BENCH_PROFILE", "smoke")
     monkeypatch.setenv("KANDINSKY_BENCH_SMOKE", "1")
@@ -272,7 +273,11 @@ def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, caps
         assert cmd[1:] == ["-m", "benchmarks", "--profile", "quick", "--out", str(out / f"isa-{isa}"),
                            "--suite", "attention", "-k", "10pct"]
         assert "KANDINSKY_BENCH_SMOKE" not in env
+        # --torch-isa same (the default): torch's own kernels limited to the path's instruction set
+        assert {k: env.get(k) for k in isa_mod.TORCH_ISA_ENV[isa]} == isa_mod.TORCH_ISA_ENV[isa]
+    assert calls[2][2]["ATEN_CPU_CAPABILITY"] == "avx2" and calls[2][2]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     meta = json.loads((out / "isa.json").read_text())
+    assert meta["torch_isa"] == "same" and meta["ran"]["avx2"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert meta["skipped"] == {"amx": "this CPU lacks amx_tile, amx_bf16"}
     assert meta["ran"]["baseline"]["rc"] == -4 and meta["profile"] == "quick"
     md = (out / "report.md").read_text()
@@ -282,12 +287,20 @@ def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, caps
             "12.0 ms · 8.33x sdpa | 50.0 ms · 2.00x sdpa | no results |") in md
     assert "Goals met: avx512_bf16 1 of 1; avx512 1 of 1; avx2 0 of 1; baseline no results" in md
     assert "killed by SIGILL" in md
+    assert "torch: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in md
+    assert "Baselines limited to each path's instruction set" in md
 
     # every path fine -> 0; the profile is passed on; a path list runs those paths only
     calls.clear()
     rc = driver.main(["--cpu-isa", "avx2,avx512", "--profile", "default", "--out", str(tmp_path / "b")])
     assert rc == 0 and [c[0] for c in calls] == ["avx512", "avx2"]
     assert all(c[1][c[1].index("--profile") + 1] == "default" for c in calls)
+    # --torch-isa native: the baselines keep this CPU's best
+    calls.clear()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert driver.main(["--cpu-isa", "avx2", "--torch-isa", "native", "--out", str(tmp_path / "n")]) == 0
+    assert "ATEN_CPU_CAPABILITY" not in calls[0][2]
+    assert "at this CPU's best" in (tmp_path / "n" / "report.md").read_text()
     # nothing runnable, or a bad name: status 2, no subprocess
     calls.clear()
     monkeypatch.setattr(_ext, "cpu_isas", lambda: [])
