@@ -11,6 +11,15 @@
 #define KK_CHECK_CONTIGUOUS(x) KK_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define KK_CHECK_DIM(x, n) KK_CHECK((x).dim() == (n), #x " must have ", n, " dims, got shape ", (x).sizes())
 
+// Compiles a hot loop once per x86 level and picks the clone by CPUID when the library loads (GCC
+// function multiversioning; the build itself has no -march, so it runs on any x86-64). Without it the
+// baseline code has no FMA, and std::fma there is a libm call per element.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
+#define KK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KK_CLONES
+#endif
+
 namespace kk {
 // Product of sizes, or a ValueError naming `what` when it leaves int64: sizes from user tensors and
 // parameters (a huge tile, a huge grid) must never wrap around into a small buffer.
