@@ -47,6 +47,21 @@ class NablaState:
 
 
 @dataclass
+class Packing:
+    """Several videos packed along the token axis of one sample (B = 1), each a contiguous run of whole
+    frames: video i owns tokens ``cu_tokens[i]:cu_tokens[i + 1]`` and text row i. No token attends to
+    another video's tokens or text."""
+
+    cu_tokens: tuple[int, ...]
+    """Token offsets of the videos, n + 1 Python ints from 0 to S."""
+    cu_seqlens: torch.Tensor
+    """The same offsets as an int32 (n + 1,) tensor on the tokens' device (for the NABLA kernels)."""
+
+    def segments(self) -> list[tuple[int, int]]:
+        return list(zip(self.cu_tokens[:-1], self.cu_tokens[1:]))
+
+
+@dataclass
 class AttentionContext:
     """What the blocks need to attend: backend name, text key mask, NABLA state."""
 
@@ -55,6 +70,8 @@ class AttentionContext:
     text_mask: torch.Tensor | None = None
     """bool (B, L), True on real text tokens; masks keys of the refiner and cross-attention."""
     nabla: NablaState | None = field(default=None)
+    packing: Packing | None = None
+    """Packed videos (``CrossDiT.forward(cu_frames=...)``), or None: one video per sample."""
 
     def __post_init__(self) -> None:
         if self.backend not in ATTENTION_BACKENDS:
@@ -144,22 +161,43 @@ def dense_attention(
 
 
 # ------------------------------------------------------------------------------------- sparse backend
-def nabla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: NablaState) -> torch.Tensor:
-    """NABLA self-attention on fractal-ordered tokens, q/k/v (B, S, H, Dh) with S = N * block_size."""
+def nabla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: NablaState,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """NABLA self-attention on fractal-ordered tokens, q/k/v (B, S, H, Dh) with S = N * block_size;
+    ``cu_seqlens`` (int32 (n + 1,), B = 1) keeps packed videos apart in the mask and the attention."""
     mask = kk.nabla_block_mask(
-        q, k, state.threshold, sta=state.sta, block_size=state.block_size, token_valid=state.token_valid
+        q, k, state.threshold, sta=state.sta, block_size=state.block_size, token_valid=state.token_valid,
+        cu_seqlens=cu_seqlens,
     )
     if state.record is not None:
         state.record.append(mask)
-    return kk.block_sparse_attention(q, k, v, mask)
+    return kk.block_sparse_attention(q, k, v, mask, cu_seqlens=cu_seqlens)
 
 
 def self_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     """Visual self-attention through ``ctx.backend`` (no key mask: every visual token is real, pads of
-    the fractal layout are handled by ``token_valid``)."""
+    the fractal layout are handled by ``token_valid``). Packed videos: NABLA masks and attends per
+    video through ``cu_seqlens``; the dense backends attend video by video."""
+    pk = ctx.packing
     if ctx.backend == "nabla":
-        return nabla_attention(q, k, v, ctx.nabla)  # type: ignore[arg-type]
-    return dense_attention(q, k, v, None, ctx.backend)
+        return nabla_attention(q, k, v, ctx.nabla, None if pk is None else pk.cu_seqlens)  # type: ignore[arg-type]
+    if pk is None:
+        return dense_attention(q, k, v, None, ctx.backend)
+    return torch.cat([dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], None, ctx.backend)
+                      for a, b in pk.segments()], dim=1)
+
+
+def cross_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    """Visual queries q (B, S, H, Dh) to text keys k, v (B, L, H, Dh) masked by ``ctx.text_mask``;
+    packed videos (B = 1, k and v (n, L, H, Dh)): the tokens of video i see text row i only."""
+    pk = ctx.packing
+    if pk is None:
+        return text_attention(q, k, v, ctx)
+    mask = ctx.text_mask
+    return torch.cat([
+        dense_attention(q[:, a:b], k[i:i + 1], v[i:i + 1], None if mask is None else mask[i:i + 1],
+                        ctx.text_backend)
+        for i, (a, b) in enumerate(pk.segments())], dim=1)
 
 
 def text_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 import kandinsky_kernels as kk
 
 from ._checks import check_bool, check_choice, check_int, check_number, check_numbers, check_tensor
-from .attention import AttentionContext, NablaState
+from .attention import AttentionContext, NablaState, Packing
 from .config import ATTENTION_BACKENDS, CrossDiTConfig, preset
 from .nn import (
     OutLayer,
@@ -49,7 +49,7 @@ class ForwardState:
     text: torch.Tensor
     """(B, L, D) refined text."""
     time_embed: torch.Tensor
-    """fp32 (B, E) conditioning vector."""
+    """fp32 (B, E) conditioning vector, or per latent frame (1, T', E) for packed videos."""
     rope: tuple[torch.Tensor, torch.Tensor]
     """(cos, sin) fp32 (1, S, 1, Dh/2) in the token order of ``visual``."""
     ctx: AttentionContext
@@ -57,6 +57,9 @@ class ForwardState:
     """(T', H', W') token grid."""
     fractal: bool
     """Whether ``visual`` is in fractal order (the ``nabla`` backend)."""
+    video_time_embed: torch.Tensor | None = None
+    """Packed videos: fp32 (n, E), one conditioning vector per video (``time_embed`` is its per-frame
+    expansion); None otherwise."""
 
 
 class CrossDiT(nn.Module):
@@ -109,6 +112,7 @@ class CrossDiT(nn.Module):
         rope_scale: Sequence[float] = (1.0, 1.0, 1.0),
         *,
         attention_backend: str | None = None,
+        cu_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity prediction.
 
@@ -121,13 +125,22 @@ class CrossDiT(nn.Module):
                     512-px video
         returns     (B, T, H, W, C_out) in the dtype of ``x``
 
+        cu_frames   packed videos: n + 1 increasing latent-frame offsets from 0 to T (ints or an int
+                    tensor), each video a multiple of the temporal patch size. x is then (1, T, H, W, C)
+                    holding n videos one after the other along T, and text, pooled_text, timestep
+                    and text_mask have one row per video (n). Each video gets its own timestep, text
+                    and RoPE positions (starting at its first frame), and attends to nothing of the
+                    others: the result equals running the videos one by one (training packs clips to
+                    a frame budget this way; NABLA runs with ``cu_seqlens``).
+
         ``x``, ``text`` and ``pooled_text`` must be on the weights' device and ``x`` in the weights' dtype
         (unless autocast is on); ``text`` and ``pooled_text`` may be any float dtype (cast to ``x``'s),
         ``timestep`` and ``text_mask`` any device. T, H, W must be multiples of the patch size.
         Raises ValueError naming the argument, with its shape or dtype and what is expected.
         """
         state = self.prepare(
-            x, text, pooled_text, timestep, text_mask, rope_scale, attention_backend=attention_backend
+            x, text, pooled_text, timestep, text_mask, rope_scale, attention_backend=attention_backend,
+            cu_frames=cu_frames,
         )
         return self.finish(self.run_visual_blocks(state), state)
 
@@ -142,6 +155,7 @@ class CrossDiT(nn.Module):
         *,
         attention_backend: str | None = None,
         record_masks: list | None = None,
+        cu_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> ForwardState:
         """Embeddings, the text refiner and the token layout (everything before the CrossDiT blocks).
 
@@ -149,8 +163,10 @@ class CrossDiT(nn.Module):
         """
         c = self.config
         backend = attention_backend or self.attention_backend
+        frames = None if cu_frames is None else self._check_cu_frames(cu_frames, x)
         timestep, text_mask, rope_scale = self._check_inputs(
-            x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks
+            x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks,
+            batch=None if frames is None else len(frames) - 1,
         )
         dtype = x.dtype
 
@@ -164,11 +180,15 @@ class CrossDiT(nn.Module):
         for block in self.text_transformer_blocks:
             text_embed = block(text_embed, time_embed, text_rope, ctx)
 
-        # 2. visual tokens and the 3-D RoPE on the token grid
+        # 2. visual tokens and the 3-D RoPE on the token grid (per video: positions restart at each
+        # video's first frame)
         visual = self.visual_embeddings(x)  # (B, T', H', W', D)
         grid = tuple(visual.shape[1:4])
+        pt = c.patch_size[0]
+        video_frames = [(b - a) // pt for a, b in zip(frames[:-1], frames[1:])] if frames else [grid[0]]
         # (T', H', W', Dh/2)
-        angles = visual_rope_angles(grid, c.axes_dims, rope_scale, c.rope_theta, x.device)
+        angles = torch.cat([visual_rope_angles((n, *grid[1:]), c.axes_dims, rope_scale, c.rope_theta, x.device)
+                            for n in video_frames], dim=0)
         fractal = backend == "nabla"
         if fractal:
             visual, angles, nabla = self._fractal_layout(visual, angles, record_masks)
@@ -177,10 +197,46 @@ class CrossDiT(nn.Module):
             visual = visual.flatten(1, 3)
             angles = angles.flatten(0, 2)
         rope = rope_cos_sin(angles[None, :, None])
-        return ForwardState(visual, text_embed, time_embed, rope, ctx, grid, fractal)
+        video_time_embed = None
+        if frames is not None:
+            per_frame = visual.shape[1] // grid[0]  # tokens of one latent frame (padded in fractal order)
+            cu_tokens = tuple(f // pt * per_frame for f in frames)
+            ctx.packing = Packing(cu_tokens, torch.tensor(cu_tokens, dtype=torch.int32, device=x.device))
+            video_time_embed = time_embed
+            owner = torch.repeat_interleave(torch.arange(len(video_frames), device=x.device),
+                                            torch.tensor(video_frames, device=x.device))
+            time_embed = video_time_embed[owner][None]  # (1, T', E)
+        return ForwardState(visual, text_embed, time_embed, rope, ctx, grid, fractal, video_time_embed)
 
-    def _check_inputs(self, x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks):
+    def _check_cu_frames(self, cu_frames, x) -> list[int]:
+        """``cu_frames`` -> n + 1 Python ints, or ValueError saying what packed input needs."""
+        if isinstance(cu_frames, torch.Tensor):
+            if cu_frames.dim() != 1 or cu_frames.dtype.is_floating_point or cu_frames.dtype == torch.bool:
+                raise ValueError(f"cu_frames must be a 1-D integer tensor or a sequence of ints, got "
+                                 f"{cu_frames.dtype} of shape {tuple(cu_frames.shape)}")
+            cu_frames = cu_frames.tolist()
+        if (not isinstance(cu_frames, (list, tuple)) or len(cu_frames) < 2
+                or not all(isinstance(f, int) and not isinstance(f, bool) for f in cu_frames)):
+            raise ValueError(f"cu_frames must hold n + 1 >= 2 ints (latent-frame offsets of the packed "
+                             f"videos), got {cu_frames!r:.200}")
+        frames = list(cu_frames)
+        if x.dim() != 5 or x.shape[0] != 1:
+            raise ValueError(f"packed videos (cu_frames) need x of shape (1, T, H, W, C), got "
+                             f"{tuple(x.shape)}")
+        pt = self.config.patch_size[0]
+        t = x.shape[1]
+        if frames[0] != 0 or frames[-1] != t:
+            raise ValueError(f"cu_frames must start at 0 and end at T = {t} (x's frames), got {frames}")
+        for a, b in zip(frames[:-1], frames[1:]):
+            if b <= a or (b - a) % pt:
+                raise ValueError(f"cu_frames must increase by multiples of the temporal patch size {pt} "
+                                 f"(every video non-empty), got {frames}")
+        return frames
+
+    def _check_inputs(self, x, text, pooled_text, timestep, text_mask, rope_scale, backend, record_masks,
+                      batch=None):
         """Boundary checks of :meth:`prepare` -> (timestep (B,), text_mask bool (B, L) or None, rope_scale).
+        ``batch``: rows of the conditioning inputs when they differ from x's batch (n packed videos).
 
         Shapes, dtypes and devices are static under torch.compile; the value checks (finite timestep,
         a real token per sample, rope_scale values) read data or Python numbers that Dynamo may turn
@@ -197,7 +253,8 @@ class CrossDiT(nn.Module):
                 f"x has dtype {x.dtype} but the model's weights are {weight.dtype}: pass x in "
                 f"{weight.dtype} (or run under torch.autocast)"
             )
-        b, *grid = x.shape[:4]
+        xb, *grid = x.shape[:4]
+        b = xb if batch is None else batch
         if any(n % p for n, p in zip(grid, c.patch_size)):
             raise ValueError(
                 f"x has latent grid (T, H, W) = {tuple(grid)} (shape {tuple(x.shape)}), which is not "
@@ -255,7 +312,8 @@ class CrossDiT(nn.Module):
         return h
 
     def finish(self, visual: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        """Undo the token layout, output layer, unpatchify: (B, S, D) -> (B, T, H, W, C_out)."""
+        """Undo the token layout, output layer, unpatchify: (B, S, D) -> (B, T, H, W, C_out) (time
+        embedding per frame for packed videos)."""
         b, _, d = visual.shape
         t, h, w = state.grid
         if state.fractal:

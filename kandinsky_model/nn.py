@@ -5,8 +5,12 @@ scale/shift, the gated residual sums, the QK RMSNorm and RoPE run in fp32; resul
 the activation dtype (that of the block input). Linear layers, attention and the MLP run in the
 activation dtype.
 
-Named dims: B batch, S visual tokens, L text tokens, D model_dim, E time_dim, H heads, Dh head_dim.
-Conditioning vectors are per sample, (B, E), and broadcast over tokens.
+Named dims: B batch, S visual tokens, L text tokens, D model_dim, E time_dim, H heads, Dh head_dim,
+T' latent frames after patching.
+Conditioning vectors are per sample, (B, E), and broadcast over tokens; for packed videos (several
+clips along the time axis of one sample, see ``CrossDiT.forward(cu_frames=...)``) they are per frame,
+(B, T', E), and broadcast over the tokens of each frame: every frame holds the same number of tokens
+in both token orders, so the modulation stays T' x D small instead of one row per token.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionContext, self_attention, text_attention
+from .attention import AttentionContext, cross_attention, self_attention, text_attention
 from .rope import apply_rope
 
 LN_EPS = 1e-5
@@ -97,20 +101,29 @@ class Modulation(nn.Module):
         nn.init.zeros_(self.out_layer.bias)
 
     def forward(self, time_embed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """-> ``num_params`` fp32 tensors (B, 1, D), ready to broadcast over tokens."""
+        """(B, E) -> ``num_params`` fp32 tensors (B, 1, D), ready to broadcast over tokens;
+        per frame (B, T', E) -> (B, T', 1, D), broadcast over the tokens of each frame."""
         out = _fp32_linear(self.activation(time_embed.float()), self.out_layer)
-        return out.unsqueeze(1).chunk(self.num_params, dim=-1)
+        return out.unsqueeze(-2).chunk(self.num_params, dim=-1)
+
+
+def _by_frame(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    """x (B, S, D) viewed as (B, T', S / T', D) when ``mod`` is per frame (B, T', 1, D)."""
+    if mod.dim() == 3:
+        return x
+    return x.view(x.shape[0], mod.shape[1], -1, x.shape[-1])
 
 
 def scale_shift_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype."""
-    h = F.layer_norm(x.float(), (x.shape[-1],), eps=LN_EPS)
-    return torch.addcmul(shift, h, 1.0 + scale).to(x.dtype)  # one pass instead of two
+    """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype.
+    x (B, S, D); shift, scale (B, 1, D), or per frame (B, T', 1, D)."""
+    h = F.layer_norm(_by_frame(x, shift).float(), (x.shape[-1],), eps=LN_EPS)
+    return torch.addcmul(shift, h, 1.0 + scale).to(x.dtype).view(x.shape)  # one pass instead of two
 
 
 def gate_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Gated residual ``x + gate * out`` in fp32, cast to x.dtype."""
-    return torch.addcmul(x.float(), gate, out.float()).to(x.dtype)
+    """Gated residual ``x + gate * out`` in fp32, cast to x.dtype; gate as ``shift`` above."""
+    return torch.addcmul(_by_frame(x, gate).float(), gate, _by_frame(out, gate).float()).to(x.dtype).view(x.shape)
 
 
 class RMSNorm(nn.Module):
@@ -163,7 +176,7 @@ class CrossAttention(_Attention):
         q = self.query_norm(self._heads(self.to_query(x))).to(x.dtype)
         k = self.key_norm(self._heads(self.to_key(text))).to(x.dtype)
         v = self._heads(self.to_value(text))
-        return self.out_layer(text_attention(q, k, v, ctx).flatten(-2))
+        return self.out_layer(cross_attention(q, k, v, ctx).flatten(-2))
 
 
 class FeedForward(nn.Module):
@@ -215,7 +228,9 @@ class TransformerDecoderBlock(nn.Module):
         self.feed_forward = FeedForward(model_dim, ff_dim)
 
     def forward(self, x, text, time_embed, rope, ctx: AttentionContext):
-        """x (B, S, D), text (B, L, D), time_embed (B, E), rope (cos, sin) (1, S, 1, Dh/2) -> (B, S, D)."""
+        """x (B, S, D), text (B, L, D), time_embed (B, E), rope (cos, sin) (1, S, 1, Dh/2) -> (B, S, D).
+        Packed videos (``ctx.packing``): B = 1, text (n, L, D) one row per video, time_embed per frame
+        (1, T', E)."""
         (sa_shift, sa_scale, sa_gate, ca_shift, ca_scale, ca_gate,
          ff_shift, ff_scale, ff_gate) = self.visual_modulation(time_embed)
         h = self.self_attention(scale_shift_norm(x, sa_shift, sa_scale), rope, ctx)
@@ -240,7 +255,7 @@ class OutLayer(nn.Module):
         self.out_layer = nn.Linear(model_dim, math.prod(patch_size) * out_dim)
 
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
-        """x (B, T', H', W', D) -> (B, T, H, W, C_out)."""
+        """x (B, T', H', W', D), time_embed (B, E) or per frame (B, T', E) -> (B, T, H, W, C_out)."""
         b, t, h, w, d = x.shape
         shift, scale = self.modulation(time_embed)
         x = scale_shift_norm(x.view(b, -1, d), shift, scale)
