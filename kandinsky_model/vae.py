@@ -193,7 +193,7 @@ class CausalVAEConfig:
 # ------------------------------------------------------------------------------------------ layers
 def _silu(x: torch.Tensor) -> torch.Tensor:
     # In place when no graph is recorded: saves one full activation per call at inference. Under
-    # autograd SiLU's backward needs its input, so a fresh tensor is made.
+    # autograd the out-of-place op is used, so no saved tensor can be overwritten.
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
 

@@ -281,7 +281,7 @@ def test_half_precision_close_to_fp32(dtype):
 
 # ------------------------------------------------------------------------------------ causality
 @pytest.mark.parametrize(
-    "kernel, stride", [(3, 1), (3, (2, 2, 2)), (3, (1, 2, 2)), ((3, 1, 3), 1), (1, 1)], ids=str
+    "kernel, stride", [(3, 1), (3, (2, 2, 2)), (3, (1, 2, 2)), ((1, 3, 3), 1), ((3, 1, 1), 1), (1, 1)], ids=str
 )
 def test_causal_conv3d_is_causal_and_replicates_frame0(kernel, stride):
     conv = randomize(CausalConv3d(4, 6, kernel, stride=stride))
