@@ -650,8 +650,11 @@ class CausalVideoVAE(nn.Module):
             raise ValueError(f"config must be None, a CausalVAEConfig or a dict, got {type(config).__name__}")
         path = Path(path)
         if path.is_dir():
-            if not (path / "config.json").exists() and (path / "vae" / "config.json").exists():
+            if not (path / "config.json").exists() and (path / "vae").is_dir():
                 path = path / "vae"
+            elif not (path / "config.json").exists() and (path / "transformer").is_dir():
+                # the shared folder finder would descend into the DiT's transformer/ here
+                raise FileNotFoundError(f"{path} looks like a pipeline folder but has no vae/ subfolder")
             files, cfg_file = _find_checkpoint(path)
             if config is None:
                 if cfg_file is None:

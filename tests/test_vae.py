@@ -482,6 +482,9 @@ def test_mismatch_error_lists_every_problem(tmp_path):
 def test_loader_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no VAE checkpoint"):
         CausalVideoVAE.from_pretrained(tmp_path / "absent")
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="pipeline folder but has no vae/"):
+        CausalVideoVAE.from_pretrained(tmp_path / "pipe")
     (tmp_path / "weights.npz").write_bytes(b"x")
     with pytest.raises(ValueError, match="expected a folder, a .safetensors file or a torch"):
         CausalVideoVAE.from_pretrained(tmp_path / "weights.npz")
@@ -526,3 +529,14 @@ def test_diffusers_same_outputs_fp32():
         zs = vae.encode(x, sample=True, generator=torch.Generator().manual_seed(7))
         assert rel_l2(zs, dist.sample(generator=torch.Generator().manual_seed(7))) < REL_L2_FP32
         assert rel_l2(vae.decode(z), theirs.decode(z).sample) < REL_L2_FP32
+
+
+def test_diffusers_reads_our_folder_and_we_read_theirs(tmp_path):
+    cls = _diffusers_vae_class()
+    vae = make_vae()
+    theirs = cls.from_pretrained(vae.save_pretrained(tmp_path / "ours"))
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in theirs.state_dict().items())
+    theirs.save_pretrained(tmp_path / "theirs")  # their config.json carries _diffusers_version etc.
+    back = CausalVideoVAE.from_pretrained(tmp_path / "theirs")
+    assert back.config == vae.config
+    _same_weights(back, vae)
