@@ -3,6 +3,8 @@
 - :class:`CrossDiT` with typed configs (:func:`video_lite`, :func:`video_pro`, :func:`image_lite`,
   :func:`tiny`), official state_dict names, ``from_pretrained`` for local Diffusers-layout folders or
   bare safetensors files, attention backends ``sdpa``/``flash``/``flex``/``nabla`` switchable at run time;
+- :class:`CausalVideoVAE`: the HunyuanVideo causal 3-D VAE (untiled, plain torch) that maps videos
+  to and from the 16-channel latents, loading published weights unchanged;
 - :func:`generate`: Euler flow matching with the official shift, CFG, image-to-video, editing and
   MagCache (:class:`MagCacheConfig`, with the official per-config ratios through
   ``MagCacheConfig.official(name)``); text encoders stay with the caller.
@@ -11,11 +13,12 @@
 """
 from .config import CrossDiTConfig, NablaConfig, image_lite, preset, tiny, video_lite, video_pro
 from .dit import CrossDiT
+from .vae import CausalVAEConfig, CausalVideoVAE
 from .sampler import (
     GenerationResult, MagCacheConfig, generate, normalize_first_frame, pack_text, time_grid, video_rope_scale,
 )
 
 __all__ = [
-    "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
+    "CausalVAEConfig", "CausalVideoVAE", "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
     "image_lite", "normalize_first_frame", "pack_text", "preset", "time_grid", "tiny", "video_lite", "video_pro", "video_rope_scale",
 ]
