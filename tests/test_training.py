@@ -165,17 +165,24 @@ def test_buckets_ranks_and_resume(tmp_path):
     cfg = get_config("tiny-cpu")
     write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 37})
     shapes = {e.key: e.shape for e in BucketBatcher(str(tmp_path), t_max=6).entries}
-    for world in (1, 2):
-        batchers = [BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=r, world=world) for r in range(world)]
+    mixed = 0
+    for world, pack in ((1, True), (2, True), (2, False)):
+        batchers = [BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=r, world=world, pack=pack)
+                    for r in range(world)]
         n = batchers[0].num_batches
         seen, epoch1 = [], []
         for _ in range(n // world + 2):
             for b in batchers:
                 gid, batch = b.next()
-                assert len({e.shape[:3] for e in batch}) == 1  # one bucket per batch
+                if pack:  # one aspect ratio per batch, images only with images, any lengths
+                    assert len({(e.shape[0] == 1, e.shape[1], e.shape[2]) for e in batch}) == 1
+                    mixed += len({e.shape[0] for e in batch}) > 1
+                else:
+                    assert len({e.shape[:3] for e in batch}) == 1  # one exact shape per batch
                 assert sum(e.shape[0] for e in batch) <= 6  # frame budget
                 (seen if gid < n else epoch1).extend(e.key for e in batch)
         assert sorted(seen) == sorted(shapes), "every sample exactly once per epoch across ranks"
+    assert mixed > 0, "the test data must make packed batches of unequal clips"
     # resume: a fresh batcher with the saved state continues with the next unseen batch
     a = BucketBatcher(str(tmp_path), t_max=6, seed=3, rank=1, world=2)
     for _ in range(5):
@@ -258,21 +265,27 @@ def test_first_step_loss_is_flow_matching(full_run):
     torch.manual_seed(cfg.seed)
     model = CrossDiT(cfg.model)
     g = batch_generator(cfg.data.seed, gid)
-    x0 = torch.stack([s["latent"] for s in samples])
-    b = x0.shape[0]
+    clips = [s["latent"] for s in samples]
+    n = len(clips)
     u = float(torch.rand(1, generator=g))
     p = cfg.data.task_probs
-    task = "t2i" if x0.shape[1] == 1 or u < p["t2i"] else ("t2v" if u < p["t2i"] + p["t2v"] else "i2v")
-    drop = (torch.rand(b, generator=g) < cfg.data.null_text_prob).tolist()
-    t = torch.sigmoid(torch.randn(b, generator=g, dtype=torch.float64)).clamp(1e-5, 1 - 1e-5).float()
+    images = min(c.shape[0] for c in clips) == 1
+    task = "t2i" if images or u < p["t2i"] else ("t2v" if u < p["t2i"] + p["t2v"] else "i2v")
+    drop = (torch.rand(n, generator=g) < cfg.data.null_text_prob).tolist()
+    t = torch.sigmoid(torch.randn(n, generator=g, dtype=torch.float64)).clamp(1e-5, 1 - 1e-5).float()
     if task == "t2i":
-        x0 = x0[:, :1]
+        clips = [c[:1] for c in clips]
+    # packed along T, one t per clip
+    x0 = torch.cat(clips)[None]
     eps = torch.randn(x0.shape, generator=g)
-    xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
+    tf = torch.cat([t[i].expand(c.shape[0]) for i, c in enumerate(clips)]).view(1, -1, 1, 1, 1)
+    xt = (1 - tf) * x0 + tf * eps
     mask = torch.zeros(*x0.shape[:4], 1)
-    frames = slice(None)
+    starts = [sum(c.shape[0] for c in clips[:i]) for i in range(n)]
+    keep = torch.ones(x0.shape[1], dtype=torch.bool)
     if task == "i2v":
-        xt[:, 0], mask[:, 0], frames = x0[:, 0], 1.0, slice(1, None)
+        for f in starts:
+            xt[:, f], mask[:, f], keep[f] = x0[:, f], 1.0, False
     null_text, null_pooled = loader.null_text
     texts = [null_text if d else s["text"] for s, d in zip(samples, drop)]
     length = max(x.shape[0] for x in texts)
@@ -280,8 +293,9 @@ def test_first_step_loss_is_flow_matching(full_run):
     text_mask = torch.stack([torch.arange(length) < x.shape[0] for x in texts])
     pooled = torch.stack([null_pooled if d else s["pooled"] for s, d in zip(samples, drop)])
     with torch.no_grad():
-        v = model(torch.cat([xt, torch.zeros_like(xt), mask], -1), text, pooled, 1000 * t, text_mask)
-    expected = ((v - (eps - x0))[:, frames] ** 2).mean().item()
+        v = model(torch.cat([xt, torch.zeros_like(xt), mask], -1), text, pooled, 1000 * t, text_mask,
+                  cu_frames=[*starts, x0.shape[1]])
+    expected = ((v - (eps - x0))[:, keep] ** 2).mean().item()
     got = losses(full_run)[1]
     assert abs(got - expected) <= 1e-5 * expected, (got, expected, task)
 
@@ -347,3 +361,39 @@ def test_loss_decreases_on_overfit_set(tmp_path):
     first = sum(ls[s] for s in range(1, 6)) / 5
     last = sum(ls[s] for s in range(36, 41)) / 5
     assert last < 0.75 * first, (first, last)
+
+
+def test_packed_batch_objective():
+    """pack=True: clips of unequal lengths concatenated along T with cu_frames; every clip its own t
+    (per frame in x_t), text and null draw; I2V keeps each clip's first frame clean, masked 1 and out of
+    the loss; T2I takes each clip's first frame."""
+    cfg = apply_overrides(get_config("tiny-cpu"), ['data.task_probs={"t2i": 0.2, "t2v": 0.4, "i2v": 0.4}'])
+    g = torch.Generator().manual_seed(1)
+    clips = [{"latent": torch.randn(t, 2, 4, 4, generator=g), "text": torch.randn(2 + i, 48, generator=g),
+              "pooled": torch.randn(24, generator=g)} for i, t in enumerate((3, 1 + 1, 4))]
+    seen = set()
+    for gid in range(60):
+        fb = build_batch(clips, gid, cfg.data, cfg.flow, visual_cond=True, null_text=None, pack=True)
+        seen.add(fb.task)
+        lengths = [1, 1, 1] if fb.task == "t2i" else [3, 2, 4]
+        cu = [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+        assert fb.cu_frames == cu and fb.x.shape[:2] == (1, cu[-1]) and fb.text.shape[0] == 3
+        x0 = torch.cat([c["latent"][:n] for c, n in zip(clips, lengths)])[None]
+        eps = fb.target + x0
+        tf = torch.cat([fb.t[i].expand(n) for i, n in enumerate(lengths)]).view(1, -1, 1, 1, 1)
+        xt = (1 - tf) * x0 + tf * eps
+        firsts = cu[:-1]
+        if fb.task == "i2v":
+            assert (fb.x[0, firsts, ..., 8] == 1).all() and fb.x[..., 8].sum() == 3 * 2 * 4
+            assert torch.equal(fb.x[0, firsts, ..., :4], x0[0, firsts])
+            assert fb.loss_frames.tolist() == [i not in firsts for i in range(cu[-1])]
+            rest = [i for i in range(cu[-1]) if i not in firsts]
+            torch.testing.assert_close(fb.x[0, rest, ..., :4], xt[0, rest])
+        else:
+            assert not fb.x[..., 8].any() and fb.loss_frames.all()
+            torch.testing.assert_close(fb.x[..., :4], xt)
+        assert fb.tokens == cu[-1] * 1 * 2
+    assert seen == {"t2i", "t2v", "i2v"}
+    with pytest.raises(ValueError, match="one \\(H, W, C\\)"):
+        build_batch([clips[0], {**clips[1], "latent": torch.randn(2, 4, 2, 4)}], 0, cfg.data, cfg.flow,
+                    visual_cond=True, null_text=None, pack=True)

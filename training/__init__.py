@@ -3,8 +3,8 @@
 - :mod:`training.config`: typed, self-validating dataclass configs, the registry (``tiny-cpu`` and
   the Video Lite / Video Pro stages of the report's Table 4), dotted ``key=value`` overrides and a
   meta-device memory estimate (``python -m training.config NAME --world N``);
-- :mod:`training.data`: ``.tar`` latent shards through fsspec (local or ``s3://``), per-shape
-  buckets under a frame budget, rank-sharded resumable batch plan, ``python -m training.data.write_shards``;
+- :mod:`training.data`: ``.tar`` latent shards through fsspec (local or ``s3://``), per-aspect-ratio
+  buckets packed along T under a frame budget (cu_frames), rank-sharded resumable batch plan, ``python -m training.data.write_shards``;
 - :mod:`training.objective`: x_t = (1 - t) x0 + t eps, target eps - x0, 1000 t, T2I/T2V/I2V mixing,
   null-text dropout;
 - :mod:`training.parallelize`: process group, named DeviceMesh, FSDP2 per block + root, mixed precision;

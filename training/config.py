@@ -127,6 +127,10 @@ class EMAConfig:
 class DataConfig:
     t_max: int = 8
     """Frame budget of one batch: clips of one bucket are taken while the sum of latent frames <= t_max."""
+    pack: bool = True
+    """Pack clips of one aspect ratio (any lengths) into one sequence along T, as the report trains:
+    buckets per (image or video, H, W), the model gets ``cu_frames`` and keeps the videos apart.
+    False: buckets per exact latent shape, clips stacked along the batch dimension."""
     resolutions: dict = field(default_factory=lambda: {"256x256": 1.0})
     """Pixel resolution (HxW) -> probability (report Table 4). Informational in this slice: the
     buckets come from the data; a synthetic set uses these shapes' aspect ratios."""
@@ -144,6 +148,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _num("data.t_max", self.t_max, lo=1, integer=True)
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"data.pack must be true or false, got {self.pack!r}")
         self.resolutions = _probs("data.resolutions", self.resolutions)
         for k in self.resolutions:
             parts = str(k).split("x")
@@ -273,7 +279,9 @@ def _tiny_cpu() -> TrainConfig:
                         task_probs={"t2i": 0.1, "t2v": 0.6, "i2v": 0.3}),
         checkpoint=CheckpointConfig(every=5, keep_last=2),
         max_steps=20,
-        synthetic={"samples": 24, "shapes": [[1, 8, 8], [1, 8, 12], [3, 8, 8], [5, 8, 12], [2, 12, 8]],
+        # clips of several lengths per aspect ratio, so batches pack unequal clips (cu_frames)
+        synthetic={"samples": 24, "shapes": [[1, 8, 8], [3, 8, 8], [1, 8, 12], [2, 8, 8], [5, 8, 12],
+                                             [2, 12, 8], [2, 8, 12], [3, 12, 8]],
                    "text_len": [3, 8]},
     )
 

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.schedule.factor(s, cfg.max_steps))
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema.enabled else {}
     loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=rank, world=world,
-                          prefetch=cfg.data.prefetch)
+                          prefetch=cfg.data.prefetch, pack=cfg.data.pack)
     channels = loader.batcher.entries[0].shape[3]
     if channels != cfg.model.in_visual_dim:
         raise ValueError(f"dataset {url} holds {channels}-channel latents but the model takes "
@@ -152,7 +152,8 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
         for _ in range(o.grad_accum):
             gid, samples = loader.next()
             fb = build_batch(samples, gid, cfg.data, cfg.flow, visual_cond=cfg.model.visual_cond,
-                             null_text=loader.null_text, patch=cfg.model.patch_size).to(device, compute_dtype)
+                             null_text=loader.null_text, patch=cfg.model.patch_size,
+                             pack=cfg.data.pack).to(device, compute_dtype)
             loss = flow_loss(model, fb, cfg.data.rope_scale)
             (loss / o.grad_accum).backward()
             loss_sum += loss.detach().double().cpu()

@@ -1,11 +1,11 @@
 """Bucketed, rank-sharded, resumable batches of latent clips.
 
-Buckets: one per latent shape (T, H, W), i.e. per aspect ratio *and* per frame count in this slice
-(a batch is one stacked (B, T, H, W, C) tensor). A batch takes clips of one bucket while the sum of
-latent frames stays <= ``t_max`` (``t_max // T`` clips, at least one; a bucket's last batch may be
-smaller). Packing clips of different lengths into ONE sequence with ``cu_seqlens`` (the report's
-sum t_i ~ t_max) needs per-video timesteps and text in the model, which CrossDiT does not have yet,
-so it is left out. Images (T = 1) form their own buckets, so image batches are image-only.
+Buckets (``pack=True``, the report's recipe): one per (image or video, H, W): clips of one aspect
+ratio and any length. A batch pops clips from its bucket's shuffled queue while the sum of latent
+frames stays <= ``t_max``; they are packed along T into one sequence and the model keeps them apart
+(``CrossDiT.forward(cu_frames=...)``: per-video attention, text, timestep and RoPE). Images (T = 1)
+have their own buckets, so image batches are image-only. ``pack=False``: one bucket per exact latent
+shape (T, H, W), ``t_max // T`` clips stacked along the batch dimension.
 
 Order: epoch ``e`` shuffles each bucket and the list of batches with a generator seeded by
 (seed, e); the global stream is epoch 0's batches, then epoch 1's, ... Rank ``r`` of ``W`` takes
@@ -37,10 +37,11 @@ class Entry:
 class BucketBatcher:
     """The batch plan of a dataset (metadata only) and this rank's cursor in it."""
 
-    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1, pack: bool = True):
         if not (0 <= rank < world):
             raise ValueError(f"rank {rank} must be in [0, world={world})")
         self.url, self.t_max, self.seed, self.rank, self.world = url, t_max, seed, rank, world
+        self.pack = pack
         self.manifest = read_manifest(url)
         self.entries: list[Entry] = []
         for shard in self.manifest["shards"]:
@@ -49,17 +50,21 @@ class BucketBatcher:
         channels = {e.shape[3] for e in self.entries}
         if len(channels) != 1:
             raise ValueError(f"dataset {url} mixes latent channel counts {sorted(channels)}")
-        self.buckets: dict[tuple[int, int, int], list[int]] = {}
+        self.buckets: dict[tuple[int, ...], list[int]] = {}
         for i, e in enumerate(self.entries):
             if e.shape[0] > t_max:
                 raise ValueError(f"sample {e.key!r} in {e.shard} has {e.shape[0]} latent frames, more than "
                                  f"data.t_max = {t_max}")
-            self.buckets.setdefault(e.shape[:3], []).append(i)
+            self.buckets.setdefault(self.bucket_of(e.shape), []).append(i)
         self.epoch = 0
         self.position = 0
         self._plan_epoch = -1
         self._plan: list[list[int]] = []
         self.num_batches = len(self._batches(0))
+
+    def bucket_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Bucket key of a latent shape (T, H, W, C): (image?, H, W) when packing, else (T, H, W)."""
+        return (int(shape[0] == 1), shape[1], shape[2]) if self.pack else tuple(shape[:3])
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if epoch == self._plan_epoch:
@@ -69,6 +74,17 @@ class BucketBatcher:
         for shape in sorted(self.buckets):
             idx = self.buckets[shape]
             order = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+            if self.pack:  # pop clips while the frame sum fits
+                cur, frames = [], 0
+                for i in order:
+                    t = self.entries[i].shape[0]
+                    if cur and frames + t > self.t_max:
+                        batches.append(cur)
+                        cur, frames = [], 0
+                    cur.append(i)
+                    frames += t
+                batches.append(cur)
+                continue
             per = max(1, self.t_max // shape[0])
             batches += [order[i:i + per] for i in range(0, len(order), per)]
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
@@ -91,12 +107,13 @@ class BucketBatcher:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "num_batches": self.num_batches,
-                "seed": self.seed, "world": self.world}
+                "seed": self.seed, "world": self.world, "pack": self.pack}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_batches"] != self.num_batches or state["seed"] != self.seed:
+        if (state["num_batches"] != self.num_batches or state["seed"] != self.seed
+                or state.get("pack", False) != self.pack):
             raise ValueError(f"loader state does not fit this dataset: saved {state}, now "
-                             f"num_batches={self.num_batches} seed={self.seed}")
+                             f"num_batches={self.num_batches} seed={self.seed} pack={self.pack}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -108,8 +125,8 @@ class LatentLoader:
     them, and :meth:`state_dict` describes the batches *consumed*, not the ones read ahead."""
 
     def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 0):
-        self.batcher = BucketBatcher(url, t_max=t_max, seed=seed, rank=rank, world=world)
+                 prefetch: int = 0, pack: bool = True):
+        self.batcher = BucketBatcher(url, t_max=t_max, seed=seed, rank=rank, world=world, pack=pack)
         self.reader = ShardReader(url)
         self.null_text = read_null_text(url, self.batcher.manifest)
         self.prefetch = prefetch
