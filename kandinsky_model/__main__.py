@@ -1,6 +1,6 @@
 """End-to-end sampling from the command line; by default a tiny random model on the CPU.
 
-    python -m kandinsky_model --out latent.pt                        # tiny random model, random prompt
+    python -m kandinsky_model --out out/latent.pt            # tiny random DiT and VAE, random prompt
     python -m kandinsky_model --weights DIR --config video_lite \\
         --prompt-embeds prompt.pt --frames 31 --height 64 --width 96 --rope-scale 1 2 2 --out latent.pt
 
@@ -8,7 +8,11 @@
 optionally ``text_mask``, ``negative_text``, ``negative_pooled_text``, ``negative_text_mask`` (see
 :mod:`kandinsky_model.sampler` for how the official pipeline computes them). The output is a
 ``torch.save`` dict: ``latent`` (B, T, H, W, C) fp32 channels-last, ``nfe``, ``skipped``, ``config``.
-No VAE decoding here yet.
+
+Then the latent is decoded by the causal VAE (``--vae DIR``: the HunyuanVideo VAE from a local folder
+or file, see ``CausalVideoVAE.from_pretrained``; default: a tiny random VAE for the tiny config, none
+for the real configs unless given; ``--no-vae`` skips it) and written next to ``--out`` as a video
+(``--video-format mp4`` through PyAV when installed, else an animated WebP) and a PNG contact sheet.
 """
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ import time
 
 import torch
 
+from pathlib import Path
+
 from .config import preset
 from .dit import CrossDiT
 from .sampler import MagCacheConfig, generate
+from .vae import CausalVAEConfig, CausalVideoVAE
+from .video_io import contact_sheet, write_video
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -41,7 +49,18 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="latent.pt")
+    p.add_argument("--vae", help="local HunyuanVideo VAE folder or file (default: tiny random for --config tiny)")
+    p.add_argument("--no-vae", action="store_true", help="stop at the latent")
+    p.add_argument("--video-format", choices=("mp4", "webp", "gif"), default="mp4",
+                   help="mp4 needs PyAV; without it an animated WebP is written")
+    p.add_argument("--fps", type=float, default=24.0)
     return p.parse_args(argv)
+
+
+def tiny_vae(latent_channels: int) -> CausalVideoVAE:
+    """A small random VAE (same architecture, fewer channels) for the tiny end-to-end run."""
+    return CausalVideoVAE(CausalVAEConfig(latent_channels=latent_channels, block_out_channels=(8, 16, 16, 16),
+                                          layers_per_block=1, norm_num_groups=4))
 
 
 def main(argv=None) -> dict:
@@ -70,17 +89,28 @@ def main(argv=None) -> dict:
     if args.magcache:
         with open(args.magcache) as f:
             magcache = MagCacheConfig(mag_ratios=json.load(f))
+    vae = None
+    if not args.no_vae and (args.vae or args.config == "tiny"):
+        vae = (CausalVideoVAE.from_pretrained(args.vae) if args.vae else tiny_vae(cfg.out_visual_dim))
+        vae = vae.to(args.device, dtype).eval()
     start = time.perf_counter()
     res = generate(
         model, shape=(args.frames, args.height, args.width), num_steps=args.steps,
         guidance_scale=args.guidance, shift=args.shift, seed=args.seed, rope_scale=args.rope_scale,
-        attention_backend=args.backend, magcache=magcache, **prompt,
+        attention_backend=args.backend, magcache=magcache, vae=vae, **prompt,
     )
     out = {"latent": res.latent.cpu(), "nfe": res.nfe, "skipped": res.skipped,
            "config": cfg.to_official_dict()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, args.out)
     print(f"wrote {args.out}: latent {tuple(res.latent.shape)}, {res.nfe} DiT evaluations "
           f"({res.skipped} skipped by MagCache) in {time.perf_counter() - start:.1f} s")
+    if res.video is not None:
+        stem = Path(args.out).with_suffix("")
+        out["video_path"] = str(write_video(res.video[0], f"{stem}.{args.video_format}", fps=args.fps))
+        out["sheet_path"] = str(contact_sheet(res.video[0], f"{stem}_frames.png"))
+        print(f"wrote {out['video_path']} ({res.video.shape[2]} frames, {res.video.shape[4]}x"
+              f"{res.video.shape[3]}) and {out['sheet_path']}")
     return out
 
 

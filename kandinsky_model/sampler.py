@@ -313,6 +313,8 @@ class GenerationResult:
     """Evaluations MagCache saved."""
     mag_ratios: list[float] | None = field(default=None)
     """Measured per-call magnitude ratios (``calibrate=True``), usable as ``MagCacheConfig.mag_ratios``."""
+    video: torch.Tensor | None = field(default=None)
+    """With ``vae=``: the decoded video (B, 3, 1 + 4 (T - 1), 8 H, 8 W) in [-1, 1] (the VAE's dtype)."""
 
 
 @torch.no_grad()
@@ -341,6 +343,7 @@ def generate(
     cfg_batch: bool = False,
     dtype: torch.dtype | None = None,
     normalize_first_frame: bool = True,
+    vae=None,
 ) -> GenerationResult:
     """Sample latents with the official Euler flow-matching scheme.
 
@@ -359,6 +362,9 @@ def generate(
     cfg_batch     run the cond and uncond branches as one batch of 2B (text padded and masked)
     dtype         activation dtype of the model calls (default: the model's parameter dtype; another
                   one only under torch.autocast); the latent state stays fp32
+    vae           a :class:`kandinsky_model.CausalVideoVAE` whose latent channels equal the model's
+                  output channels: the latent is unscaled (/ ``vae.scaling_factor``) and decoded into
+                  ``GenerationResult.video``
 
     Raises ValueError naming the argument for: tensors of the wrong shape (B from ``text``; L of a
     mask from its text), a non-float dtype or NaN/inf values (a mask must be bool or 0/1 integer,
@@ -370,6 +376,14 @@ def generate(
     if not isinstance(model, CrossDiT):
         raise ValueError(f"model must be a CrossDiT, got {type(model).__name__}")
     cfg = model.config
+    if vae is not None:
+        from .vae import CausalVideoVAE
+
+        if not isinstance(vae, CausalVideoVAE):
+            raise ValueError(f"vae must be a CausalVideoVAE or None, got {type(vae).__name__}")
+        if vae.config.latent_channels != cfg.out_visual_dim:
+            raise ValueError(f"vae has {vae.config.latent_channels} latent channels but the model makes "
+                             f"{cfg.out_visual_dim}-channel latents")
     param = next(model.parameters())
     device = param.device
     grid = time_grid(num_steps, shift)  # validates both
@@ -480,7 +494,11 @@ def generate(
         meas = cache.measured[2:]
         ratios = [m if m is not None else (meas[j ^ 1] if meas[j ^ 1] is not None else 1.0)
                   for j, m in enumerate(meas)]
-    return GenerationResult(x, nfe - skipped, skipped, ratios)
+    video = None
+    if vae is not None:
+        # the model works on VAE latents times scaling_factor (channels last); the VAE on unscaled ones
+        video = vae.decode((x / vae.scaling_factor).permute(0, 4, 1, 2, 3).contiguous())
+    return GenerationResult(x, nfe - skipped, skipped, ratios, video)
 
 
 # ------------------------------------------------------------------------------ text-encoder adapter
