@@ -142,7 +142,11 @@ class DataConfig:
     seed: int = 0
     """Seed of the shuffling (per epoch), noise, timesteps, dropout and task choice."""
     prefetch: int = 2
-    """Batches a background thread reads ahead (0: read in the training thread)."""
+    """Batches read ahead: by a background thread, or per worker process with ``workers > 0``
+    (0: read in the training thread)."""
+    workers: int = 0
+    """DataLoader worker processes per rank reading shards (0: the prefetch thread); each reads every
+    n-th batch of its rank, handed out in order, so batches and resume are the same for any count."""
     rope_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """RoPE position divisor given to the model ((1, 2, 2) for 512 px video, (1, 3.16, 3.16) at 1024)."""
 
@@ -159,6 +163,7 @@ class DataConfig:
         self.null_text_prob = _num("data.null_text_prob", self.null_text_prob, lo=0.0, hi=1.0)
         _num("data.seed", self.seed, lo=0, integer=True)
         _num("data.prefetch", self.prefetch, lo=0, integer=True)
+        _num("data.workers", self.workers, lo=0, integer=True)
         if not isinstance(self.rope_scale, (tuple, list)) or len(self.rope_scale) != 3:
             raise ValueError(f"data.rope_scale must be 3 positive numbers, got {self.rope_scale!r}")
         self.rope_scale = tuple(_num("data.rope_scale", r, lo=0.0, lo_open=True) for r in self.rope_scale)

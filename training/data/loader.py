@@ -12,9 +12,13 @@ Order: epoch ``e`` shuffles each bucket and the list of batches with a generator
 global batches ``p + r`` for p = 0, W, 2W, ... (the same rule per micro-batch of gradient
 accumulation), so over an epoch no sample is lost or repeated across ranks, and an epoch boundary may
 fall inside a round. The state ``{"epoch", "position"}`` (the next global batch, equal on every rank)
-is saved in checkpoints; a resumed run continues with the next unseen batch. No DataLoader workers in
-this slice: samples are read by one background prefetch thread per rank (``data.prefetch`` batches
-ahead; one ShardReader per rank, shards cached LRU).
+is saved in checkpoints; a resumed run continues with the next unseen batch.
+
+Reading: with ``workers = 0`` one background prefetch thread per rank reads ``data.prefetch`` batches
+ahead (one ShardReader per rank, shards cached LRU). With ``workers = n > 0`` a
+``torch.utils.data.DataLoader`` runs n worker processes per rank: worker w reads this rank's batches
+w, w + n, w + 2n, ... (its own ShardReader), and the DataLoader hands them out in order, so the stream,
+the checkpointed state and a resume are the same as with one reader.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shards import ShardReader, read_manifest, read_null_text
 
@@ -117,6 +122,42 @@ class BucketBatcher:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+class _PlanStream(IterableDataset):
+    """This rank's batches from a saved batcher state, for DataLoader workers: every worker walks the
+    whole plan (metadata only) and reads the samples of every n-th batch; yields (state after the
+    batch, (gid, samples))."""
+
+    def __init__(self, url: str, batcher_args: dict, state: dict):
+        self.url, self.batcher_args, self.state = url, batcher_args, state
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        batcher = BucketBatcher(self.url, **self.batcher_args)
+        batcher.load_state_dict(self.state)
+        reader = ShardReader(self.url)
+        try:
+            i = 0
+            while True:
+                gid, entries = batcher.next()
+                if i % n == wid:
+                    yield batcher.state_dict(), (gid, _read_entries(reader, entries))
+                i += 1
+        finally:
+            reader.close()
+
+
+def _read_entries(reader, entries) -> list[dict]:
+    samples = []
+    for e in entries:
+        s = reader.read(e.shard, e.key)
+        if tuple(s["latent"].shape) != e.shape:
+            raise ValueError(f"sample {e.key!r} in {e.shard}: latent shape {tuple(s['latent'].shape)} "
+                             f"differs from the manifest's {e.shape}")
+        samples.append({"key": e.key, **s})
+    return samples
+
+
 class LatentLoader:
     """Iterates this rank's batches: (global batch id, list of samples {key, latent, text, pooled}).
 
@@ -125,8 +166,14 @@ class LatentLoader:
     them, and :meth:`state_dict` describes the batches *consumed*, not the ones read ahead."""
 
     def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 0, pack: bool = True):
-        self.batcher = BucketBatcher(url, t_max=t_max, seed=seed, rank=rank, world=world, pack=pack)
+                 prefetch: int = 0, pack: bool = True, workers: int = 0):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        self._batcher_args = dict(t_max=t_max, seed=seed, rank=rank, world=world, pack=pack)
+        self.batcher = BucketBatcher(url, **self._batcher_args)
+        self.url = url
+        self.workers = workers
+        self._workers_iter = None
         self.reader = ShardReader(url)
         self.null_text = read_null_text(url, self.batcher.manifest)
         self.prefetch = prefetch
@@ -136,6 +183,15 @@ class LatentLoader:
         self._consumed = self.batcher.state_dict()
 
     def next(self) -> tuple[int, list[dict]]:
+        if self.workers > 0:
+            if self._workers_iter is None:
+                dl = DataLoader(_PlanStream(self.url, self._batcher_args, self.batcher.state_dict()),
+                                batch_size=None, num_workers=self.workers,
+                                prefetch_factor=max(1, self.prefetch), collate_fn=None)
+                self._workers_iter = iter(dl)
+            state, out = next(self._workers_iter)
+            self._consumed = state
+            return out
         if self.prefetch <= 0:
             out = self._read_next()
             self._consumed = self.batcher.state_dict()
@@ -168,6 +224,7 @@ class LatentLoader:
                 return
 
     def close(self) -> None:
+        self._workers_iter = None  # the DataLoader iterator shuts its workers down when dropped
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -175,20 +232,13 @@ class LatentLoader:
 
     def _read_next(self) -> tuple[int, list[dict]]:
         gid, entries = self.batcher.next()
-        samples = []
-        for e in entries:
-            s = self.reader.read(e.shard, e.key)
-            if tuple(s["latent"].shape) != e.shape:
-                raise ValueError(f"sample {e.key!r} in {e.shard}: latent shape {tuple(s['latent'].shape)} "
-                                 f"differs from the manifest's {e.shape}")
-            samples.append({"key": e.key, **s})
-        return gid, samples
+        return gid, _read_entries(self.reader, entries)
 
     def state_dict(self) -> dict:
         return dict(self._consumed)
 
     def load_state_dict(self, state: dict) -> None:
-        if self._thread is not None:
+        if self._thread is not None or self._workers_iter is not None:
             raise RuntimeError("load the loader state before the first batch is read")
         self.batcher.load_state_dict(state)
         self._consumed = self.batcher.state_dict()
