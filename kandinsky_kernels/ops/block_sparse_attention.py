@@ -30,6 +30,7 @@ from torch import Tensor
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON
 from kandinsky_kernels._validation import (
+    bshd_hint,
     check_cu_seqlens,
     check_finite_number,
     check_mask_contents,
@@ -211,14 +212,19 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     if bs % 16:
         raise ValueError(f"mask block_size={bs} must be a multiple of 16 (64 in Kandinsky 5)")
     if s % bs:
-        raise ValueError(f"sequence length S={s} (q shape {tuple(q.shape)}) is not a multiple of the "
-                         f"mask block_size={bs}; pad the sequence (e.g. fractal_flatten pads to tiles)")
+        hint = bshd_hint("q", q.shape, bs)
+        raise ValueError(f"q has shape (B, S, H, D) = {tuple(q.shape)}: S={s} is not a multiple of the "
+                         f"mask block_size={bs}" + (hint or "; pad the sequence (e.g. fractal_flatten "
+                                                     "pads to tiles)"))
     mb, mh, nq, nk = mask.shape
     if nq * bs != s or nk * bs != s or mb not in (1, b) or mh not in (1, h):
+        hint = ""
+        if nq * bs == nk * bs == q.shape[2] != s:
+            hint = "; the mask fits dim 2 of q as S: did you pass (B, H, S, D)? use q.transpose(1, 2)"
         raise ValueError(
             f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit q shape "
-            f"{tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in (1, {b}), "
-            f"mask H in (1, {h})"
+            f"(B, S, H, D) = {tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in "
+            f"(1, {b}), mask H in (1, {h})" + hint
         )
     if mask.device != q.device:
         raise ValueError(f"mask on {mask.device} but q on {q.device}")
