@@ -53,6 +53,8 @@ def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, indices
 
 
+__all__ = ["BlockSparseMask"]
+
 _NO_PADDING = object()  # marker: a mask_mod of ours without padding (token_valid None)
 
 
@@ -250,14 +252,16 @@ class BlockSparseMask:
             dense = dense & self.token_valid[:, None, None, :]
         return dense
 
-    def transpose(self) -> "BlockSparseMask":
+    def transpose(self, *, token_valid: torch.Tensor | None = None) -> "BlockSparseMask":
         """The same pattern seen from the key side: row ``j`` lists the query blocks that attend to key
         block ``j`` (ascending). Shapes (B, H, Nk) and (B, H, Nk, Nq). What a backward kernel that
-        accumulates dK/dV per key block walks. ``token_valid`` is not carried over (it describes keys).
+        accumulates dK/dV per key block walks. ``token_valid`` is not carried over (it describes keys);
+        pass ``token_valid=`` (bool (S_q,) or (B, S_q)) for the new keys, the original queries.
         """
         counts, indices = _compact(self.to_dense_blocks().transpose(-1, -2))
         return BlockSparseMask(
-            counts, indices, self.block_size, seq_len_q=self.seq_len_kv, seq_len_kv=self.seq_len_q
+            counts, indices, self.block_size, seq_len_q=self.seq_len_kv, seq_len_kv=self.seq_len_q,
+            token_valid=token_valid,
         )
 
     def to(self, device: torch.device | str) -> "BlockSparseMask":

@@ -43,6 +43,9 @@ def test_transpose():
     assert_exact(t.to_dense_blocks(), dense.transpose(-1, -2))
     assert (t.seq_len_q, t.seq_len_kv) == (9 * 32, 5 * 32)
     assert_exact(t.transpose().to_dense_blocks(), dense)
+    valid = torch.ones(5 * 32, dtype=torch.bool)
+    valid[-3:] = False
+    assert torch.equal(m.transpose(token_valid=valid).token_valid, valid.expand(2, -1))
 
 
 def test_token_valid_expands_and_masks_tokens():

@@ -37,7 +37,7 @@ from kandinsky_kernels._validation import (
     check_same_device,
     check_tensor,
 )
-from kandinsky_kernels.backends import backend_of_tag, backend_tag, fake_backend_tag, select_backend
+from kandinsky_kernels.backends import _backend_of_tag, _backend_tag, _fake_backend_tag, select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops import _bsa_triton
 from kandinsky_kernels.reference.attention import (
@@ -102,13 +102,13 @@ def _fwd_op(
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
-    return out.contiguous(), lse.float().contiguous(), backend_tag(backend)
+    return out.contiguous(), lse.float().contiguous(), _backend_tag(backend)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), fake_backend_tag()
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
@@ -129,7 +129,7 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
-    backend = backend_of_tag(backend_tag)
+    backend = _backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])

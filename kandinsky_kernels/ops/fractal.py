@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Literal, overload
 
 import torch
 
@@ -267,7 +268,7 @@ def _launch(
         )
 
 
-def fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
+def _fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
     """Triton launcher of :func:`fractal_flatten` (no validation)."""
     b, t, h, w, *rest = x.shape
     layout = FractalLayout(t, h, w, tile)
@@ -277,7 +278,7 @@ def fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
     return y
 
 
-def fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
+def _fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
     """Triton launcher of :func:`fractal_unflatten` (no validation)."""
     b, _, *rest = y.shape
     x = y.new_empty((b, t, h, w, *rest))
@@ -310,7 +311,7 @@ def _fractal_flatten_op(x: torch.Tensor, tile: int) -> torch.Tensor:
     if backend == "cpu":
         return _CPP["fractal_flatten"](x, tile)
     if backend == "triton":
-        return fractal_flatten_triton(x, tile)
+        return _fractal_flatten_triton(x, tile)
     return _owned(fractal_flatten_ref(x, tile), x)
 
 
@@ -320,7 +321,7 @@ def _fractal_unflatten_op(y: torch.Tensor, t: int, h: int, w: int, tile: int) ->
     if backend == "cpu":
         return _CPP["fractal_unflatten"](y, t, h, w, tile)
     if backend == "triton":
-        return fractal_unflatten_triton(y, t, h, w, tile)
+        return _fractal_unflatten_triton(y, t, h, w, tile)
     return _owned(fractal_unflatten_ref(y, t, h, w, tile), y)
 
 
@@ -360,6 +361,36 @@ _fractal_unflatten_op.register_autograd(_unflatten_backward, setup_context=_unfl
 
 # ----------------------------------------------------------------------------------------------
 # Public functions: validation at the boundary, then the custom ops.
+
+
+@overload
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: Literal[False] = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: Literal[True],
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> tuple[torch.Tensor, FractalLayout]: ...
+
+
+@overload
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: bool = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, FractalLayout]: ...
 
 
 def fractal_flatten(

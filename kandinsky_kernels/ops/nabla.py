@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Literal, Sequence, overload
 
 import torch
 from torch import Tensor
@@ -204,7 +204,7 @@ if HAS_TRITON:
         tl.store(counts_ptr + rows, tl.where(row_ok, count, -1), mask=mask_m)
 
 
-def nabla_block_mask_forward(
+def _nabla_block_mask_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     threshold: float,
@@ -352,7 +352,7 @@ def _nabla_block_mask_op(
     if backend == "cpu":
         return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     if backend == "triton":
-        return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        return _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     mask = BlockSparseMask.from_dense_blocks(dense, block_size)
     return mask.kv_num_blocks, mask.kv_indices
@@ -529,6 +529,70 @@ def nabla_block_mask(
     if not torch.compiler.is_compiling():
         mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    return_mask: Literal[False] = ...,
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None,
+    grid: FractalLayout | tuple[int, int, int] | None,
+    return_mask: Literal[True],
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> tuple[Tensor, BlockSparseMask]: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    *,
+    return_mask: Literal[True],
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    token_valid: Tensor | None = ...,
+) -> tuple[Tensor, BlockSparseMask]: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    return_mask: bool = ...,
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> Tensor | tuple[Tensor, BlockSparseMask]: ...
 
 
 def nabla_attention(
