@@ -289,6 +289,14 @@ def test_unflatten_refuses_the_padded_grid_of_a_flattened_tensor():
         fractal_unflatten(y, (2, 16, 17))  # same S, another grid
     assert_exact(fractal_unflatten(y, (2, 12, 20)), x, "original grid")
     assert_exact(fractal_unflatten(y, layout), x, "layout")
+    # The record survives torch.save / torch.load(weights_only=True).
+    import io
+
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    buf.seek(0)
+    with pytest.raises(ValueError, match="is its padded grid"):
+        fractal_unflatten(torch.load(buf, weights_only=True), (2, 16, 24))
     # A grid consistent with the tensor's own S is all that can be checked on a computed tensor.
     assert fractal_unflatten(y * 2, (2, 16, 24)).shape == (1, 2, 16, 24, 4)
 

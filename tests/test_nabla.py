@@ -675,8 +675,15 @@ def test_nabla_attention_compiles_once_for_all_grids():
     def fn(q, k, v, grid):
         return nabla_attention(q, k, v, 0.9, (3, 3, 3), grid=grid)
 
-    compiled = torch.compile(fn, backend=counter, dynamic=True)
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    # Padded and unpadded, in either order; every tile count >= 2 (torch specialises sizes of 1).
     for grid in [(2, 12, 20), (2, 16, 24), (3, 20, 12), (2, 24, 16)]:
         q, k, v, _ = _padded_qkv(grid)
         assert_exact(compiled(q, k, v, grid), fn(q, k, v, grid), f"grid {grid}")
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 4 grids"
+    layout_counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    by_layout = torch.compile(fn, backend=layout_counter, dynamic=True, fullgraph=True)
+    for grid in [(2, 16, 16), (3, 12, 20)]:
+        q, k, v, layout = _padded_qkv(grid)
+        assert_exact(by_layout(q, k, v, layout), fn(q, k, v, layout), f"layout {grid}")
+    assert layout_counter.frame_count == 1

@@ -451,8 +451,9 @@ def fractal_flatten(
     y = _fractal_flatten_op(x, tile)
     if layout.is_padded and not torch.compiler.is_compiling():
         # Remembered on this very tensor (not on results computed from it), so that
-        # fractal_unflatten(y, padded grid) is refused instead of returning the padding as tokens.
-        y._kk_fractal_layout = layout
+        # fractal_unflatten(y, padded grid) is refused instead of returning the padding as tokens. Plain
+        # ints, so that torch.save / torch.load(weights_only=True) of y still work.
+        y._kk_fractal_grid = (layout.t, layout.h, layout.w, layout.tile)
     return (y, layout) if return_layout else y
 
 
@@ -480,7 +481,8 @@ def fractal_unflatten(
     check_tensor("y", y)
     if y.dim() < 2:
         raise ValueError(f"y must have shape (B, S, *rest) (at least 2 dims), got shape {tuple(y.shape)}")
-    made_from = getattr(y, "_kk_fractal_layout", None)
+    made_from = getattr(y, "_kk_fractal_grid", None)
+    made_from = None if made_from is None else FractalLayout(*made_from)
     if made_from is not None and made_from != grid:
         what = "" if isinstance(given, FractalLayout) else " (T, H, W)"
         msg = (f"y was made by fractal_flatten from the token grid (T, H, W) = "
