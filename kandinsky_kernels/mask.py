@@ -16,7 +16,6 @@ Layout (the FlexAttention ``BlockMask`` convention, restricted to what block-spa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,24 +54,7 @@ def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 __all__ = ["BlockSparseMask"]
 
-_NO_PADDING = object()  # marker: a mask_mod of ours without padding (token_valid None)
-
-
-def _grid_token_valid(grid, token_valid, nk: int, block_size: int, device) -> torch.Tensor | None:
-    """``token_valid`` AND the padding flags of ``grid`` (token grid or FractalLayout of ``nk`` blocks)."""
-    from kandinsky_kernels.ops.fractal import FractalLayout, _layout_for_sequence, _tracing
-
-    tile = math.isqrt(block_size)
-    if not isinstance(grid, FractalLayout) and tile * tile != block_size:
-        raise ValueError(f"grid (a token grid) needs block_size = tile * tile, got block_size={block_size}")
-    layout = _layout_for_sequence(grid, nk * block_size, tile=tile, name="the mask", arg="grid")
-    if layout.block_size != block_size:
-        raise ValueError(f"grid has tile {layout.tile} ({layout.block_size}-token blocks) but block_size "
-                         f"is {block_size}")
-    if not _tracing() and not layout.is_padded:  # traced: no guard on the padding (no recompile)
-        return token_valid
-    pad = layout.token_valid(device)
-    return pad if token_valid is None else token_valid & pad
+_NOT_OURS = object()  # what a mask_mod that to_flex_block_mask did not make "recovers"
 
 
 @dataclass
@@ -178,7 +160,11 @@ class BlockSparseMask:
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
         if grid is not None:
-            token_valid = _grid_token_valid(grid, token_valid, mask.shape[-1], block_size, mask.device)
+            from kandinsky_kernels.ops.fractal import _grid_token_valid
+
+            check_positive_int("block_size", block_size)
+            _, token_valid = _grid_token_valid(grid, token_valid, mask.shape[-1] * block_size, block_size,
+                                               mask.device, name="the mask")
         counts, indices = _compact(mask)
         return cls(counts, indices, block_size, token_valid=token_valid)
 
@@ -203,7 +189,9 @@ class BlockSparseMask:
         from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
         if not isinstance(block_mask, BlockMask):
-            raise ValueError(f"block_mask must be a flex_attention BlockMask, got {type(block_mask).__name__}")
+            raise ValueError(
+                f"block_mask must be a flex_attention BlockMask, got {type(block_mask).__name__}"
+            )
         bq, bk = block_mask.BLOCK_SIZE
         if bq != bk:
             raise ValueError(f"block_mask has BLOCK_SIZE (Q, KV) = ({bq}, {bk}); a BlockSparseMask needs "
@@ -214,8 +202,8 @@ class BlockSparseMask:
                              f"{bq} tokens; a BlockSparseMask needs S a multiple of the block size")
         nq, nk = sq // bq, sk // bk
         partial = block_mask.kv_num_blocks
-        recovered = getattr(block_mask.mask_mod, "_kk_token_valid", _NO_PADDING)
-        ours = block_mask.mask_mod is noop_mask or recovered is not _NO_PADDING
+        recovered = getattr(block_mask.mask_mod, "_kk_token_valid", _NOT_OURS)
+        ours = block_mask.mask_mod is noop_mask or recovered is not _NOT_OURS
         if not ours and not partial_blocks_as_full and bool((partial > 0).any()):
             raise ValueError(
                 "block_mask has partial blocks with a mask_mod that a BlockSparseMask cannot express "
@@ -230,7 +218,7 @@ class BlockSparseMask:
             counts, indices = counts[..., :nq], indices[..., :nq, :nk].to(torch.int32)
             part = cls(counts.to(torch.int32).contiguous(), indices.contiguous(), bq).to_dense_blocks()
             dense = part if dense is None else dense | part
-        if token_valid is None and recovered is not _NO_PADDING:
+        if token_valid is None and recovered is not _NOT_OURS:
             token_valid = recovered
         return cls.from_dense_blocks(dense, bq, token_valid=token_valid)
 

@@ -621,6 +621,17 @@ def test_nabla_block_mask_takes_the_token_grid():
         nabla_block_mask(q, k, 0.7, grid=layout.tile_grid)
     with pytest.raises(ValueError, match=r"grid has tile 8 \(64-token blocks\) but block_size is 16"):
         nabla_block_mask(q, k, 0.7, None, 16, grid=layout)
+    # A tuple is read with tile sqrt(block_size): 16-token blocks are 4x4 tiles.
+    from kandinsky_kernels import FractalLayout
+
+    small = FractalLayout(2, 6, 10, tile=4)
+    qs, ks = q[:, :small.seq_len], k[:, :small.seq_len]
+    by_grid = nabla_block_mask(qs, ks, 0.7, None, 16, grid=(2, 6, 10))
+    assert torch.equal(by_grid.token_valid[0], small.token_valid())
+    with pytest.raises(ValueError, match="block_size = tile \\* tile"):
+        nabla_block_mask(q, k, 0.7, None, 32, grid=(2, 12, 20))
+    with pytest.raises(ValueError, match=r"token_valid must have shape \(S,\) or \(B, S\) with S=768"):
+        nabla_block_mask(q, k, 0.7, grid=(2, 12, 20), token_valid=torch.ones(5, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------ errors in the caller's terms

@@ -149,7 +149,8 @@ def _layout_arg(grid, *, tile: int = 8, arg: str = "grid") -> FractalLayout:
     FractalLayout with ``tile`` (a FractalLayout keeps its own tile). ValueError naming ``arg``."""
     if isinstance(grid, FractalLayout):
         return grid
-    if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3 and all(map(_is_positive_int, grid))):
+    is_tuple = isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
+    if not (is_tuple and all(map(_is_positive_int, grid))):
         raise ValueError(
             f"{arg} must be the token grid (T, H, W) as three positive ints (latent frames x height x "
             f"width in tokens, after patching) or a FractalLayout, got {grid!r}"
@@ -193,6 +194,34 @@ def _layout_for_sequence(grid, seq_len: int, *, tile: int = 8, arg: str = "grid"
     if shape is not None:
         msg += _bhsd_hint(name, shape, layout.seq_len)
     raise ValueError(msg)
+
+
+def _grid_token_valid(
+    grid, token_valid: torch.Tensor | None, seq_len: int, block_size: int, device, *, name: str = "q",
+    shape=None,
+) -> tuple[FractalLayout, torch.Tensor | None]:
+    """What a mask builder given ``grid`` needs: its layout (a token-grid tuple read with tile
+    sqrt(``block_size``), checked to hold ``seq_len`` tokens, see :func:`_layout_for_sequence`) and
+    ``token_valid`` (None, bool (S,) or (B, S)) AND the layout's padding flags; None when neither
+    marks any token."""
+    tile = math.isqrt(block_size)
+    if not isinstance(grid, FractalLayout) and tile * tile != block_size:
+        raise ValueError(f"grid (a token grid) needs block_size = tile * tile, got block_size={block_size}")
+    layout = _layout_for_sequence(grid, seq_len, tile=tile, name=name, shape=shape)
+    if layout.block_size != block_size:
+        raise ValueError(f"grid has tile {layout.tile} ({layout.block_size}-token blocks) but block_size is "
+                         f"{block_size}; fractal_flatten with tile = sqrt(block_size)")
+    if token_valid is not None:
+        check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
+        if token_valid.shape[-1] != seq_len:
+            raise ValueError(f"token_valid must have shape (S,) or (B, S) with S={seq_len}, "
+                             f"got {tuple(token_valid.shape)}")
+    # An all-True token_valid would only cost time, but a traced call builds it anyway, so that one
+    # compiled graph serves padded and unpadded grids (no guard on H % tile, W % tile).
+    if not _tracing() and not layout.is_padded:
+        return layout, token_valid
+    pad = layout.token_valid(device)
+    return layout, pad if token_valid is None else token_valid & pad
 
 
 # ----------------------------------------------------------------------------------------------

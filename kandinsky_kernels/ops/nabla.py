@@ -46,7 +46,7 @@ from kandinsky_kernels._validation import (
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
-from kandinsky_kernels.ops.fractal import FractalLayout, _layout_for_sequence, _tracing
+from kandinsky_kernels.ops.fractal import FractalLayout, _grid_token_valid
 from kandinsky_kernels.ops.sta import sta_block_mask
 from kandinsky_kernels.reference.nabla import block_map_ref, per_video_ref, pool_blocks_ref, topcdf_mask_ref
 
@@ -437,24 +437,6 @@ def _check_inputs(
     return (None if token_valid is None else token_valid.expand(b, s).contiguous()), sta
 
 
-def _grid_token_valid(
-    grid, token_valid: Tensor | None, q: Tensor, block_size: int
-) -> tuple[FractalLayout, Tensor | None]:
-    """The layout of ``grid`` (tokens; checked against q's S and ``block_size``) and ``token_valid``
-    AND the layout's padding flags (None when neither marks any padding)."""
-    layout = _layout_for_sequence(grid, q.shape[1], tile=8, arg="grid", name="q", shape=q.shape)
-    if layout.block_size != block_size:
-        raise ValueError(f"grid has tile {layout.tile} ({layout.block_size}-token blocks) but block_size is "
-                         f"{block_size}; fractal_flatten with tile = sqrt(block_size)")
-    # An all-True token_valid would only cost time, but a traced call builds it anyway, so that one
-    # compiled graph serves padded and unpadded grids (no guard on H % 8, W % 8).
-    if not _tracing() and not layout.is_padded:
-        return layout, token_valid
-    _check_token_valid(token_valid, q.shape[0], q.shape[1])
-    pad = layout.token_valid(q.device)
-    return layout, pad if token_valid is None else token_valid & pad
-
-
 def nabla_block_mask(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -523,7 +505,8 @@ def nabla_block_mask(
     if grid is not None:
         check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
         check_positive_int("block_size", block_size)
-        _, token_valid = _grid_token_valid(grid, token_valid, q, block_size)
+        _, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], block_size, q.device,
+                                           shape=q.shape)
     valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens)
     if not torch.compiler.is_compiling():
@@ -665,7 +648,7 @@ def nabla_attention(
             )
         tile_grid = None
     else:
-        layout, token_valid = _grid_token_valid(grid, token_valid, q, 64)
+        layout, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], 64, q.device, shape=q.shape)
         tile_grid = layout.tile_grid
     sta = None
     if sta_window is not None:
