@@ -51,6 +51,7 @@ setup(
     version="0.1.0",
     description="Kernels, model and training harness for Kandinsky 5.0 video diffusion transformers",
     packages=find_packages(include=["kandinsky_kernels*", "kandinsky_model*", "training*"]),
+    package_data={"kandinsky_kernels": ["py.typed"]},  # PEP 561: the package ships its annotations
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "safetensors", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={

@@ -235,7 +235,7 @@ def bench_model(run: Run, model: str, s: int, densities, first_round: bool = Tru
             break
         mask = _random_mask(h, n, density, seed=int(density * 1000))
         bm = mask.to_flex_block_mask()
-        real = mask.density()
+        real = mask.density
         row = {**base, "density": density, "real_density": round(real, 4), "flops": dense_flops * real}
 
         def ours_fwd():

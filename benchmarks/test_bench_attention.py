@@ -92,7 +92,7 @@ def _case(d: int, density: float, dt: str) -> str:
 
 
 def _params(d: int, density: float, mask: BlockSparseMask, mode: str, dt: str, isa: str) -> dict:
-    return {"density": density, "measured_density": round(mask.density(), 5), "head_dim": d,
+    return {"density": density, "measured_density": round(mask.density, 5), "head_dim": d,
             "seq_len": S, "heads": H, "pass": mode, "dtype": dt, "cpu_isa": isa}
 
 
@@ -182,7 +182,7 @@ def test_forward(benchmark, d, density):
     goals, no_goal = _goals(density, "forward", "fp32", ours.cpu_isa)
     run_case(benchmark, suite="bsa forward", op=OP, case=_case(d, density, "fp32"), baseline="sdpa",
              providers=[_sdpa(q, k, v), _flex_fwd(q, k, v, mask), ours],
-             params=_params(d, density, mask, "forward", "fp32", ours.cpu_isa), ideal=1.0 / mask.density(),
+             params=_params(d, density, mask, "forward", "fp32", ours.cpu_isa), ideal=1.0 / mask.density,
              goals=goals, no_goal=no_goal, rounds=FWD_ROUNDS,
              warmup_rounds=_warmup("forward", "fp32", d))
 
@@ -197,7 +197,7 @@ def test_forward_backward(benchmark, d, density):
     goals, no_goal = _goals(density, "fwd+bwd", "fp32", ours.cpu_isa)
     run_case(benchmark, suite="bsa fwd+bwd", op=OP, case=_case(d, density, "fp32"), baseline="sdpa",
              providers=[_sdpa(q, k, v, dout), Provider(FLEX, skip="FlexAttention has no CPU backward"), ours],
-             params=_params(d, density, mask, "fwd+bwd", "fp32", ours.cpu_isa), ideal=1.0 / mask.density(),
+             params=_params(d, density, mask, "fwd+bwd", "fp32", ours.cpu_isa), ideal=1.0 / mask.density,
              goals=goals, no_goal=no_goal, rounds=BWD_ROUNDS,
              warmup_rounds=_warmup("fwd+bwd", "fp32", d))
 
@@ -217,5 +217,5 @@ def test_bf16(benchmark, mode, d):
     goals, no_goal = _goals(density, mode, "bf16", ours.cpu_isa)
     run_case(benchmark, suite=f"bsa {mode}", op=OP, case=_case(d, density, "bf16"), baseline="sdpa",
              providers=[_sdpa(q, k, v, dout), ours],
-             params=_params(d, density, mask, mode, "bf16", ours.cpu_isa), ideal=1.0 / mask.density(),
+             params=_params(d, density, mask, mode, "bf16", ours.cpu_isa), ideal=1.0 / mask.density,
              goals=goals, no_goal=no_goal, rounds=BF16_ROUNDS, warmup_rounds=_warmup(mode, "bf16", d))

@@ -148,7 +148,7 @@ def _why_no_triton() -> str | None:
 def test_gpu_attention(benchmark, mode, model, density):
     q, k, v, do = _inputs(model)
     mask = _mask(model, density)
-    real = mask.density()
+    real = mask.density
     scale = 1.0 / math.sqrt(q.shape[-1])
     grad = mode == "fwd+bwd"
     qg, kg, vg = (t.detach().requires_grad_(grad) for t in (q, k, v))

@@ -111,10 +111,10 @@ def _contexts(block, x, text, time_embed):
         lo, hi = 0.0, 1.0
         for _ in range(20):
             mid = (lo + hi) / 2
-            d = kk.nabla_block_mask(q, k, mid, sta=sta).density()
+            d = kk.nabla_block_mask(q, k, mid, sta=sta).density
             lo, hi = (mid, hi) if d < TARGET_DENSITY else (lo, mid)
         nabla.threshold = max(hi, 1e-6)
-        density = kk.nabla_block_mask(q, k, nabla.threshold, sta=sta).density()
+        density = kk.nabla_block_mask(q, k, nabla.threshold, sta=sta).density
         qkv = (q, k, sa._heads(sa.to_value(hn)))
     dense = (AttentionContext("sdpa"), plain_rope)
     sparse = (AttentionContext("nabla", nabla=nabla), frac_rope)

@@ -14,11 +14,26 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# name -> submodule defining it. Loaded on first access, so importing the package stays cheap and
-# touches no device.
+# Type checkers read these imports; at run time the names load on first access (``__getattr__``
+# below), so that ``import kandinsky_kernels`` stays cheap (no Triton, no compiled extension) and
+# touches no device. The two lists must agree (tests/test_backends.py checks it).
+if TYPE_CHECKING:
+    from kandinsky_kernels.backends import BackendUnavailableError as BackendUnavailableError
+    from kandinsky_kernels.backends import use_backend as use_backend
+    from kandinsky_kernels.mask import BlockSparseMask as BlockSparseMask
+    from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention as block_sparse_attention
+    from kandinsky_kernels.ops.fractal import FractalLayout as FractalLayout
+    from kandinsky_kernels.ops.fractal import fractal_flatten as fractal_flatten
+    from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
+    from kandinsky_kernels.ops.nabla import nabla_attention as nabla_attention
+    from kandinsky_kernels.ops.nabla import nabla_block_mask as nabla_block_mask
+    from kandinsky_kernels.ops.sta import sta_block_mask as sta_block_mask
+
+# name -> submodule defining it.
 _EXPORTS = {
     "BlockSparseMask": "kandinsky_kernels.mask",
     "FractalLayout": "kandinsky_kernels.ops.fractal",
@@ -32,17 +47,31 @@ _EXPORTS = {
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# A literal list: the form type checkers understand.
+__all__ = [
+    "BackendUnavailableError",
+    "BlockSparseMask",
+    "FractalLayout",
+    "__version__",
+    "block_sparse_attention",
+    "fractal_flatten",
+    "fractal_unflatten",
+    "nabla_attention",
+    "nabla_block_mask",
+    "sta_block_mask",
+    "use_backend",
+]
+
+if not TYPE_CHECKING:  # hidden from type checkers, which would type every missing name as its result
+
+    def __getattr__(name: str) -> object:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module 'kandinsky_kernels' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kandinsky_kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+def __dir__() -> list[str]:
+    return list(__all__)

@@ -6,6 +6,8 @@ the extension are looked up with :func:`cpp_op`, which returns ``None`` for an o
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 try:
@@ -19,7 +21,7 @@ except Exception as exc:  # ImportError, or an ABI mismatch surfacing as OSError
 NAMESPACE = "kandinsky_kernels_C"
 
 
-def cpp_op(name: str):
+def cpp_op(name: str) -> Any:
     """The compiled operator ``torch.ops.kandinsky_kernels_C.<name>``, or ``None`` if not built."""
     if EXT is None:
         return None

@@ -33,6 +33,14 @@ def check_tensor(
             raise ValueError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
 
 
+def bshd_hint(name: str, shape, block_size: int) -> str:
+    """A hint for a (B, H, S, D) tensor passed where (B, S, H, D) is expected, when its dim 2 (not its
+    dim 1) is a whole number of blocks; the empty string otherwise."""
+    if len(shape) == 4 and shape[1] % block_size and shape[2] % block_size == 0:
+        return f"; did you pass (B, H, S, D)? use {name}.transpose(1, 2)"
+    return ""
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     devices = {v.device for _, v in items}

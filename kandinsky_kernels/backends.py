@@ -33,7 +33,7 @@ nor the environment it would silently outlive a change of either.
 
 A backward that needs its forward's kernels (block-sparse attention: the saved ``out`` and ``lse``
 are the forward backend's) does not choose again: the forward custom op also returns the backend it
-ran as a tag (:func:`backend_tag`, a CPU int8 scalar, read without a device sync) and the backward
+ran as a tag (:func:`_backend_tag`, a CPU int8 scalar, read without a device sync) and the backward
 custom op runs that one, also outside the forward's ``use_backend`` block or on an autograd worker
 thread, which does not see the ContextVar. The fractal ops' backward is the inverse custom op, which
 chooses again when it runs (a permutation: every backend gives the same bits). Put ``use_backend``
@@ -49,6 +49,16 @@ from typing import Iterator, Mapping
 import torch
 
 from kandinsky_kernels import _ext, _triton
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "available_backends",
+    "forced_backend",
+    "select_backend",
+    "use_backend",
+]
 
 BACKENDS = ("reference", "triton", "cpu")
 ENV_VAR = "KANDINSKY_KERNELS_BACKEND"
@@ -142,18 +152,18 @@ def available_backends(op: str, device: torch.device | str, implemented: Mapping
     return [b for b in BACKENDS if _why_not(b, device_type, impl.get(b, False)) is None]
 
 
-def backend_tag(name: str) -> torch.Tensor:
+def _backend_tag(name: str) -> torch.Tensor:
     """``name`` as a CPU int8 scalar: an output with which a forward custom op tells its backward
     custom op the backend it ran (see the module doc); CPU even for CUDA inputs, so reading it back
-    (:func:`backend_of_tag`) never waits for the device."""
+    (:func:`_backend_of_tag`) never waits for the device."""
     return torch.tensor(BACKENDS.index(name), dtype=torch.int8)
 
 
-def fake_backend_tag() -> torch.Tensor:
-    """What :func:`backend_tag` returns, for fake (meta) implementations: no value."""
+def _fake_backend_tag() -> torch.Tensor:
+    """What :func:`_backend_tag` returns, for fake (meta) implementations: no value."""
     return torch.empty((), dtype=torch.int8)
 
 
-def backend_of_tag(tag: torch.Tensor) -> str:
-    """The backend name a :func:`backend_tag` holds."""
+def _backend_of_tag(tag: torch.Tensor) -> str:
+    """The backend name a :func:`_backend_tag` holds."""
     return BACKENDS[int(tag)]

@@ -17,6 +17,7 @@ Layout (the FlexAttention ``BlockMask`` convention, restricted to what block-spa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,11 @@ from kandinsky_kernels._validation import (
     check_tensor,
     mark_mask_checked,
 )
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from kandinsky_kernels.ops.fractal import FractalLayout
 
 
 def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +50,11 @@ def _compact(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices = torch.empty_like(d32).scatter_(-1, pos, ids)
     mark_mask_checked(counts, indices)  # valid by construction: no check when a mask wraps them
     return counts, indices
+
+
+__all__ = ["BlockSparseMask"]
+
+_NOT_OURS = object()  # what a mask_mod that to_flex_block_mask did not make "recovers"
 
 
 @dataclass
@@ -112,9 +123,10 @@ class BlockSparseMask:
     def device(self) -> torch.device:
         return self.kv_indices.device
 
+    @property
     def density(self) -> float:
         """Fraction of (query block, key block) pairs that are computed, over all batches and heads
-        (0.0 for a mask with no pairs)."""
+        (0.0 for a mask with no pairs). A property (reads the counts: one host sync on a GPU)."""
         b, h, nq, nk = self.shape
         pairs = b * h * nq * nk
         return self.kv_num_blocks.sum(dtype=torch.int64).item() / pairs if pairs else 0.0
@@ -134,13 +146,81 @@ class BlockSparseMask:
         block_size: int = 64,
         *,
         token_valid: torch.Tensor | None = None,
+        grid: "FractalLayout | tuple[int, int, int] | None" = None,
     ) -> "BlockSparseMask":
-        """Build from a bool block mask of shape (Nq, Nk), (H, Nq, Nk) or (B, H, Nq, Nk)."""
+        """Build from a bool block mask of shape (Nq, Nk), (H, Nq, Nk) or (B, H, Nq, Nk).
+
+        ``token_valid``: optional bool (S_kv,) or (B, S_kv), False for pad keys. ``grid``: optional
+        token grid (T, H, W) in tokens, or a :class:`kandinsky_kernels.FractalLayout`, of a fractal
+        sequence of Nk blocks: its padding tokens (H or W not a multiple of the tile) are marked
+        invalid too (AND-ed with ``token_valid``); its tile must be sqrt(``block_size``). Without
+        either, every token counts as real, so a mask over a padded grid would attend pad keys.
+        """
         check_tensor("mask", mask, ndim=(2, 3, 4), dtypes=(torch.bool,))
         while mask.dim() < 4:
             mask = mask.unsqueeze(0)
+        if grid is not None:
+            from kandinsky_kernels.ops.fractal import _grid_token_valid
+
+            check_positive_int("block_size", block_size)
+            _, token_valid = _grid_token_valid(grid, token_valid, mask.shape[-1] * block_size, block_size,
+                                               mask.device, name="the mask")
         counts, indices = _compact(mask)
         return cls(counts, indices, block_size, token_valid=token_valid)
+
+    @classmethod
+    def from_flex_block_mask(
+        cls,
+        block_mask,
+        *,
+        token_valid: torch.Tensor | None = None,
+        partial_blocks_as_full: bool = False,
+    ) -> "BlockSparseMask":
+        """The inverse of :meth:`to_flex_block_mask`: a ``torch.nn.attention.flex_attention.BlockMask``
+        with equal query and key block sizes and sequence lengths that are whole blocks, as a
+        BlockSparseMask. Its partial and full blocks together become the active blocks.
+
+        A BlockMask made by :meth:`to_flex_block_mask` round-trips exactly, padding (``token_valid``)
+        included. Any other BlockMask's partial blocks carry an element-wise ``mask_mod`` that this
+        mask cannot express: that raises ValueError unless ``partial_blocks_as_full=True`` (every
+        element of a partial block attended to; pass ``token_valid=`` (bool (S_kv,) or (B, S_kv)) for
+        pad keys). A ``token_valid`` given here replaces a recovered one.
+        """
+        from torch.nn.attention.flex_attention import BlockMask, noop_mask
+
+        if not isinstance(block_mask, BlockMask):
+            raise ValueError(
+                f"block_mask must be a flex_attention BlockMask, got {type(block_mask).__name__}"
+            )
+        bq, bk = block_mask.BLOCK_SIZE
+        if bq != bk:
+            raise ValueError(f"block_mask has BLOCK_SIZE (Q, KV) = ({bq}, {bk}); a BlockSparseMask needs "
+                             "one block size for queries and keys")
+        sq, sk = block_mask.seq_lengths
+        if sq % bq or sk % bk:
+            raise ValueError(f"block_mask has seq_lengths (Sq, Skv) = ({sq}, {sk}), not whole blocks of "
+                             f"{bq} tokens; a BlockSparseMask needs S a multiple of the block size")
+        nq, nk = sq // bq, sk // bk
+        partial = block_mask.kv_num_blocks
+        recovered = getattr(block_mask.mask_mod, "_kk_token_valid", _NOT_OURS)
+        ours = block_mask.mask_mod is noop_mask or recovered is not _NOT_OURS
+        if not ours and not partial_blocks_as_full and bool((partial > 0).any()):
+            raise ValueError(
+                "block_mask has partial blocks with a mask_mod that a BlockSparseMask cannot express "
+                "element by element; pass partial_blocks_as_full=True to attend to every element of "
+                "them (and token_valid= for pad keys)"
+            )
+        dense = None
+        for counts, indices in ((partial, block_mask.kv_indices),
+                                (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+            if counts is None:
+                continue
+            counts, indices = counts[..., :nq], indices[..., :nq, :nk].to(torch.int32)
+            part = cls(counts.to(torch.int32).contiguous(), indices.contiguous(), bq).to_dense_blocks()
+            dense = part if dense is None else dense | part
+        if token_valid is None and recovered is not _NOT_OURS:
+            token_valid = recovered
+        return cls.from_dense_blocks(dense, bq, token_valid=token_valid)
 
     def to_dense_blocks(self) -> torch.Tensor:
         """Bool (B, H, Nq, Nk): True where query block i attends to key block j."""
@@ -160,14 +240,16 @@ class BlockSparseMask:
             dense = dense & self.token_valid[:, None, None, :]
         return dense
 
-    def transpose(self) -> "BlockSparseMask":
+    def transpose(self, *, token_valid: torch.Tensor | None = None) -> "BlockSparseMask":
         """The same pattern seen from the key side: row ``j`` lists the query blocks that attend to key
         block ``j`` (ascending). Shapes (B, H, Nk) and (B, H, Nk, Nq). What a backward kernel that
-        accumulates dK/dV per key block walks. ``token_valid`` is not carried over (it describes keys).
+        accumulates dK/dV per key block walks. ``token_valid`` is not carried over (it describes keys);
+        pass ``token_valid=`` (bool (S_q,) or (B, S_q)) for the new keys, the original queries.
         """
         counts, indices = _compact(self.to_dense_blocks().transpose(-1, -2))
         return BlockSparseMask(
-            counts, indices, self.block_size, seq_len_q=self.seq_len_kv, seq_len_kv=self.seq_len_q
+            counts, indices, self.block_size, seq_len_q=self.seq_len_kv, seq_len_kv=self.seq_len_q,
+            token_valid=token_valid,
         )
 
     def to(self, device: torch.device | str) -> "BlockSparseMask":
@@ -185,7 +267,7 @@ class BlockSparseMask:
             tv,
         )
 
-    def to_flex_block_mask(self, full_blocks: bool | None = None):
+    def to_flex_block_mask(self, full_blocks: bool | None = None) -> "BlockMask":
         """A ``torch.nn.attention.flex_attention.BlockMask`` with exactly this pattern.
 
         ``full_blocks``: pass the active blocks as *full* blocks (no per-element ``mask_mod``, what the
@@ -222,6 +304,9 @@ class BlockSparseMask:
             def mask_mod(b, h, q_idx, kv_idx):
                 return valid[b, kv_idx]
 
+        # Lets from_flex_block_mask recover what the element-wise mask_mod means.
+        mask_mod._kk_token_valid = self.token_valid
+
         return BlockMask.from_kv_blocks(
             self.kv_num_blocks,
             self.kv_indices,
@@ -235,5 +320,5 @@ class BlockSparseMask:
         pad = "" if self.token_valid is None else ", padded"
         return (
             f"BlockSparseMask(B={b}, H={h}, Nq={nq}, Nk={nk}, block_size={self.block_size}, "
-            f"density={self.density():.3f}{pad}, device={self.device})"
+            f"density={self.density:.3f}{pad}, device={self.device})"
         )

@@ -492,13 +492,15 @@ for _backend in NABLA_BACKENDS:
 
 for _label, _grid, _kw, _msg in (
     ("grid-2-tuple", (2, 2), {}, "grid must be"),
-    ("grid-wrong-product", (2, 2, 2), {}, "holds 8 blocks"),
+    ("grid-wrong-product", (2, 2, 2), {}, r"read as the token grid \(T, H, W\)"),
+    ("grid-in-tiles", (1, 2, 2), {}, r"\(T, h_tiles, w_tiles\) in 8x8-token tiles, which grid no longer"),
+    ("grid-none-no-token-valid", None, dict(sta_window=None), "cannot tell padding"),
     ("grid-zero", (4, 0, 1), {}, "grid must be"),
     ("grid-none-with-window", None, {}, "needs grid"),
     ("window-even", (4, 1, 1), dict(sta_window=(2, 3, 3)), "odd"),
     ("window-int", (4, 1, 1), dict(sta_window=3), "sta_window"),
     ("layout-tile-4", kk.FractalLayout(4, 8, 8, tile=4), {}, "64-token blocks"),
-    ("cu-seqlens-misaligned", None,
+    ("cu-seqlens-misaligned", (4, 8, 8),
      dict(sta_window=None, cu_seqlens=torch.tensor([0, 96, S], dtype=torch.int32)),
      r"cu_seqlens\[1\]=96 is not a multiple"),
 ):

@@ -139,10 +139,10 @@ OPS = ("fractal", "nabla", "attention")
 _KERNELS = [
     (fractal_ops, "fractal_flatten_ref", "fwd", "reference"),
     (fractal_ops, "fractal_unflatten_ref", "bwd", "reference"),
-    (fractal_ops, "fractal_flatten_triton", "fwd", "triton"),
-    (fractal_ops, "fractal_unflatten_triton", "bwd", "triton"),
+    (fractal_ops, "_fractal_flatten_triton", "fwd", "triton"),
+    (fractal_ops, "_fractal_unflatten_triton", "bwd", "triton"),
     (nabla_ops, "_nabla_reference", "fwd", "reference"),
-    (nabla_ops, "nabla_block_mask_forward", "fwd", "triton"),
+    (nabla_ops, "_nabla_block_mask_forward", "fwd", "triton"),
     (bsa_ops, "block_sparse_attention_with_lse", "fwd", "reference"),
     (bsa_ops, "block_sparse_attention_backward_reference", "bwd", "reference"),
     (_bsa_triton, "bsa_forward_triton", "fwd", "triton"),
@@ -391,3 +391,110 @@ def test_custom_ops_pass_opcheck_on_every_backend(backend):
     with use_backend(backend):
         for op, args in cases:
             torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------------- typed surface
+_PUBLIC_MODULES = ("kandinsky_kernels.mask", "kandinsky_kernels.backends", "kandinsky_kernels.ops.fractal",
+                   "kandinsky_kernels.ops.nabla", "kandinsky_kernels.ops.sta",
+                   "kandinsky_kernels.ops.block_sparse_attention")
+
+
+def test_package_ships_py_typed():
+    """PEP 561: the marker file exists and setup.py lists it as package data (so wheels carry it)."""
+    import pathlib
+
+    pkg = pathlib.Path(kk.__file__).parent
+    assert (pkg / "py.typed").is_file()
+    setup = (pkg.parent / "setup.py").read_text()
+    assert 'package_data={"kandinsky_kernels": ["py.typed"]}' in setup
+
+
+def test_init_exports_are_visible_to_type_checkers():
+    """Type checkers see every exported name through a TYPE_CHECKING import (a module __getattr__ made
+    them untyped); __all__ is a literal list, and each name is, at run time, the object its module
+    defines."""
+    import ast
+    import importlib
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(kk.__file__).read_text())
+    checked_imports, all_literal = {}, None
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom)
+                for alias in imp.names:
+                    assert alias.asname == alias.name, "re-export form `import x as x`"
+                    checked_imports[alias.name] = imp.module
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            all_literal = ast.literal_eval(node.value)
+        if isinstance(node, ast.FunctionDef):
+            assert node.name != "__getattr__", "__getattr__ must be hidden from type checkers"
+    assert all_literal is not None, "__all__ must be a literal list"
+    assert set(checked_imports) == set(all_literal) - {"__version__"}
+    assert checked_imports == kk._EXPORTS
+    for name, module in checked_imports.items():
+        assert getattr(kk, name) is getattr(importlib.import_module(module), name)
+    assert sorted(dir(kk)) == sorted(all_literal)
+
+
+def test_import_is_cheap_and_touches_no_device():
+    """import kandinsky_kernels loads no op module, no Triton, no compiled extension, and no CUDA."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, kandinsky_kernels as kk; "
+            "heavy = ('triton', 'kandinsky_kernels._C', 'kandinsky_kernels.ops.nabla'); "
+            "bad = [m for m in heavy if m in sys.modules]; "
+            "assert not bad, bad; kk.BlockSparseMask; assert not torch.cuda.is_initialized()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_public_functions_have_return_annotations():
+    import importlib
+    import inspect
+
+    for name in kk.__all__:
+        obj = getattr(kk, name)
+        if inspect.isfunction(obj):
+            assert inspect.signature(obj).return_annotation is not inspect.Signature.empty, name
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                if attr.startswith("_") or not inspect.isfunction(fn):
+                    continue
+                annotation = inspect.signature(fn).return_annotation
+                assert annotation is not inspect.Signature.empty, f"{name}.{attr}"
+    for module_name in _PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for attr in module.__all__:
+            fn = getattr(module, attr)
+            if inspect.isfunction(fn):
+                assert inspect.signature(fn).return_annotation is not inspect.Signature.empty, attr
+
+
+def test_helpers_that_are_not_public_are_underscored():
+    """Every function or class a public module defines is in its __all__ or starts with '_'."""
+    import importlib
+    import inspect
+
+    for module_name in _PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        public = set(module.__all__)
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                assert attr in public, f"{module_name}.{attr} is neither in __all__ nor underscored"
+
+
+def test_readme_api_section_lists_every_public_name():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(kk.__file__).parent.parent / "README.md").read_text()
+    section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+    assert listed == set(kk.__all__), f"missing {set(kk.__all__) - listed}, extra {listed - set(kk.__all__)}"

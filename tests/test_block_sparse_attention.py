@@ -323,7 +323,7 @@ def test_validation(mutate, match):
 
 
 # --------------------------------------------------------------------------------- nabla_attention
-@pytest.mark.parametrize("padded", [False, True], ids=["grid-tuple", "fractal-layout-padded"])
+@pytest.mark.parametrize("padded", [False, True], ids=["token-grid-tuple", "fractal-layout-padded"])
 def test_nabla_attention(padded):
     from kandinsky_kernels.ops.nabla import nabla_attention
     from kandinsky_kernels.ops.fractal import FractalLayout
@@ -331,7 +331,7 @@ def test_nabla_attention(padded):
     from kandinsky_kernels.ops.sta import sta_block_mask
 
     layout = FractalLayout(t=2, h=12 if padded else 16, w=20 if padded else 24)
-    grid = layout if padded else (layout.t, layout.h_tiles, layout.w_tiles)
+    grid = layout if padded else (layout.t, layout.h, layout.w)
     q, k, v = qkv(1, layout.seq_len, 2, 64, torch.float32)
     out, mask = nabla_attention(q, k, v, 0.8, sta_window=(3, 3, 3), grid=grid, return_mask=True)
     sta = sta_block_mask(layout.t, layout.h_tiles, layout.w_tiles, (3, 3, 3))

@@ -205,7 +205,7 @@ def test_empty(device):
         (lambda: fractal_flatten(torch.zeros(1, 1, 4, 5, 2), tile=0), "tile must be a positive int, got 0"),
         (lambda: fractal_flatten(torch.zeros(1, 1, 4, 5, 2), tile=2.0), "tile must be a positive int.*2.0"),
         (lambda: fractal_unflatten(torch.zeros(1, 63, 2), (1, 8, 8)), r"S=63 .* needs S = T\*Hp\*Wp = 64"),
-        (lambda: fractal_unflatten(torch.zeros(1, 64, 2), (1, 8)), r"grid must be a \(T, H, W\) tuple"),
+        (lambda: fractal_unflatten(torch.zeros(1, 64, 2), (1, 8)), r"grid must be the token grid \(T, H"),
         (lambda: fractal_unflatten(torch.zeros(1, 64, 2), (1, 0, 8)), r"grid must be .* got \(1, 0, 8\)"),
         (lambda: fractal_unflatten(torch.zeros(1, 64, 2), (1, 8, 8), tile=-8), "tile must be a positive int"),
         (lambda: fractal_unflatten(torch.zeros(64), (1, 8, 8)), r"y must have shape \(B, S, \*rest\)"),
@@ -257,3 +257,52 @@ def test_torch_compile_fullgraph():
     expected.sum().backward()
     assert_exact(out, expected)
     assert_exact(grad, x.grad)
+
+
+# ------------------------------------------------------------------------ traps of the caller's grid
+def test_flatten_with_grid_refuses_channels_first():
+    """Given the grid it expects, fractal_flatten refuses a channels-first (B, C, T, H, W) latent with a
+    hint instead of reading it as T = C; a channels-last one passes and equals the call without grid."""
+    x = torch.randn(2, 3, 12, 20, 16)  # (B, T, H, W, C)
+    assert_exact(fractal_flatten(x, grid=(3, 12, 20)), fractal_flatten(x), "with grid")
+    assert_exact(fractal_flatten(x, grid=FractalLayout(3, 12, 20)), fractal_flatten(x), "with layout")
+    with pytest.raises(ValueError, match=r"x has shape \(2, 16, 3, 12, 20\), which holds grid \(T, H, W\) = "
+                                         r"\(3, 12, 20\) at dims 2-4: a channels-first .* "
+                                         r"x.permute\(0, 2, 3, 4, 1\)"):
+        fractal_flatten(x.permute(0, 4, 1, 2, 3).contiguous(), grid=(3, 12, 20))
+    with pytest.raises(ValueError, match=r"grid \(T, H, W\) = \(3, 16, 24\) \(in tokens\) needs x of shape "
+                                         r"\(B, 3, 16, 24, \*rest\)"):
+        fractal_flatten(x, grid=(3, 16, 24))
+    with pytest.raises(ValueError, match="grid must be the token grid"):
+        fractal_flatten(x, grid=(3, 12))
+
+
+def test_unflatten_refuses_the_padded_grid_of_a_flattened_tensor():
+    """fractal_unflatten(y, (T, Hp, Wp)) on the output of fractal_flatten of (T, H, W): S matches, but
+    the padding would come back as tokens. Refused, naming the grid the layout expects."""
+    x = torch.randn(1, 2, 12, 20, 4)
+    y, layout = fractal_flatten(x, return_layout=True)
+    with pytest.raises(ValueError, match=r"made by fractal_flatten from the token grid \(T, H, W\) = "
+                                         r"\(2, 12, 20\) .* is its padded grid; pass the original grid "
+                                         r"\(2, 12, 20\)"):
+        fractal_unflatten(y, (2, 16, 24))
+    with pytest.raises(ValueError, match=r"pass the original grid \(2, 12, 20\)"):
+        fractal_unflatten(y, (2, 16, 17))  # same S, another grid
+    assert_exact(fractal_unflatten(y, (2, 12, 20)), x, "original grid")
+    assert_exact(fractal_unflatten(y, layout), x, "layout")
+    # The record survives torch.save / torch.load(weights_only=True).
+    import io
+
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    buf.seek(0)
+    with pytest.raises(ValueError, match="is its padded grid"):
+        fractal_unflatten(torch.load(buf, weights_only=True), (2, 16, 24))
+    # A grid consistent with the tensor's own S is all that can be checked on a computed tensor.
+    assert fractal_unflatten(y * 2, (2, 16, 24)).shape == (1, 2, 16, 24, 4)
+
+
+def test_layout_tile_grid():
+    layout = FractalLayout(3, 12, 20)
+    assert layout.tile_grid == (3, 2, 3)
+    assert FractalLayout(2, 16, 16, tile=4).tile_grid == (2, 4, 4)

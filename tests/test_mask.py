@@ -24,7 +24,7 @@ def test_dense_round_trip_and_compact_order(shape, density):
         row, n, ind = dense[tuple(idx)], int(m.kv_num_blocks[tuple(idx)]), m.kv_indices[tuple(idx)]
         assert ind[:n].tolist() == row.nonzero().flatten().tolist()
         assert ind[n:].tolist() == (~row).nonzero().flatten().tolist()
-    assert m.density() == pytest.approx(dense.float().mean().item())
+    assert m.density == pytest.approx(dense.float().mean().item())
 
 
 def test_lower_rank_masks_broadcast_to_4d():
@@ -43,6 +43,9 @@ def test_transpose():
     assert_exact(t.to_dense_blocks(), dense.transpose(-1, -2))
     assert (t.seq_len_q, t.seq_len_kv) == (9 * 32, 5 * 32)
     assert_exact(t.transpose().to_dense_blocks(), dense)
+    valid = torch.ones(5 * 32, dtype=torch.bool)
+    valid[-3:] = False
+    assert torch.equal(m.transpose(token_valid=valid).token_valid, valid.expand(2, -1))
 
 
 def test_token_valid_expands_and_masks_tokens():
@@ -107,7 +110,7 @@ def test_inactive_tail_may_hold_anything():
     m = BlockSparseMask(torch.tensor([[[1, 0]]], dtype=torch.int32),
                         torch.tensor([[[[1, 1], [-5, 99]]]], dtype=torch.int32))
     assert m.to_dense_blocks().tolist() == [[[[False, True], [False, False]]]]
-    assert m.density() == 0.25
+    assert m.density == 0.25
 
 
 def test_checked_mask_is_checked_again_after_in_place_change():
@@ -155,3 +158,82 @@ def test_batch_shared_mask_keeps_per_sample_padding():
     assert tok[0].all() and not tok[1, ..., 6:].any()
     with pytest.raises(ValueError, match="token_valid shape"):
         BlockSparseMask.from_dense_blocks(torch.ones(3, 1, 2, 2, dtype=torch.bool), 4, token_valid=valid)
+
+
+def test_density_is_a_property():
+    m = BlockSparseMask.from_dense_blocks(torch.eye(4, dtype=torch.bool), 16)
+    assert isinstance(type(m).density, property)
+    assert m.density == 0.25
+    assert "density=0.250" in repr(m)
+
+
+# -------------------------------------------------------------------------- grids in tokens
+def test_from_dense_blocks_takes_the_token_grid():
+    """grid=(T, H, W) in tokens (or a FractalLayout) marks the padding keys itself, AND-ed with
+    token_valid; a tuple in tile units is refused with an explanation."""
+    from kandinsky_kernels import FractalLayout
+
+    layout = FractalLayout(2, 12, 20)
+    n = layout.num_blocks
+    dense = _random_dense((n, n), 0.5) | torch.eye(n, dtype=torch.bool)
+    for grid in [(2, 12, 20), layout]:
+        m = BlockSparseMask.from_dense_blocks(dense, grid=grid)
+        assert torch.equal(m.token_valid[0], layout.token_valid())
+        assert_exact(m.to_dense_blocks()[0, 0], dense)
+    extra = torch.ones(layout.seq_len, dtype=torch.bool)
+    extra[:5] = False
+    m = BlockSparseMask.from_dense_blocks(dense, token_valid=extra, grid=(2, 12, 20))
+    assert torch.equal(m.token_valid[0], extra & layout.token_valid())
+    assert BlockSparseMask.from_dense_blocks(dense[:4, :4], grid=(1, 16, 16)).token_valid is None
+    with pytest.raises(ValueError, match=r"\(T, h_tiles, w_tiles\) in 8x8-token tiles, which grid no longer"):
+        BlockSparseMask.from_dense_blocks(dense, grid=layout.tile_grid)
+    with pytest.raises(ValueError, match="block_size = tile \\* tile"):
+        BlockSparseMask.from_dense_blocks(dense, 48, grid=(2, 12, 20))
+
+
+# ------------------------------------------------------------------------------- Flex interop
+# Full blocks cannot express padding (to_flex_block_mask refuses that pair).
+@pytest.mark.parametrize("padded, full_blocks", [(False, False), (False, True), (True, False)],
+                         ids=["partial", "full", "padded-partial"])
+def test_flex_block_mask_round_trip(padded, full_blocks):
+    dense = _random_dense((2, 3, 6, 6), 0.4)
+    valid = None
+    if padded:
+        valid = torch.ones(2, 6 * 32, dtype=torch.bool)
+        valid[1, 100:] = False
+    m = BlockSparseMask.from_dense_blocks(dense, 32, token_valid=valid)
+    back = BlockSparseMask.from_flex_block_mask(m.to_flex_block_mask(full_blocks=full_blocks))
+    assert back.block_size == 32 and back.shape == m.shape
+    assert_exact(back.kv_num_blocks, m.kv_num_blocks, "kv_num_blocks")
+    assert_exact(back.kv_indices, m.kv_indices, "kv_indices")
+    assert (back.token_valid is None) == (valid is None)
+    if padded:
+        assert torch.equal(back.token_valid, m.token_valid)
+
+
+def test_from_flex_block_mask_partial_and_full_blocks_and_foreign_mask_mod():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    num = torch.tensor([[[1, 1, 0]]], dtype=torch.int32)
+    idx = torch.tensor([[[[2, 0, 1], [0, 1, 2], [0, 1, 2]]]], dtype=torch.int32)
+    full_num = torch.tensor([[[1, 0, 2]]], dtype=torch.int32)
+    full_idx = torch.tensor([[[[0, 1, 2], [0, 1, 2], [1, 2, 0]]]], dtype=torch.int32)
+    expect = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    foreign = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=16, mask_mod=causal)
+    with pytest.raises(ValueError, match="partial blocks with a mask_mod"):
+        BlockSparseMask.from_flex_block_mask(foreign)
+    m = BlockSparseMask.from_flex_block_mask(foreign, partial_blocks_as_full=True)
+    assert_exact(m.to_dense_blocks()[0, 0], expect)
+    only_full = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, full_num, full_idx, BLOCK_SIZE=16,
+                                         mask_mod=causal)
+    assert_exact(BlockSparseMask.from_flex_block_mask(only_full).to_dense_blocks()[0, 0],
+                 torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 1]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="one block size for queries and keys"):
+        BlockSparseMask.from_flex_block_mask(
+            BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(16, 32), seq_lengths=(48, 96)))
+    with pytest.raises(ValueError, match="must be a flex_attention BlockMask"):
+        BlockSparseMask.from_flex_block_mask(expect)

@@ -406,7 +406,7 @@ def test_nabla_sparse_matches_reference_with_same_masks(latent_grid):
         state = model.prepare(x, text, pooled, ts, mask, attention_backend="nabla", record_masks=records)
         out = model.finish(model.run_visual_blocks(state), state)
     assert len(records) == model.config.num_visual_blocks
-    density = sum(r.density() for r in records) / len(records)
+    density = sum(r.density for r in records) / len(records)
     assert density < 1.0, "the test needs a genuinely sparse mask"
     grid = (latent_grid[0], latent_grid[1] // 2, latent_grid[2] // 2)
     masks = _plain_order_masks(records, grid, model.config.nabla.tile, x.shape[0])
@@ -574,7 +574,7 @@ def test_blocks_compile_fullgraph(backend, compiler):
     masks = None
     if backend == "nabla":
         assert len(records) == model.config.num_visual_blocks
-        assert sum(r.density() for r in records) / len(records) < 1.0
+        assert sum(r.density for r in records) / len(records) < 1.0
         token_grid = (grid[0], grid[1] // 2, grid[2] // 2)
         masks = _plain_order_masks(records, token_grid, model.config.nabla.tile, x.shape[0])
     check_against_reference(model, x, text, pooled, ts, mask, out, masks_per_sample=masks)
@@ -619,7 +619,7 @@ def test_gpu_forward_matches_plain_reference(backend, latent_grid):
     if backend == "nabla":
         assert all(r.kv_indices.is_cuda for r in records)
         records = [r.to("cpu") for r in records]
-        assert sum(r.density() for r in records) / len(records) < 1.0
+        assert sum(r.density for r in records) / len(records) < 1.0
         grid = (latent_grid[0], latent_grid[1] // 2, latent_grid[2] // 2)
         masks = _plain_order_masks(records, grid, model.config.nabla.tile, x.shape[0])
     check_against_reference(model.to("cpu"), x, text, pooled, ts, mask, out.cpu(), masks_per_sample=masks)

@@ -285,7 +285,7 @@ def _bad_inputs():
         ((q, q, float("nan")), {}, "threshold must be a number"),
         ((q, q, True), {}, "threshold must be a number"),
         ((q, q, 0.5, sta.int()), {}, "sta must have dtype in"),
-        ((q, q, 0.5, sta[:1]), {}, r"sta must have shape \(Nq, Nk\) = \(2, 2\), got \(1, 2\)"),
+        ((q, q, 0.5, sta[:1]), {}, r"sta must have shape \(Nq, Nk\) = \(2, 2\) .*got \(1, 2\)"),
         ((q, q, 0.5, None, 0), {}, "block_size must be a positive int"),
         ((q, q, 0.5), {"token_valid": torch.ones(127, dtype=torch.bool)}, r"token_valid must have shape"),
         ((q, q, 0.5), {"token_valid": torch.ones(128)}, "token_valid must have dtype in"),
@@ -509,12 +509,12 @@ def test_nabla_attention_cu_seqlens_equals_videos_alone(name, sta_window, reques
     s = t * per_frame * 64
     cu = _cu([f * per_frame for f in frames], 64)
     q, k, v = (torch.randn(1, s, 2, 16) * 2 for _ in range(3))
-    grid = (t, 1, per_frame)
+    grid = (t, 8, 8 * per_frame)  # tokens: blocks (t, 1, per_frame)
     with use_backend(name):
         out, mask = nabla_attention(q.to(device), k.to(device), v.to(device), 0.8, sta_window, grid=grid,
                                     return_mask=True, cu_seqlens=cu.to(device))
     out, mask = out.to("cpu"), mask.to("cpu")
-    sta = None if sta_window is None else sta_block_mask(*grid, sta_window)
+    sta = None if sta_window is None else sta_block_mask(t, 1, per_frame, sta_window)
     assert_exact(mask.to_dense_blocks(), _per_video_oracle(q, k, 0.8, sta, 64, None, cu), "mask")
     offsets = cu.tolist()
     for i, (start, end) in enumerate(zip(offsets, offsets[1:])):
@@ -525,3 +525,176 @@ def test_nabla_attention_cu_seqlens_equals_videos_alone(name, sta_window, reques
         t_out = block_sparse_attention_reference(qi, ki, vi, mask_i, upcast=False)
         assert_close_to_reference(out[:, start:end], ref, t_out, name=f"video {i}")
     assert (out[:, offsets[-1] :] == 0).all(), "tokens past the end must give zeros"
+
+
+# ------------------------------------------------------------------- the caller's grid, in tokens
+def _padded_qkv(grid=(2, 12, 20), h=2, d=16):
+    """q, k, v (1, S, h, d) of a fractal sequence of the token grid ``grid`` and its FractalLayout."""
+    from kandinsky_kernels import FractalLayout
+
+    layout = FractalLayout(*grid)
+    q, k, v = (torch.randn(1, layout.seq_len, h, d) * 2 for _ in range(3))
+    return q, k, v, layout
+
+
+@pytest.mark.parametrize("how", ["tuple", "layout"])
+def test_nabla_attention_token_grid_never_attends_padding(backend, how):
+    """A grid whose H and W are not multiples of 8, given in tokens: at threshold 1 (every block kept)
+    the output equals dense attention over the real keys only (before: the tuple was read in tiles,
+    and grid=None or a tile tuple attended the pad keys, 0.10 relative error)."""
+    from conftest import assert_close_to_reference
+
+    from kandinsky_kernels import nabla_attention
+    from kandinsky_kernels.reference.attention import block_sparse_attention_reference
+
+    name, device = backend
+    q, k, v, layout = _padded_qkv()
+    grid = layout if how == "layout" else (2, 12, 20)
+    with use_backend(name):
+        out, mask = nabla_attention(q.to(device), k.to(device), v.to(device), 1.0, None, grid=grid,
+                                    return_mask=True)
+    out, mask = out.to("cpu"), mask.to("cpu")
+    assert torch.equal(mask.token_valid[0], layout.token_valid())
+    n = layout.num_blocks
+    dense = BlockSparseMask.from_dense_blocks(torch.ones(n, n, dtype=torch.bool),
+                                              token_valid=layout.token_valid())
+    ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), dense)
+    assert_close_to_reference(out, ref, block_sparse_attention_reference(q, k, v, dense, upcast=False))
+
+
+def test_nabla_attention_token_grid_with_sta_window():
+    """The STA window is laid on the blocks of the token grid (its tile grid), padding masked."""
+    from kandinsky_kernels import block_sparse_attention, nabla_attention
+
+    q, k, v, layout = _padded_qkv((3, 12, 20))
+    out, mask = nabla_attention(q, k, v, 0.5, (1, 1, 1), grid=(3, 12, 20), return_mask=True)
+    sta = sta_block_mask(*layout.tile_grid, (1, 1, 1))
+    expect = nabla_block_mask(q, k, 0.5, sta, token_valid=layout.token_valid())
+    assert_exact(mask.to_dense_blocks(), expect.to_dense_blocks(), "mask")
+    assert torch.equal(out, block_sparse_attention(q, k, v, expect))
+
+
+@pytest.mark.parametrize(
+    "grid, match",
+    [
+        ((2, 2, 3), r"grid=\(2, 2, 3\) is read as the token grid \(T, H, W\).*fits S as \(T, h_tiles, "
+                    r"w_tiles\) in 8x8-token tiles, which grid no longer takes.*\(T, 16, 24\)"),
+        ((2, 12, 25), r"grid=\(2, 12, 25\) is read as the token grid \(T, H, W\), padded to 8x8 tiles: "
+                      r"T\*Hp\*Wp = 2\*16\*32 = 1024 tokens, but q has S=768"),
+        ((2, 12), "grid must be the token grid"),
+    ],
+)
+def test_nabla_attention_refuses_grids_that_do_not_fit(grid, match):
+    from kandinsky_kernels import nabla_attention
+
+    q, k, v, _ = _padded_qkv()
+    with pytest.raises(ValueError, match=match):
+        nabla_attention(q, k, v, 0.9, None, grid=grid)
+
+
+def test_nabla_attention_grid_none_needs_token_valid():
+    """grid=None cannot tell padding from q: refused unless token_valid says which keys are real."""
+    from kandinsky_kernels import nabla_attention
+
+    q, k, v, layout = _padded_qkv()
+    with pytest.raises(ValueError, match="grid=None and no token_valid, so it cannot tell padding"):
+        nabla_attention(q, k, v, 0.9, None)
+    with pytest.raises(ValueError, match="needs grid"):
+        nabla_attention(q, k, v, 0.9, (3, 3, 3), token_valid=layout.token_valid())
+    out = nabla_attention(q, k, v, 0.9, None, token_valid=layout.token_valid())
+    assert torch.equal(out, nabla_attention(q, k, v, 0.9, None, grid=layout))
+    # token_valid with a grid: AND-ed with the grid's padding
+    drop = layout.token_valid().clone()
+    drop[:64] = False
+    out, mask = nabla_attention(q, k, v, 0.9, None, grid=(2, 12, 20), token_valid=drop, return_mask=True)
+    assert torch.equal(mask.token_valid[0], drop & layout.token_valid())
+
+
+def test_nabla_block_mask_takes_the_token_grid():
+    q, k, _, layout = _padded_qkv()
+    by_grid = nabla_block_mask(q, k, 0.7, grid=(2, 12, 20))
+    by_valid = nabla_block_mask(q, k, 0.7, token_valid=layout.token_valid())
+    assert_exact(by_grid.kv_indices, by_valid.kv_indices, "kv_indices")
+    assert torch.equal(by_grid.token_valid, by_valid.token_valid)
+    assert nabla_block_mask(q, k, 0.7, grid=layout).token_valid is not None
+    with pytest.raises(ValueError, match="which grid no longer takes"):
+        nabla_block_mask(q, k, 0.7, grid=layout.tile_grid)
+    with pytest.raises(ValueError, match=r"grid has tile 8 \(64-token blocks\) but block_size is 16"):
+        nabla_block_mask(q, k, 0.7, None, 16, grid=layout)
+    # A tuple is read with tile sqrt(block_size): 16-token blocks are 4x4 tiles.
+    from kandinsky_kernels import FractalLayout
+
+    small = FractalLayout(2, 6, 10, tile=4)
+    qs, ks = q[:, :small.seq_len], k[:, :small.seq_len]
+    by_grid = nabla_block_mask(qs, ks, 0.7, None, 16, grid=(2, 6, 10))
+    assert torch.equal(by_grid.token_valid[0], small.token_valid())
+    with pytest.raises(ValueError, match="block_size = tile \\* tile"):
+        nabla_block_mask(q, k, 0.7, None, 32, grid=(2, 12, 20))
+    with pytest.raises(ValueError, match=r"token_valid must have shape \(S,\) or \(B, S\) with S=768"):
+        nabla_block_mask(q, k, 0.7, grid=(2, 12, 20), token_valid=torch.ones(5, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ errors in the caller's terms
+def test_bhsd_input_gets_a_layout_hint():
+    """(B, H, S, D) passed where (B, S, H, D) is expected: the error says so and how to fix it."""
+    from kandinsky_kernels import block_sparse_attention, nabla_attention
+
+    x = torch.randn(1, 4, 4096, 64)
+    hint = r"q has shape \(B, S, H, D\) = \(1, 4, 4096, 64\): S=4 is not a multiple of block_size=64"
+    with pytest.raises(ValueError, match=hint + r"; did you pass \(B, H, S, D\)\? use q.transpose\(1, 2\)"):
+        nabla_block_mask(x, x, 0.9)
+    mask = BlockSparseMask.from_dense_blocks(torch.ones(64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"S=4 is not a multiple of the mask block_size=64; did you pass "
+                                         r"\(B, H, S, D\)\? use q.transpose\(1, 2\)"):
+        block_sparse_attention(x, x, x, mask)
+    with pytest.raises(ValueError, match=r"q looks like \(B, H, S, D\) = \(1, 4, 4096, 64\).*"
+                                         r"use q.transpose\(1, 2\)"):
+        nabla_attention(x, x, x, 0.9, None, grid=(1, 64, 64))
+
+
+def test_sta_shape_error_names_the_grid_units():
+    q, k, _, layout = _padded_qkv()
+    token_grid_sta = sta_block_mask(2, 12, 20, (3, 3, 3))  # the token grid, passed as tiles
+    with pytest.raises(ValueError, match=r"sta must have shape \(Nq, Nk\) = \(12, 12\).*got \(480, 480\).*"
+                                         r"block grid in tiles \(FractalLayout.tile_grid"):
+        nabla_block_mask(q, k, 0.9, token_grid_sta)
+    with pytest.raises(ValueError, match="per-batch or per-head STA mask is not supported"):
+        nabla_block_mask(q, k, 0.9, sta_block_mask(*layout.tile_grid).expand(2, 1, 12, 12))
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1)], ids=["NN", "1NN", "11NN"])
+def test_broadcast_sta_mask(backend, lead):
+    """A (1, 1, N, N) (or (1, N, N)) STA mask is OR-ed into every (b, h), like an (N, N) one."""
+    q, k = _qk(2, 6, 2, 16, torch.float32, 4, 16)
+    sta = sta_block_mask(2, 3, 1, (1, 1, 1))
+    out = _run(backend, q, k, 0.3, sta.reshape(*lead, 6, 6), 16)
+    ref = nabla_block_mask_ref(q, k, 0.3, sta, 16)
+    assert_exact(out.to_dense_blocks(), ref, "mask")
+
+
+# ------------------------------------------------------------------------ one graph for every grid
+def test_nabla_attention_compiles_once_for_all_grids():
+    """torch.compile(dynamic=True): padded and unpadded grids of any size share one graph (the padding
+    check used to guard on H % 8 and recompile)."""
+    import torch._dynamo.testing
+
+    from kandinsky_kernels import nabla_attention
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+
+    def fn(q, k, v, grid):
+        return nabla_attention(q, k, v, 0.9, (3, 3, 3), grid=grid)
+
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    # Padded and unpadded, in either order; every tile count >= 2 (torch specialises sizes of 1).
+    for grid in [(2, 12, 20), (2, 16, 24), (3, 20, 12), (2, 24, 16)]:
+        q, k, v, _ = _padded_qkv(grid)
+        assert_exact(compiled(q, k, v, grid), fn(q, k, v, grid), f"grid {grid}")
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 4 grids"
+    layout_counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    by_layout = torch.compile(fn, backend=layout_counter, dynamic=True, fullgraph=True)
+    for grid in [(2, 16, 16), (3, 12, 20)]:
+        q, k, v, layout = _padded_qkv(grid)
+        assert_exact(by_layout(q, k, v, layout), fn(q, k, v, layout), f"layout {grid}")
+    assert layout_counter.frame_count == 1

@@ -30,13 +30,14 @@ from torch import Tensor
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON
 from kandinsky_kernels._validation import (
+    bshd_hint,
     check_cu_seqlens,
     check_finite_number,
     check_mask_contents,
     check_same_device,
     check_tensor,
 )
-from kandinsky_kernels.backends import backend_of_tag, backend_tag, fake_backend_tag, select_backend
+from kandinsky_kernels.backends import _backend_of_tag, _backend_tag, _fake_backend_tag, select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops import _bsa_triton
 from kandinsky_kernels.reference.attention import (
@@ -101,13 +102,13 @@ def _fwd_op(
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
-    return out.contiguous(), lse.float().contiguous(), backend_tag(backend)
+    return out.contiguous(), lse.float().contiguous(), _backend_tag(backend)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), fake_backend_tag()
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
@@ -128,7 +129,7 @@ def _bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
-    backend = backend_of_tag(backend_tag)
+    backend = _backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
@@ -211,14 +212,19 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     if bs % 16:
         raise ValueError(f"mask block_size={bs} must be a multiple of 16 (64 in Kandinsky 5)")
     if s % bs:
-        raise ValueError(f"sequence length S={s} (q shape {tuple(q.shape)}) is not a multiple of the "
-                         f"mask block_size={bs}; pad the sequence (e.g. fractal_flatten pads to tiles)")
+        hint = bshd_hint("q", q.shape, bs)
+        raise ValueError(f"q has shape (B, S, H, D) = {tuple(q.shape)}: S={s} is not a multiple of the "
+                         f"mask block_size={bs}" + (hint or "; pad the sequence (e.g. fractal_flatten "
+                                                     "pads to tiles)"))
     mb, mh, nq, nk = mask.shape
     if nq * bs != s or nk * bs != s or mb not in (1, b) or mh not in (1, h):
+        hint = ""
+        if nq * bs == nk * bs == q.shape[2] != s:
+            hint = "; the mask fits dim 2 of q as S: did you pass (B, H, S, D)? use q.transpose(1, 2)"
         raise ValueError(
             f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit q shape "
-            f"{tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in (1, {b}), "
-            f"mask H in (1, {h})"
+            f"(B, S, H, D) = {tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in "
+            f"(1, {b}), mask H in (1, {h})" + hint
         )
     if mask.device != q.device:
         raise ValueError(f"mask on {mask.device} but q on {q.device}")

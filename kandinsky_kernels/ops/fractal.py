@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Literal, overload
 
 import torch
 
@@ -42,6 +43,15 @@ def _check_size(what: str, layout: "FractalLayout", batch: int, token_shape) -> 
             f"{what}: grid (T={layout.t}, H={layout.h}, W={layout.w}) padded to tile {layout.tile} gives "
             f"S={layout.seq_len} tokens, too many for one tensor; use a smaller tile"
         )
+
+
+def _tracing() -> bool:
+    """True while torch.compile traces. Code that would branch on :attr:`FractalLayout.is_padded`
+    then takes the padded path for every grid (an all-True ``token_valid`` for an unpadded one):
+    branching would guard on ``H % tile`` and ``W % tile`` and recompile, also with ``dynamic=True``,
+    for each grid on the other side. (Inside dynamo a dynamic int does not show as a SymInt to
+    ``isinstance``, so "traced" is all that can be asked.)"""
+    return torch.compiler.is_compiling()
 
 
 def _is_positive_int(value) -> bool:
@@ -108,7 +118,7 @@ class FractalLayout:
         This is the valid-token description that masks and attention take (they also accept it
         broadcast to (B, seq_len)). Built with a few vectorised ops on ``device``.
         """
-        if not self.is_padded:
+        if not _tracing() and not self.is_padded:
             return torch.ones(self.seq_len, dtype=torch.bool, device=device)
         rows = torch.arange(self.hp, device=device) < self.h
         cols = torch.arange(self.wp, device=device) < self.w
@@ -116,12 +126,102 @@ class FractalLayout:
         frame = frame.permute(0, 2, 1, 3).reshape(-1)
         return frame.expand(self.t, -1).reshape(-1)
 
+    @property
+    def tile_grid(self) -> tuple[int, int, int]:
+        """(T, h_tiles, w_tiles): the block grid, the arguments :func:`kandinsky_kernels.sta_block_mask`
+        takes."""
+        return (self.t, self.h_tiles, self.w_tiles)
+
     def block_valid_counts(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Int32 (num_blocks,): how many real tokens each ``block_size``-token block holds."""
         rows = (self.h - torch.arange(0, self.hp, self.tile, device=device)).clamp(max=self.tile)
         cols = (self.w - torch.arange(0, self.wp, self.tile, device=device)).clamp(max=self.tile)
         frame = (rows[:, None] * cols[None, :]).reshape(-1).to(torch.int32)
         return frame.expand(self.t, -1).reshape(-1)
+
+
+def _fmt_grid(grid) -> str:
+    return repr(tuple(grid)) if isinstance(grid, (tuple, list, torch.Size)) else repr(grid)
+
+
+def _layout_arg(grid, *, tile: int = 8, arg: str = "grid") -> FractalLayout:
+    """``grid`` (a :class:`FractalLayout`, or the token grid (T, H, W) as three positive ints) as a
+    FractalLayout with ``tile`` (a FractalLayout keeps its own tile). ValueError naming ``arg``."""
+    if isinstance(grid, FractalLayout):
+        return grid
+    is_tuple = isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
+    if not (is_tuple and all(map(_is_positive_int, grid))):
+        raise ValueError(
+            f"{arg} must be the token grid (T, H, W) as three positive ints (latent frames x height x "
+            f"width in tokens, after patching) or a FractalLayout, got {grid!r}"
+        )
+    check_positive_int("tile", tile)
+    return FractalLayout(*grid, tile=tile)
+
+
+def _bhsd_hint(name: str, shape, seq_len: int) -> str:
+    """A hint when ``shape`` looks like (B, H, S, D) passed for (B, S, H, D): dim 2 holds the S
+    expected, dim 1 does not (empty string otherwise)."""
+    if len(shape) == 4 and shape[2] == seq_len and shape[1] != seq_len:
+        return (f"; {name} looks like (B, H, S, D) = {tuple(shape)}: this op takes (B, S, H, D), "
+                f"use {name}.transpose(1, 2)")
+    return ""
+
+
+def _layout_for_sequence(grid, seq_len: int, *, tile: int = 8, arg: str = "grid", name: str = "q",
+                         shape=None) -> FractalLayout:
+    """:func:`_layout_arg`, then ValueError unless the layout holds ``seq_len`` tokens. The message
+    says which units a tuple is read in, recognises a (T, h_tiles, w_tiles) tuple in tile units (what
+    ``grid`` meant before it took tokens) and (B, H, S, D) input passed for (B, S, H, D)."""
+    layout = _layout_arg(grid, tile=tile, arg=arg)
+    if layout.seq_len == seq_len:
+        return layout
+    shape_s = "" if shape is None else f" (shape {tuple(shape)})"
+    if isinstance(grid, FractalLayout):
+        msg = (f"{arg}={grid!r} holds T*Hp*Wp = {layout.t}*{layout.hp}*{layout.wp} = {layout.seq_len} "
+               f"tokens (H, W padded to {layout.tile}x{layout.tile} tiles), but {name} has S={seq_len}"
+               f"{shape_s}")
+    else:
+        t, h, w = (int(x) for x in grid)
+        msg = (f"{arg}={_fmt_grid(grid)} is read as the token grid (T, H, W), padded to {tile}x{tile} "
+               f"tiles: T*Hp*Wp = {t}*{layout.hp}*{layout.wp} = {layout.seq_len} tokens, but {name} has "
+               f"S={seq_len}{shape_s}")
+        if t * h * w * tile * tile == seq_len:
+            msg += (f". {arg}={_fmt_grid(grid)} fits S as (T, h_tiles, w_tiles) in {tile}x{tile}-token "
+                    f"tiles, which {arg} no longer takes: pass the token grid (T, H, W) (e.g. "
+                    f"(T, {h * tile}, {w * tile}) if no token is padding) or the FractalLayout from "
+                    "fractal_flatten(..., return_layout=True)")
+    if shape is not None:
+        msg += _bhsd_hint(name, shape, layout.seq_len)
+    raise ValueError(msg)
+
+
+def _grid_token_valid(
+    grid, token_valid: torch.Tensor | None, seq_len: int, block_size: int, device, *, name: str = "q",
+    shape=None,
+) -> tuple[FractalLayout, torch.Tensor | None]:
+    """What a mask builder given ``grid`` needs: its layout (a token-grid tuple read with tile
+    sqrt(``block_size``), checked to hold ``seq_len`` tokens, see :func:`_layout_for_sequence`) and
+    ``token_valid`` (None, bool (S,) or (B, S)) AND the layout's padding flags; None when neither
+    marks any token."""
+    tile = math.isqrt(block_size)
+    if not isinstance(grid, FractalLayout) and tile * tile != block_size:
+        raise ValueError(f"grid (a token grid) needs block_size = tile * tile, got block_size={block_size}")
+    layout = _layout_for_sequence(grid, seq_len, tile=tile, name=name, shape=shape)
+    if layout.block_size != block_size:
+        raise ValueError(f"grid has tile {layout.tile} ({layout.block_size}-token blocks) but block_size is "
+                         f"{block_size}; fractal_flatten with tile = sqrt(block_size)")
+    if token_valid is not None:
+        check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
+        if token_valid.shape[-1] != seq_len:
+            raise ValueError(f"token_valid must have shape (S,) or (B, S) with S={seq_len}, "
+                             f"got {tuple(token_valid.shape)}")
+    # An all-True token_valid would only cost time, but a traced call builds it anyway, so that one
+    # compiled graph serves padded and unpadded grids (no guard on H % tile, W % tile).
+    if not _tracing() and not layout.is_padded:
+        return layout, token_valid
+    pad = layout.token_valid(device)
+    return layout, pad if token_valid is None else token_valid & pad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +297,7 @@ def _launch(
         )
 
 
-def fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
+def _fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
     """Triton launcher of :func:`fractal_flatten` (no validation)."""
     b, t, h, w, *rest = x.shape
     layout = FractalLayout(t, h, w, tile)
@@ -207,7 +307,7 @@ def fractal_flatten_triton(x: torch.Tensor, tile: int) -> torch.Tensor:
     return y
 
 
-def fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
+def _fractal_unflatten_triton(y: torch.Tensor, t: int, h: int, w: int, tile: int) -> torch.Tensor:
     """Triton launcher of :func:`fractal_unflatten` (no validation)."""
     b, _, *rest = y.shape
     x = y.new_empty((b, t, h, w, *rest))
@@ -240,7 +340,7 @@ def _fractal_flatten_op(x: torch.Tensor, tile: int) -> torch.Tensor:
     if backend == "cpu":
         return _CPP["fractal_flatten"](x, tile)
     if backend == "triton":
-        return fractal_flatten_triton(x, tile)
+        return _fractal_flatten_triton(x, tile)
     return _owned(fractal_flatten_ref(x, tile), x)
 
 
@@ -250,7 +350,7 @@ def _fractal_unflatten_op(y: torch.Tensor, t: int, h: int, w: int, tile: int) ->
     if backend == "cpu":
         return _CPP["fractal_unflatten"](y, t, h, w, tile)
     if backend == "triton":
-        return fractal_unflatten_triton(y, t, h, w, tile)
+        return _fractal_unflatten_triton(y, t, h, w, tile)
     return _owned(fractal_unflatten_ref(y, t, h, w, tile), y)
 
 
@@ -292,8 +392,42 @@ _fractal_unflatten_op.register_autograd(_unflatten_backward, setup_context=_unfl
 # Public functions: validation at the boundary, then the custom ops.
 
 
+@overload
 def fractal_flatten(
-    x: torch.Tensor, tile: int = 8, *, return_layout: bool = False
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: Literal[False] = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: Literal[True],
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> tuple[torch.Tensor, FractalLayout]: ...
+
+
+@overload
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = ...,
+    *,
+    return_layout: bool = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, FractalLayout]: ...
+
+
+def fractal_flatten(
+    x: torch.Tensor,
+    tile: int = 8,
+    *,
+    return_layout: bool = False,
+    grid: FractalLayout | tuple[int, int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, FractalLayout]:
     """Reorder a token grid into the Kandinsky 5 fractal sequence, zero-padding H and W to ``tile``.
 
@@ -302,6 +436,11 @@ def fractal_flatten(
             of visual tokens, or several (a RoPE table such as (D/2, 2, 2)).
         tile: edge of the square spatial tile, a positive int (Kandinsky 5 uses 8).
         return_layout: also return the :class:`FractalLayout` of the result.
+        grid: optional token grid (T, H, W) that ``x`` is expected to hold (or a
+            :class:`FractalLayout`, whose tile then overrides ``tile``). When given, the shape of ``x``
+            is checked against it, and a channels-first ``(B, C, T, H, W)`` tensor is refused with a
+            hint (``x.permute(0, 2, 3, 4, 1)``) instead of being read as T = C. Without it the shape
+            alone cannot tell the two layouts apart, and dims 1-3 are taken as (T, H, W).
 
     Returns:
         y: (B, S, *rest) with S = T * Hp * Wp, Hp and Wp being H and W rounded up to multiples of
@@ -314,24 +453,51 @@ def fractal_flatten(
     Differentiable: the gradient of x is the gradient of y unflattened (padding gradients dropped).
     """
     check_tensor("x", x)
+    expected = None if grid is None else _layout_arg(grid, tile=tile)
+    if expected is not None:
+        tile = expected.tile
     if x.dim() < 5:
         raise ValueError(f"x must have shape (B, T, H, W, *rest), at least 5 dims, got {tuple(x.shape)}")
     check_positive_int("tile", tile)
+    if expected is not None:
+        want = (expected.t, expected.h, expected.w)
+        if tuple(x.shape[1:4]) != want:
+            if tuple(x.shape[2:5]) == want:
+                raise ValueError(
+                    f"x has shape {tuple(x.shape)}, which holds grid (T, H, W) = {want} at dims 2-4: a "
+                    f"channels-first (B, C, T, H, W) tensor; fractal_flatten takes channels last, "
+                    f"(B, T, H, W, C): pass x.permute(0, 2, 3, 4, 1)"
+                    + ("" if x.dim() == 5 else " (x.movedim(1, -1) for more trailing dims)")
+                )
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, but grid (T, H, W) = {want} (in tokens) needs x of shape "
+                f"(B, {want[0]}, {want[1]}, {want[2]}, *rest)"
+            )
     if min(x.shape[1:4]) <= 0:
         raise ValueError(f"x must have a non-empty grid (T, H, W), got shape {tuple(x.shape)}")
     layout = FractalLayout(*x.shape[1:4], tile)
     _check_size("fractal_flatten", layout, x.shape[0], x.shape[4:])
     y = _fractal_flatten_op(x, tile)
+    if layout.is_padded and not torch.compiler.is_compiling():
+        # Remembered on this very tensor (not on results computed from it), so that
+        # fractal_unflatten(y, padded grid) is refused instead of returning the padding as tokens. Plain
+        # ints, so that torch.save / torch.load(weights_only=True) of y still work.
+        y._kk_fractal_grid = (layout.t, layout.h, layout.w, layout.tile)
     return (y, layout) if return_layout else y
 
 
-def fractal_unflatten(y: torch.Tensor, grid, *, tile: int = 8) -> torch.Tensor:
+def fractal_unflatten(
+    y: torch.Tensor, grid: FractalLayout | tuple[int, int, int], *, tile: int = 8
+) -> torch.Tensor:
     """Inverse of :func:`fractal_flatten`: fractal sequence back to the token grid, padding dropped.
 
     Args:
         y: (B, S, *rest), any dtype, any strides, S = T * Hp * Wp of ``grid``.
         grid: the ORIGINAL (unpadded) token grid, a (T, H, W) tuple of positive ints, or a
-            :class:`FractalLayout` (whose tile then overrides ``tile``).
+            :class:`FractalLayout` (whose tile then overrides ``tile``). When ``y`` itself is the
+            output of :func:`fractal_flatten` of a padded grid, a different grid (such as the padded
+            one, (T, Hp, Wp), which has the same S) raises ValueError; the grid of a tensor computed
+            from it cannot be checked, only its S.
         tile: tile edge used by the flatten, when ``grid`` is a tuple.
 
     Returns:
@@ -339,17 +505,22 @@ def fractal_unflatten(y: torch.Tensor, grid, *, tile: int = 8) -> torch.Tensor:
 
     Differentiable: the gradient of y is the gradient of x flattened, zero at padding tokens.
     """
-    if not isinstance(grid, FractalLayout):
-        is_grid = isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
-        if not is_grid or not all(map(_is_positive_int, grid)):
-            raise ValueError(
-                f"grid must be a (T, H, W) tuple of positive ints or a FractalLayout, got {grid!r}"
-            )
-        check_positive_int("tile", tile)
-        grid = FractalLayout(*grid, tile=tile)
+    given = grid
+    grid = _layout_arg(grid, tile=tile)
     check_tensor("y", y)
     if y.dim() < 2:
         raise ValueError(f"y must have shape (B, S, *rest) (at least 2 dims), got shape {tuple(y.shape)}")
+    made_from = getattr(y, "_kk_fractal_grid", None)
+    made_from = None if made_from is None else FractalLayout(*made_from)
+    if made_from is not None and made_from != grid:
+        what = "" if isinstance(given, FractalLayout) else " (T, H, W)"
+        msg = (f"y was made by fractal_flatten from the token grid (T, H, W) = "
+               f"({made_from.t}, {made_from.h}, {made_from.w}) with tile {made_from.tile} (padded to "
+               f"{made_from.hp}x{made_from.wp}), but grid{what}={_fmt_grid(given)}")
+        if (grid.t, grid.h, grid.w) == (made_from.t, made_from.hp, made_from.wp):
+            msg += " is its padded grid"
+        raise ValueError(msg + f"; pass the original grid ({made_from.t}, {made_from.h}, {made_from.w}) "
+                         "or the FractalLayout that fractal_flatten(..., return_layout=True) returned")
     _check_size("fractal_unflatten", grid, 1, ())
     if y.shape[1] != grid.seq_len:
         raise ValueError(

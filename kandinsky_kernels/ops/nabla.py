@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Literal, Sequence, overload
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ from torch import Tensor
 from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import (
+    bshd_hint,
     check_cu_seqlens,
     check_positive_int,
     check_same_device,
@@ -45,7 +46,7 @@ from kandinsky_kernels._validation import (
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
-from kandinsky_kernels.ops.fractal import FractalLayout, _is_positive_int
+from kandinsky_kernels.ops.fractal import FractalLayout, _grid_token_valid
 from kandinsky_kernels.ops.sta import sta_block_mask
 from kandinsky_kernels.reference.nabla import block_map_ref, per_video_ref, pool_blocks_ref, topcdf_mask_ref
 
@@ -203,7 +204,7 @@ if HAS_TRITON:
         tl.store(counts_ptr + rows, tl.where(row_ok, count, -1), mask=mask_m)
 
 
-def nabla_block_mask_forward(
+def _nabla_block_mask_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     threshold: float,
@@ -351,7 +352,7 @@ def _nabla_block_mask_op(
     if backend == "cpu":
         return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     if backend == "triton":
-        return nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        return _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     mask = BlockSparseMask.from_dense_blocks(dense, block_size)
     return mask.kv_num_blocks, mask.kv_indices
@@ -364,8 +365,42 @@ def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens):
     return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
 
 
-def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None) -> torch.Tensor | None:
-    """Raise ValueError on bad input; return ``token_valid`` as a contiguous bool (B, S) or None."""
+def _sta_blocks(sta: Tensor | None, n: int, s: int, block_size: int) -> Tensor | None:
+    """``sta`` as a bool (N, N) (a (1, N, N) or (1, 1, N, N) one squeezed), or ValueError phrased in
+    what was passed: blocks of ``block_size`` tokens over S = ``s`` tokens."""
+    if sta is None:
+        return None
+    check_tensor("sta", sta, ndim=(2, 3, 4), dtypes=(torch.bool,))
+    lead, last = tuple(sta.shape[:-2]), tuple(sta.shape[-2:])
+    if last == (n, n) and all(x == 1 for x in lead):
+        return sta.reshape(n, n)
+    msg = (f"sta must have shape (Nq, Nk) = ({n}, {n}) (or (1, 1, {n}, {n}), broadcast over B and H): "
+           f"one entry per block of {block_size} tokens of S={s}, got {tuple(sta.shape)}")
+    if last == (n, n):
+        msg += "; a per-batch or per-head STA mask is not supported (it is OR-ed into every (b, h))"
+    elif last[0] == last[1] and last[0] * block_size != s:
+        msg += (f"; {last[0]} blocks hold {last[0] * block_size} tokens: if sta came from sta_block_mask, "
+                "give it the block grid in tiles (FractalLayout.tile_grid = (T, h_tiles, w_tiles)), not "
+                "the token grid")
+    raise ValueError(msg)
+
+
+def _check_token_valid(token_valid: Tensor | None, b: int, s: int) -> None:
+    if token_valid is None:
+        return
+    check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
+    if token_valid.shape not in ((s,), (b, s)):
+        raise ValueError(
+            f"token_valid must have shape (S,) = ({s},) or (B, S) = ({b}, {s}), "
+            f"got {tuple(token_valid.shape)}"
+        )
+
+
+def _check_inputs(
+    q, k, threshold, sta, block_size, token_valid, cu_seqlens=None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Raise ValueError on bad input; return (``token_valid`` as a contiguous bool (B, S) or None,
+    ``sta`` as a bool (N, N) or None)."""
     check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=_INPUT_DTYPES)
     if q.shape != k.shape:
@@ -381,16 +416,13 @@ def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None
         raise ValueError(f"q and k must be non-empty, got shape {tuple(q.shape)}")
     if s % block_size:
         raise ValueError(
-            f"sequence length S={s} (q shape {tuple(q.shape)}) is not a multiple of block_size={block_size}"
+            f"q has shape (B, S, H, D) = {tuple(q.shape)}: S={s} is not a multiple of "
+            f"block_size={block_size}" + bshd_hint("q", q.shape, block_size)
         )
     is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
     if not is_number or not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-    n = s // block_size
-    if sta is not None:
-        check_tensor("sta", sta, ndim=2, dtypes=(torch.bool,))
-        if sta.shape != (n, n):
-            raise ValueError(f"sta must have shape (Nq, Nk) = ({n}, {n}), got {tuple(sta.shape)}")
+    sta = _sta_blocks(sta, s // block_size, s, block_size)
     if cu_seqlens is not None:  # the values are checked where the kernels run (_check_cu_blocks)
         check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
         if cu_seqlens.numel() < 2:
@@ -401,15 +433,8 @@ def _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens=None
             raise ValueError(
                 f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}"
             )
-    if token_valid is None:
-        return None
-    check_tensor("token_valid", token_valid, ndim=(1, 2), dtypes=(torch.bool,))
-    if token_valid.shape not in ((s,), (b, s)):
-        raise ValueError(
-            f"token_valid must have shape (S,) = ({s},) or (B, S) = ({b}, {s}), "
-            f"got {tuple(token_valid.shape)}"
-        )
-    return token_valid.expand(b, s).contiguous()
+    _check_token_valid(token_valid, b, s)
+    return (None if token_valid is None else token_valid.expand(b, s).contiguous()), sta
 
 
 def nabla_block_mask(
@@ -421,6 +446,7 @@ def nabla_block_mask(
     *,
     token_valid: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    grid: FractalLayout | tuple[int, int, int] | None = None,
 ) -> BlockSparseMask:
     """NABLA block mask: the smallest set of most probable key blocks per query block, OR the STA mask.
 
@@ -438,7 +464,8 @@ def nabla_block_mask(
             0.7-0.9. Below ~1e-6, 1 - threshold is within a few ulps of the row total and the rule
             itself may keep no block (then only ``sta`` remains), as in the official code.
         sta: optional bool (Nq, Nk) block mask OR-ed into every (batch, head), e.g. from
-            :func:`kandinsky_kernels.sta_block_mask`.
+            :func:`kandinsky_kernels.sta_block_mask`; (1, Nq, Nk) and (1, 1, Nq, Nk) are accepted and
+            broadcast the same way.
         block_size: tokens per block (64 in Kandinsky 5); S must be a multiple of it.
             Nq = Nk = S // block_size.
         token_valid: optional bool (S,) or (B, S), False for padding tokens (from the fractal
@@ -453,6 +480,11 @@ def nabla_block_mask(
             ``cu_seqlens[-1]`` belong to no video: their query blocks have no active block (count 0),
             their key blocks are never kept, and their values are never used. Use the mask with
             ``block_sparse_attention(..., cu_seqlens=cu_seqlens)``.
+        grid: optional token grid (T, H, W) of q and k, in tokens (latent frames x height x width after
+            patching), or a :class:`FractalLayout`: its padding tokens (H or W not a multiple of the
+            tile) are marked invalid, AND-ed with ``token_valid``. A tuple is always read in tokens;
+            one that only fits S as (T, h_tiles, w_tiles) in tiles is refused with an explanation.
+            Its tile must be sqrt(``block_size``).
 
     Returns:
         :class:`BlockSparseMask` with ``kv_num_blocks`` int32 (B, H, Nq) and ``kv_indices`` int32
@@ -470,11 +502,80 @@ def nabla_block_mask(
     Backends (:mod:`kandinsky_kernels.backends`): ``cpu`` (C++/OpenMP), ``triton``, ``reference`` (the
     sort-based algorithm), chosen when the call runs, also inside a compiled graph.
     """
-    valid = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    if grid is not None:
+        check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
+        check_positive_int("block_size", block_size)
+        _, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], block_size, q.device,
+                                           shape=q.shape)
+    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
     counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens)
     if not torch.compiler.is_compiling():
         mark_mask_checked(counts, indices)  # valid by construction
     return BlockSparseMask(counts, indices, block_size, token_valid=valid)
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    return_mask: Literal[False] = ...,
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None,
+    grid: FractalLayout | tuple[int, int, int] | None,
+    return_mask: Literal[True],
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> tuple[Tensor, BlockSparseMask]: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    *,
+    return_mask: Literal[True],
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    token_valid: Tensor | None = ...,
+) -> tuple[Tensor, BlockSparseMask]: ...
+
+
+@overload
+def nabla_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: float,
+    sta_window: Sequence[int] | None = ...,
+    grid: FractalLayout | tuple[int, int, int] | None = ...,
+    return_mask: bool = ...,
+    scale: float | None = ...,
+    cu_seqlens: Tensor | None = ...,
+    *,
+    token_valid: Tensor | None = ...,
+) -> Tensor | tuple[Tensor, BlockSparseMask]: ...
 
 
 def nabla_attention(
@@ -483,21 +584,31 @@ def nabla_attention(
     v: Tensor,
     threshold: float,
     sta_window: Sequence[int] | None = (11, 3, 3),
-    grid=None,
+    grid: FractalLayout | tuple[int, int, int] | None = None,
     return_mask: bool = False,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
-):
+    *,
+    token_valid: Tensor | None = None,
+) -> Tensor | tuple[Tensor, BlockSparseMask]:
     """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
 
     Args:
         q, k, v: (B, S, H, D) in fractal token order (:func:`kandinsky_kernels.fractal_flatten`),
-            S = T * h_tiles * w_tiles * 64. Same dtypes/head dims as :func:`block_sparse_attention`.
+            S = T * Hp * Wp (H, W padded up to multiples of 8). Same dtypes/head dims as
+            :func:`block_sparse_attention`.
         threshold: NABLA CDF threshold in (0, 1] (keep the most likely key blocks up to this mass).
-        sta_window: (t, h, w) sliding-tile window in blocks united with the NABLA mask, or None.
-        grid: (T, h_tiles, w_tiles) of the block grid, or a :class:`FractalLayout` (which also gives
-            the padding mask of a grid whose H or W is not a multiple of the tile). Needed for the
-            STA window; may be None when ``sta_window`` is None.
+        sta_window: (wT, wH, wW) sliding-tile window in frames and 8x8 tiles, united with the NABLA
+            mask, or None.
+        grid: the token grid, in TOKENS: (T, H, W) = latent frames x height x width after patching
+            (before the padding to 8x8 tiles), or the :class:`FractalLayout` that
+            ``fractal_flatten(..., return_layout=True)`` returned. Padding tokens of a grid whose H or
+            W is not a multiple of 8 are masked (never attended to) from it, and the STA window is laid
+            on its blocks. A tuple is always read in tokens; a (T, h_tiles, w_tiles) tuple in tiles
+            (what this argument took before) does not fit S and is refused with an explanation (the one
+            grid that fits both, H = W = 1, is read in tokens). ``None`` is accepted only with
+            ``sta_window=None`` and an explicit ``token_valid`` (the library cannot tell padding from
+            q alone).
         return_mask: also return the :class:`BlockSparseMask`, e.g. to reuse it for the
             unconditional CFG branch with :func:`block_sparse_attention`.
         scale: softmax scale, default 1/sqrt(D).
@@ -505,7 +616,10 @@ def nabla_attention(
             multiple of 64 (whole blocks). Passed to both :func:`kandinsky_kernels.nabla_block_mask`
             (each video's mask computed alone, nothing across videos, the STA window included) and
             :func:`block_sparse_attention`: every video attends as if it ran alone, and tokens past
-            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S.
+            ``cu_seqlens[-1]`` return zeros. ``grid`` (for the STA window) spans the whole S; videos of
+            different grids pass ``token_valid`` instead (their layouts' flags concatenated).
+        token_valid: optional bool (S,) or (B, S), False for tokens never to attend to (AND-ed with
+            the padding of ``grid``); all True declares that no token is padding.
 
     Returns:
         out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
@@ -513,35 +627,35 @@ def nabla_attention(
     Raises:
         ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
             raise (a bad ``cu_seqlens``: not int32 (n+1,), B > 1, not starting at 0, decreasing,
-            ending past S, or an offset that is not a multiple of 64), or a bad ``grid`` / window.
+            ending past S, or an offset that is not a multiple of 64), a bad ``grid`` / window, a grid
+            that does not hold S tokens (the message says the units it read, and hints at (B, H, S, D)
+            input), or ``grid=None`` without ``token_valid``.
     """
     check_tensor("q", q, ndim=4)
-    token_valid = None
-    if isinstance(grid, FractalLayout):
-        if grid.block_size != 64:
-            raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
-                             f"({grid.block_size}-token blocks); flatten with tile=8")
-        if grid.is_padded:  # an all-True token_valid would only cost time
-            token_valid = grid.token_valid(q.device)
-        grid = (grid.t, grid.h_tiles, grid.w_tiles)
-    elif grid is not None:
-        if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
-                and all(map(_is_positive_int, grid))):
-            raise ValueError(f"grid must be a FractalLayout or a (T, h_tiles, w_tiles) tuple of three "
-                             f"positive ints, got {grid!r}")
-        grid = tuple(grid)
-    if grid is not None and math.prod(grid) * 64 != q.shape[1]:
-        raise ValueError(f"grid (T, h_tiles, w_tiles)={grid} holds {math.prod(grid)} blocks of 64 tokens = "
-                         f"{math.prod(grid) * 64} tokens, but q has S={q.shape[1]} (shape {tuple(q.shape)})")
+    if isinstance(grid, FractalLayout) and grid.block_size != 64:
+        raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
+                         f"({grid.block_size}-token blocks); flatten with tile=8")
+    if grid is None:
+        if sta_window is not None:
+            raise ValueError("nabla_attention needs grid=(T, H, W) (the token grid) or a FractalLayout "
+                             "when sta_window is set")
+        if token_valid is None:
+            raise ValueError(
+                "nabla_attention got grid=None and no token_valid, so it cannot tell padding tokens from "
+                "real ones: pass grid=(T, H, W), the token grid (latent frames x height x width after "
+                "patching), or the FractalLayout from fractal_flatten(..., return_layout=True); or "
+                "token_valid= (bool (S,) or (B, S), all True when no token is padding)"
+            )
+        tile_grid = None
+    else:
+        layout, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], 64, q.device, shape=q.shape)
+        tile_grid = layout.tile_grid
     sta = None
     if sta_window is not None:
-        if grid is None:
-            raise ValueError("nabla_attention needs grid=(T, h_tiles, w_tiles) or a FractalLayout "
-                             "when sta_window is set")
         if not isinstance(sta_window, (tuple, list)):
             raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
                              f"got {sta_window!r}")
-        sta = sta_block_mask(*grid, tuple(sta_window), device=q.device)
+        sta = sta_block_mask(*tile_grid, tuple(sta_window), device=q.device)
     mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
                             cu_seqlens=cu_seqlens)
     out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)

@@ -10,7 +10,9 @@ import torch
 from kandinsky_kernels.mask import BlockSparseMask
 
 
-def token_mask(mask: BlockSparseMask, batch: int, heads: int, cu_seqlens: torch.Tensor | None = None):
+def _token_mask(
+    mask: BlockSparseMask, batch: int, heads: int, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bool (B, H, S, S): query i sees key j. Block pattern (broadcast from the mask's B, H of 1),
     pad keys removed, and with ``cu_seqlens`` only pairs inside one video (tokens past the last
     offset see nothing and are seen by nothing)."""
@@ -38,7 +40,7 @@ def _probs(q, k, mask: BlockSparseMask, scale, cu_seqlens):
     softmaxed over zeros (finite values and gradients), then zeroed. Probabilities of hidden keys are
     exactly 0 even in a row made NaN by a NaN score, as in the kernels, which never touch them."""
     b, _, h, _ = q.shape
-    allowed = token_mask(mask, b, h, cu_seqlens)
+    allowed = _token_mask(mask, b, h, cu_seqlens)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     any_key = allowed.any(-1, keepdim=True)
@@ -51,7 +53,9 @@ def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
     return torch.float32 if upcast and x.dtype != torch.float64 else x.dtype
 
 
-def block_sparse_attention_with_lse(q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, upcast=True):
+def block_sparse_attention_with_lse(
+    q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, upcast=True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, S, H, D), lse (B, H, S) fp32 natural log, -inf for rows that see no key)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype, cdt = q.dtype, _compute_dtype(q, upcast)
@@ -62,7 +66,9 @@ def block_sparse_attention_with_lse(q, k, v, mask: BlockSparseMask, scale=None, 
     return out.to(dtype), lse
 
 
-def block_sparse_attention_backward_reference(dout, q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None):
+def block_sparse_attention_backward_reference(
+    dout, q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the reference in closed form, fp32 (fp64 for fp64 inputs), in the inputs' dtype.
 
     Written out rather than taken from autograd so it also runs where autograd is off, e.g. inside the
@@ -81,7 +87,9 @@ def block_sparse_attention_backward_reference(dout, q, k, v, mask: BlockSparseMa
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
-def block_sparse_attention_reference(q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, upcast=True):
+def block_sparse_attention_reference(
+    q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, upcast=True
+) -> torch.Tensor:
     """Dense masked attention. q, k, v: (B, S, H, D); returns (B, S, H, D) in q's dtype.
 
     Non-finite inputs: a row whose visible scores hold a NaN (or an inf that meets another) is NaN, as
@@ -97,7 +105,8 @@ def block_sparse_attention_reference(q, k, v, mask: BlockSparseMask, scale=None,
 
 @torch.no_grad()
 def block_sparse_attention_chunked(q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, *,
-                                   dtype: torch.dtype = torch.float32, chunk: int = 2048):
+                                   dtype: torch.dtype = torch.float32,
+                                   chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's (out, lse) computed one (batch, head, query chunk) at a time, without autograd.
 
     q, k, v: (B, S, H, D), any strides and device. Computed in ``dtype`` (fp32 or fp64: the oracle; the
