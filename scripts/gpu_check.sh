@@ -7,11 +7,12 @@
 #      after a sampled fp32 check of the gradients at the full shapes; gpu_timing.json also keeps the
 #      config Triton's autotuner chose per kernel and key, with its timings of every config
 #   4. the other gpu-marked tests and the Triton-backend tests of every op
+#   4b. scripts/vae_gpu_check.py: the causal video VAE on CUDA (time, peak memory, bf16 error)
 #   5. python -m benchmarks --profile gpu: the pytest-benchmark GPU suite at Kandinsky shapes (10 % density
 #      first), for the time left; a timed-out run still writes the cases it finished
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
 # Written under $OUT: env.txt summary.txt build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
-# gpu_timing_table.txt bench.log, and the folder bench/ (results.json, progress.log, report.md, plots).
+# gpu_timing_table.txt vae.log vae_gpu.json bench.log, and the folder bench/ (results.json, progress.log, report.md, plots).
 # Whole run: < 8 minutes.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
@@ -82,6 +83,12 @@ done
 stage pytest_rest $LIMIT "$OUT/pytest.log" env KANDINSKY_BSA_AUTOTUNE=0 $PY -m pytest $REST -q \
   -k "(gpu or triton) and not compile_for_hopper" -rs -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
+
+# 4b. the causal video VAE on CUDA (published config, random weights): encode/decode time, peak memory,
+#     bf16 error, SDPA backends at head dim 512 (scripts/vae_gpu_check.py -> vae_gpu.json)
+LIMIT=$(( $(left) - 70 )); [ $LIMIT -gt 60 ] && LIMIT=60; [ $LIMIT -lt 20 ] && LIMIT=20
+stage vae $LIMIT "$OUT/vae.log" $PY scripts/vae_gpu_check.py --out-dir "$OUT"
+tail -n 4 "$OUT/vae.log" | tee -a "$SUMMARY"
 
 # 5. the bench driver's GPU profile (`python -m benchmarks --profile gpu`): the pytest-benchmark GPU suite at
 #    Kandinsky shapes, cases in order of importance (10 % density first); on the time limit's SIGINT pytest
