@@ -9,7 +9,9 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
 - :func:`nabla_block_mask`: NABLA adaptive block mask (pooled Q/K, CDF threshold, STA union).
 - :class:`BlockSparseMask`: the compact block-sparse mask every attention kernel consumes.
 - :func:`block_sparse_attention`: fused block-sparse attention, forward and backward, packed
-  variable-length batches and padded grids; :func:`nabla_attention`: mask and attention in one call.
+  variable-length batches and padded grids, optionally returning the log-sum-exp;
+  :func:`merge_attention` merges two partial attentions; :func:`nabla_attention`: mask and attention
+  in one call.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from kandinsky_kernels.backends import use_backend as use_backend
     from kandinsky_kernels.mask import BlockSparseMask as BlockSparseMask
     from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention as block_sparse_attention
+    from kandinsky_kernels.ops.block_sparse_attention import merge_attention as merge_attention
     from kandinsky_kernels.ops.fractal import FractalLayout as FractalLayout
     from kandinsky_kernels.ops.fractal import fractal_flatten as fractal_flatten
     from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
@@ -43,6 +46,7 @@ _EXPORTS = {
     "nabla_block_mask": "kandinsky_kernels.ops.nabla",
     "block_sparse_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "nabla_attention": "kandinsky_kernels.ops.nabla",
+    "merge_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "use_backend": "kandinsky_kernels.backends",
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }
@@ -56,6 +60,7 @@ __all__ = [
     "block_sparse_attention",
     "fractal_flatten",
     "fractal_unflatten",
+    "merge_attention",
     "nabla_attention",
     "nabla_block_mask",
     "sta_block_mask",

@@ -431,3 +431,115 @@ def test_flex_bwd_tile_clamp_helper(monkeypatch):
     got = choices.InductorChoices.get_flex_attention_bwd_configs(None)
     assert got == [Cfg(64, 64, 8), Cfg(32, 64, 4)]
     assert choices.InductorChoices.get_flex_attention_bwd_configs._orig is fake
+
+
+# ------------------------------------------------------------------- log-sum-exp and merging
+def _oracle(q, k, v, mask, scale=None):
+    """fp64 dense attention and its log-sum-exp, differentiable (every test row sees some key)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    allowed = mask.to_dense_tokens().expand(q.shape[0], q.shape[2], -1, -1)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v)
+    return out, lse
+
+
+def _lse_case(backend, dtype, d, device="cpu", only_lse=False):
+    b, h, nb = 1, 2, 4
+    q, k, v = (x.to(device) for x in qkv(b, nb * 64, h, d, dtype))
+    mask = random_mask(b, h, nb, 0.4).to(device)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    with _backend_scope(backend):
+        out, lse = block_sparse_attention(*leaves, mask, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (b, h, nb * 64)
+    cpu = lambda x: x.detach().cpu()  # noqa: E731
+    mask_c = mask.to("cpu")
+    ref_in = [cpu(x).double().requires_grad_(True) for x in (q, k, v)]
+    ref_out, ref_lse = _oracle(*ref_in, mask_c)
+    t_in = [cpu(x).clone().requires_grad_(True) for x in (q, k, v)]
+    t_out, t_lse = _oracle(*t_in, mask_c)  # plain torch at the input dtype: the error yardstick
+    assert_close_to_reference(cpu(out), ref_out, t_out, name="out")
+    assert_close_to_reference(cpu(lse), ref_lse, t_lse.float(), name="lse")
+    go = torch.zeros_like(ref_out) if only_lse else torch.randn_like(ref_out)
+    gl = torch.randn_like(ref_lse)
+    outputs = (lse,) if only_lse else (out, lse)
+    grads_in = (gl.float().to(device),) if only_lse else (go.to(dtype).to(device), gl.float().to(device))
+    with _backend_scope(backend):
+        grads = torch.autograd.grad(outputs, leaves, grads_in)
+    ref_grads = torch.autograd.grad((ref_out, ref_lse), ref_in, (go, gl))
+    t_grads = torch.autograd.grad((t_out, t_lse), t_in, (go.to(dtype), gl.to(t_lse.dtype)))
+    for name, g, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, t_grads):
+        assert_close_to_reference(cpu(g), rg, tg, grad=True, name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_return_lse_and_its_gradient(backend, dtype, d):
+    """lse (B, H, S) against the fp64 log-sum-exp, and gradients through out and lse together (dS gets
+    P * dlse: every backend folds it into Delta)."""
+    _lse_case(backend, dtype, d)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_through_lse_alone(backend):
+    _lse_case(backend, torch.float32, 64, only_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_return_lse_triton(triton_device, dtype):
+    _lse_case("triton", dtype, 64, device=triton_device)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_merge_of_two_partial_attentions_equals_the_union(backend):
+    """Key blocks split at random into two disjoint masks (some rows empty in one part): merging the
+    two partial results equals attention over the union, output, lse and gradients."""
+    from kandinsky_kernels import merge_attention
+
+    b, h, nb, d = 1, 2, 6, 64
+    q, k, v = qkv(b, nb * 64, h, d, torch.float32)
+    union = torch.rand(b, h, nb, nb) < 0.6
+    union |= torch.eye(nb, dtype=torch.bool)
+    part = torch.rand(b, h, nb, nb) < 0.5
+    part[0, 0, 0] = True  # row 0 of head 0 lies wholly in part a: b is empty there
+    ma = BlockSparseMask.from_dense_blocks(union & part)
+    mb = BlockSparseMask.from_dense_blocks(union & ~part)
+    mu = BlockSparseMask.from_dense_blocks(union)
+    go = torch.randn(b, nb * 64, h, d)
+    gl = torch.randn(b, h, nb * 64)
+    results = []
+    for split in (True, False):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        with _backend_scope(backend):
+            if split:
+                oa, la = block_sparse_attention(*leaves, ma, return_lse=True)
+                ob, lb = block_sparse_attention(*leaves, mb, return_lse=True)
+                assert torch.isneginf(lb[0, 0, :64]).all()
+                out, lse = merge_attention(oa, la, ob, lb)
+            else:
+                out, lse = block_sparse_attention(*leaves, mu, return_lse=True)
+            grads = torch.autograd.grad((out, lse), leaves, (go, gl))
+        results.append((out, lse, *grads))
+    for name, a, u in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, u, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_merge_attention_rows_empty_in_both_and_errors():
+    from kandinsky_kernels import merge_attention
+
+    o = torch.zeros(1, 2, 1, 16, requires_grad=True)
+    lse = torch.full((1, 1, 2), float("-inf"), requires_grad=True)
+    out, lse_m = merge_attention(o, lse, o, lse)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse_m).all()
+    (out.sum() + lse_m.clamp(min=-1).sum()).backward()
+    assert torch.isfinite(o.grad).all() and torch.isfinite(lse.grad).all()
+    with pytest.raises(ValueError, match="lse_a must have shape"):
+        merge_attention(o, lse[..., :1], o, lse)
+    with pytest.raises(ValueError, match="out_b has shape"):
+        merge_attention(o, lse, o[:, :1], lse)
+    with pytest.raises(ValueError, match="return_lse"):
+        block_sparse_attention(*qkv(1, 64, 1, 16, torch.float32), BlockSparseMask.from_dense_blocks(
+            torch.ones(1, 1, 1, 1, dtype=torch.bool)), return_lse=1)

@@ -47,6 +47,9 @@ struct Problem {
   // Per-block codes: the common token code of the block, or -2 when its tokens differ.
   std::vector<int32_t> qblk, kblk;  // (nb), (Bt, nb)
   bool per_element;                 // false: no cu_seqlens and no token_valid, every pair is full
+  // Backward only: the gradient of the returned lse, fp32 (B, H, S), or null. d lse_i / d s_ij = P_ij,
+  // so it enters as Delta_i - dlse_i in dS = P * (dP - Delta).
+  const float* dlse = nullptr;
 
   int64_t mask_row(int64_t b, int64_t h, int64_t i) const {
     return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nb + i;

@@ -164,13 +164,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num_blocks,
     const at::Tensor& kv_indices, int64_t block_size, double scale,
-    const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens) {
+    const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
   check_qkv(q, dout, out);
-  const Problem p = make_problem(q, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
+  Problem p = make_problem(q, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
   KK_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.S}) &&
                lse.is_contiguous(),
            "lse must be contiguous fp32 (B, H, S), got ", lse.scalar_type(), " ", lse.sizes());
+  if (dlse.has_value()) {
+    KK_CHECK_CPU(*dlse);
+    KK_CHECK(dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes() && dlse->is_contiguous(),
+             "dlse must be contiguous fp32 (B, H, S) like lse, got ", dlse->scalar_type(), " ", dlse->sizes());
+    p.dlse = dlse->data_ptr<float>();
+  }
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
@@ -205,8 +212,8 @@ TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
       "float scale, Tensor? token_valid, Tensor? cu_seqlens) -> (Tensor, Tensor)");
   m.def(
       "bsa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, "
-      "Tensor kv_indices, int block_size, float scale, Tensor? token_valid, Tensor? cu_seqlens) -> "
-      "(Tensor, Tensor, Tensor)");
+      "Tensor kv_indices, int block_size, float scale, Tensor? token_valid, Tensor? cu_seqlens, "
+      "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &kk::attn::cpu_isa);
   m.def("cpu_isas() -> str[]", &kk::attn::cpu_isas);
   m.def("cpu_isa_report() -> str[]", &kk::attn::cpu_isa_report);

@@ -542,6 +542,8 @@ void backward_with(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   // Per query row: lse in the log2 domain as hi + lo, and Delta = rowsum(dO * O).
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
   row_stats(p, O, dO, lse.data_ptr<float>(), lse2, lse2lo, delta);
+  if (p.dlse != nullptr)
+    for (size_t r = 0; r < delta.size(); ++r) delta[r] -= p.dlse[r];
   const Transposed tr = transpose_mask(p);
   const auto make = [&] { return KeyBlockGrads<Prod>(p, tr, prod, lse2, lse2lo, delta); };
   if (fused) {

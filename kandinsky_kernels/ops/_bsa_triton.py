@@ -536,12 +536,14 @@ def triton_backward_scheme(scheme: Optional[str] = None) -> str:
 
 
 def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
-                        block_size, scale, token_valid, cu_seqlens, scheme=None):
+                        block_size, scale, token_valid, cu_seqlens, scheme=None, dlse=None):
     """Gradients (dq, dk, dv) of :func:`bsa_forward_triton`, each (B, S, H, D) in q.dtype.
 
     ``q_num_blocks`` int32 (Bm, Hm, Nk) / ``q_indices`` int32 (Bm, Hm, Nk, Nq): the transposed mask
     (``BlockSparseMask.transpose()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
     forward. Rows with lse = -inf contribute nothing. ``scheme``: see :func:`triton_backward_scheme`.
+    ``dlse`` (B, H, S) fp32 or None: the gradient of lse, folded into Delta (dS = P * (dP - (Delta -
+    dlse))), so the kernels are unchanged.
     """
     scheme = triton_backward_scheme(scheme)
     (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
@@ -568,6 +570,8 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         out, do, delta, *out.stride(), *do.stride(), h, s_q,
         D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,
     )
+    if dlse is not None:
+        delta -= dlse
     common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
     dkdv_args = (
         q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,

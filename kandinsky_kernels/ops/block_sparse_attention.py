@@ -126,6 +126,7 @@ def _bwd_op(
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     backend_tag: Tensor,
+    dlse: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
@@ -135,26 +136,29 @@ def _bwd_op(
         _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
     if q.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
     if backend == "cpu":
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
             dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
-            block_size, scale, token_valid, cu_seqlens,
+            block_size, scale, token_valid, cu_seqlens, dlse,
         )
     elif backend == "triton":
         t = _mask_of(kv_num_blocks, kv_indices, block_size, None).transpose()
         dq, dk, dv = _bsa_triton.bsa_backward_triton(
             dout, q, k, v, out, lse, kv_num_blocks, kv_indices, t.kv_num_blocks, t.kv_indices,
-            block_size, scale, token_valid, cu_seqlens,
+            block_size, scale, token_valid, cu_seqlens, dlse=dlse,
         )
     else:
         mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
-        dq, dk, dv = block_sparse_attention_backward_reference(dout, q, k, v, mask, scale, cu_seqlens)
+        dq, dk, dv = block_sparse_attention_backward_reference(dout, q, k, v, mask, scale, cu_seqlens,
+                                                               dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens,
-      backend_tag):
+      backend_tag, dlse):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -163,15 +167,22 @@ def _setup_context(ctx, inputs, output):
     out, lse, tag = output
     ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag)
     ctx.block_size, ctx.scale = block_size, scale
+    # an output nobody differentiated gets None, not a zero tensor: the common case (lse unused) then
+    # costs nothing
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse, dtag):
-    # lse is an auxiliary output: its gradient (never used by the public API) is ignored; the tag is
-    # an integer, without gradient.
+    # dlse: the gradient of lse where the caller used it (return_lse=True), folded into Delta by every
+    # backend; the tag is an integer, without gradient.
     q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return None, None, None, None, None, None, None, None, None
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
-        cu_seqlens, tag,
+        cu_seqlens, tag, dlse,
     )
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -246,7 +257,9 @@ def block_sparse_attention(
     mask: BlockSparseMask,
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
-) -> Tensor:
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention restricted to the active blocks of ``mask``, softmax over the visible keys only.
 
     Args:
@@ -259,10 +272,14 @@ def block_sparse_attention(
         cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1). Token i
             sees key j only if both lie in the same video, their blocks are active and j is valid;
             blocks may straddle video boundaries. Tokens past ``cu_seqlens[-1]`` see nothing.
+        return_lse: also return the log-sum-exp of each query row's visible scores (natural log,
+            scores = scale * q.k), differentiable, so partial attentions over disjoint key sets can be
+            merged exactly (:func:`merge_attention`, as ring / context-parallel attention does).
 
     Returns:
         (B, S, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
-        gradients), never NaN. Differentiable in q, k and v.
+        gradients), never NaN. Differentiable in q, k and v. With ``return_lse``: ``(out, lse)``, lse
+        fp32 (B, H, S), -inf for a row that sees no key.
 
     Raises:
         ValueError: a wrong shape, dtype, device or scale; a malformed mask (a count outside
@@ -282,7 +299,39 @@ def block_sparse_attention(
     """
     _validate(q, k, v, mask, cu_seqlens, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _, _ = _fwd_op(
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be True or False, got {return_lse!r}")
+    out, lse, _ = _fwd_op(
         q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid, cu_seqlens
     )
-    return out
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial results.
+
+    out_a, out_b: (B, S, H, D); lse_a, lse_b: fp32 (B, H, S), as ``block_sparse_attention(...,
+    return_lse=True)`` returns them (natural log). Returns ``(out, lse)``: out (B, S, H, D) in out_a's
+    dtype, computed in fp32 as ``out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)`` with
+    ``lse = logaddexp(lse_a, lse_b)``; a row that sees nothing in both parts stays zeros with lse -inf.
+    Differentiable (plain torch ops), so gradients reach both partial attentions through out and lse.
+    """
+    for name, t in (("out_b", out_b),):
+        if t.shape != out_a.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected out_a's {tuple(out_a.shape)}")
+    b, s, h, _ = out_a.shape
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.shape != (b, h, s):
+            raise ValueError(f"{name} must have shape (B, H, S) = {(b, h, s)}, got {tuple(t.shape)}")
+    la, lb = lse_a.float(), lse_b.float()
+    # rows empty in both parts: logaddexp(-inf, -inf) has a NaN gradient, so they take a finite stand-in
+    # and are put back to -inf by a where (whose backward sends them zero)
+    empty = torch.isneginf(la) & torch.isneginf(lb)
+    zero = torch.zeros_like(la)
+    safe = torch.logaddexp(torch.where(empty, zero, la), torch.where(empty, zero, lb))
+    lse = torch.where(empty, torch.full_like(la, float("-inf")), safe)
+    finite = ~empty
+    wa = torch.where(finite, torch.exp(torch.where(empty, zero, la) - safe), zero)
+    wb = torch.where(finite, torch.exp(torch.where(empty, zero, lb) - safe), zero)
+    out = out_a.float() * wa.transpose(1, 2)[..., None] + out_b.float() * wb.transpose(1, 2)[..., None]
+    return out.to(out_a.dtype), lse

@@ -67,20 +67,24 @@ def block_sparse_attention_with_lse(
 
 
 def block_sparse_attention_backward_reference(
-    dout, q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None
+    dout, q, k, v, mask: BlockSparseMask, scale=None, cu_seqlens=None, dlse=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the reference in closed form, fp32 (fp64 for fp64 inputs), in the inputs' dtype.
 
     Written out rather than taken from autograd so it also runs where autograd is off, e.g. inside the
     backward custom op: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale dS K,
-    dK = scale dS^T Q.
+    dK = scale dS^T Q. ``dlse`` (B, H, S), the gradient of the returned log-sum-exp, adds
+    P * dlse to dS (d lse_i / d s_ij = P_ij).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype, cdt = q.dtype, _compute_dtype(q, True)
     q, k, v, dout = q.to(cdt), k.to(cdt), v.to(cdt), dout.to(cdt)
     p, _, _, allowed = _probs(q, k, mask, scale, cu_seqlens)
     dp = torch.einsum("bqhd,bkhd->bhqk", dout, v)
-    ds = torch.where(allowed, p * (dp - (p * dp).sum(-1, keepdim=True)), 0.0)
+    delta = (p * dp).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)[..., None]
+    ds = torch.where(allowed, p * (dp - delta), 0.0)
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, k) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * scale
     dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
