@@ -543,3 +543,42 @@ def test_merge_attention_rows_empty_in_both_and_errors():
     with pytest.raises(ValueError, match="return_lse"):
         block_sparse_attention(*qkv(1, 64, 1, 16, torch.float32), BlockSparseMask.from_dense_blocks(
             torch.ones(1, 1, 1, 1, dtype=torch.bool)), return_lse=1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1), (8, 1)], ids=["mha", "gqa2", "mqa4", "mqa8"])
+def test_gqa_mqa_against_the_fp64_reference(backend, hq, hkv):
+    """k, v with H_kv heads: query head h reads kv head h // (H_q / H_kv); dk, dv sum over the group."""
+    b, nb, d = 1, 3, 64
+    q = torch.randn(b, nb * 64, hq, d)
+    k, v = torch.randn(b, nb * 64, hkv, d), torch.randn(b, nb * 64, hkv, d)
+    mask = random_mask(b, hq, nb, 0.5)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    with _backend_scope(backend):
+        out = block_sparse_attention(*leaves, mask)
+    g = hq // hkv
+    ref_in = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref = block_sparse_attention_reference(
+        ref_in[0], ref_in[1].repeat_interleave(g, 2), ref_in[2].repeat_interleave(g, 2), mask)
+    t_in = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]  # plain torch: the yardstick
+    t_out = block_sparse_attention_reference(
+        t_in[0], t_in[1].repeat_interleave(g, 2), t_in[2].repeat_interleave(g, 2), mask, upcast=False)
+    assert_close_to_reference(out, ref, t_out)
+    dout = torch.randn_like(ref)
+    with _backend_scope(backend):
+        grads = torch.autograd.grad(out, leaves, dout.float())
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    t_grads = torch.autograd.grad(t_out, t_in, dout.float())
+    for name, gr, rg, tg in zip(("dq", "dk", "dv"), grads, ref_grads, t_grads):
+        assert gr.shape == rg.shape
+        assert_close_to_reference(gr, rg, tg, grad=True, name=name)
+
+
+def test_gqa_shape_errors():
+    q = torch.randn(1, 64, 4, 16)
+    mask = BlockSparseMask.from_dense_blocks(torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    for k, v in [(torch.randn(1, 64, 3, 16), torch.randn(1, 64, 3, 16)),   # 3 does not divide 4
+                 (torch.randn(1, 64, 2, 16), torch.randn(1, 64, 1, 16)),   # k and v differ
+                 (torch.randn(1, 128, 2, 16), torch.randn(1, 128, 2, 16))]:  # Sk != Sq
+        with pytest.raises(ValueError, match="H_kv dividing H_q"):
+            block_sparse_attention(q, k, v, mask)

@@ -45,7 +45,7 @@ from kandinsky_kernels.reference.attention import (
     block_sparse_attention_with_lse,
 )
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["block_sparse_attention", "merge_attention"]
 
 _OP = "block_sparse_attention"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,7 +126,7 @@ def _bwd_op(
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
     backend_tag: Tensor,
-    dlse: Optional[Tensor],
+    dlse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
@@ -158,7 +158,7 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens,
-      backend_tag, dlse):
+      backend_tag, dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -203,10 +203,12 @@ def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, seq_len: int) -> None
 def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, ndim=4, dtypes=_DTYPES)
-    if not (q.shape == k.shape == v.shape):
+    hq, hkv = q.shape[2], k.shape[2]
+    if (k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]
+            or (hkv == 0) != (hq == 0) or (hkv and hq % hkv)):
         raise ValueError(
-            f"q, k, v must share one (B, S, H, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
+            f"q (B, S, H_q, D), k and v (B, S, H_kv, D) must share one B, S and D, k and v one shape, with "
+            f"H_kv dividing H_q (GQA/MQA), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -265,6 +267,10 @@ def block_sparse_attention(
     Args:
         q, k, v: (batch B, seq S, heads H, head_dim D), the layout of flash-attn and of the model, any
             strides. fp32, fp16 or bf16 (one dtype for all three); D a multiple of 16, at most 256.
+            GQA / MQA: k and v may have H_kv heads with H_kv dividing H (query head h reads key/value
+            head h // (H / H_kv), as flash-attn does); their gradients sum over the sharing query
+            heads. K and V are expanded to H heads before the kernels (one copy of each); kernels that
+            read shared heads in place are not written yet.
         mask: :class:`BlockSparseMask` with Nq = Nk = S / block_size (block_size 64, or any multiple
             of 16). Its B may be 1 or B and its H 1 or H (broadcast). ``mask.token_valid`` (False =
             pad key) removes keys: a pad key is never attended to.
@@ -301,6 +307,9 @@ def block_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be True or False, got {return_lse!r}")
+    group = q.shape[2] // k.shape[2] if k.shape[2] else 1
+    if group > 1:  # autograd of repeat_interleave sums dK, dV over the query heads sharing a head
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     out, lse, _ = _fwd_op(
         q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid, cu_seqlens
     )
