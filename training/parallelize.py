@@ -171,7 +171,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, size, rank):
         ctx.size, ctx.rank, ctx.local = size, rank, x.shape[1]
-        y = funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=group)
+        y = funcol.all_gather_single(x.contiguous(), gather_dim=1, group=group)
         return funcol.wait_tensor(y)
 
     @staticmethod
