@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kandinsky_model import CrossDiT, preset
+from kandinsky_model.config import NablaConfig
 from training.config import ParallelConfig, apply_overrides, get_config
 from training.parallelize import ParallelDims, UlyssesSP, install_block_runner
 from test_training import ROOT, assert_same_losses, losses, run_train
@@ -69,14 +70,20 @@ def _worker(rank, fn, port, out_dir):
 
 
 # --------------------------------------------------------------------------------- model-level parity
+def _config(backend: str):
+    # NABLA without the STA window and at P = 0.5 on 4 blocks per frame: a really sparse mask
+    return preset("tiny", nabla=NablaConfig(threshold=0.5, add_sta=False)) if backend == "nabla" else preset("tiny")
+
+
 def _inputs(packed: bool, backend: str):
     g = torch.Generator().manual_seed(1)
-    c = preset("tiny")
+    c = _config(backend)
+    side = 32 if backend == "nabla" else 8  # NABLA: 16 x 16 tokens per frame = 4 blocks of 64
     if packed:  # 2 videos of 1 and 2 frames: S/2 ends inside a frame and inside video 1
-        x = torch.randn(1, 3, 8, 8, c.in_channels, generator=g)
+        x = torch.randn(1, 3, side, side, c.in_channels, generator=g)
         n, kwargs = 2, {"cu_frames": [0, 1, 3]}
     else:
-        x = torch.randn(2, 2, 8, 8, c.in_channels, generator=g)
+        x = torch.randn(2, 2, side, side, c.in_channels, generator=g)
         n, kwargs = 2, {}
     text = torch.randn(n, 5, c.in_text_dim, generator=g)
     mask = torch.ones(n, 5, dtype=torch.bool)
@@ -86,9 +93,9 @@ def _inputs(packed: bool, backend: str):
     return (x, text, pooled, timestep, mask), {"attention_backend": backend, **kwargs}
 
 
-def _model() -> CrossDiT:
+def _model(backend: str) -> CrossDiT:
     torch.manual_seed(0)
-    model = CrossDiT(preset("tiny"))
+    model = CrossDiT(_config(backend))
     with torch.no_grad():  # the modulations start at zero (identity blocks): make them matter
         for name, p in model.named_parameters():
             if "modulation" in name:
@@ -128,8 +135,15 @@ def _check_parity(rank, out_dir):
     for backend in ("sdpa", "nabla"):
         for packed in (False, True):
             args, kwargs = _inputs(packed, backend)
-            ref = _model()
+            ref = _model(backend)
             loss_ref, grads_ref = _loss_and_grads(ref, args, kwargs)
+            if backend == "nabla":  # the masks the comparison covers are sparse
+                masks = []
+                with torch.no_grad():
+                    ref.run_visual_blocks(ref.prepare(*args, record_masks=masks, **kwargs))
+                dense = sum((b - a) ** 2 for a, b in zip([0, 4], [4, 12])) if packed else 8 * 8
+                kept = [m.kv_num_blocks.sum(-1).float().mean().item() / dense for m in masks]
+                assert max(kept) < 0.9, f"NABLA masks keep {kept} of the blocks: not sparse"
             for ac in (False, True):
                 model = install_block_runner(copy.deepcopy(ref), UlyssesSP(group, SP, rank), ac)
                 model.zero_grad(set_to_none=True)
@@ -154,7 +168,8 @@ def _check_parity(rank, out_dir):
                     err = (grad - grads_ref[name]).norm() / grads_ref[name].norm().clamp_min(1e-30)
                     worst = max(worst, err.item())
                     assert err <= 1e-5, f"{case}: gradient of {name} off by {err:.2e} (relative L2)"
-                report.append(f"{case}: loss rel {rel:.1e}, worst grad rel {worst:.1e}, a2a {n_fwd}+{n_bwd}")
+                report.append(f"{case}: loss rel {rel:.1e}, worst grad rel {worst:.1e}, a2a {n_fwd}+{n_bwd}"
+                              + (f", blocks kept {max(kept):.2f}" if backend == "nabla" else ""))
     if rank == 0:
         with open(os.path.join(out_dir, "report.txt"), "w") as f:
             f.write("\n".join(report))
