@@ -1,7 +1,8 @@
 """Ulysses sequence parallelism (training/parallelize.py) on 2 CPU processes (gloo): the same loss and
 gradients as one process, for dense SDPA and NABLA, one video per sample and packed videos; exactly 2
 all-to-alls per block forward and 2 backward, with and without activation checkpointing; the mesh's
-errors; and ``python -m training.train --sp 2`` against one process.
+errors; ``python -m training.train --sp 2`` against one process; HSDP with 4 processes (with and
+without sp) against one process.
 
 Every multi-process test has a deadline (workers are killed after it) and a gloo timeout, so a hang
 fails instead of blocking the suite.
@@ -231,3 +232,21 @@ def test_train_sp2_matches_one_process(tmp_path, attention):
     extra = ["parallel.activation_checkpointing=True"] if attention == "sdpa" else []
     _torchrun(two, "--sp", "2", *common, *extra)
     assert_same_losses(losses(one), losses(two), range(1, 4), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sp", [1, 2])
+def test_hsdp_four_ranks_match_one_process(tmp_path, sp):
+    """4 processes on a (replicate 2, shard 2 / sp, sp) mesh: HSDP, FSDP2 on the 2-D (replicate,
+    shard x sp) mesh. One process with grad_accum = 4 / sp sees the same batches per step (the loader
+    shards by the data-parallel rank, so both sp ranks of a batch read it)."""
+    one, four = tmp_path / "one", tmp_path / "four"
+    common = ["--max-steps", "3", "checkpoint.every=0", "checkpoint.export_ema=False"]
+    run_train(one, *common, f"optim.grad_accum={4 // sp}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "training.train", "--config", "tiny-cpu", "--output", str(four), "log.progress=False",
+           "--sp", str(sp), "parallel.replicate=2", *common]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_same_losses(losses(one), losses(four), range(1, 4), rtol=1e-5)
