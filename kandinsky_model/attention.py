@@ -72,6 +72,12 @@ class AttentionContext:
     nabla: NablaState | None = field(default=None)
     packing: Packing | None = None
     """Packed videos (``CrossDiT.forward(cu_frames=...)``), or None: one video per sample."""
+    self_attention_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """Set from outside the model only (sequence parallelism, ``training/parallelize.py``): visual
+    self-attention returns ``hook(q, k, v)`` instead of calling the backend. The blocks then hold a
+    slice of the tokens, and the hook moves q, k, v to the layout it needs (all tokens, some heads),
+    attends with its own context and moves the result back. The model stays free of
+    ``torch.distributed``: this is a plain callable."""
 
     def __post_init__(self) -> None:
         if self.backend not in ATTENTION_BACKENDS:
@@ -178,6 +184,8 @@ def self_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     """Visual self-attention through ``ctx.backend`` (no key mask: every visual token is real, pads of
     the fractal layout are handled by ``token_valid``). Packed videos: NABLA masks and attends per
     video through ``cu_seqlens``; the dense backends attend video by video."""
+    if ctx.self_attention_hook is not None:
+        return ctx.self_attention_hook(q, k, v)
     pk = ctx.packing
     if ctx.backend == "nabla":
         return nabla_attention(q, k, v, ctx.nabla, None if pk is None else pk.cu_seqlens)  # type: ignore[arg-type]

@@ -220,6 +220,27 @@ class LogConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the ranks are laid out: a ``(replicate, shard, sp)`` DeviceMesh with
+    ``replicate x shard x sp = world size`` (``shard`` is what is left; see
+    ``training.parallelize.ParallelDims``)."""
+
+    sp: int = 1
+    """Ulysses sequence-parallel degree: each of ``sp`` ranks holds 1/sp of the visual tokens of the
+    same batch; it must divide the heads and, per batch, the token count. ``--sp N`` on the CLI."""
+    replicate: int = 1
+    """HSDP replica groups (parameters replicated across them, sharded within); 1: plain FSDP."""
+    activation_checkpointing: bool = False
+    """Recompute each CrossDiT block in backward (non-reentrant), saving only the block input and
+    the outputs of the sequence-parallel all-to-alls, so the recompute never communicates again."""
+
+    def __post_init__(self) -> None:
+        _num("parallel.sp", self.sp, lo=1, integer=True)
+        _num("parallel.replicate", self.replicate, lo=1, integer=True)
+        _bool("parallel.activation_checkpointing", self.activation_checkpointing)
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     name: str
     model: CrossDiTConfig
@@ -230,6 +251,7 @@ class TrainConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_steps: int = 1000
     """Optimizer steps of the whole run (a resumed run continues up to it)."""
     seed: int = 0
@@ -246,7 +268,8 @@ class TrainConfig:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
         for fname, typ in (("model", CrossDiTConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
                            ("ema", EMAConfig), ("data", DataConfig), ("flow", FlowConfig),
-                           ("checkpoint", CheckpointConfig), ("log", LogConfig)):
+                           ("checkpoint", CheckpointConfig), ("log", LogConfig),
+                           ("parallel", ParallelConfig)):
             if not isinstance(getattr(self, fname), typ):
                 got = type(getattr(self, fname)).__name__
                 raise ValueError(f"{fname} must be a {typ.__name__}, got {got}")
@@ -256,6 +279,9 @@ class TrainConfig:
         _num("global_batch", self.global_batch, lo=0, integer=True)
         if not isinstance(self.synthetic, dict):
             raise ValueError(f"synthetic must be a dict, got {self.synthetic!r}")
+        if self.model.num_heads % self.parallel.sp:
+            raise ValueError(f"parallel.sp = {self.parallel.sp} must divide the model's "
+                             f"{self.model.num_heads} attention heads (Ulysses splits heads over sp ranks)")
         if self.data.task_probs.get("i2v", 0.0) > 0 and not self.model.visual_cond:
             raise ValueError("data.task_probs['i2v'] > 0 needs a model with visual_cond=True "
                              "(set model.visual_cond=True or data.task_probs)")

@@ -13,7 +13,9 @@ and, at the end, ``loss.png`` (if matplotlib imports) and the EMA weights in ``e
 Per optimizer step, rank r of W processes ``grad_accum`` micro-batches (global batches
 ``(step * A + m) * W + r``); the loss is the mean over micro-batches and ranks. Batch randomness is
 seeded by the global batch id (see :mod:`training.objective`), so W = 2 with A = 1 sees the same
-batches per step as W = 1 with A = 2.
+batches per step as W = 1 with A = 2. With ``--sp N`` (``parallel.sp``) W counts data-parallel
+ranks (world / N): the N sequence-parallel ranks of one batch read the same batch and each runs the
+blocks on 1/N of its tokens (:mod:`training.parallelize`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,13 @@ from .config import TrainConfig, apply_overrides, get_config
 from .data import LatentLoader, write_synthetic
 from .data.shards import MANIFEST
 from .objective import build_batch, flow_loss
-from .parallelize import build_mesh, build_sharded_dit, init_distributed, mixed_precision_policy
+from .parallelize import (
+    ParallelDims,
+    build_mesh,
+    build_sharded_dit,
+    init_distributed,
+    mixed_precision_policy,
+)
 
 KILL_ENV = "KANDINSKY_TRAIN_KILL_AFTER_SAVE"
 """Test hook: ``os._exit`` right after the async save of this step started (a crash mid-save)."""
@@ -46,9 +54,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--output", default="runs/default")
     p.add_argument("--data", default=None, help="dataset folder or s3:// URL (default: synthetic)")
+    p.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (parallel.sp)")
     p.add_argument("overrides", nargs="*", help="key=value with dotted keys, e.g. optim.lr=3e-4")
     args = p.parse_intermixed_args(argv)
-    cfg = apply_overrides(get_config(args.config), args.overrides)
+    overrides = list(args.overrides) + ([] if args.sp is None else [f"parallel.sp={args.sp}"])
+    cfg = apply_overrides(get_config(args.config), overrides)
     if args.max_steps is not None:
         cfg = dataclasses.replace(cfg, max_steps=args.max_steps)
     return args, cfg
@@ -100,16 +110,19 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
             write_synthetic(url, cfg.model, cfg.synthetic, seed=cfg.data.seed)
     dist.barrier()
 
-    mesh = build_mesh(device_type)
+    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model.num_heads)
+    mesh = build_mesh(device_type, dims)
+    dp_rank, dp_world = mesh.dp_rank_world()  # the sp ranks of one dp index read the same batches
     mp_policy = mixed_precision_policy(cfg.mixed_precision, device_type)
     compute_dtype = torch.float32 if mp_policy is None else mp_policy.param_dtype
-    model = build_sharded_dit(cfg.model, mesh, mp_policy, device, cfg.seed)
+    model = build_sharded_dit(cfg.model, mesh, mp_policy, device, cfg.seed,
+                              activation_checkpointing=cfg.parallel.activation_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.schedule.factor(s, cfg.max_steps))
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema.enabled else {}
-    loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=rank, world=world,
+    loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=dp_rank, world=dp_world,
                           prefetch=cfg.data.prefetch, pack=cfg.data.pack, workers=cfg.data.workers)
     channels = loader.batcher.entries[0].shape[3]
     if channels != cfg.model.in_visual_dim:
@@ -172,9 +185,9 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
         stats = torch.tensor([loss_sum.item() / o.grad_accum, float(tokens)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
-        loss_val = stats[0].item() / world
+        loss_val = stats[0].item() / world  # the sp ranks of a batch hold the same loss
         dt = time.perf_counter() - t0
-        tok_s = stats[1].item() / dt
+        tok_s = stats[1].item() / dims.sp / dt  # ... and count the same tokens
         losses.append(loss_val)
         if rank == 0 and (step % cfg.log.every == 0 or step == cfg.max_steps):
             row = {"step": step, "loss": loss_val, "lr": lr, "tokens_per_s": tok_s, "step_time": dt,
