@@ -296,9 +296,10 @@ CPU_DEFAULT_BUDGET_BYTES = 8 * 2**30
 available memory). 8 GiB: a laptop-safe figure; pass ``budget_bytes`` for anything else."""
 
 MAX_ELEMENTS = 2**31 - 1
-"""No single activation of a tile may hold more elements: the int32-indexing limit of several GPU
-kernels (Kandinsky 5's planner has the same guard, ``256 * 17 * (h + 32) * (w + 32) < 2**31``). Applied
-on every device, so that a plan is valid wherever it runs."""
+"""On CUDA no single activation of a tile may hold more elements: the int32-indexing limit of several
+GPU kernels (Kandinsky 5's planner has the same guard, ``256 * 17 * (h + 32) * (w + 32) < 2**31``; which
+kernels still need it in torch 2.13 is not verified here, no GPU). It caps whole 512x768 frames at
+21-frame tiles, as Kandinsky 5's 17. Not applied on the CPU."""
 
 # Measured peak / layer count (_stage_units) of the published VAE on the CPU, bf16 and fp32 (oneDNN
 # convolutions reorder their input and output), at 9x64x64 and 17x64x96: encode 1.63, decode 1.40
@@ -306,8 +307,9 @@ on every device, so that a plan is valid wherever it runs."""
 # convolution workspaces (unmeasured).
 _MEASURED = {"encode": 1.7, "decode": 1.45}
 _SAFETY = 1.2
-_MIN_SPATIAL_TILE = 256
-_MIN_TILE_FRAMES = 17
+_MIN_SPATIAL_TILE = 256  # HunyuanVideo's tile: less context per tile shows as seams
+_MIN_TILE_FRAMES = 17  # diffusers' and Kandinsky 5's temporal tile
+_RELAXED = (9, 128)  # second round when nothing fits at those minimums (frames, pixels)
 _PLAN_OVERLAP = 64
 _PLAN_TEMPORAL_OVERLAP = 4
 
@@ -422,8 +424,9 @@ def plan_tiling(
        each temporal seam repeats a leading frame and the overlap and can blur motion;
     3. spatial tiles (even splits with 64 px overlap, each >= 256 px) with the fewest temporal tiles
        that still fit such tiles, then the fewest spatial tiles;
-    4. nothing fits: the smallest plan (17 frames, 256 px or whole smaller sides), with a warning.
-    Every plan also keeps each activation below :data:`MAX_ELEMENTS`.
+    4. steps 2-3 again with temporal tiles down to 9 frames and spatial tiles down to 128 px;
+    5. nothing fits: that smallest plan, with a warning.
+    On CUDA devices every plan also keeps each activation below :data:`MAX_ELEMENTS` elements.
     """
     from .vae import CausalVAEConfig
 
@@ -451,7 +454,7 @@ def plan_tiling(
     elif isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
         raise ValueError(f"budget_bytes must be None or a positive int, got {budget_bytes!r}")
     ops = ("encode", "decode") if op == "both" else (op,)
-    big = max(_stage_units(config, o)[1] for o in ops)
+    big = max(_stage_units(config, o)[1] for o in ops) if dev.type == "cuda" else 0
 
     def fits(frames: int, th: int, tw: int) -> bool:
         if big * b * frames * (th + 2) * (tw + 2) > MAX_ELEMENTS:
@@ -461,59 +464,53 @@ def plan_tiling(
 
     K = (f - 1) // _TEMPORAL
     ot = _PLAN_TEMPORAL_OVERLAP // _TEMPORAL
-    k_min = (_MIN_TILE_FRAMES - 1) // _TEMPORAL
 
-    def temporal_options():
-        """(tile_frames or None, frames per tile) from 1 tile up, while tiles stay >= 17 frames."""
+    def temporal_options(min_frames: int):
+        """(tile_frames or None, frames per tile): 1 tile, then n = 2, 3, ... evenly split tiles while
+        they keep >= min_frames."""
         yield None, f
-        n = 2
-        while True:
+        k_min = (min_frames - 1) // _TEMPORAL
+        seen = set()
+        for n in range(2, K + 2):
             k = -(-(K + (n - 1) * ot) // n)
-            if k < k_min or k >= K:
-                if k < k_min:
-                    return
-                n += 1
-                continue
-            yield 1 + _TEMPORAL * k, 1 + _TEMPORAL * k
-            n += 1
+            if k < k_min:
+                return
+            if k < K and k not in seen:
+                seen.add(k)
+                yield 1 + _TEMPORAL * k, 1 + _TEMPORAL * k
 
-    # 1-2: whole frames
-    for tile_frames, frames in temporal_options():
-        if fits(frames, hh, ww):
-            return TilingConfig(tile_height=None, tile_width=None, spatial_overlap=_PLAN_OVERLAP,
-                                tile_frames=tile_frames, temporal_overlap=_PLAN_TEMPORAL_OVERLAP)
-
-    def spatial_options():
-        """(tile_h or None, tile_w or None, sizes, n tiles), fewest tiles first, squarest first."""
-        opts = []
-        for nh in range(1, max(1, hh // (_MIN_SPATIAL_TILE - _PLAN_OVERLAP)) + 2):
-            th = hh if nh == 1 else _split(hh, nh, _PLAN_OVERLAP, r)
-            if nh > 1 and (th < _MIN_SPATIAL_TILE or th >= hh):
-                continue
-            for nw in range(1, max(1, ww // (_MIN_SPATIAL_TILE - _PLAN_OVERLAP)) + 2):
-                tw = ww if nw == 1 else _split(ww, nw, _PLAN_OVERLAP, r)
-                if nw > 1 and (tw < _MIN_SPATIAL_TILE or tw >= ww):
-                    continue
-                if nh == nw == 1:
-                    continue
-                opts.append((nh * nw, abs(nh - nw), None if nh == 1 else th, None if nw == 1 else tw, th, tw))
+    def spatial_options(min_tile: int):
+        """(tile_height or None, tile_width or None, th, tw): even splits with tiles >= min_tile, fewest
+        tiles first, then the squarest grid."""
+        def axis(length: int):
+            out = [(1, None, length)]
+            for n in range(2, length // (min_tile - _PLAN_OVERLAP) + 2):
+                t = _split(length, n, _PLAN_OVERLAP, r)
+                if min_tile <= t < length:
+                    out.append((n, t, t))
+            return out
+        opts = [(nh * nw, abs(nh - nw), cth, ctw, th, tw)
+                for nh, cth, th in axis(hh) for nw, ctw, tw in axis(ww) if nh * nw > 1]
         opts.sort(key=lambda o: (o[0], o[1]))
-        return opts
+        return [o[2:] for o in opts]
 
-    # 3: spatial tiles, fewest temporal tiles first
-    for tile_frames, frames in temporal_options():
-        for _, _, cth, ctw, th, tw in spatial_options():
-            if fits(frames, th, tw):
-                return TilingConfig(tile_height=cth, tile_width=ctw, spatial_overlap=_PLAN_OVERLAP,
-                                    tile_frames=tile_frames, temporal_overlap=_PLAN_TEMPORAL_OVERLAP)
-    # 4: the smallest plan
-    small = TilingConfig(
-        tile_height=None if hh <= _MIN_SPATIAL_TILE else _MIN_SPATIAL_TILE,
-        tile_width=None if ww <= _MIN_SPATIAL_TILE else _MIN_SPATIAL_TILE,
-        spatial_overlap=_PLAN_OVERLAP,
-        tile_frames=None if f <= _MIN_TILE_FRAMES else _MIN_TILE_FRAMES,
-        temporal_overlap=_PLAN_TEMPORAL_OVERLAP,
-    )
+    def make(tile_frames, th=None, tw=None) -> TilingConfig:
+        return TilingConfig(tile_height=th, tile_width=tw, spatial_overlap=_PLAN_OVERLAP,
+                            tile_frames=tile_frames, temporal_overlap=_PLAN_TEMPORAL_OVERLAP)
+
+    for min_frames, min_tile in ((_MIN_TILE_FRAMES, _MIN_SPATIAL_TILE), _RELAXED):
+        # whole frames, fewest temporal tiles first (the first option is the untiled clip)
+        for tile_frames, frames in temporal_options(min_frames):
+            if fits(frames, hh, ww):
+                return make(tile_frames)
+        # spatial tiles, fewest temporal tiles first, then fewest spatial tiles
+        for tile_frames, frames in temporal_options(min_frames):
+            for cth, ctw, th, tw in spatial_options(min_tile):
+                if fits(frames, th, tw):
+                    return make(tile_frames, cth, ctw)
+    min_frames, min_tile = _RELAXED
+    small = make(None if f <= min_frames else min_frames, None if hh <= min_tile else min_tile,
+                 None if ww <= min_tile else min_tile)
     warnings.warn(
         f"plan_tiling: no tiling of {shape} fits budget_bytes={budget_bytes} ({dtype}); using the "
         f"smallest plan {small}", stacklevel=2,

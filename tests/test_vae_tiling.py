@@ -370,7 +370,30 @@ def _fmt(cfg: TilingConfig) -> tuple:
 
 
 # Recorded choices of plan_tiling at the published config, op="both" (one config for encode and
-# decode), overlaps 64 px / 4 frames: (tile_frames, tile_height, tile_width), None = whole.
+# decode), overlaps 64 px / 4 frames: (tile_frames, tile_height, tile_width), None = whole. Budgets: an
+# 80 GiB and a 24 GiB GPU in bf16 (there the 2**31-element guard caps whole 512x768 frames at 21-frame
+# tiles), and the CPU default (no psutil) in fp32. Changing the estimate or the rules changes these
+# on purpose: review the new table, then update it.
+PLANS_RECORDED = {
+    (80 * GiB, torch.bfloat16, 'cuda'): {
+        (1, 256, 256): (None, None, None), (17, 256, 256): (None, None, None), (61, 256, 256): (None, None, None), (121, 256, 256): (None, None, None), (241, 256, 256): (125, None, None),
+        (1, 512, 768): (None, None, None), (17, 512, 768): (None, None, None), (61, 512, 768): (21, None, None), (121, 512, 768): (21, None, None), (241, 512, 768): (21, None, None),
+        (1, 768, 1280): (None, None, None), (17, 768, 1280): (None, None, 472), (61, 768, 1280): (None, 416, 312), (121, 768, 1280): (65, 304, 368), (241, 768, 1280): (85, 304, 312),
+        (1, 1024, 1024): (None, None, None), (17, 1024, 1024): (None, None, 384), (61, 1024, 1024): (None, 384, 304), (121, 1024, 1024): (None, 256, 256), (241, 1024, 1024): (125, 256, 256),
+    },
+    (24 * GiB, torch.bfloat16, 'cuda'): {
+        (1, 256, 256): (None, None, None), (17, 256, 256): (None, None, None), (61, 256, 256): (None, None, None), (121, 256, 256): (65, None, None), (241, 256, 256): (85, None, None),
+        (1, 512, 768): (None, None, None), (17, 512, 768): (None, None, None), (61, 512, 768): (17, None, None), (121, 512, 768): (17, None, None), (241, 512, 768): (17, None, None),
+        (1, 768, 1280): (None, None, None), (17, 768, 1280): (None, None, 472), (61, 768, 1280): (None, 304, 368), (121, 768, 1280): (65, 304, 312), (241, 768, 1280): (65, 304, 312),
+        (1, 1024, 1024): (None, None, None), (17, 1024, 1024): (None, None, 384), (61, 1024, 1024): (None, 384, 256), (121, 1024, 1024): (65, 384, 256), (241, 1024, 1024): (85, 304, 256),
+    },
+    (8 * GiB, torch.float32, 'cpu'): {
+        (1, 256, 256): (None, None, None), (17, 256, 256): (None, None, None), (61, 256, 256): (17, None, None), (121, 256, 256): (17, None, None), (241, 256, 256): (17, None, None),
+        (1, 512, 768): (None, None, None), (17, 512, 768): (None, 288, 240), (61, 512, 768): (None, 128, 144), (121, 512, 768): (65, 128, 128), (241, 512, 768): (53, 128, 144),
+        (1, 768, 1280): (None, None, None), (17, 768, 1280): (None, 240, 272), (61, 768, 1280): (None, 128, 128), (121, 768, 1280): (45, 152, 136), (241, 768, 1280): (41, 128, 136),
+        (1, 1024, 1024): (None, None, None), (17, 1024, 1024): (None, 256, 256), (61, 1024, 1024): (33, 184, 160), (121, 1024, 1024): (45, 152, 128), (241, 1024, 1024): (41, 128, 128),
+    },
+}
 @pytest.mark.parametrize("budget,dtype,device", [(80 * GiB, torch.bfloat16, "cuda"),
                                                  (24 * GiB, torch.bfloat16, "cuda"),
                                                  (CPU_DEFAULT_BUDGET_BYTES, torch.float32, "cpu")],
@@ -388,11 +411,12 @@ def test_planner_choices_fit_and_are_recorded(budget, dtype, device):
                 est = estimate_tile_bytes(config, op, 1, frames, min(th, h), min(tw, w), dtype,
                                           clip_frames=f, clip_height=h, clip_width=w)
                 assert est <= budget, (f, h, w, op, cfg, est / GiB)
-                big = _stage_units(config, op)[1]
-                assert big * frames * (min(th, h) + 2) * (min(tw, w) + 2) <= MAX_ELEMENTS
+                if device == "cuda":
+                    big = _stage_units(config, op)[1]
+                    assert big * frames * (min(th, h) + 2) * (min(tw, w) + 2) <= MAX_ELEMENTS
             # preference: tiled only because the untiled clip does not fit
             if cfg != TilingConfig.whole().replace(spatial_overlap=64):
-                assert not fits(config, f, h, w, dtype, budget), (f, h, w, cfg)
+                assert not fits(config, f, h, w, dtype, budget, device), (f, h, w, cfg)
     key = (budget, dtype, device)
     print(f"\nplans for {key}:")
     for k, v in got.items():
@@ -400,11 +424,10 @@ def test_planner_choices_fit_and_are_recorded(budget, dtype, device):
     assert got == PLANS_RECORDED[key], got
 
 
-PLANS_RECORDED: dict = {}
 
 
-def fits(config, f, h, w, dtype, budget) -> bool:
-    big = max(_stage_units(config, op)[1] for op in ("encode", "decode"))
+def fits(config, f, h, w, dtype, budget, device) -> bool:
+    big = max(_stage_units(config, op)[1] for op in ("encode", "decode")) if device == "cuda" else 0
     return big * f * (h + 2) * (w + 2) <= MAX_ELEMENTS and all(
         estimate_tile_bytes(config, op, 1, f, h, w, dtype) <= budget for op in ("encode", "decode"))
 
@@ -420,7 +443,7 @@ def test_planner_bad_arguments():
         plan_tiling((17, 256, 256), torch.int8)
     with pytest.warns(UserWarning, match="no tiling of .* fits budget_bytes=1000"):
         small = plan_tiling((121, 512, 768), budget_bytes=1000)
-    assert _fmt(small) == (17, 256, 256)
+    assert _fmt(small) == (9, 128, 128)
     # the CPU default without an explicit budget is the documented constant (psutil absent) or half of
     # what psutil reports; either way a valid plan
     assert isinstance(plan_tiling((17, 64, 64)), TilingConfig)
