@@ -127,6 +127,23 @@ def n_tiles_t(t: int, cfg: TilingConfig) -> int:
     return 1 if k >= t - 1 else 1 + math.ceil((t - 1 - k) / (k - o))
 
 
+def test_gradients_flow_through_the_tiles(monkeypatch):
+    """Autograd through slicing, lerp blending and the in-place stitching: with the pointwise codec the
+    input gradient equals the untiled one (weights (1 - w) and w reach the two copies of a value)."""
+    vae = CausalVideoVAE(tiny_config())
+    patch_codec(monkeypatch, vae)
+    cfg = TilingConfig(tile_height=24, tile_width=16, spatial_overlap=8, tile_frames=9, temporal_overlap=4)
+    x = video(1, 21, 40, 40, seed=5)
+    grads = []
+    for tiling in ("none", cfg):
+        xi = x.clone().requires_grad_()
+        z = vae.encode(xi, tiling=tiling)
+        (vae.decode(z, tiling=tiling) * torch.linspace(-1, 1, 40)).sum().backward()
+        grads.append(xi.grad)
+    assert grads[1].abs().sum() > 0
+    assert_close_to_reference(grads[1], grads[0].double(), name="input gradient")
+
+
 def test_leading_frame_and_alignment(monkeypatch):
     """Tile inputs, frame by frame: tile m >= 1 starts at the LAST frame of latent m (k - o), one frame
     before the 4-frame groups it keeps; the tiles of a 1 + 4 * 10 clip with 9/4 are 0-8, 4-12, ... 36-40."""
@@ -512,3 +529,35 @@ def test_estimate_covers_measured_peak():
                 measured = peak_bytes(fn)
                 est = estimate_tile_bytes(vae.config, op, 1, 9, 32, 48, dtype)
                 assert measured <= est <= 3 * measured, (op, dtype, measured, est)
+
+
+# ------------------------------------------------------------------------- diffusers (optional)
+def test_diffusers_tiling_same_outputs_where_the_schemes_coincide():
+    """diffusers' AutoencoderKLHunyuanVideo, tiled with the same settings and identical weights: same
+    latents and frames where the two schemes coincide: tiles along one spatial axis (no 4-tile
+    corners, which diffusers blends non-separably) and sizes whose last tile is at most a stride long
+    (so diffusers runs no tail tile inside it; its extra empty temporal tiles are harmless)."""
+    from test_vae import _diffusers_vae_class, rel_l2
+
+    cls = _diffusers_vae_class()
+    vae = make_vae()
+    theirs = cls(block_out_channels=(8, 16, 16, 32), norm_num_groups=4, latent_channels=8).eval()
+    theirs.load_state_dict(vae.state_dict())
+    cfg = TilingConfig(tile_height=32, tile_width=32, spatial_overlap=8, tile_frames=17, temporal_overlap=4)
+    theirs.enable_tiling(
+        tile_sample_min_height=cfg.tile_height, tile_sample_min_width=cfg.tile_width,
+        tile_sample_min_num_frames=cfg.tile_frames - 1,
+        tile_sample_stride_height=cfg.tile_height - cfg.spatial_overlap,
+        tile_sample_stride_width=cfg.tile_width - cfg.spatial_overlap,
+        tile_sample_stride_num_frames=cfg.tile_frames - 1 - cfg.temporal_overlap,
+    )
+    x = video(1, 25, 24, 48, seed=11)  # 2 temporal tiles (0-16, 12-24), 2 tiles along W (0-32, 24-48)
+    with torch.no_grad():
+        z_theirs = theirs.encode(x).latent_dist.mean
+        z = vae.encode(x, tiling=cfg)
+        assert rel_l2(z, z_theirs) < 1e-5, rel_l2(z, z_theirs)
+        y = vae.decode(z, tiling=cfg)
+        y_theirs = theirs.decode(z).sample
+        assert rel_l2(y, y_theirs) < 1e-5
+        # the comparison is of tiled outputs: untiled ones are far from them
+        assert rel_l2(vae.decode(z, tiling="none"), y_theirs) > 1e-2
