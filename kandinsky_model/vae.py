@@ -513,7 +513,8 @@ class CausalVideoVAE(nn.Module):
         the moments (mean and log-variance), so a sample is drawn once, after blending.
 
         Raises ValueError naming the problem for a wrong rank, channel count, frame count or size, a
-        non-float dtype, a device other than the weights', or a bad ``sample`` / ``generator`` / ``tiling``."""
+        non-float dtype, a device other than the weights', or a bad ``sample`` / ``generator`` /
+        ``tiling``."""
         check_bool("sample", sample)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -565,9 +566,11 @@ class CausalVideoVAE(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(self, video: torch.Tensor, *, sample: bool = False,
-                generator: torch.Generator | None = None, tiling: "str | TilingConfig | None" = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                tiling: "str | TilingConfig | None" = None) -> torch.Tensor:
         """Reconstruction ``decode(encode(video))`` (both with ``tiling``)."""
-        return self.decode(self.encode(video, sample=sample, generator=generator, tiling=tiling), tiling=tiling)
+        z = self.encode(video, sample=sample, generator=generator, tiling=tiling)
+        return self.decode(z, tiling=tiling)
 
     # ----------------------------------------------------------------------------------- checks
     def _check_common(self, name: str, x, spec: str, channels: int) -> torch.Tensor:

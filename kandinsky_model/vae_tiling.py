@@ -19,7 +19,8 @@ then aligned with the untiled ones, and the first ``o`` of them overlap tile m -
 Decode mirrors it: tile m decodes latents ``m (k - o) .. m (k - o) + k``, drops its first frame and
 blends the first ``4 o`` frames. The last tile is shorter (ragged) where the clip ends; it always
 keeps more than the overlap. ``temporal_overlap = 0`` means no blend at all (tiles only share the
-leading frame): what the Kandinsky 5.0 report asks for, at a visible seam risk.
+leading frame), for the Kandinsky 5.0 report's remark that temporal blending hurts quality (every
+official version still blends), at the risk of a visible seam.
 
 Spatial tiles: tile ``T`` px with overlap ``O`` px (latent ``T/8``, ``O/8``), stride ``T - O``; the
 last tile is cut at the border (ragged). Encode blends ``O/8`` latents, decode ``O`` pixels.
@@ -32,8 +33,9 @@ tiles reproduce their value bit for bit. Two deliberate differences from the pee
   the non-separable weight ``(1 - x/e)(1 + x/e)(1 - y/e)``; results differ only where four tiles meet.
 - No tail tiles: the peers start a tile at every stride below the size (``range(0, H, stride)``), so
   a tile that already reaches the border is followed by tiles lying inside it (wasted work, and an
-  empty temporal tile); here tiling stops at the first tile that reaches the border. Sizes with
-  ``size - tile`` a multiple of the stride tile identically in both.
+  empty temporal tile); here tiling stops at the first tile that reaches the border. Where the last
+  tile is at most one stride long, both run the same tiles (diffusers' extra temporal tile is then
+  empty); tests/test_vae_tiling.py compares with diffusers there.
 
 Memory: the result is written into one preallocated output; besides it only one temporal tile's
 stitched result (and one row strip) of the OUTPUT space is alive, so the peak is bounded by the tile,
