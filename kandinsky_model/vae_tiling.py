@@ -217,6 +217,8 @@ def _tiled_2d(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tiles
             _stitch(strip, y, -1, w0 * out_scale, prev_w)
             prev_w = w1 * out_scale
             del y
+        if len(tiles_h) == 1:
+            return strip
         if out is None:
             out = strip.new_empty(*strip.shape[:-2], tiles_h[-1][1] * out_scale, strip.shape[-1])
         _stitch(out, strip, -2, h0 * out_scale, prev_h)
@@ -233,8 +235,8 @@ def tiled_encode(vae: "CausalVideoVAE", video: torch.Tensor, cfg: TilingConfig) 
     t, h, w = (f - 1) // _TEMPORAL + 1, hh // r, ww // r
     th, tw, o, k, ot = _latent_sizes(cfg, r)
     tiles_h, tiles_w, tiles_t = spatial_tiles(h, th, o), spatial_tiles(w, tw, o), temporal_tiles(t, k, ot)
-    if len(tiles_h) == len(tiles_w) == len(tiles_t) == 1:
-        return vae._encode(video)
+    if len(tiles_t) == 1:  # spatial tiles only (or none): no temporal stitching copy
+        return _tiled_2d(video, vae._encode, tiles_h, tiles_w, r, 1)
     out = None
     prev = 0
     for m, (lead, last) in enumerate(tiles_t):
@@ -258,8 +260,8 @@ def tiled_decode(vae: "CausalVideoVAE", latents: torch.Tensor, cfg: TilingConfig
     t, h, w = latents.shape[2:]
     th, tw, o, k, ot = _latent_sizes(cfg, r)
     tiles_h, tiles_w, tiles_t = spatial_tiles(h, th, o), spatial_tiles(w, tw, o), temporal_tiles(t, k, ot)
-    if len(tiles_h) == len(tiles_w) == len(tiles_t) == 1:
-        return vae._decode(latents)
+    if len(tiles_t) == 1:
+        return _tiled_2d(latents, vae._decode, tiles_h, tiles_w, 1, r)
     f = 1 + _TEMPORAL * (t - 1)
     out = None
     prev = 0
