@@ -3,8 +3,9 @@
 - :class:`CrossDiT` with typed configs (:func:`video_lite`, :func:`video_pro`, :func:`image_lite`,
   :func:`tiny`), official state_dict names, ``from_pretrained`` for local Diffusers-layout folders or
   bare safetensors files, attention backends ``sdpa``/``flash``/``flex``/``nabla`` switchable at run time;
-- :class:`CausalVideoVAE`: the HunyuanVideo causal 3-D VAE (untiled, plain torch) that maps videos
-  to and from the 16-channel latents, loading published weights unchanged;
+- :class:`CausalVideoVAE`: the HunyuanVideo causal 3-D VAE (plain torch) that maps videos to and from
+  the 16-channel latents, loading published weights unchanged; tiled by :class:`TilingConfig` or by
+  :func:`plan_tiling` from the shape, dtype and free memory;
 - :func:`generate`: Euler flow matching with the official shift, CFG, image-to-video, editing and
   MagCache (:class:`MagCacheConfig`, with the official per-config ratios through
   ``MagCacheConfig.official(name)``); text encoders stay with the caller.
@@ -14,11 +15,12 @@
 from .config import CrossDiTConfig, NablaConfig, image_lite, preset, tiny, video_lite, video_pro
 from .dit import CrossDiT
 from .vae import CausalVAEConfig, CausalVideoVAE
+from .vae_tiling import TilingConfig, plan_tiling
 from .sampler import (
     GenerationResult, MagCacheConfig, generate, normalize_first_frame, pack_text, time_grid, video_rope_scale,
 )
 
 __all__ = [
     "CausalVAEConfig", "CausalVideoVAE", "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
-    "image_lite", "normalize_first_frame", "pack_text", "preset", "time_grid", "tiny", "video_lite", "video_pro", "video_rope_scale",
+    "image_lite", "normalize_first_frame", "pack_text", "plan_tiling", "preset", "time_grid", "tiny", "TilingConfig", "video_lite", "video_pro", "video_rope_scale",
 ]

@@ -2,8 +2,9 @@
 
 Architecturally identical to diffusers' ``AutoencoderKLHunyuanVideo`` and the original
 ``AutoencoderKLCausal3D``: same module tree, parameter names and shapes (248 tensors, 246,478,803
-parameters at the published config), so their weights load unchanged. Plain PyTorch; the fused kernels
-and the tiler come later and wrap :meth:`CausalVideoVAE._encode` / :meth:`CausalVideoVAE._decode`.
+parameters at the published config), so their weights load unchanged. Plain PyTorch; the tiler
+(:mod:`kandinsky_model.vae_tiling`) wraps :meth:`CausalVideoVAE._encode` / :meth:`CausalVideoVAE._decode`;
+the fused kernels come later.
 
 Named dims: B batch, C channels, F video frames (``1 + 4k``), H x W pixels (multiples of 8);
 latents have ``t = 1 + (F - 1) / 4`` frames of ``h x w = H/8 x W/8``.
@@ -39,8 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_bool, check_int, check_ints, check_number
+from .vae_tiling import TilingConfig, plan_tiling, resolve_tiling, tiled_decode, tiled_encode
 
-__all__ = ["CausalVAEConfig", "CausalConv3d", "CausalVideoVAE", "block_causal_attention"]
+__all__ = ["CausalVAEConfig", "CausalConv3d", "CausalVideoVAE", "TilingConfig", "block_causal_attention",
+           "plan_tiling"]
 
 # Block type names of the two published configs (diffusers, original release); both mean the same.
 _DOWN_BLOCK_TYPES = ("HunyuanVideoDownBlock3D", "DownEncoderBlockCausal3D")
@@ -453,7 +456,12 @@ class CausalVideoVAE(nn.Module):
 
     Weights and inputs may be fp32, bf16 or fp16; inputs are cast to the weights' dtype and the result
     has that dtype. Under ``torch.no_grad`` no activation outlives its layer (SiLU and the residual adds
-    run in place). Not done yet: tiling, fused kernels.
+    run in place).
+
+    Tiling (:mod:`kandinsky_model.vae_tiling`): ``encode`` / ``decode`` take ``tiling="auto" | "none" |
+    TilingConfig``; by default the attribute ``vae.tiling`` ("auto": :func:`plan_tiling` picks tiles from
+    the shape, dtype and the device's free memory; a clip that fits runs untiled, bit for bit the
+    ``"none"`` result). Not done yet: fused kernels.
     """
 
     def __init__(self, config: CausalVAEConfig | None = None) -> None:
@@ -468,6 +476,17 @@ class CausalVideoVAE(nn.Module):
         c = config.latent_channels
         self.quant_conv = nn.Conv3d(2 * c, 2 * c, kernel_size=1)
         self.post_quant_conv = nn.Conv3d(c, c, kernel_size=1)
+        self.tiling = "auto"
+
+    @property
+    def tiling(self) -> "str | TilingConfig":
+        """Default tiling of :meth:`encode` / :meth:`decode`: "auto" (planned per call), "none" or a
+        :class:`TilingConfig`. Setting anything else raises ValueError."""
+        return self._tiling
+
+    @tiling.setter
+    def tiling(self, value) -> None:
+        self._tiling = resolve_tiling(value, "CausalVideoVAE.tiling")
 
     @property
     def scaling_factor(self) -> float:
@@ -484,19 +503,26 @@ class CausalVideoVAE(nn.Module):
 
     # ------------------------------------------------------------------------------- encode/decode
     def encode(
-        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+        tiling: "str | TilingConfig | None" = None,
     ) -> torch.Tensor:
         """Video (B, 3, F, H, W) in [-1, 1], F = 1 + 4k, H and W multiples of 8 -> unscaled latents
         (B, 16, 1 + k, H/8, W/8): the mean of the posterior, or with ``sample=True`` a draw
         ``mean + exp(logvar / 2) * eps`` (logvar clamped to [-30, 20], ``eps`` from ``generator``).
+        ``tiling``: "auto", "none" or a :class:`TilingConfig`; None means ``self.tiling``. Tiles blend
+        the moments (mean and log-variance), so a sample is drawn once, after blending.
 
         Raises ValueError naming the problem for a wrong rank, channel count, frame count or size, a
-        non-float dtype, a device other than the weights', or a bad ``sample`` / ``generator``."""
+        non-float dtype, a device other than the weights', or a bad ``sample`` / ``generator`` /
+        ``tiling``."""
         check_bool("sample", sample)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        cfg = self._tiling_for(tiling, "encode")
         video = self._check_video(video)
-        moments = self._encode(video)
+        if cfg == "auto":
+            cfg = self._plan(video.shape, "encode")
+        moments = self._encode(video) if cfg == "none" else tiled_encode(self, video, cfg)
         mean, logvar = moments.chunk(2, dim=1)
         if not sample:
             return mean.contiguous()
@@ -506,11 +532,29 @@ class CausalVideoVAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=eps_device, dtype=mean.dtype)
         return mean + std * eps.to(mean.device)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, tiling: "str | TilingConfig | None" = None) -> torch.Tensor:
         """Unscaled latents (B, 16, t, h, w) -> video (B, 3, 1 + 4(t - 1), 8h, 8w), nominally in [-1, 1]
-        (not clamped). Raises ValueError for a wrong rank or channel count, an empty dimension, a
-        non-float dtype or a device other than the weights'."""
-        return self._decode(self._check_latents(latents))
+        (not clamped). ``tiling``: "auto", "none" or a :class:`TilingConfig` (pixel/frame sizes of the
+        video); None means ``self.tiling``. Raises ValueError for a wrong rank or channel count, an
+        empty dimension, a non-float dtype, a device other than the weights' or a bad ``tiling``."""
+        cfg = self._tiling_for(tiling, "decode")
+        latents = self._check_latents(latents)
+        if cfg == "auto":
+            b, _, t, h, w = latents.shape
+            r = self.config.spatial_compression_ratio
+            cfg = self._plan((b, self.config.out_channels, 1 + 4 * (t - 1), h * r, w * r), "decode")
+        return self._decode(latents) if cfg == "none" else tiled_decode(self, latents, cfg)
+
+    def _tiling_for(self, tiling, op: str) -> "str | TilingConfig":
+        return self.tiling if tiling is None else resolve_tiling(tiling, f"{op}(tiling=...)")
+
+    def _plan(self, shape, op: str) -> "str | TilingConfig":
+        """The planner's choice for this model, device and dtype; "none" when it is one tile."""
+        if self.device.type == "meta":
+            return "none"
+        cfg = plan_tiling(shape, self.dtype, device=self.device, config=self.config, op=op)
+        whole = cfg.tile_frames is None and cfg.tile_height is None and cfg.tile_width is None
+        return "none" if whole else cfg
 
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
         """Untiled: checked video (B, 3, F, H, W) -> moments (B, 2C, t, h, w) = (mean, logvar) on dim 1.
@@ -522,9 +566,11 @@ class CausalVideoVAE(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(self, video: torch.Tensor, *, sample: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reconstruction ``decode(encode(video))``."""
-        return self.decode(self.encode(video, sample=sample, generator=generator))
+                generator: torch.Generator | None = None,
+                tiling: "str | TilingConfig | None" = None) -> torch.Tensor:
+        """Reconstruction ``decode(encode(video))`` (both with ``tiling``)."""
+        z = self.encode(video, sample=sample, generator=generator, tiling=tiling)
+        return self.decode(z, tiling=tiling)
 
     # ----------------------------------------------------------------------------------- checks
     def _check_common(self, name: str, x, spec: str, channels: int) -> torch.Tensor:
