@@ -336,37 +336,10 @@ class CrossDiT(nn.Module):
         """Write the Diffusers layout: ``config.json`` (official keys) and
         ``diffusion_pytorch_model.safetensors``, or numbered shards plus an index JSON when
         ``max_shard_bytes`` (a positive int) is given."""
-        from safetensors.torch import save_file
-
         if max_shard_bytes is not None:
             check_int("max_shard_bytes", max_shard_bytes)
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         cfg = {"_class_name": "Kandinsky5Transformer3DModel", **self.config.to_official_dict()}
-        (path / "config.json").write_text(json.dumps(cfg, indent=2))
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if max_shard_bytes is None:
-            save_file(sd, str(path / f"{_WEIGHTS}.safetensors"))
-            return path
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name))
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-                 "weight_map": weight_map}
-        (path / f"{_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return path
+        return _save_diffusers_folder(path, cfg, self.state_dict(), max_shard_bytes)
 
     @classmethod
     def from_pretrained(
@@ -434,6 +407,40 @@ class CrossDiT(nn.Module):
 
 
 _WEIGHTS = "diffusion_pytorch_model"
+
+
+def _save_diffusers_folder(path, config: dict, state_dict: Mapping[str, torch.Tensor],
+                           max_shard_bytes: int | None) -> Path:
+    """``config.json`` plus ``diffusion_pytorch_model.safetensors``, or numbered shards of at most
+    ``max_shard_bytes`` (a tensor larger than that gets a shard alone) with an index JSON: the layout
+    Diffusers and our ``from_pretrained`` read. Returns the folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if max_shard_bytes is None:
+        save_file(sd, str(path / f"{_WEIGHTS}.safetensors"))
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name))
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+             "weight_map": weight_map}
+    (path / f"{_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return path
 
 
 def _mismatch_message(path, missing, unexpected, mismatched, show: int = 20) -> str:

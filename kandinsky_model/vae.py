@@ -48,7 +48,6 @@ __all__ = ["CausalVAEConfig", "CausalConv3d", "CausalVideoVAE", "TilingConfig", 
 # Block type names of the two published configs (diffusers, original release); both mean the same.
 _DOWN_BLOCK_TYPES = ("HunyuanVideoDownBlock3D", "DownEncoderBlockCausal3D")
 _UP_BLOCK_TYPES = ("HunyuanVideoUpBlock3D", "UpDecoderBlockCausal3D")
-_WEIGHTS = "diffusion_pytorch_model"
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -626,35 +625,11 @@ class CausalVideoVAE(nn.Module):
         """Write the Diffusers layout: ``config.json`` (``AutoencoderKLHunyuanVideo`` keys) and
         ``diffusion_pytorch_model.safetensors``, or numbered shards plus an index JSON when
         ``max_shard_bytes`` (a positive int) is given. Returns the folder."""
-        from safetensors.torch import save_file
+        from .dit import _save_diffusers_folder
 
         if max_shard_bytes is not None:
             check_int("max_shard_bytes", max_shard_bytes)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if max_shard_bytes is None:
-            save_file(sd, str(path / f"{_WEIGHTS}.safetensors"))
-            return path
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"{_WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name))
-            weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-                 "weight_map": weight_map}
-        (path / f"{_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return path
+        return _save_diffusers_folder(path, self.config.to_dict(), self.state_dict(), max_shard_bytes)
 
     @classmethod
     def from_pretrained(
