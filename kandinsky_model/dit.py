@@ -371,14 +371,7 @@ class CrossDiT(nn.Module):
         initialisation and unexpected ones are dropped); ValueError naming the argument for a bad
         ``config``, ``dtype``, ``device``, ``strict`` or ``attention_backend``.
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from e
+        device = _check_load_args(path, dtype, device)
         check_bool("strict", strict)
         if attention_backend is not None:
             check_choice("attention_backend", attention_backend, ATTENTION_BACKENDS)
@@ -397,7 +390,7 @@ class CrossDiT(nn.Module):
             for k in set(sd) & set(expected) if sd[k].shape != expected[k] or not sd[k].is_floating_point()
         )
         if mismatched or (strict and (missing or unexpected)):
-            raise ValueError(_mismatch_message(path, missing, unexpected, mismatched))
+            raise ValueError(_mismatch_message(path, "the CrossDiT config", missing, unexpected, mismatched))
         if missing:  # non-strict: materialise the fresh init for what the checkpoint lacks
             model = cls(cfg, attention_backend=attention_backend).to(device=device, dtype=dtype)
             model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
@@ -443,12 +436,25 @@ def _save_diffusers_folder(path, config: dict, state_dict: Mapping[str, torch.Te
     return path
 
 
-def _mismatch_message(path, missing, unexpected, mismatched, show: int = 20) -> str:
+def _check_load_args(path, dtype, device) -> torch.device:
+    """The common arguments of the ``from_pretrained`` loaders (ValueError naming a bad one) -> device."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from e
+
+
+def _mismatch_message(path, what: str, missing, unexpected, mismatched, show: int = 20) -> str:
+    """One message listing every missing, unexpected and mis-shaped key (``what``: the model config)."""
     def part(name, keys):
         more = f" ... and {len(keys) - show} more" if len(keys) > show else ""
         return f"\n  {len(keys)} {name}: {keys[:show]}{more}"
 
-    msg = f"checkpoint {str(path)!r} does not match the CrossDiT config:"
+    msg = f"checkpoint {str(path)!r} does not match {what}:"
     if missing:
         msg += part("missing keys", missing)
     if unexpected:

@@ -657,16 +657,9 @@ class CausalVideoVAE(nn.Module):
         file for a malformed config/index/checkpoint, and ONE ValueError listing every missing,
         unexpected and mis-shaped (or non-float) key when the checkpoint does not fit the config.
         """
-        from .dit import _find_checkpoint, _read_json, _read_safetensors
+        from .dit import _check_load_args, _find_checkpoint, _mismatch_message, _read_json, _read_safetensors
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device must name a torch device ('cpu', 'cuda:0'...), got {device!r}") from e
+        device = _check_load_args(path, dtype, device)
         if config is not None and not isinstance(config, (CausalVAEConfig, Mapping)):
             raise ValueError(f"config must be None, a CausalVAEConfig or a dict, got {type(config).__name__}")
         path = Path(path)
@@ -704,7 +697,9 @@ class CausalVideoVAE(nn.Module):
             for k in set(sd) & set(expected) if sd[k].shape != expected[k] or not sd[k].is_floating_point()
         )
         if missing or unexpected or mismatched:
-            raise ValueError(_mismatch_message(path, config, missing, unexpected, mismatched))
+            raise ValueError(_mismatch_message(
+                path, f"the CausalVideoVAE config (block_out_channels={config.block_out_channels}, "
+                f"latent_channels={config.latent_channels})", missing, unexpected, mismatched))
         model.load_state_dict(sd, strict=True, assign=True)
         return model
 
@@ -735,19 +730,3 @@ def _read_state_dict_file(path: Path, device: torch.device, dtype: torch.dtype |
     if any(k.startswith("vae.") for k in sd):
         sd = {k[len("vae."):]: v for k, v in sd.items() if k.startswith("vae.")}
     return sd, dict.fromkeys(sd, path.name)
-
-
-def _mismatch_message(path, config, missing, unexpected, mismatched, show: int = 20) -> str:
-    def part(name, keys):
-        more = f" ... and {len(keys) - show} more" if len(keys) > show else ""
-        return f"\n  {len(keys)} {name}: {keys[:show]}{more}"
-
-    msg = (f"checkpoint {str(path)!r} does not match the CausalVideoVAE config "
-           f"(block_out_channels={config.block_out_channels}, latent_channels={config.latent_channels}):")
-    if missing:
-        msg += part("missing keys", missing)
-    if unexpected:
-        msg += part("unexpected keys", unexpected)
-    if mismatched:
-        msg += part("keys with another shape or a non-float dtype", mismatched)
-    return msg
