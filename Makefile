@@ -19,6 +19,10 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.6,torch==
 # Without a GPU the Triton kernels are tested in the interpreter, which needs Triton >= 3.7 under
 # NumPy >= 2.4; with one, keep whatever triton the CUDA torch pins.
 TRITON_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),triton>=3.2,triton>=3.7)
+# Optional integrations the suite also tests (their tests skip where these are missing): diffusers'
+# video transformers and VAE (pinned: the integration follows its attention-processor API) and PyAV
+# for MP4 output. Neither pulls torch. TEST_EXTRAS= leaves them out.
+TEST_EXTRAS ?= diffusers==0.42.1 av
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 ISA_PATHS ?= all
@@ -32,7 +36,7 @@ $(PY):
 $(VENV)/.deps: $(PY) setup.py pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install "setuptools>=64" wheel ninja numpy safetensors "pytest>=8" "pytest-benchmark>=4" matplotlib \
-	  tqdm fsspec s3fs "moto[server]" "$(TRITON_SPEC)"
+	  tqdm fsspec s3fs "moto[server]" "$(TRITON_SPEC)" $(TEST_EXTRAS)
 	KANDINSKY_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
