@@ -196,6 +196,54 @@ def test_buckets_ranks_and_resume(tmp_path):
         BucketBatcher(str(tmp_path), t_max=2)
 
 
+def test_resolution_weights_drive_sampling(tmp_path):
+    """data.resolutions (Table 4 probabilities) choose each batch's size; passes over every bucket
+    never repeat or skip a clip across ranks; the state resumes exactly; mismatches are named."""
+    cfg = get_config("tiny-cpu")
+    write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 37})
+    weights = {"64x64": 0.6, "64x96": 0.1, "96x64": 0.3}
+    batchers = [BucketBatcher(str(tmp_path), t_max=6, seed=5, rank=r, world=2, weights=weights) for r in range(2)]
+    counts, stream = {k: 0 for k in weights}, {}
+    for _ in range(1500):
+        for b in batchers:
+            gid, batch = b.next()
+            assert len({(e.shape[0] == 1, e.shape[1], e.shape[2]) for e in batch}) == 1
+            assert sum(e.shape[0] for e in batch) <= 6
+            counts[f"{batch[0].shape[1] * 8}x{batch[0].shape[2] * 8}"] += 1
+            assert gid not in stream
+            stream[gid] = batch
+    for k, p in weights.items():  # 3000 draws: the binomial sd is <= 0.009
+        assert abs(counts[k] / 3000 - p) < 0.04, (k, counts[k], p)
+    # in global order, each bucket's clips come in passes: every pass is a permutation of the bucket
+    per_bucket = {}
+    for gid in sorted(stream):
+        for e in stream[gid]:
+            per_bucket.setdefault((e.shape[0] == 1, e.shape[1], e.shape[2]), []).append(e.key)
+    for bucket, keys in per_bucket.items():
+        size = len(set(keys))
+        full = len(keys) // size * size
+        for i in range(0, full, size):
+            assert len(set(keys[i:i + size])) == size, f"bucket {bucket}: a clip repeated within a pass"
+    # resume: the saved state (through JSON, as checkpoints keep it) continues the same stream
+    a = BucketBatcher(str(tmp_path), t_max=6, seed=5, rank=1, world=2, weights=weights)
+    for _ in range(7):
+        a.next()
+    b = BucketBatcher(str(tmp_path), t_max=6, seed=5, rank=1, world=2, weights=weights)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(40):
+        assert a.next() == b.next()
+    with pytest.raises(ValueError, match="does not fit"):  # other weights: not the same stream
+        BucketBatcher(str(tmp_path), t_max=6, seed=5, weights={"64x64": 0.5, "64x96": 0.25, "96x64": 0.25}
+                      ).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"asks for 512x768 .* has no clips of that size"):
+        BucketBatcher(str(tmp_path), t_max=6, weights={**weights, "64x64": 0.3, "512x768": 0.3})
+    with pytest.raises(ValueError, match=r"holds clips of 96x64 that data.resolutions does not list"):
+        BucketBatcher(str(tmp_path), t_max=6, weights={"64x64": 0.5, "64x96": 0.5})
+    with pytest.raises(ValueError, match="multiples of 8"):
+        apply_overrides(cfg, ["data.resolutions={'60x64': 1.0}"])
+    assert apply_overrides(cfg, ["data.resolutions=data"]).data.resolutions == "data"
+
+
 def test_prefetch_keeps_order_state_and_errors(tmp_path):
     cfg = get_config("tiny-cpu")
     write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 12}, samples_per_shard=4)
@@ -260,7 +308,8 @@ def full_run(tmp_path_factory):
 def test_first_step_loss_is_flow_matching(full_run):
     """Step 1's logged loss equals the flow-matching loss computed here by hand on the same batch."""
     cfg = get_config("tiny-cpu")
-    loader = LatentLoader(str(full_run / "data"), t_max=cfg.data.t_max, seed=cfg.data.seed)
+    loader = LatentLoader(str(full_run / "data"), t_max=cfg.data.t_max, seed=cfg.data.seed,
+                          weights=cfg.data.resolutions)
     gid, samples = loader.next()
     torch.manual_seed(cfg.seed)
     model = CrossDiT(cfg.model)
@@ -355,7 +404,7 @@ def test_ema_export_loads_with_from_pretrained(full_run):
 
 def test_loss_decreases_on_overfit_set(tmp_path):
     run_train(tmp_path, "--max-steps", "40", "data.null_text_prob=0.0", "optim.lr=3e-3", "checkpoint.every=0",
-              "checkpoint.export_ema=False", "log.plot=False",
+              "checkpoint.export_ema=False", "log.plot=False", "data.resolutions=data",
               'synthetic={"samples": 4, "shapes": [[2, 8, 8]], "text_len": [4, 4]}')
     ls = losses(tmp_path)
     first = sum(ls[s] for s in range(1, 6)) / 5
@@ -404,8 +453,9 @@ def test_dataloader_workers_keep_order_state_resume_and_errors(tmp_path):
     state, a resume from it and a corrupt shard's error are those of the single reader."""
     cfg = get_config("tiny-cpu")
     write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 12}, samples_per_shard=4)
-    plain = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2)
-    work = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, workers=2, prefetch=1)
+    w = cfg.data.resolutions  # the weighted stream (the config's default)
+    plain = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, weights=w)
+    work = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, workers=2, prefetch=1, weights=w)
     states = []
     for _ in range(plain.batcher.num_batches + 3):  # across an epoch boundary
         (g1, a), (g2, b) = plain.next(), work.next()
@@ -414,9 +464,9 @@ def test_dataloader_workers_keep_order_state_resume_and_errors(tmp_path):
         assert work.state_dict() == plain.state_dict()
         states.append(work.state_dict())
     work.close()
-    resumed = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, workers=2)
+    resumed = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, workers=2, weights=w)
     resumed.load_state_dict(states[2])
-    ref = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2)
+    ref = LatentLoader(str(tmp_path), t_max=6, seed=1, rank=1, world=2, weights=w)
     ref.load_state_dict(states[2])
     for _ in range(4):
         assert resumed.next()[0] == ref.next()[0]

@@ -21,6 +21,8 @@ from typing import Any, Callable
 from kandinsky_model import CrossDiTConfig, preset
 
 TASKS = ("t2i", "t2v", "i2v")
+VAE_STRIDE = 8
+"""Pixels per latent cell of the video and image VAEs (``data.resolutions`` are in pixels)."""
 
 
 def _num(name: str, v: Any, *, lo: float | None = None, hi: float | None = None,
@@ -131,9 +133,11 @@ class DataConfig:
     """Pack clips of one aspect ratio (any lengths) into one sequence along T, as the report trains:
     buckets per (image or video, H, W), the model gets ``cu_frames`` and keeps the videos apart.
     False: buckets per exact latent shape, clips stacked along the batch dimension."""
-    resolutions: dict = field(default_factory=lambda: {"256x256": 1.0})
-    """Pixel resolution (HxW) -> probability (report Table 4). Informational in this slice: the
-    buckets come from the data; a synthetic set uses these shapes' aspect ratios."""
+    resolutions: dict | str = "data"
+    """Pixel resolution ``"HxW"`` -> probability that a batch is drawn from the clips of that size
+    (report Table 4; latents are 8x smaller, so ``"512x768"`` selects 64 x 96 latents). Every listed
+    size must occur in the data and every size in the data must be listed. ``"data"``: no weights,
+    each epoch takes every clip once (sizes as frequent as in the data)."""
     task_probs: dict = field(default_factory=lambda: {"t2i": 0.0, "t2v": 1.0, "i2v": 0.0})
     """Probabilities of T2I / T2V / I2V for video batches (image batches are always T2I; a T2I video
     batch uses each clip's first latent frame). I2V needs a ``visual_cond`` model."""
@@ -154,11 +158,17 @@ class DataConfig:
         _num("data.t_max", self.t_max, lo=1, integer=True)
         if not isinstance(self.pack, bool):
             raise ValueError(f"data.pack must be true or false, got {self.pack!r}")
-        self.resolutions = _probs("data.resolutions", self.resolutions)
-        for k in self.resolutions:
-            parts = str(k).split("x")
-            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-                raise ValueError(f"data.resolutions keys must look like '512x768', got {k!r}")
+        if self.resolutions != "data":
+            if isinstance(self.resolutions, str):
+                raise ValueError(f"data.resolutions must be 'data' or a dict {{'HxW': probability}}, "
+                                 f"got {self.resolutions!r}")
+            self.resolutions = _probs("data.resolutions", self.resolutions)
+            for k in self.resolutions:
+                parts = str(k).split("x")
+                if (len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts)
+                        or any(int(p) % VAE_STRIDE for p in parts)):
+                    raise ValueError(f"data.resolutions keys must be pixel sizes 'HxW', multiples of "
+                                     f"{VAE_STRIDE} (e.g. '512x768'), got {k!r}")
         self.task_probs = _probs("data.task_probs", self.task_probs, TASKS)
         self.null_text_prob = _num("data.null_text_prob", self.null_text_prob, lo=0.0, hi=1.0)
         _num("data.seed", self.seed, lo=0, integer=True)
@@ -306,7 +316,7 @@ def _tiny_cpu() -> TrainConfig:
         optim=OptimConfig(lr=1e-3),
         schedule=ScheduleConfig(warmup_steps=2),
         ema=EMAConfig(decay=0.99),
-        data=DataConfig(t_max=6, resolutions={"64x64": 0.5, "64x96": 0.5},
+        data=DataConfig(t_max=6, resolutions={"64x64": 0.5, "64x96": 0.3, "96x64": 0.2},
                         task_probs={"t2i": 0.1, "t2v": 0.6, "i2v": 0.3}),
         checkpoint=CheckpointConfig(every=5, keep_last=2),
         max_steps=20,
@@ -394,7 +404,7 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         if isinstance(value, (tuple, list)):
             return tuple(value)
     elif isinstance(current, dict):
-        if isinstance(value, dict):
+        if isinstance(value, (dict, str)):  # a string for fields that take one too (each field checks)
             return value
     else:
         return value

@@ -123,7 +123,8 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.schedule.factor(s, cfg.max_steps))
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema.enabled else {}
     loader = LatentLoader(url, t_max=cfg.data.t_max, seed=cfg.data.seed, rank=dp_rank, world=dp_world,
-                          prefetch=cfg.data.prefetch, pack=cfg.data.pack, workers=cfg.data.workers)
+                          prefetch=cfg.data.prefetch, pack=cfg.data.pack, workers=cfg.data.workers,
+                          weights=None if cfg.data.resolutions == "data" else cfg.data.resolutions)
     channels = loader.batcher.entries[0].shape[3]
     if channels != cfg.model.in_visual_dim:
         raise ValueError(f"dataset {url} holds {channels}-channel latents but the model takes "

@@ -7,7 +7,15 @@ frames stays <= ``t_max``; they are packed along T into one sequence and the mod
 have their own buckets, so image batches are image-only. ``pack=False``: one bucket per exact latent
 shape (T, H, W), ``t_max // T`` clips stacked along the batch dimension.
 
-Order: epoch ``e`` shuffles each bucket and the list of batches with a generator seeded by
+Resolution weights (``weights={"HxW": p}``, the report's Table 4 probabilities): batch ``g`` of the
+global stream is drawn from the clips of one pixel size, chosen with those probabilities by a
+generator seeded by (seed, g); within a size the buckets (image / video, or exact shapes) are chosen
+in proportion to their clip counts. Each bucket is a queue walked in passes: pass ``k`` is a
+shuffle seeded by (seed, bucket, k), a batch pops clips from it while the frame sum fits and ends
+at the end of the pass, so within a pass no clip is repeated or skipped, across ranks too. The state
+is the stream position plus every bucket's (pass, offset), equal on every rank.
+
+Order without weights: epoch ``e`` shuffles each bucket and the list of batches with a generator seeded by
 (seed, e); the global stream is epoch 0's batches, then epoch 1's, ... Rank ``r`` of ``W`` takes
 global batches ``p + r`` for p = 0, W, 2W, ... (the same rule per micro-batch of gradient
 accumulation), so over an epoch no sample is lost or repeated across ranks, and an epoch boundary may
@@ -22,13 +30,16 @@ the checkpointed state and a resume are the same as with one reader.
 """
 from __future__ import annotations
 
+import json
 import queue
+import random
 import threading
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import VAE_STRIDE
 from .shards import ShardReader, read_manifest, read_null_text
 
 
@@ -42,7 +53,8 @@ class Entry:
 class BucketBatcher:
     """The batch plan of a dataset (metadata only) and this rank's cursor in it."""
 
-    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1, pack: bool = True):
+    def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1, pack: bool = True,
+                 weights: dict[str, float] | None = None):
         if not (0 <= rank < world):
             raise ValueError(f"rank {rank} must be in [0, world={world})")
         self.url, self.t_max, self.seed, self.rank, self.world = url, t_max, seed, rank, world
@@ -66,6 +78,58 @@ class BucketBatcher:
         self._plan_epoch = -1
         self._plan: list[list[int]] = []
         self.num_batches = len(self._batches(0))
+        """Batches of one epoch (with weights: of one pass over every bucket)."""
+        self.weights = None if weights is None else self._bucket_weights(weights, VAE_STRIDE)
+        self._keys = sorted(self.buckets)
+        self._cursors = {b: [0, 0] for b in self._keys}  # with weights: bucket -> [pass, offset]
+        self._orders: dict[tuple, tuple[int, list[int]]] = {}
+
+    def _bucket_weights(self, weights: dict[str, float], stride: int) -> tuple[list[tuple], list[float]]:
+        """(sizes, their probabilities); each size's buckets get its probability by clip count."""
+        data_sizes: dict[tuple[int, int], list[tuple]] = {}
+        for b in self.buckets:
+            data_sizes.setdefault((b[1] * stride, b[2] * stride), []).append(b)
+        wanted = {}
+        for k, p in weights.items():
+            h, w = (int(v) for v in str(k).split("x"))
+            wanted[(h, w)] = float(p)
+        fmt = lambda sizes: ", ".join(f"{h}x{w}" for h, w in sorted(sizes))  # noqa: E731
+        missing = [hw for hw, p in wanted.items() if p > 0 and hw not in data_sizes]
+        if missing:
+            raise ValueError(f"data.resolutions asks for {fmt(missing)} but dataset {self.url} has no clips of "
+                             f"that size (it has {fmt(data_sizes)}); drop them or set data.resolutions=data")
+        unlisted = [hw for hw in data_sizes if hw not in wanted]
+        if unlisted:
+            raise ValueError(f"dataset {self.url} holds clips of {fmt(unlisted)} that data.resolutions does not "
+                             f"list ({fmt(wanted)}); give them a probability or set data.resolutions=data")
+        sizes = sorted(hw for hw, p in wanted.items() if p > 0)
+        return [sorted(data_sizes[hw]) for hw in sizes], [wanted[hw] for hw in sizes]
+
+    def _draw_bucket(self, gid: int) -> tuple:
+        groups, probs = self.weights
+        rng = random.Random(self.seed * 1_000_003 + gid)
+        cands = rng.choices(groups, weights=probs)[0]
+        return rng.choices(cands, weights=[len(self.buckets[b]) for b in cands])[0]
+
+    def _pop(self, bucket: tuple) -> list[int]:
+        """The next batch of ``bucket``'s queue; it ends at the end of the current pass."""
+        cur = self._cursors[bucket]
+        cached = self._orders.get(bucket)
+        if cached is None or cached[0] != cur[0]:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._keys.index(bucket)) * 1_000_003 + cur[0])
+            idx = self.buckets[bucket]
+            cached = (cur[0], [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()])
+            self._orders[bucket] = cached
+        order, start = cached[1], cur[1]
+        if self.pack:
+            end, frames = start, 0
+            while end < len(order) and (end == start or frames + self.entries[order[end]].shape[0] <= self.t_max):
+                frames += self.entries[order[end]].shape[0]
+                end += 1
+        else:
+            end = min(len(order), start + max(1, self.t_max // bucket[0]))
+        cur[:] = [cur[0] + 1, 0] if end == len(order) else [cur[0], end]
+        return order[start:end]
 
     def bucket_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Bucket key of a latent shape (T, H, W, C): (image?, H, W) when packing, else (T, H, W)."""
@@ -98,6 +162,14 @@ class BucketBatcher:
 
     def next(self) -> tuple[int, list[Entry]]:
         """This rank's next batch: (global batch id, entries); advances every rank's cursor by W."""
+        if self.weights is not None:  # walk the W global batches of this round; keep ours
+            mine = None
+            for r in range(self.world):
+                batch = self._pop(self._draw_bucket(self.position))
+                if r == self.rank:
+                    mine = (self.position, [self.entries[i] for i in batch])
+                self.position += 1
+            return mine
         e, p = self.epoch, self.position + self.rank
         while p >= self.num_batches:
             p -= self.num_batches
@@ -110,16 +182,27 @@ class BucketBatcher:
             self.epoch += 1
         return gid, batch
 
+    def _weights_tag(self) -> str:
+        if self.weights is None:
+            return ""
+        return json.dumps([[list(map(list, g)), p] for g, p in zip(*self.weights)])
+
     def state_dict(self) -> dict:
+        # cursors as a JSON string: checkpoints keep flat scalars
         return {"epoch": self.epoch, "position": self.position, "num_batches": self.num_batches,
-                "seed": self.seed, "world": self.world, "pack": self.pack}
+                "seed": self.seed, "world": self.world, "pack": self.pack, "weights": self._weights_tag(),
+                "cursors": json.dumps([self._cursors[b] for b in self._keys])}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["num_batches"] != self.num_batches or state["seed"] != self.seed
-                or state.get("pack", False) != self.pack):
+                or state.get("pack", False) != self.pack or state.get("weights", "") != self._weights_tag()):
             raise ValueError(f"loader state does not fit this dataset: saved {state}, now "
-                             f"num_batches={self.num_batches} seed={self.seed} pack={self.pack}")
+                             f"num_batches={self.num_batches} seed={self.seed} pack={self.pack} "
+                             f"weights={self._weights_tag() or None}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if "cursors" in state:
+            cursors = json.loads(state["cursors"])
+            self._cursors = {b: [int(c[0]), int(c[1])] for b, c in zip(self._keys, cursors)}
 
 
 class _PlanStream(IterableDataset):
@@ -166,10 +249,11 @@ class LatentLoader:
     them, and :meth:`state_dict` describes the batches *consumed*, not the ones read ahead."""
 
     def __init__(self, url: str, *, t_max: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 prefetch: int = 0, pack: bool = True, workers: int = 0):
+                 prefetch: int = 0, pack: bool = True, workers: int = 0,
+                 weights: dict[str, float] | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-        self._batcher_args = dict(t_max=t_max, seed=seed, rank=rank, world=world, pack=pack)
+        self._batcher_args = dict(t_max=t_max, seed=seed, rank=rank, world=world, pack=pack, weights=weights)
         self.batcher = BucketBatcher(url, **self._batcher_args)
         self.url = url
         self.workers = workers
