@@ -161,6 +161,32 @@ def test_write_shards_cli(tmp_path):
     assert keys == {f"sample-{i:06d}" for i in range(3)}
 
 
+def test_shards_sized_by_resolution_as_the_report(tmp_path):
+    """Default shard sizes: one modality and size class per shard, 1024/256/64 images and 16/4/1
+    videos per shard at low/medium/high resolution; Table 4's sizes fall in their stage's class."""
+    from training.config import HR_RES, LR_RES, MR_RES
+    from training.data.shards import size_class
+    for table, cls in ((LR_RES, "low"), (MR_RES, "medium"), (HR_RES, "high")):
+        for k in table:
+            h, w = (int(v) // 8 for v in k.split("x"))
+            assert size_class((h, w)) == cls, k
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 32, 32)] * 5 + [(3, 32, 32)] * 3 + [(2, 64, 96)] * 5 + [(2, 128, 128)] * 2
+    samples = [(f"s{i:02d}", torch.randn(*sh, 2, generator=g), torch.randn(2, 8, generator=g), torch.randn(4))
+               for i, sh in enumerate(shapes)]
+    manifest = write_dataset(str(tmp_path), iter(samples), samples_per_shard=None)
+    groups = sorted((len(sh["samples"]), tuple(sh["samples"][0]["shape"][:3])) for sh in manifest["shards"])
+    for sh in manifest["shards"]:
+        assert len({tuple(x["shape"][:3]) for x in sh["samples"]}) == 1, "one class per shard here"
+    assert groups == [(1, (2, 64, 96)), (1, (2, 128, 128)), (1, (2, 128, 128)), (3, (3, 32, 32)),
+                      (4, (2, 64, 96)), (5, (1, 32, 32))]
+    loader = LatentLoader(str(tmp_path), t_max=4)
+    keys = {x["key"] for _ in range(loader.batcher.num_batches) for x in loader.next()[1]}
+    assert keys == {k for k, *_ in samples}
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        write_dataset(str(tmp_path / "x"), iter(samples), samples_per_shard=0)
+
+
 def test_buckets_ranks_and_resume(tmp_path):
     cfg = get_config("tiny-cpu")
     write_synthetic(str(tmp_path), cfg.model, {**cfg.synthetic, "samples": 37})

@@ -54,16 +54,40 @@ def encode_sample(latent: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor
     return st_save({"latent": latent.contiguous(), "text": text.contiguous(), "pooled": pooled.contiguous()})
 
 
-def write_dataset(dst: str, samples, *, samples_per_shard: int = 16,
+# Samples per shard by (image?, size class), the report's section 6.1: archives of about one size
+# whatever the resolution, and few objects to open.
+REPORT_SHARD_SIZES = {(True, "low"): 1024, (True, "medium"): 256, (True, "high"): 64,
+                      (False, "low"): 16, (False, "medium"): 4, (False, "high"): 1}
+
+
+def size_class(latent_hw: tuple[int, int], stride: int = 8) -> str:
+    """``low`` below 512x512 pixels (256, 256x384), ``medium`` below 768x1024 (512x512, 512x768),
+    ``high`` from there (1024x1024, 1280x768, ...): the report's three resolution stages."""
+    area = latent_hw[0] * latent_hw[1] * stride * stride
+    return "low" if area < 512 * 512 else ("medium" if area < 768 * 1024 else "high")
+
+
+def report_shard_size(shape) -> int:
+    """Samples per shard for a latent of ``shape`` (T, H, W, C) as the report sizes its archives."""
+    return REPORT_SHARD_SIZES[(int(shape[0]) == 1, size_class((int(shape[1]), int(shape[2]))))]
+
+
+def write_dataset(dst: str, samples, *, samples_per_shard: int | None = 16,
                   null_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Write ``samples`` (iterable of (key, latent, text, pooled)) as shards + manifest under ``dst``."""
+    """Write ``samples`` (iterable of (key, latent, text, pooled)) as shards + manifest under ``dst``.
+
+    ``samples_per_shard``: a fixed count, or None for the report's sizes (:func:`report_shard_size`:
+    each shard holds one modality and size class, 1024 low-resolution images down to 1 HD video)."""
+    if samples_per_shard is not None and (isinstance(samples_per_shard, bool) or not isinstance(
+            samples_per_shard, int) or samples_per_shard < 1):
+        raise ValueError(f"samples_per_shard must be an int >= 1 or None, got {samples_per_shard!r}")
     fs, root = fsspec.core.url_to_fs(dst)
     fs.makedirs(root, exist_ok=True)
     shards: list[dict[str, Any]] = []
-    buf: list[tuple[str, bytes, dict]] = []
+    bufs: dict[tuple, list[tuple[str, bytes, dict]]] = {}
     seen: set[str] = set()
 
-    def flush():
+    def flush(buf):
         name = f"shard-{len(shards):05d}.tar"
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w") as tar:
@@ -81,11 +105,18 @@ def write_dataset(dst: str, samples, *, samples_per_shard: int = 16,
             raise ValueError(f"sample keys must be unique non-empty names without '/', got {key!r}")
         seen.add(key)
         blob = encode_sample(latent, text, pooled)
+        if samples_per_shard is None:
+            group = (int(latent.shape[0]) == 1, size_class((int(latent.shape[1]), int(latent.shape[2]))))
+            cap = REPORT_SHARD_SIZES[group]
+        else:
+            group, cap = None, samples_per_shard
+        buf = bufs.setdefault(group, [])
         buf.append((key, blob, {"key": key, "shape": list(latent.shape), "text_len": int(text.shape[0])}))
-        if len(buf) >= samples_per_shard:
-            flush()
-    if buf:
-        flush()
+        if len(buf) >= cap:
+            flush(buf)
+    for buf in bufs.values():
+        if buf:
+            flush(buf)
     if not shards:
         raise ValueError(f"no samples to write into {dst}")
     manifest = {"format": FORMAT, "shards": shards, "null_text": None}

@@ -2,6 +2,10 @@
 
     python -m training.data.write_shards SRC DST [--samples-per-shard N] [--null-text FILE]
 
+Shards are sized as the report's section 6.1 describes unless ``--samples-per-shard`` fixes a count:
+each holds one modality and size class (images: 1024 / 256 / 64 per shard at low / medium / high
+resolution; videos: 16 / 4 / 1), so archives are about equal in bytes and few objects are opened.
+
 SRC holds one ``*.safetensors`` (or ``*.pt``) file per sample with ``latent`` (T, H, W, C),
 ``text`` (L, D) and ``pooled`` (D2,); the file stem is the sample key. DST is a local folder or an
 ``s3://`` URL (fsspec). ``--null-text`` names a file with ``text`` and ``pooled`` of the empty caption.
@@ -32,7 +36,8 @@ def main(argv=None) -> dict:
                                 description=__doc__.split("\n")[0])
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--samples-per-shard", type=int, default=16)
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="fixed samples per shard (default: by modality and resolution, as the report)")
     p.add_argument("--null-text", default=None)
     args = p.parse_args(argv)
     files = sorted(f for f in Path(args.src).iterdir() if f.suffix in (".safetensors", ".pt"))
