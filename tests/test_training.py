@@ -400,6 +400,28 @@ def test_killed_during_async_save_resumes_from_previous(full_run, tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000004", "step-00000008"]  # keep_last=2
 
 
+def test_user_errors_end_with_a_message_and_exit_2(full_run, tmp_path):
+    """A bad config key, a missing dataset and a damaged checkpoint: one message naming the problem,
+    exit code 2, no traceback, and the checkpoints left exactly as they were."""
+    import shutil
+    res = run_train(tmp_path / "a", "optim.lrr=1", check=False)
+    assert res.returncode == 2 and "unknown config key 'optim.lrr'" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_train(tmp_path / "b", "--data", str(tmp_path / "nowhere"), check=False)
+    assert res.returncode == 2 and "no dataset manifest at" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "damaged"
+    shutil.copytree(full_run, out)
+    newest = out / "checkpoints" / "step-00000008"
+    victim = next(newest.glob("*.distcp"))
+    victim.unlink()
+    before = sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*"))
+    res = run_train(out, "--max-steps", "9", *COMMON, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"checkpoint {newest} is marked complete but cannot be loaded" in res.stderr
+    assert victim.name in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*")) == before
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read in this single process
 def test_ema_export_loads_with_from_pretrained(full_run):
     import torch.distributed.checkpoint as dcp

@@ -72,3 +72,16 @@ def test_s3_corrupt_shard_is_named(s3_env):
     with pytest.raises(ShardError, match="s3://bucket/bad/shard-00001.tar"):
         for _ in range(loader.batcher.num_batches):
             loader.next()
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path):
+    """An S3 endpoint nobody listens on: exit code 2 and a message naming the manifest URL."""
+    import socket
+    with socket.socket() as sock:  # a free port, closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**CREDS, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}
+    res = run_train(tmp_path / "run", "--data", "s3://bucket/ds", env_extra=env, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "cannot read the dataset manifest s3://bucket/ds/manifest.json" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -20,8 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint marked complete cannot be loaded (files missing or damaged)."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -98,7 +103,16 @@ class Checkpointer:
                 shutil.rmtree(d, ignore_errors=True)
 
     def load(self, step: int, state: dict) -> None:
-        dcp.load(state, checkpoint_id=str(step_dir(self.root, step)), process_group=self.pg)
+        path = step_dir(self.root, step)
+        try:
+            dcp.load(state, checkpoint_id=str(path), process_group=self.pg)
+        except (Exception, CheckpointException) as e:  # nothing here deletes or rewrites the folder
+            # DCP wraps each rank's failure (a BaseException, with tracebacks in its str)
+            causes = ([x[0] for x in e.failures.values()] if isinstance(e, CheckpointException) else [e])
+            why = "; ".join(f"{type(c).__name__}: {c}" for c in causes)
+            raise CheckpointError(
+                f"checkpoint {path} is marked complete but cannot be loaded ({why}); move that folder away to "
+                f"resume from the previous checkpoint, or use another --output to start afresh") from e
 
     def close(self) -> None:
         self.wait()

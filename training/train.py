@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +32,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from .checkpoint import Checkpointer, export_ema
+from .checkpoint import CheckpointError, Checkpointer, export_ema
 from .config import TrainConfig, apply_overrides, get_config
 from .data import LatentLoader, write_synthetic
-from .data.shards import MANIFEST
+from .data.shards import MANIFEST, ShardError
 from .objective import build_batch, flow_loss
 from .parallelize import (
     ParallelDims,
@@ -216,9 +217,16 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-    args, cfg = parse_args(argv)
+    """Run; a user error (config, data, checkpoint) ends with its message on stderr and exit code 2."""
     try:
+        args, cfg = parse_args(argv)
         return train(cfg, args.output, args.data)
+    except (ValueError, ShardError, CheckpointError) as e:
+        if os.environ.get("KANDINSKY_TRACEBACK"):
+            raise
+        print(f"training.train: error: {e}\n(KANDINSKY_TRACEBACK=1 shows the traceback)", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

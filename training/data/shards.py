@@ -140,6 +140,8 @@ def read_manifest(url: str) -> dict:
                          "(write one with python -m training.data.write_shards)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"dataset manifest {path} is not valid JSON: {e}") from None
+    except Exception as e:  # unreachable endpoint, credentials, permissions: name the URL and the cause
+        raise ShardError(f"cannot read the dataset manifest {path}: {type(e).__name__}: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("shards"):
         raise ShardError(f"{path} is not a {FORMAT} manifest with shards")
     return manifest
