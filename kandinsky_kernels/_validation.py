@@ -136,13 +136,13 @@ def check_mask_contents(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *
     mark_mask_checked(kv_num_blocks, kv_indices)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> None:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int, name: str = "cu_seqlens") -> None:
     """ValueError unless int32 (n+1,) offsets start at 0, never decrease and end at most at ``seq_len``.
     Reads the values (a host sync on a GPU)."""
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
+        raise ValueError(f"{name} needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
     c = cu_seqlens.tolist()
     if c[0] != 0 or any(x > y for x, y in zip(c, c[1:])) or c[-1] > seq_len:
         shown = c if len(c) <= 16 else f"{c[:8]} ... {c[-4:]}"
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= S={seq_len}, got {shown}")
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end <= S={seq_len}, got {shown}")

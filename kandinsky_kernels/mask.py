@@ -252,6 +252,33 @@ class BlockSparseMask:
             token_valid=token_valid,
         )
 
+    def with_dense_keys(self, num_tokens: int, *, where: str = "after") -> "BlockSparseMask":
+        """This mask with a key part every query attends to: ``num_tokens`` keys (text tokens, say,
+        as in joint text + video attention) placed ``"after"`` or ``"before"`` the mask's keys, in
+        ceil(num_tokens / block_size) key blocks active in every row; the pad keys that fill the last
+        block are marked invalid in ``token_valid``. The attention's k and v must hold the keys in the
+        same order, the dense part padded to whole blocks (its pad values are never read).
+
+        Returns a mask (B, H, Nq, Nk + ceil(num_tokens / block_size)); the existing ``token_valid``
+        (or all-valid) is extended over the new keys.
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+        if where not in ("after", "before"):
+            raise ValueError(f"where must be 'after' or 'before', got {where!r}")
+        bs = self.block_size
+        nd = -(-num_tokens // bs)
+        blocks = self.to_dense_blocks()
+        ones = torch.ones((*blocks.shape[:3], nd), dtype=torch.bool, device=self.device)
+        parts = [blocks, ones] if where == "after" else [ones, blocks]
+        tv = self.token_valid
+        if tv is None:
+            tv = torch.ones(1, self.seq_len_kv, dtype=torch.bool, device=self.device)
+        dense_tv = (torch.arange(nd * bs, device=self.device) < num_tokens).expand(tv.shape[0], -1)
+        tvs = [tv, dense_tv] if where == "after" else [dense_tv, tv]
+        counts, indices = _compact(torch.cat(parts, -1))
+        return BlockSparseMask(counts, indices, bs, token_valid=torch.cat(tvs, -1))
+
     def to(self, device: torch.device | str) -> "BlockSparseMask":
         tv = None if self.token_valid is None else self.token_valid.to(device)
         counts, indices = self.kv_num_blocks.to(device), self.kv_indices.to(device)

@@ -579,6 +579,154 @@ def test_gqa_shape_errors():
     mask = BlockSparseMask.from_dense_blocks(torch.ones(1, 1, 1, 1, dtype=torch.bool))
     for k, v in [(torch.randn(1, 64, 3, 16), torch.randn(1, 64, 3, 16)),   # 3 does not divide 4
                  (torch.randn(1, 64, 2, 16), torch.randn(1, 64, 1, 16)),   # k and v differ
-                 (torch.randn(1, 128, 2, 16), torch.randn(1, 128, 2, 16))]:  # Sk != Sq
+                 ]:
         with pytest.raises(ValueError, match="H_kv dividing H_q"):
             block_sparse_attention(q, k, v, mask)
+    k = torch.randn(1, 128, 2, 16)  # Sk != Sq needs a mask with Sk / block_size key blocks
+    with pytest.raises(ValueError, match=r"need Nq = Sq / block_size = 1, Nk = Sk / block_size = 2"):
+        block_sparse_attention(q, k, k, mask)
+
+
+# ------------------------------------------------------------------ Sq != Sk: rectangular masks
+def _joint_case(nq, nk_sparse, text, where, hq=2, hkv=2, b=1, dtype=torch.float32, device="cpu"):
+    """Video queries (nq blocks) over a sparse video part (nk_sparse blocks) plus ``text`` dense keys
+    (padded to whole blocks, the pad marked invalid), as MMDiT-style joint attention needs."""
+    sparse = torch.rand(b, hq, nq, nk_sparse) < 0.4
+    sparse[..., 0] = True
+    mask = BlockSparseMask.from_dense_blocks(sparse).with_dense_keys(text, where=where)
+    sk = mask.num_kv_blocks * 64
+    q = torch.randn(b, nq * 64, hq, 64).to(dtype)
+    k, v = (torch.randn(b, sk, hkv, 64).to(dtype) for _ in range(2))
+    return (x.to(device) for x in (q, k, v)), mask.to(device)
+
+
+def _check_gqa(backend, q, k, v, mask):
+    g = q.shape[2] // k.shape[2]
+    if g == 1:
+        return check(backend, q, k, v, mask)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    with _backend_scope(backend):
+        out = block_sparse_attention(*leaves, mask)
+    exp = lambda xs: (xs[0], xs[1].repeat_interleave(g, 2), xs[2].repeat_interleave(g, 2))  # noqa: E731
+    ref_in = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ref = block_sparse_attention_reference(*exp(ref_in), mask.to("cpu"))
+    t_in = [x.detach().cpu().clone().requires_grad_(True) for x in (q, k, v)]
+    t_out = block_sparse_attention_reference(*exp(t_in), mask.to("cpu"), upcast=False)
+    assert_close_to_reference(out.cpu(), ref, t_out)
+    dout = torch.randn_like(ref)
+    with _backend_scope(backend):
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype).to(out.device))
+    for name, gr, rg, tg in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout),
+                                torch.autograd.grad(t_out, t_in, dout.to(t_out.dtype))):
+        assert gr.shape == rg.shape
+        assert_close_to_reference(gr.cpu(), rg, tg, grad=True, name=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("nq,nk,text,where", [(4, 4, 37, "after"), (3, 5, 64, "before"), (5, 2, 100, "after")],
+                         ids=["text-after", "text-before-more-keys", "fewer-keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rectangular_mask_with_dense_text_keys(backend, nq, nk, text, where, dtype):
+    """Sq != Sk: a sparse video part and a dense text part every query sees (pad keys of the last text
+    block never attended), against the fp64 reference, out and dq, dk, dv."""
+    (q, k, v), mask = _joint_case(nq, nk, text, where, dtype=dtype)
+    assert mask.shape[-2:] == (nq, nk + -(-text // 64))
+    check(backend, q, k, v, mask)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (8, 1)], ids=["gqa2", "mqa8"])
+def test_rectangular_mask_with_gqa(backend, hq, hkv):
+    (q, k, v), mask = _joint_case(3, 4, 50, "after", hq=hq, hkv=hkv, b=2)
+    _check_gqa(backend, q, k, v, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rectangular_mask_triton(triton_device, dtype):
+    (q, k, v), mask = _joint_case(3, 2, 40, "after", dtype=dtype, device=triton_device)
+    check("triton", q, k, v, mask)
+
+
+def test_with_dense_keys_and_rectangular_errors():
+    m = BlockSparseMask.from_dense_blocks(torch.eye(3, dtype=torch.bool)[None, None])
+    j = m.with_dense_keys(70)  # two text blocks, 58 pad keys
+    assert j.shape == (1, 1, 3, 5) and j.to_dense_blocks()[0, 0, :, 3:].all()
+    assert j.token_valid.shape == (1, 320) and int(j.token_valid.sum()) == 3 * 64 + 70
+    before = m.with_dense_keys(64, where="before")
+    assert before.to_dense_blocks()[0, 0, :, 0].all() and before.token_valid.all()
+    for bad, match in [(0, "num_tokens"), (1.5, "num_tokens")]:
+        with pytest.raises(ValueError, match=match):
+            m.with_dense_keys(bad)
+    with pytest.raises(ValueError, match="where"):
+        m.with_dense_keys(4, where="middle")
+    q = torch.randn(1, 192, 1, 16)
+    kv = torch.randn(1, 320, 1, 16)
+    with pytest.raises(ValueError, match="Sq == Sk"):
+        block_sparse_attention(q, kv, kv, j, cu_seqlens=torch.tensor([0, 100, 192], dtype=torch.int32))
+
+
+def _check_varlen_qk(backend, q, k, v, mask, cu_q, cu_k):
+    """cu_seqlens_q / cu_seqlens_k against the fp64 reference (given the stacked offsets)."""
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    with _backend_scope(backend):
+        out = block_sparse_attention(*leaves, mask, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    pair = torch.stack([cu_q, cu_k]).cpu()
+    ref_in = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ref = block_sparse_attention_reference(*ref_in, mask.to("cpu"), cu_seqlens=pair)
+    t_in = [x.detach().cpu().clone().requires_grad_(True) for x in (q, k, v)]
+    t_out = block_sparse_attention_reference(*t_in, mask.to("cpu"), cu_seqlens=pair, upcast=False)
+    assert_close_to_reference(out.cpu(), ref, t_out)
+    dout = torch.randn_like(ref)
+    with _backend_scope(backend):
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype).to(out.device))
+    for name, gr, rg, tg in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_in, dout),
+                                torch.autograd.grad(t_out, t_in, dout.to(t_out.dtype))):
+        assert_close_to_reference(gr.cpu(), rg, tg, grad=True, name=name)
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lq,lk", [([150], [40]), ([100, 60, 32], [40, 150, 70]), ([20, 90, 1, 70], [64, 3, 100, 60])],
+                         ids=["1-video", "3-videos", "4-videos"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varlen_cu_seqlens_q_and_k(backend, lq, lk, dtype):
+    """Videos packed apart on the query and key sides (Sq != Sk, unequal lengths, ragged tails past
+    the last offset): query token i of video a sees only video a's keys, within the block mask."""
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    nq, nk = -(-int(cu_q[-1]) // 64) + 1, -(-int(cu_k[-1]) // 64)
+    dense = torch.rand(1, 2, nq, nk) < 0.7
+    dense[..., 0] = True
+    mask = BlockSparseMask.from_dense_blocks(dense)
+    q = torch.randn(1, nq * 64, 2, 64).to(dtype)
+    k, v = (torch.randn(1, nk * 64, 2, 64).to(dtype) for _ in range(2))
+    out = _check_varlen_qk(backend, q, k, v, mask, cu_q, cu_k)
+    assert (out[0, int(cu_q[-1]):] == 0).all(), "queries past the last video see nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varlen_cu_seqlens_q_and_k_triton(triton_device, dtype):
+    cu_q = torch.tensor([0, 100, 160, 192], dtype=torch.int32)
+    cu_k = torch.tensor([0, 40, 190, 260], dtype=torch.int32)
+    mask = BlockSparseMask.from_dense_blocks(torch.ones(1, 2, 3, 5, dtype=torch.bool)).to(triton_device)
+    q = torch.randn(1, 192, 2, 64).to(dtype).to(triton_device)
+    k, v = (torch.randn(1, 320, 2, 64).to(dtype).to(triton_device) for _ in range(2))
+    _check_varlen_qk("triton", q, k, v, mask, cu_q.to(triton_device), cu_k.to(triton_device))
+
+
+def test_varlen_argument_errors():
+    q = torch.randn(1, 128, 1, 16)
+    k = torch.randn(1, 192, 1, 16)
+    mask = BlockSparseMask.from_dense_blocks(torch.ones(1, 1, 2, 3, dtype=torch.bool))
+    cq, ck = torch.tensor([0, 100], dtype=torch.int32), torch.tensor([0, 150], dtype=torch.int32)
+    with pytest.raises(ValueError, match="go together"):
+        block_sparse_attention(q, k, k, mask, cu_seqlens_q=cq)
+    with pytest.raises(ValueError, match="not both"):
+        block_sparse_attention(q, k, k, mask, cu_seqlens=torch.tensor([0, 128], dtype=torch.int32), cu_seqlens_q=cq,
+                               cu_seqlens_k=ck)
+    with pytest.raises(ValueError, match="same number of videos"):
+        block_sparse_attention(q, k, k, mask, cu_seqlens_q=cq, cu_seqlens_k=torch.tensor([0, 5, 150],
+                                                                                         dtype=torch.int32))
+    for backend in CPU_BACKENDS:
+        with _backend_scope(backend), pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0.*S=192"):
+            block_sparse_attention(q, k, k, mask, cu_seqlens_q=cq, cu_seqlens_k=torch.tensor([0, 200], dtype=torch.int32))

@@ -36,30 +36,34 @@ enum PairMode : int8_t { kSkip = 0, kFull = 1, kPartial = 2 };
 
 // Everything about the problem except the data pointers.
 struct Problem {
-  int64_t B, S, H, D, bs, nb;  // nb = blocks per sequence (Nq == Nk)
+  int64_t B, Sq, Sk, H, D, bs, nq, nk;  // query / key tokens and blocks (Sq = nq * bs, Sk = nk * bs)
   int64_t Bm, Hm, Bt;          // mask batch/heads and token_valid batch (1 = broadcast)
   float scale;
-  const int32_t* kv_num;  // (Bm, Hm, nb)
-  const int32_t* kv_idx;  // (Bm, Hm, nb, nb)
+  const int32_t* kv_num;  // (Bm, Hm, nq)
+  const int32_t* kv_idx;  // (Bm, Hm, nq, nk)
   // Per-token codes: a query row attends key column only where qcode == kcode. qcode: segment id, or
-  // -4 beyond cu_seqlens[-1]; kcode (Bt, S): segment id, or -3 for a pad / beyond-the-end key.
+  // -4 beyond cu_seqlens[-1]; kcode (Bt, Sk): segment id, or -3 for a pad / beyond-the-end key.
   std::vector<int32_t> qcode, kcode;
   // Per-block codes: the common token code of the block, or -2 when its tokens differ.
-  std::vector<int32_t> qblk, kblk;  // (nb), (Bt, nb)
+  std::vector<int32_t> qblk, kblk;  // (nq), (Bt, nk)
   bool per_element;                 // false: no cu_seqlens and no token_valid, every pair is full
-  // Backward only: the gradient of the returned lse, fp32 (B, H, S), or null. d lse_i / d s_ij = P_ij,
+  // Backward only: the gradient of the returned lse, fp32 (B, H, Sq), or null. d lse_i / d s_ij = P_ij,
   // so it enters as Delta_i - dlse_i in dS = P * (dP - Delta).
   const float* dlse = nullptr;
 
   int64_t mask_row(int64_t b, int64_t h, int64_t i) const {
-    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nb + i;
+    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nq + i;
+  }
+  // Row of key block j in the transposed mask (Bm, Hm, nk).
+  int64_t mask_row_t(int64_t b, int64_t h, int64_t j) const {
+    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nk + j;
   }
   int64_t tb(int64_t b) const { return Bt == 1 ? 0 : b; }
-  const int32_t* kcode_of(int64_t b) const { return kcode.data() + tb(b) * S; }
+  const int32_t* kcode_of(int64_t b) const { return kcode.data() + tb(b) * Sk; }
 
   PairMode pair(int64_t b, int64_t qi, int64_t kj) const {
     if (!per_element) return kFull;
-    const int32_t qc = qblk[qi], kc = kblk[tb(b) * nb + kj];
+    const int32_t qc = qblk[qi], kc = kblk[tb(b) * nk + kj];
     if (qc == -4 || kc == -3) return kSkip;
     if (qc >= 0 && kc >= 0) return qc == kc ? kFull : kSkip;
     return kPartial;
@@ -67,12 +71,14 @@ struct Problem {
 };
 
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
                      int64_t block_size, double scale, const std::optional<at::Tensor>& token_valid,
                      const std::optional<at::Tensor>& cu_seqlens);
 
-// q, k, v (and dout, out): CPU, 4-D, one shape and dtype, unit stride on D.
+// q (B, Sq, H, D), k and v (B, Sk, H, D): CPU, 4-D, one dtype, unit stride on D.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// t (dout, out) exactly like q.
+void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name);
 
 // Sets -inf where the query (row) and key (column) codes differ. Rows index `rows_code`, columns
 // `cols_code`; the caller orients them (forward/dQ: rows = queries; dK/dV: rows = keys).
@@ -91,7 +97,7 @@ inline int64_t active_blocks(const Problem& p, int64_t b, int64_t h, int64_t i, 
                              std::vector<int8_t>& mode) {
   const int64_t row = p.mask_row(b, h, i);
   const int32_t n = p.kv_num[row];
-  const int32_t* idx = p.kv_idx + row * p.nb;
+  const int32_t* idx = p.kv_idx + row * p.nk;
   out.clear();
   mode.clear();
   for (int32_t t = 0; t < n; ++t) {
@@ -126,7 +132,7 @@ void parallel_balanced(int64_t n, const Cost& cost, const Body& body) {
 // parallel_balanced over the (b, h, query block) tasks, each costing its active key blocks.
 template <typename Body>
 void over_query_blocks(const Problem& p, const Body& body) {
-  const int64_t nb = p.nb, H = p.H;
+  const int64_t nb = p.nq, H = p.H;
   const auto cost = [&](int64_t task) {
     return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * H), (task / nb) % H, task % nb)]);
   };
@@ -139,7 +145,8 @@ void over_query_blocks(const Problem& p, const Body& body) {
 // j)`: block j transposed (D x bs, ld bs) and multiplied by `tile_mul`, the B operand of q.k^T;
 
 
-// The mask seen from the key side, CSR per (mask batch, mask head, key block): ascending query blocks.
+// The mask seen from the key side, CSR per (mask batch, mask head, key block) (rows mask_row_t):
+// ascending query blocks.
 struct Transposed {
   std::vector<int32_t> off, idx;
 };
@@ -149,9 +156,9 @@ Transposed transpose_mask(const Problem& p);
 // blocks; each thread makes one worker (make()) and calls run(worker, b, h, j) per task.
 template <class Make, class Run>
 void over_key_blocks(const Problem& p, const Transposed& tr, const Make& make, const Run& run) {
-  const int64_t nb = p.nb, H = p.H;
+  const int64_t nb = p.nk, H = p.H;
   const auto cost = [&](int64_t task) {
-    const int64_t row = p.mask_row(task / (nb * H), (task / nb) % H, task % nb);
+    const int64_t row = p.mask_row_t(task / (nb * H), (task / nb) % H, task % nb);
     return static_cast<int64_t>(tr.off[row + 1] - tr.off[row]);
   };
   parallel_balanced(p.B * H * nb, cost, [&](int64_t begin, int64_t end) {
@@ -166,7 +173,7 @@ void over_key_blocks(const Problem& p, const Transposed& tr, const Make& make, c
 // The query blocks that key block j of (b, h) meets (ascending), without the skipped pairs.
 inline int64_t key_block_pairs(const Problem& p, const Transposed& tr, int64_t b, int64_t h, int64_t j,
                                std::vector<int32_t>& blocks, std::vector<int8_t>& modes) {
-  const int64_t row = p.mask_row(b, h, j);
+  const int64_t row = p.mask_row_t(b, h, j);
   blocks.clear();
   modes.clear();
   for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
@@ -185,8 +192,8 @@ void for_heads_by_cost(const Problem& p, const Transposed& tr, const Make& make,
   std::vector<int64_t> heads(p.B * p.H), cost(p.B * p.H, 0);
   for (int64_t bh = 0; bh < p.B * p.H; ++bh) {
     heads[bh] = bh;
-    for (int64_t j = 0; j < p.nb; ++j) {
-      const int64_t row = p.mask_row(bh / p.H, bh % p.H, j);
+    for (int64_t j = 0; j < p.nk; ++j) {
+      const int64_t row = p.mask_row_t(bh / p.H, bh % p.H, j);
       cost[bh] += tr.off[row + 1] - tr.off[row] + 1;
     }
   }
@@ -196,7 +203,7 @@ void for_heads_by_cost(const Problem& p, const Transposed& tr, const Make& make,
     auto worker = make();
     std::vector<float> dqa;
     for (int64_t t = next++; t < p.B * p.H; t = next++) {
-      dqa.assign(p.S * p.D, 0.f);
+      dqa.assign(p.Sq * p.D, 0.f);
       run(worker, heads[t] / p.H, heads[t] % p.H, dqa.data());
     }
   });

@@ -153,9 +153,9 @@ std::tuple<at::Tensor, at::Tensor> bsa_fwd(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& token_valid,
                                            const std::optional<at::Tensor>& cu_seqlens) {
   check_qkv(q, k, v);
-  const Problem p = make_problem(q, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
+  const Problem p = make_problem(q, k, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   KK_ON_PATH(forward(p, q, k, v, out, lse))
   return {out, lse};
 }
@@ -167,11 +167,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
-  check_qkv(q, dout, out);
-  Problem p = make_problem(q, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
-  KK_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.S}) &&
+  check_like_q(q, dout, "dout");
+  check_like_q(q, out, "out");
+  Problem p = make_problem(q, k, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
+  KK_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Sq}) &&
                lse.is_contiguous(),
-           "lse must be contiguous fp32 (B, H, S), got ", lse.scalar_type(), " ", lse.sizes());
+           "lse must be contiguous fp32 (B, H, Sq), got ", lse.scalar_type(), " ", lse.sizes());
   if (dlse.has_value()) {
     KK_CHECK_CPU(*dlse);
     KK_CHECK(dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes() && dlse->is_contiguous(),
@@ -179,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
     p.dlse = dlse->data_ptr<float>();
   }
   at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(q.sizes(), q.options());
-  at::Tensor dv = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
   KK_ON_PATH(backward(p, dout, q, k, v, out, lse, dq, dk, dv))
   return {dq, dk, dv};
 }

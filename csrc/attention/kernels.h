@@ -136,8 +136,9 @@ enum RowUse : int { kNoRows = 0, kRowsA = 1, kRowsB = 2 };
 template <typename T>
 Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles, float tile_mul = 1.f) {
   Packed pk;
+  const int64_t S = x.size(1), nblk = S / p.bs;  // q-side (Sq) or k-side (Sk) input
   pk.H = p.H;
-  pk.nb = p.nb;
+  pk.nb = nblk;
   pk.tile_size = p.D * p.bs;
   const auto opts = x.options().dtype(at::kFloat);
   const bool want_rows = rows != kNoRows;
@@ -149,23 +150,23 @@ Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles,
     pk.ld = x.stride(1);
   } else if (copy_rows) {
     pk.ld = padded_ld(p.D);
-    pk.rows_t = at::empty({p.B, p.H, p.S, pk.ld}, opts);
+    pk.rows_t = at::empty({p.B, p.H, S, pk.ld}, opts);
     pk.rows = pk.rows_t.data_ptr<float>();
-    pk.rb = p.H * p.S * pk.ld;
-    pk.rh = p.S * pk.ld;
+    pk.rb = p.H * S * pk.ld;
+    pk.rh = S * pk.ld;
   }
   if (want_tiles) {
-    pk.tiles_t = at::empty({p.B, p.H, p.nb, p.D, p.bs}, opts);
+    pk.tiles_t = at::empty({p.B, p.H, nblk, p.D, p.bs}, opts);
     pk.tiles = pk.tiles_t.data_ptr<float>();
   }
   if (!copy_rows && !want_tiles) return pk;
   const Bshd<T> X(x);
   const int64_t bs = p.bs, D = p.D;
-  at::parallel_for(0, p.B * p.H * p.nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     AVec<float> buf(bs * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t j = task % p.nb, h = (task / p.nb) % p.H, b = task / (p.nb * p.H);
-      float* t = want_tiles ? pk.tiles + ((b * p.H + h) * p.nb + j) * D * bs : nullptr;
+      const int64_t j = task % nblk, h = (task / nblk) % p.H, b = task / (nblk * p.H);
+      float* t = want_tiles ? pk.tiles + ((b * p.H + h) * nblk + j) * D * bs : nullptr;
       if constexpr (std::is_same_v<T, float>) {
         if (!copy_rows) {  // fp32 tiles straight from the strided input: one pass, no staging copy
           transpose32<true>(X.row(b, j * bs, h), X.ss, bs, D, tile_mul, t, bs);
@@ -192,7 +193,7 @@ enum Operand : int { kQ = 0, kDO = 1, kK = 2, kV = 3 };
 //       ld) @ the V blocks js[0..n) stacked (one chunk).
 template <typename T, typename Ops>
 void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor& lse) {
-  const int64_t bs = p.bs, D = p.D, nb = p.nb;
+  const int64_t bs = p.bs, D = p.D, nb = p.nq;
   const Bshd<T> O(out);
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
@@ -233,7 +234,7 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
         }
         ops.acc_rows(kV, b, h, blocks.data() + c0, nc, 1.f, st.data(), cols, acc.data());
       }
-      float* lrow = L + (b * p.H + h) * p.S + s0;
+      float* lrow = L + (b * p.H + h) * p.Sq + s0;
       for (int64_t r = 0; r < bs; ++r) {
         // l is NaN for a row that met a NaN or inf - inf score: its output and lse stay NaN (not the
         // "no visible key" zeros), so the backward sees the same NaN.
@@ -256,7 +257,7 @@ template <typename T>
 void block_stats(const Problem& p, const Bshd<T>& O, const float* dos, int64_t ldd, const float* L, int64_t b,
                  int64_t h, int64_t i, float* os, std::vector<float>& lse2, std::vector<float>& lse2lo,
                  std::vector<float>& delta) {
-  const int64_t bs = p.bs, D = p.D, s0 = i * bs, rbase = (b * p.H + h) * p.S + s0;
+  const int64_t bs = p.bs, D = p.D, s0 = i * bs, rbase = (b * p.H + h) * p.Sq + s0;
   load_rows(O, b, h, s0, bs, D, 1.f, os);
   for (int64_t r = 0; r < bs; ++r) {
     float d = 0.f;
@@ -274,10 +275,10 @@ void block_stats(const Problem& p, const Bshd<T>& O, const float* dos, int64_t l
 template <typename T>
 void row_stats(const Problem& p, const Bshd<T>& O, const Bshd<T>& dO, const float* L, std::vector<float>& lse2,
                std::vector<float>& lse2lo, std::vector<float>& delta) {
-  at::parallel_for(0, p.B * p.H * p.nb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.H * p.nq, 1, [&](int64_t begin, int64_t end) {
     AVec<float> os(p.bs * p.D), dos(p.bs * p.D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task % p.nb, h = (task / p.nb) % p.H, b = task / (p.nb * p.H);
+      const int64_t i = task % p.nq, h = (task / p.nq) % p.H, b = task / (p.nq * p.H);
       load_rows(dO, b, h, i * p.bs, p.bs, p.D, 1.f, dos.data());
       block_stats(p, O, dos.data(), p.D, L, b, h, i, os.data(), lse2, lse2lo, delta);
     }
@@ -385,18 +386,23 @@ struct Bf16Products {
     if (mode == kForward) want = {{kK, true}, {kV, false}};
     if (mode != kForward) want = {{kQ, true}, {kDO, true}, {kQ, false}, {kDO, false}, {kK, false}};
     if (mode == kBackwardTwoPass) want.insert(want.end(), {{kK, true}, {kV, true}});
-    const int64_t bs = p.bs, D = p.D, nb = p.nb, H = p.H, plane = p.B * H * p.S * D;
-    buf = at::empty({static_cast<int64_t>(want.size()), plane}, q.options().dtype(at::kBFloat16));
+    // Q and dO have nq blocks, K and V nk: each operand's plane is (B, H, its blocks, bs * D)
+    const int64_t bs = p.bs, D = p.D, nb = std::max(p.nq, p.nk), H = p.H;
+    std::vector<int64_t> start(want.size() + 1, 0);
+    for (size_t w = 0; w < want.size(); ++w) start[w + 1] = start[w] + p.B * H * nblocks(want[w].first) * bs * D;
+    buf = at::empty({start.back()}, q.options().dtype(at::kBFloat16));
     auto* base = reinterpret_cast<uint16_t*>(buf.data_ptr());
-    for (size_t w = 0; w < want.size(); ++w) (want[w].second ? T : I)[want[w].first] = base + w * plane;
+    for (size_t w = 0; w < want.size(); ++w) (want[w].second ? T : I)[want[w].first] = base + start[w];
     const Bshd<at::BFloat16> src[4] = {Bshd<at::BFloat16>(q), Bshd<at::BFloat16>(*xs[kDO]), Bshd<at::BFloat16>(k),
                                        Bshd<at::BFloat16>(v)};
     at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H), off = task * bs * D;
+        const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H);
         for (size_t w = 0; w < want.size(); ++w) {
-          const Bshd<at::BFloat16>& X = src[want[w].first];
-          uint16_t* dst = base + w * plane + off;
+          const Operand x = want[w].first;
+          if (j >= nblocks(x)) continue;
+          const Bshd<at::BFloat16>& X = src[x];
+          uint16_t* dst = base + start[w] + blk(x, b, h, j);
           if (want[w].second) {
             transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst, bs);
           } else {
@@ -409,18 +415,21 @@ struct Bf16Products {
     });
   }
 
-  // Offset (elements) of (b, h)'s block j in the per-call operand arrays.
-  int64_t blk(int64_t b, int64_t h, int64_t j) const { return ((b * p.H + h) * p.nb + j) * p.bs * p.D; }
+  int64_t nblocks(Operand x) const { return x == kQ || x == kDO ? p.nq : p.nk; }
+  // Offset (elements) of (b, h)'s block j in the per-call arrays of operand x.
+  int64_t blk(Operand x, int64_t b, int64_t h, int64_t j) const {
+    return ((b * p.H + h) * nblocks(x) + j) * p.bs * p.D;
+  }
   const uint16_t* rows(Operand x, int64_t b, int64_t h, int64_t s0) const {
     return in[x] + b * sb[x] + s0 * ss[x] + h * sh[x];
   }
 
   void scores(int64_t b, int64_t h, int64_t i, int64_t j, float* st, int64_t ld) const {
-    Engine::tiles(p.bs, p.bs, p.D / 2, qmul, rows(kQ, b, h, i * p.bs), ss[kQ], T[kK] + blk(b, h, j), p.bs, false,
+    Engine::tiles(p.bs, p.bs, p.D / 2, qmul, rows(kQ, b, h, i * p.bs), ss[kQ], T[kK] + blk(kK, b, h, j), p.bs, false,
                   st, ld);
   }
   void dp(int64_t b, int64_t h, int64_t i, int64_t j, float* out, int64_t ld) const {
-    Engine::tiles(p.bs, p.bs, p.D / 2, 1.f, rows(kDO, b, h, i * p.bs), ss[kDO], T[kV] + blk(b, h, j), p.bs, false,
+    Engine::tiles(p.bs, p.bs, p.D / 2, 1.f, rows(kDO, b, h, i * p.bs), ss[kDO], T[kV] + blk(kV, b, h, j), p.bs, false,
                   out, ld);
   }
   void acc_rows(Operand x, int64_t b, int64_t h, const int32_t* js, int64_t n, float alpha, const float* A,
@@ -429,18 +438,18 @@ struct Bf16Products {
     a16.resize(p.bs * lda);
     for (int64_t r = 0; r < p.bs; ++r) to_bf16(A + r * lda, n * p.bs, a16.data() + r * lda);
     const uint16_t* rws[kMaxChunk];
-    for (int64_t c = 0; c < n; ++c) rws[c] = I[x] + blk(b, h, js[c]);
+    for (int64_t c = 0; c < n; ++c) rws[c] = I[x] + blk(x, b, h, js[c]);
     Engine::blocks(p.bs, p.D, n, p.bs / 2, alpha, a16.data(), lda, rws, p.D, true, acc, p.D);
   }
 
   struct KeyScratch {};
   void begin_key(KeyScratch&, int64_t, int64_t, int64_t) const {}
   void scores_t(const KeyScratch&, int64_t b, int64_t h, int64_t j, int64_t i, float* st, int64_t ld) const {
-    Engine::tiles(p.bs, p.bs, p.D / 2, qmul, rows(kK, b, h, j * p.bs), ss[kK], T[kQ] + blk(b, h, i), p.bs, false,
+    Engine::tiles(p.bs, p.bs, p.D / 2, qmul, rows(kK, b, h, j * p.bs), ss[kK], T[kQ] + blk(kQ, b, h, i), p.bs, false,
                   st, ld);
   }
   void dp_t(int64_t b, int64_t h, int64_t j, int64_t i, float* out, int64_t ld) const {
-    Engine::tiles(p.bs, p.bs, p.D / 2, 1.f, rows(kV, b, h, j * p.bs), ss[kV], T[kDO] + blk(b, h, i), p.bs, false,
+    Engine::tiles(p.bs, p.bs, p.D / 2, 1.f, rows(kV, b, h, j * p.bs), ss[kV], T[kDO] + blk(kDO, b, h, i), p.bs, false,
                   out, ld);
   }
 };
@@ -494,7 +503,7 @@ struct KeyBlockGrads {
 
   // Leaves dK_j, dV_j (fp32, bs x D) in dka, dva.
   void run(int64_t b, int64_t h, int64_t j, float* dqa) {
-    const int64_t bs = p.bs, S = p.S, chunk = chunk_blocks(bs), t0 = j * bs;
+    const int64_t bs = p.bs, S = p.Sq, chunk = chunk_blocks(bs), t0 = j * bs;
     const int64_t n = key_block_pairs(p, tr, b, h, j, blocks, modes);
     const int32_t* kc = p.kcode_of(b) + t0;
     const int32_t jj = static_cast<int32_t>(j);
@@ -535,7 +544,7 @@ template <class Prod, typename T>
 void backward_with(const Problem& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
               at::Tensor& dv) {
-  const int64_t bs = p.bs, D = p.D, nb = p.nb, S = p.S;
+  const int64_t bs = p.bs, D = p.D, nb = p.nq, S = p.Sq;
   const bool fused = use_fused_backward(p);
   const Prod prod(p, q, k, v, dout, fused ? kBackwardFused : kBackwardTwoPass);
   const Bshd<T> O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
@@ -548,7 +557,7 @@ void backward_with(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   const auto make = [&] { return KeyBlockGrads<Prod>(p, tr, prod, lse2, lse2lo, delta); };
   if (fused) {
     for_heads_by_cost(p, tr, make, [&](KeyBlockGrads<Prod>& kbg, int64_t b, int64_t h, float* dqa) {
-      for (int64_t j = 0; j < nb; ++j) {
+      for (int64_t j = 0; j < p.nk; ++j) {
         kbg.run(b, h, j, dqa);
         store_rows(dK, b, h, j * bs, bs, D, 1.f, kbg.dka.data());
         store_rows(dV, b, h, j * bs, bs, D, 1.f, kbg.dva.data());

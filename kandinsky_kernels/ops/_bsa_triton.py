@@ -458,16 +458,21 @@ def _common(q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seql
         tv = tv.to(dev).contiguous().view(torch.uint8)
     qseg = kseg = None
     if cu_seqlens is not None:
-        if b != 1 or s_q != s_k:
-            raise ValueError(f"cu_seqlens needs packed self-attention with B == 1, got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}")
-        cu = cu_seqlens.to(dev, torch.int64)
-        pos = torch.arange(s_q, device=dev)
-        seg = torch.searchsorted(cu[1:].contiguous(), pos, right=True).to(torch.int32)
-        inside = (pos >= cu[0]) & (pos < cu[-1])
-        # Tokens outside every segment get ids that match nothing: -1 as queries, -2 as keys.
-        qseg = torch.where(inside, seg, -1).to(torch.int32)
-        kseg = torch.where(inside, seg, -2).to(torch.int32)
+        # (n+1,): queries and keys packed alike (Sq == Sk); (2, n+1): query offsets, key offsets
+        pair = cu_seqlens.dim() == 2
+        if b != 1 or (not pair and s_q != s_k):
+            raise ValueError(f"cu_seqlens needs B == 1 (and Sq == Sk unless given per side), got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        cus = (cu_seqlens[0], cu_seqlens[1]) if pair else (cu_seqlens, cu_seqlens)
+
+        def _seg(cu, n, outside):
+            # Tokens outside every segment get ids that match nothing: -1 as queries, -2 as keys.
+            cu = cu.to(dev, torch.int64)
+            pos = torch.arange(n, device=dev)
+            seg = torch.searchsorted(cu[1:].contiguous(), pos, right=True).to(torch.int32)
+            return torch.where((pos >= cu[0]) & (pos < cu[-1]), seg, outside).to(torch.int32)
+
+        qseg, kseg = _seg(cus[0], s_q, -1), _seg(cus[1], s_k, -2)
         if tv is not None:  # B == 1: fold padding into the key ids, one per-element check instead of two
             kseg = torch.where(tv[0] != 0, kseg, -2).to(torch.int32)
             tv = None

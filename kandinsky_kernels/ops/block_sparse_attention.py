@@ -85,9 +85,10 @@ def _fwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend(q.device)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    if backend != "cpu":  # the C++ kernels check the same things themselves
-        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
-    if q.numel() == 0:  # nothing to compute (and an empty tensor's strides may be anything)
+    # the C++ kernels check the same things themselves, but name per-side offsets only here
+    if backend != "cpu" or (cu_seqlens is not None and cu_seqlens.dim() == 2):
+        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1], k.shape[1])
+    if q.numel() == 0 or k.numel() == 0:  # nothing to compute (an empty tensor's strides may be anything)
         b, s, h, _ = q.shape
         out, lse = q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
     elif backend == "cpu":
@@ -133,8 +134,8 @@ def _bwd_op(
     backend = _backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
     if backend != "cpu":
-        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1])
-    if q.numel() == 0:
+        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1], k.shape[1])
+    if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if dlse is not None:
         dlse = dlse.float().contiguous()
@@ -191,29 +192,34 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------- validation
-def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, seq_len: int) -> None:
+def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, sq: int, sk: int) -> None:
     """The data-dependent checks, run where the kernels run: inside the custom ops (so also under
     torch.compile, whose tracing sees no values). The mask is checked once while it stays unchanged
-    (see check_mask_contents)."""
+    (see check_mask_contents). ``cu_seqlens``: (n+1,) for both sides, or (2, n+1) query / key offsets."""
     check_mask_contents(kv_num_blocks, kv_indices)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, seq_len)
+        if cu_seqlens.dim() == 2:
+            check_cu_seqlens(cu_seqlens[0], sq, "cu_seqlens_q")
+            check_cu_seqlens(cu_seqlens[1], sk, "cu_seqlens_k")
+        else:
+            check_cu_seqlens(cu_seqlens, sq)
 
 
 def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, ndim=4, dtypes=_DTYPES)
     hq, hkv = q.shape[2], k.shape[2]
-    if (k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]
+    if (k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
             or (hkv == 0) != (hq == 0) or (hkv and hq % hkv)):
         raise ValueError(
-            f"q (B, S, H_q, D), k and v (B, S, H_kv, D) must share one B, S and D, k and v one shape, with "
+            f"q (B, Sq, H_q, D), k and v (B, Sk, H_kv, D) must share one B and D, k and v one shape, with "
             f"H_kv dividing H_q (GQA/MQA), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
     b, s, h, d = q.shape
+    sk = k.shape[1]
     if d <= 0 or d % 16 or d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim D={d} (q shape {tuple(q.shape)}) must be a positive multiple of 16, "
                          f"at most {_MAX_HEAD_DIM}")
@@ -224,34 +230,61 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     bs = mask.block_size
     if bs % 16:
         raise ValueError(f"mask block_size={bs} must be a multiple of 16 (64 in Kandinsky 5)")
-    if s % bs:
-        hint = bshd_hint("q", q.shape, bs)
-        raise ValueError(f"q has shape (B, S, H, D) = {tuple(q.shape)}: S={s} is not a multiple of the "
-                         f"mask block_size={bs}" + (hint or "; pad the sequence (e.g. fractal_flatten "
-                                                     "pads to tiles)"))
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[1] % bs:
+            hint = bshd_hint(name, x.shape, bs)
+            raise ValueError(f"{name} has shape (B, S, H, D) = {tuple(x.shape)}: S={x.shape[1]} is not a multiple "
+                             f"of the mask block_size={bs}" + (hint or "; pad the sequence (e.g. fractal_flatten "
+                                                               "pads to tiles)"))
     mb, mh, nq, nk = mask.shape
-    if nq * bs != s or nk * bs != s or mb not in (1, b) or mh not in (1, h):
+    if nq * bs != s or nk * bs != sk or mb not in (1, b) or mh not in (1, h):
         hint = ""
-        if nq * bs == nk * bs == q.shape[2] != s:
+        if nq * bs == q.shape[2] != s and nk * bs == k.shape[2]:
             hint = "; the mask fits dim 2 of q as S: did you pass (B, H, S, D)? use q.transpose(1, 2)"
         raise ValueError(
-            f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit q shape "
-            f"(B, S, H, D) = {tuple(q.shape)}: need Nq = Nk = S / block_size = {s // bs}, mask B in "
-            f"(1, {b}), mask H in (1, {h})" + hint
+            f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit q (B, Sq, H, D) = "
+            f"{tuple(q.shape)} and k (B, Sk, H_kv, D) = {tuple(k.shape)}: need Nq = Sq / block_size = {s // bs}, "
+            f"Nk = Sk / block_size = {sk // bs}, mask B in (1, {b}), mask H in (1, {h})" + hint
         )
     if mask.device != q.device:
         raise ValueError(f"mask on {mask.device} but q on {q.device}")
-    if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens needs at least 2 offsets (n+1 for n videos), got {cu_seqlens.numel()}")
+    for name, cu in cu_seqlens.items():
+        if cu is None:
+            continue
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+        if cu.device != q.device:
+            raise ValueError(f"{name} on {cu.device} but q on {q.device}")
+        if cu.numel() < 2:
+            raise ValueError(f"{name} needs at least 2 offsets (n+1 for n videos), got {cu.numel()}")
         if b != 1:
-            raise ValueError(f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}")
+            raise ValueError(f"{name} packs videos along S and needs B == 1, got q shape {tuple(q.shape)}")
+    if cu_seqlens["cu_seqlens"] is not None and sk != s:
+        raise ValueError(f"cu_seqlens packs self-attention (Sq == Sk), got Sq={s}, Sk={sk}; pass "
+                         f"cu_seqlens_q and cu_seqlens_k for queries and keys packed apart")
 
 
 # ------------------------------------------------------------------------------------- public API
+def _packed_offsets(cu_seqlens, cu_seqlens_q, cu_seqlens_k) -> Tensor | None:
+    """The kernels' one offsets argument: (n+1,) for both sides, or (2, n+1) query / key offsets
+    (each already validated)."""
+    _check_offset_args(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    if cu_seqlens_q is None:
+        return cu_seqlens
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         f"must hold the same number of videos")
+    return torch.stack([cu_seqlens_q, cu_seqlens_k])
+
+
+def _check_offset_args(cu_seqlens, cu_seqlens_q, cu_seqlens_k) -> None:
+    if cu_seqlens is not None and (cu_seqlens_q is not None or cu_seqlens_k is not None):
+        raise ValueError("pass cu_seqlens (queries and keys packed alike) or cu_seqlens_q and cu_seqlens_k, "
+                         "not both")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together (video i's queries see video i's keys); "
+                         f"got only {'cu_seqlens_q' if cu_seqlens_k is None else 'cu_seqlens_k'}")
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -260,32 +293,42 @@ def block_sparse_attention(
     scale: float | None = None,
     cu_seqlens: Tensor | None = None,
     *,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention restricted to the active blocks of ``mask``, softmax over the visible keys only.
 
     Args:
-        q, k, v: (batch B, seq S, heads H, head_dim D), the layout of flash-attn and of the model, any
-            strides. fp32, fp16 or bf16 (one dtype for all three); D a multiple of 16, at most 256.
+        q: (batch B, seq Sq, heads H, head_dim D); k, v: (B, Sk, H_kv, D), the layout of flash-attn
+            and of the model, any strides. fp32, fp16 or bf16 (one dtype for all three); D a multiple
+            of 16, at most 256. Sk may differ from Sq (cross or joint attention, e.g. video queries
+            over text + video keys), with a rectangular mask.
             GQA / MQA: k and v may have H_kv heads with H_kv dividing H (query head h reads key/value
             head h // (H / H_kv), as flash-attn does); their gradients sum over the sharing query
             heads. K and V are expanded to H heads before the kernels (one copy of each); kernels that
             read shared heads in place are not written yet.
-        mask: :class:`BlockSparseMask` with Nq = Nk = S / block_size (block_size 64, or any multiple
-            of 16). Its B may be 1 or B and its H 1 or H (broadcast). ``mask.token_valid`` (False =
-            pad key) removes keys: a pad key is never attended to.
+        mask: :class:`BlockSparseMask` with Nq = Sq / block_size query blocks and Nk = Sk /
+            block_size key blocks (block_size 64, or any multiple of 16). Its B may be 1 or B and its
+            H 1 or H (broadcast). ``mask.token_valid`` (1 or B, Sk) (False = pad key) removes keys: a
+            pad key is never attended to. A key part every query sees (text tokens, say) is a run of
+            key blocks active in every row (:meth:`BlockSparseMask.with_dense_keys`).
         scale: softmax scale, default 1/sqrt(D).
-        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (needs B == 1). Token i
+        cu_seqlens: optional int32 (n+1,) offsets of n videos packed along S (self-attention: needs
+            B == 1 and Sq == Sk). Token i
             sees key j only if both lie in the same video, their blocks are active and j is valid;
             blocks may straddle video boundaries. Tokens past ``cu_seqlens[-1]`` see nothing.
+        cu_seqlens_q, cu_seqlens_k: instead of ``cu_seqlens``, int32 (n+1,) offsets of the n videos'
+            queries along Sq and of their keys along Sk (as flash-attn's varlen API; Sq != Sk
+            allowed): query token i of video a sees key j only if j lies in video a's key range.
         return_lse: also return the log-sum-exp of each query row's visible scores (natural log,
             scores = scale * q.k), differentiable, so partial attentions over disjoint key sets can be
             merged exactly (:func:`merge_attention`, as ring / context-parallel attention does).
 
     Returns:
-        (B, S, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
+        (B, Sq, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
         gradients), never NaN. Differentiable in q, k and v. With ``return_lse``: ``(out, lse)``, lse
-        fp32 (B, H, S), -inf for a row that sees no key.
+        fp32 (B, H, Sq), -inf for a row that sees no key.
 
     Raises:
         ValueError: a wrong shape, dtype, device or scale; a malformed mask (a count outside
@@ -303,7 +346,10 @@ def block_sparse_attention(
     ``reference`` (dense fp32 masked SDPA, O(S^2) memory), chosen when the call runs (also inside a
     compiled graph); the backward runs on the forward's backend.
     """
-    _validate(q, k, v, mask, cu_seqlens, scale)
+    _check_offset_args(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    _validate(q, k, v, mask, {"cu_seqlens": cu_seqlens, "cu_seqlens_q": cu_seqlens_q,
+                              "cu_seqlens_k": cu_seqlens_k}, scale)
+    cu_seqlens = _packed_offsets(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be True or False, got {return_lse!r}")

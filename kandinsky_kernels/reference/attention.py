@@ -16,13 +16,22 @@ def _token_mask(
     """Bool (B, H, S, S): query i sees key j. Block pattern (broadcast from the mask's B, H of 1),
     pad keys removed, and with ``cu_seqlens`` only pairs inside one video (tokens past the last
     offset see nothing and are seen by nothing)."""
-    dense = mask.to_dense_tokens()  # (Bm, Hm, S, S), pad keys already removed
+    dense = mask.to_dense_tokens()  # (Bm, Hm, Sq, Sk), pad keys already removed
     dense = dense.expand(batch, heads, -1, -1)
     if cu_seqlens is not None:
-        seg = _segment_ids(cu_seqlens, dense.shape[-1], dense.device)
-        same = (seg[:, None] == seg[None, :]) & (seg[:, None] >= 0)
+        seg_q, seg_k = _segments(cu_seqlens, dense.shape[-2], dense.shape[-1], dense.device)
+        same = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] >= 0)
         dense = dense & same
     return dense
+
+
+def _segments(cu_seqlens: torch.Tensor, sq: int, sk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video ids of the query and key tokens: ``cu_seqlens`` (n+1,) serves both sides (Sq == Sk),
+    (2, n+1) holds the query offsets then the key offsets."""
+    if cu_seqlens.dim() == 2:
+        return _segment_ids(cu_seqlens[0], sq, device), _segment_ids(cu_seqlens[1], sk, device)
+    seg = _segment_ids(cu_seqlens, sq, device)
+    return seg, seg
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, s: int, device) -> torch.Tensor:
@@ -124,8 +133,8 @@ def block_sparse_attention_chunked(q, k, v, mask: BlockSparseMask, scale=None, c
     scale = d ** -0.5 if scale is None else scale
     bs = mask.block_size
     blocks = mask.to_dense_blocks()  # (Bm, Hm, Nq, Nk), Bm in (1, B), Hm in (1, H)
-    tv = mask.token_valid  # (Bt, S) or None
-    seg = None if cu_seqlens is None else _segment_ids(cu_seqlens, s, q.device)
+    tv = mask.token_valid  # (Bt, Sk) or None
+    seg, seg_k = (None, None) if cu_seqlens is None else _segments(cu_seqlens, s, k.shape[1], q.device)
     out = torch.empty(b, s, h, d, dtype=dtype, device=q.device)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     for bi in range(b):
@@ -140,7 +149,7 @@ def block_sparse_attention_chunked(q, k, v, mask: BlockSparseMask, scale=None, c
                     allowed = allowed & tv[bi % tv.shape[0]][None, :]
                 if seg is not None:
                     sq = seg[r]
-                    allowed = allowed & (sq[:, None] == seg[None, :]) & (sq[:, None] >= 0)
+                    allowed = allowed & (sq[:, None] == seg_k[None, :]) & (sq[:, None] >= 0)
                 logits = (q[bi, r, hi].to(dtype) @ kk.T) * scale
                 logits = logits.masked_fill(~allowed, float("-inf"))
                 lse[bi, hi, r] = torch.logsumexp(logits.float(), -1)
