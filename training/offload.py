@@ -79,6 +79,17 @@ class HostPool:
         return sum(b.nbytes for bufs in self._free.values() for b in bufs)
 
 
+def _same(t: torch.Tensor, h: torch.Tensor | None) -> bool:
+    """``t`` is the block input ``h``: the same object, or (should a torch version hand the hook
+    another wrapper) the same memory with the same layout."""
+    if h is None:
+        return False
+    if t is h:
+        return True
+    return (t.device == h.device and t.dtype == h.dtype and t.shape == h.shape and t.stride() == h.stride()
+            and t.data_ptr() == h.data_ptr())
+
+
 class _Offloaded:
     """A saved block input that lives on the host between forward and backward."""
 
@@ -168,7 +179,7 @@ class BlockInputOffloader:
         href = weakref.ref(h)
 
         def pack(t):
-            if t is not href() or run[index] is not None:
+            if run[index] is not None or not _same(t, href()):
                 return t
             if self.on_offload is not None:
                 self.on_offload(t)
