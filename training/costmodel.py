@@ -258,7 +258,7 @@ def _print_analytic(name: str, a: dict) -> None:
     mem = a["memory"]
     print(f"{name}: d={a['d']} d_t={a['d_t']} d_f={a['d_f']} L={a['L']} B={a['B']:g} S={a['S_tokens']} tokens "
           f"(S/S0={a['S_ratio']:.3f}) N={a['N']} sp={a['sp']} o={a['o']}")
-    print(f"  eq 1 step time: {a['step_units']:.1f} (report units)")
+    print(f"  eq 1 step time: {a['step_units']:.5g} (report units)")
     print(f"  eq 2 memory per GPU: {_fmt_bytes(mem['total'])} = state {_fmt_bytes(mem['state'])} + "
           f"max(grads {_fmt_bytes(mem['grads'])}, activations {_fmt_bytes(mem['activations'])})")
 
