@@ -124,6 +124,7 @@ class _Offloaded:
             with torch.cuda.stream(stream):
                 dev.copy_(self.host, non_blocking=True)
                 self.ready = stream.record_event()
+            dev.record_stream(stream)  # freed unused (an aborted backward): not reused before the copy ends
         # the next copy into this buffer is queued behind this one on the same stream
         self.owner.pool.release(self.host)
         self.host = None
