@@ -8,12 +8,16 @@
 #      config Triton's autotuner chose per kernel and key, with its timings of every config
 #   4. the other gpu-marked tests and the Triton-backend tests of every op
 #   4b. scripts/vae_gpu_check.py: the causal video VAE on CUDA (time, peak memory, bf16 error)
+#   4c. scripts/offload_gpu_check.py: Video Lite blocks at S = 93,696 with activation checkpointing, with and
+#       without the host offload of the block inputs: peak memory, step time, and a torch.profiler summary of
+#       the offload copies (DtoH / HtoD) hidden behind compute on the other stream (< 90 s)
 #   5. python -m benchmarks --profile gpu: the pytest-benchmark GPU suite at Kandinsky shapes (10 % density
 #      first), for the time left; a timed-out run still writes the cases it finished
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
 # Written under $OUT: env.txt summary.txt build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
-# gpu_timing_table.txt vae.log vae_gpu.json bench.log, and the folder bench/ (results.json, progress.log, report.md, plots).
-# Whole run: < 8 minutes.
+# gpu_timing_table.txt vae.log vae_gpu.json offload.log offload_gpu.json bench.log, and the folder bench/
+# (results.json, progress.log, report.md, plots).
+# Whole run: < 9.5 minutes (the offload stage's 90 s are reserved beside the 440 s of the others).
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 
@@ -22,7 +26,8 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PY:-python3}"   # the GPU machine's system python; override for a dry run elsewhere
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is used in place, not installed
-TOTAL_S="${GPU_CHECK_TOTAL_S:-440}"   # planned wall time; the timeouts' kill grace keeps it under 8 min
+OFFLOAD_S=90                          # reserved for stage 4c
+TOTAL_S="${GPU_CHECK_TOTAL_S:-$(( 440 + OFFLOAD_S ))}"   # planned wall time; with the kill grace < 9.5 min
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -66,7 +71,7 @@ wait "$BUILD_PID"
 # 3. timing (the issue's goals), before the other ops' tests: it measures the 10 % rows of Lite and Pro
 #    first and stops starting measurements at its budget; timeout is the backstop. It gets all but 110 s
 #    (about 180 s even when the tests above take their whole limit).
-LIMIT=$(( $(left) - 110 )); [ $LIMIT -lt 60 ] && LIMIT=60
+LIMIT=$(( $(left) - 110 - OFFLOAD_S )); [ $LIMIT -lt 60 ] && LIMIT=60
 stage timing $LIMIT "$OUT/timing.log" $PY benchmarks/gpu_timing.py --out-dir "$OUT" --budget-s $(( LIMIT - 25 ))
 tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
 
@@ -74,7 +79,7 @@ tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
 # here). Files in order of what only this stage covers (NABLA and fractal kernels first). The attention
 # kernels' autotuning was covered above, so here they take the fixed tile (autotuning every dtype/head-dim/
 # flag key of test_bsa_triton.py would compile ~10 configs per key); the sm_90 AOT compile test is moot.
-LIMIT=$(( $(left) - 45 )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
+LIMIT=$(( $(left) - 45 - OFFLOAD_S )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
 REST="tests/test_nabla.py tests/test_fractal.py tests/test_block_sparse_attention.py tests/test_bsa_triton.py"
 for f in tests/test_*.py; do  # then every other test file, in name order
   case " $REST tests/test_bsa_triton_gpu.py " in *" $f "*) ;; *) REST="$REST $f" ;; esac
@@ -86,9 +91,16 @@ tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
 
 # 4b. the causal video VAE on CUDA (published config, random weights): encode/decode time, peak memory,
 #     bf16 error, SDPA backends at head dim 512 (scripts/vae_gpu_check.py -> vae_gpu.json)
-LIMIT=$(( $(left) - 70 )); [ $LIMIT -gt 60 ] && LIMIT=60; [ $LIMIT -lt 20 ] && LIMIT=20
+LIMIT=$(( $(left) - 70 - OFFLOAD_S )); [ $LIMIT -gt 60 ] && LIMIT=60; [ $LIMIT -lt 20 ] && LIMIT=20
 stage vae $LIMIT "$OUT/vae.log" $PY scripts/vae_gpu_check.py --out-dir "$OUT"
 tail -n 4 "$OUT/vae.log" | tee -a "$SUMMARY"
+
+# 4c. the host offload of checkpointed block inputs (training/offload.py): 4 Video Lite blocks at S = 93,696
+#     (bf16, dense SDPA), peak memory and step time with AC and AC + offload, and the profiler's summary of
+#     the offload copies overlapped with compute (scripts/offload_gpu_check.py -> offload_gpu.json)
+LIMIT=$(( $(left) - 70 )); [ $LIMIT -gt $OFFLOAD_S ] && LIMIT=$OFFLOAD_S; [ $LIMIT -lt 30 ] && LIMIT=30
+stage offload $LIMIT "$OUT/offload.log" $PY scripts/offload_gpu_check.py --out-dir "$OUT"
+tail -n 8 "$OUT/offload.log" | tee -a "$SUMMARY"
 
 # 5. the bench driver's GPU profile (`python -m benchmarks --profile gpu`): the pytest-benchmark GPU suite at
 #    Kandinsky shapes, cases in order of importance (10 % density first); on the time limit's SIGINT pytest

@@ -243,11 +243,17 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each CrossDiT block in backward (non-reentrant), saving only the block input and
     the outputs of the sequence-parallel all-to-alls, so the recompute never communicates again."""
+    offload: bool = False
+    """Move each checkpointed block's input to host memory between forward and backward (side stream,
+    pinned buffers, prefetched one block ahead in backward; ``training.offload``). Needs
+    ``activation_checkpointing`` (checked when the model is parallelized, so overrides may come in
+    any order)."""
 
     def __post_init__(self) -> None:
         _num("parallel.sp", self.sp, lo=1, integer=True)
         _num("parallel.replicate", self.replicate, lo=1, integer=True)
         _bool("parallel.activation_checkpointing", self.activation_checkpointing)
+        _bool("parallel.offload", self.offload)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,6 +27,7 @@ A run started without ``torchrun`` gets a single-process gloo group (HashStore),
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -41,6 +42,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from kandinsky_model.attention import AttentionContext, Packing, self_attention
+
+from .offload import BlockInputOffloader
 
 
 def init_distributed(device_type: str, timeout_s: float = 300.0) -> tuple[int, int]:
@@ -259,26 +262,41 @@ class UlyssesSP:
         return _GatherTokens.apply(h, self.group, self.size, self.rank)
 
 
-def install_block_runner(model: torch.nn.Module, sp: UlyssesSP | None, activation_checkpointing: bool):
+def install_block_runner(model: torch.nn.Module, sp: UlyssesSP | None, activation_checkpointing: bool,
+                         offload: bool | BlockInputOffloader = False):
     """Replace ``model.run_visual_blocks`` (on this instance) by one that shards the tokens over
-    ``sp`` (when given, size > 1) and checkpoints each block (when asked). Parameter names and the
-    state dict do not change (no wrapper modules), so checkpoints and the EMA export are unaffected."""
+    ``sp`` (when given, size > 1), checkpoints each block (when asked) and offloads each checkpointed
+    block's input to the host between forward and backward (``offload``: True or a
+    :class:`~training.offload.BlockInputOffloader`; needs ``activation_checkpointing``). Parameter
+    names and the state dict do not change (no wrapper modules), so checkpoints and the EMA export
+    are unaffected. The offloader, if any, is kept as ``model.block_input_offloader``."""
+    if offload and not activation_checkpointing:
+        raise ValueError("parallel.offload needs parallel.activation_checkpointing=True: the offloaded "
+                         "tensor is each checkpointed block's input")
     if (sp is None or sp.size == 1) and not activation_checkpointing:
         return model
     blocks = model.visual_transformer_blocks
     num_heads = model.config.num_heads
     use_sp = sp is not None and sp.size > 1
+    offloader = None
+    if offload:
+        offloader = offload if isinstance(offload, BlockInputOffloader) else BlockInputOffloader()
+        model.block_input_offloader = offloader
 
     def run_visual_blocks(state):
         if use_sp:
             h, text, te, rope, ctx = sp.shard(state, num_heads)
         else:
             h, text, te, rope, ctx = state.visual, state.text, state.time_embed, state.rope, state.ctx
+        run = offloader.new_run() if offloader is not None else None
         for block in blocks:
             if activation_checkpointing:
-                h = checkpoint(block, h, text, te, rope, ctx, use_reentrant=False, context_fn=_sac_context)
+                with offloader.block(run, h) if offloader is not None else contextlib.nullcontext():
+                    h = checkpoint(block, h, text, te, rope, ctx, use_reentrant=False, context_fn=_sac_context)
             else:
                 h = block(h, text, te, rope, ctx)
+        if offloader is not None and torch.is_grad_enabled():
+            offloader.prefetch_on_grad(run, h)
         return sp.gather(h) if use_sp else h
 
     model.run_visual_blocks = run_visual_blocks
@@ -297,12 +315,12 @@ def mixed_precision_policy(mode: str, device_type: str) -> MixedPrecisionPolicy 
 
 
 def parallelize_dit(model: torch.nn.Module, mesh: ParallelMesh, mp_policy: MixedPrecisionPolicy | None,
-                    activation_checkpointing: bool = False):
-    """In torchtitan's order: sequence parallelism over ``mesh["sp"]`` and activation checkpointing
-    per CrossDiT block (:func:`install_block_runner`), then ``fully_shard`` over ``mesh.fsdp``
+                    activation_checkpointing: bool = False, offload: bool = False):
+    """In torchtitan's order: sequence parallelism over ``mesh["sp"]``, activation checkpointing
+    per CrossDiT block and the host offload of the blocks' inputs (:func:`install_block_runner`), then ``fully_shard`` over ``mesh.fsdp``
     on each text-refiner and CrossDiT block and on the root (embeddings, output layer)."""
     sp = UlyssesSP.from_mesh(mesh)
-    install_block_runner(model, sp, activation_checkpointing)
+    install_block_runner(model, sp, activation_checkpointing, offload)
     kwargs = {"mesh": mesh.fsdp}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
@@ -313,7 +331,7 @@ def parallelize_dit(model: torch.nn.Module, mesh: ParallelMesh, mp_policy: Mixed
 
 
 def build_sharded_dit(config, mesh: ParallelMesh, mp_policy: MixedPrecisionPolicy | None, device: torch.device,
-                      seed: int, activation_checkpointing: bool = False) -> torch.nn.Module:
+                      seed: int, activation_checkpointing: bool = False, offload: bool = False) -> torch.nn.Module:
     """The CrossDiT built on the meta device, parallelized (:func:`parallelize_dit`), then filled from
     rank 0.
 
@@ -332,7 +350,7 @@ def build_sharded_dit(config, mesh: ParallelMesh, mp_policy: MixedPrecisionPolic
         torch.manual_seed(seed)
         full = CrossDiT(config).state_dict()
     model = CrossDiT.on_meta(config)
-    parallelize_dit(model, mesh, mp_policy, activation_checkpointing)
+    parallelize_dit(model, mesh, mp_policy, activation_checkpointing, offload)
     model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full, options=options)

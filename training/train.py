@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, output: str, data: str | None = None) -> dict:
     mp_policy = mixed_precision_policy(cfg.mixed_precision, device_type)
     compute_dtype = torch.float32 if mp_policy is None else mp_policy.param_dtype
     model = build_sharded_dit(cfg.model, mesh, mp_policy, device, cfg.seed,
-                              activation_checkpointing=cfg.parallel.activation_checkpointing)
+                              activation_checkpointing=cfg.parallel.activation_checkpointing,
+                              offload=cfg.parallel.offload)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
