@@ -3,14 +3,17 @@ Kandinsky5Transformer3DModel and WanTransformer3DModel (CPU).
 
 What is checked:
 - Kandinsky 5 called as its pipeline calls a NABLA model (``sparse_params``, fractal tokens): the same
-  block masks, exactly, as diffusers' own FlexAttention NABLA path on the same weights, and the same
-  output under the project's tolerance policy (fp64 Flex run as the reference, fp32 Flex as torch's
-  own error); called plainly (raster tokens, gathered into fractal order) the masks are the same again.
+  block masks, exactly, as diffusers' own NABLA path (``nablaT_v2``) on the same weights, and the same
+  output under the project's tolerance policy (that mask applied by SDPA: fp64 as the reference, fp32
+  as torch's own error; eager Flex attends densely on the CPU, see the test); called plainly (raster
+  tokens, gathered into fractal order) the masks are the same again. On CUDA (``gpu``, not yet run):
+  the same against diffusers' compiled FlexAttention path.
 - threshold 1.0 equals the model's dense output (SDPA) within tolerance, on a padded grid (H, W not
   multiples of 8) for both models.
 - forward and backward at threshold 0.9 (Wan with gradient checkpointing; Kandinsky 5 plainly).
 - ``disable_nabla`` restores the original processor objects and the output bit for bit.
-- ``torch.compile`` of a model with NABLA enabled: no crash, same output as eager.
+- ``torch.compile`` (AOTAutograd, eager kernels: no C++ build in the test) of both models with NABLA
+  enabled: no crash, same output as eager; Kandinsky 5 in both token orders and through backward.
 The comparisons use one visual block for Kandinsky 5: its RoPE rounds q and k to bf16, so in a second
 block the last-bit differences of the first block's attention could flip a bf16 rounding and change
 a mask at the threshold's edge; Wan, without that rounding, runs two blocks.
@@ -125,8 +128,8 @@ def test_kandinsky5_matches_diffusers_nabla(monkeypatch):
     dense attention, whatever the blocks (checked below); compiled Flex on the CPU fails to build
     for a mask of full blocks only (inductor C++ error, torch 2.13). The reference is therefore
     diffusers' model with its own NABLA mask applied by SDPA as a dense token mask (the native backend
-    takes a bool mask): the same blocks, attended exactly. ``tests/test_integrations_diffusers.py::
-    test_kandinsky5_matches_compiled_flex_nabla_gpu`` compares with compiled Flex where CUDA is present.
+    takes a bool mask): the same blocks, attended exactly. ``test_kandinsky5_matches_compiled_flex_nabla_gpu``
+    compares with compiled Flex where CUDA is present.
     """
     from diffusers.models.transformers import transformer_kandinsky
 
@@ -168,6 +171,45 @@ def test_kandinsky5_matches_diffusers_nabla(monkeypatch):
         plain = _out(model, _kandinsky5_inputs(grid))
     assert_exact(masks[name].to_dense_blocks(), mask32, "plain call's mask vs diffusers' NABLA mask")
     assert_close_to_reference(plain, ref64, ref32)
+
+
+@pytest.mark.gpu
+def test_kandinsky5_matches_compiled_flex_nabla_gpu(monkeypatch):
+    """On CUDA, diffusers' FlexAttention NABLA path compiled (where Flex honours the blocks) against
+    ours (Triton kernels). Reference: diffusers' own mask applied by SDPA as a token mask in fp64."""
+    from diffusers.models.transformers import transformer_kandinsky
+
+    grid, p, window = (3, 16, 24), 0.7, (1, 1, 1)
+    model = _kandinsky5().cuda()
+    sp = _sparse_params(grid, p, window)
+    sp["sta_mask"] = sp["sta_mask"].cuda()
+
+    def inputs(dtype=torch.float32):
+        return {k: (v.cuda() if torch.is_tensor(v) else tuple(x.cuda() for x in v) if isinstance(v, tuple) else v)
+                for k, v in _kandinsky5_inputs(grid, dtype, sparse_params=sp).items()}
+
+    torch._dynamo.reset()
+    with torch.no_grad(), diffusers.attention_backend("flex"):
+        flex = _out(torch.compile(model), inputs())
+    nabla = transformer_kandinsky.nablaT_v2
+    theirs = []
+
+    def nabla_as_token_mask(*args, **kwargs):
+        theirs.append(BlockSparseMask.from_flex_block_mask(nabla(*args, **kwargs)))
+        return theirs[-1].to_dense_tokens()
+
+    monkeypatch.setattr(transformer_kandinsky, "nablaT_v2", nabla_as_token_mask)
+    with torch.no_grad():
+        ref32 = _out(model, inputs())
+        ref64 = _out(_kandinsky5_fp64(model), inputs(torch.float64))
+    assert_exact(theirs[1].to_dense_blocks(), theirs[0].to_dense_blocks(), "fp64 vs fp32 mask")
+    assert_close_to_reference(flex, ref64, ref32, name="compiled Flex NABLA")
+    masks, on_mask = _recorder()
+    enable_nabla(model, on_mask=on_mask)
+    with torch.no_grad():
+        ours = _out(model, inputs())
+    assert_exact(next(iter(masks.values())).to_dense_blocks(), theirs[0].to_dense_blocks(), "mask")
+    assert_close_to_reference(ours, ref64, flex)
 
 
 def test_kandinsky5_threshold_one_is_dense_on_a_padded_grid():
@@ -262,6 +304,28 @@ def test_torch_compile_with_nabla_matches_eager():
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager")
         out = _out(compiled, _wan_inputs(grid))
+    assert_close_to_reference(out, eager.double(), eager)
+
+
+def test_torch_compile_kandinsky5_both_orders_and_backward():
+    """Compiled: the plain call (raster tokens, forward and backward) and the sparse_params call."""
+    grid = (2, 16, 16)
+    model = _kandinsky5()
+    enable_nabla(model, threshold=0.9, sta_window=(1, 1, 1))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    inputs = _kandinsky5_inputs(grid)
+    with torch.no_grad():
+        eager = _out(model, inputs)
+    inputs["hidden_states"].requires_grad_(True)
+    out = _out(compiled, inputs)
+    assert_close_to_reference(out.detach(), eager.double(), eager)
+    out.square().mean().backward()
+    assert torch.isfinite(inputs["hidden_states"].grad).all()
+    sp = _sparse_params(grid, 0.9, (1, 1, 1))
+    with torch.no_grad():
+        eager = _out(model, _kandinsky5_inputs(grid, sparse_params=sp))
+        out = _out(compiled, _kandinsky5_inputs(grid, sparse_params=sp))
     assert_close_to_reference(out, eager.double(), eager)
 
 
