@@ -239,18 +239,32 @@ def test_kandinsky5_backward_plain_call():
 
 
 # ---------------------------------------------------------------------------------------------- Wan
-def test_wan_threshold_one_is_dense_on_a_padded_grid():
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_qkv", "fused_qkv"])
+def test_wan_threshold_one_is_dense_on_a_padded_grid(fused):
+    """Output and input gradient equal the dense model's (also with diffusers' fused QKV projection)."""
     grid = (2, 12, 20)
     model = _wan()
-    with torch.no_grad():
-        dense32 = _out(model, _wan_inputs(grid))
-        dense64 = _out(copy.deepcopy(model).double(), _wan_inputs(grid, torch.float64))
-        masks, on_mask = _recorder()
-        enable_nabla(model, threshold=1.0, on_mask=on_mask)
-        ours = _out(model, _wan_inputs(grid))
+    if fused:
+        model.fuse_qkv_projections()
+        assert model.blocks[0].attn1.fused_projections and hasattr(model.blocks[0].attn1, "to_qkv")
+    model64 = copy.deepcopy(model).double()
+
+    def run(m, dtype=torch.float32):
+        inputs = _wan_inputs(grid, dtype)
+        inputs["hidden_states"].requires_grad_(True)
+        out = _out(m, inputs)
+        out.square().mean().backward()
+        return out.detach(), inputs["hidden_states"].grad
+
+    dense32, grad32 = run(model)
+    dense64, grad64 = run(model64, torch.float64)
+    masks, on_mask = _recorder()
+    enable_nabla(model, threshold=1.0, on_mask=on_mask)
+    ours, grad = run(model)
     assert sorted(masks) == ["blocks.0.attn1.processor", "blocks.1.attn1.processor"]
     assert all(m.density == 1.0 for m in masks.values())
     assert_close_to_reference(ours, dense64, dense32)
+    assert_close_to_reference(grad, grad64, grad32, grad=True, name="d hidden_states")
 
 
 def test_wan_sparse_forward_and_backward_with_checkpointing():
