@@ -77,8 +77,9 @@ def _wan():
     ).eval()
     t, h, w = GRID
     g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(1, 16, t, 2 * h, 2 * w, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, TEXT, 128, generator=g), return_dict=False)
+    inputs = dict(hidden_states=torch.randn(1, 16, t, 2 * h, 2 * w, generator=g),
+                  timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, TEXT, 128, generator=g),
+                  return_dict=False)
     return model, inputs
 
 
@@ -102,8 +103,9 @@ def test_bench_diffusers_transformer(benchmark, family):
     if family == "kandinsky5":
         t, h, w = GRID
         if h % 8 == 0 and w % 8 == 0:  # diffusers' fractal order needs whole 8x8 tiles
-            sparse_params = {"sta_mask": sta_block_mask(t, h // 8, w // 8, WINDOW)[None, None], "to_fractal": True,
-                             "P": THRESHOLD, "attention_type": "nabla", "visual_shape": GRID}
+            sta = sta_block_mask(t, h // 8, w // 8, WINDOW)[None, None]
+            sparse_params = {"sta_mask": sta, "to_fractal": True, "P": THRESHOLD, "attention_type": "nabla",
+                             "visual_shape": GRID}
             providers.append(Provider("nabla-fractal", call(sparse, sparse_params=sparse_params), skip=skip,
                                       cpu_isa=isa))
     if skip is None:

@@ -39,11 +39,12 @@ from kandinsky_kernels.mask import BlockSparseMask  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- models
-def _kandinsky5(num_visual_blocks: int = 1, head_dims=(16, 8, 8), model_dim=64) -> Kandinsky5Transformer3DModel:
+def _kandinsky5(num_visual_blocks=1, head_dims=(16, 8, 8), model_dim=64) -> Kandinsky5Transformer3DModel:
     torch.manual_seed(0)
     model = Kandinsky5Transformer3DModel(
         in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=model_dim, ff_dim=128, num_text_blocks=1, num_visual_blocks=num_visual_blocks, axes_dims=head_dims,
+        model_dim=model_dim, ff_dim=128, num_text_blocks=1, num_visual_blocks=num_visual_blocks,
+        axes_dims=head_dims,
     ).eval()
     with torch.no_grad():  # diffusers zero-initialises the modulations: make every branch do work
         for name, p in model.named_parameters():
@@ -185,8 +186,11 @@ def test_kandinsky5_matches_compiled_flex_nabla_gpu(monkeypatch):
     sp["sta_mask"] = sp["sta_mask"].cuda()
 
     def inputs(dtype=torch.float32):
-        return {k: (v.cuda() if torch.is_tensor(v) else tuple(x.cuda() for x in v) if isinstance(v, tuple) else v)
-                for k, v in _kandinsky5_inputs(grid, dtype, sparse_params=sp).items()}
+        def cuda(v):
+            if isinstance(v, tuple):
+                return tuple(x.cuda() for x in v)
+            return v.cuda() if torch.is_tensor(v) else v
+        return {k: cuda(v) for k, v in _kandinsky5_inputs(grid, dtype, sparse_params=sp).items()}
 
     torch._dynamo.reset()
     with torch.no_grad(), diffusers.attention_backend("flex"):

@@ -224,8 +224,8 @@ def _head_dim(transformer: torch.nn.Module, family: str) -> int:
 
 
 def _check_args(threshold: float, sta_window: Sequence[int] | None) -> tuple[int, int, int] | None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
-            or not 0.0 < threshold <= 1.0:
+    is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not is_number or not math.isfinite(threshold) or not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     if sta_window is None:
         return None
