@@ -86,7 +86,9 @@ class _NablaState:
     on_mask: Callable[[str, Any], None] | None
     originals: dict[str, Any] = field(default_factory=dict)  # processor key -> the original processor
     patch_size: tuple[int, int, int] = (1, 1, 1)
-    grid: tuple[int, int, int] | None = None  # token grid of the current forward (set by the hook)
+    # Token grid of the latest forward, set by the hook before it runs. Kept after it returns: gradient
+    # checkpointing recomputes the blocks during backward, after the forward call has ended.
+    grid: tuple[int, int, int] | None = None
 
 
 def _token_grid(state: _NablaState, hidden_states: torch.Tensor) -> tuple[int, int, int]:
