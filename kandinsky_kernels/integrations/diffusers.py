@@ -1,0 +1,316 @@
+"""NABLA for diffusers' video transformers in one call: ``enable_nabla(transformer)``.
+
+Switches the video self-attention of diffusers' ``Kandinsky5Transformer3DModel`` and
+``WanTransformer3DModel`` to this library's fractal reordering + NABLA mask + block-sparse attention,
+and ``disable_nabla(transformer)`` puts the original processors back (the same objects: the output is
+then bit for bit what it was before). diffusers is an optional dependency, imported only when these
+functions run (``pip install diffusers``; the tests pin ``diffusers==0.42.1``).
+
+How it plugs in, through diffusers' public mechanisms only (no private function is patched):
+
+- attention processors: the video self-attention modules (Kandinsky 5: every
+  ``visual_transformer_blocks.<i>.self_attention``; Wan: every ``blocks.<i>.attn1``) get a processor
+  of this module through ``transformer.set_attn_processor``. It computes q, k, v as the model's own
+  processor does (projections, QK RMSNorm, the model's RoPE), then runs
+  :func:`kandinsky_kernels.nabla_attention`. Text self-attention and cross-attention are unchanged.
+- a model hook (``diffusers.hooks.HookRegistry``, name ``"kandinsky_kernels.nabla_grid"``) reads the
+  token grid (T, H, W) after patching from the shape of the transformer's ``hidden_states`` on every
+  call: a processor sees (B, S, C) tokens only.
+
+Token order. Wan, and Kandinsky 5 called without ``sparse_params``, keep the tokens in raster order
+(frame, row, column): the processor gathers q, k, v into fractal order (:func:`fractal_flatten`,
+padding H and W up to multiples of 8) and scatters the output back, around every attention call.
+Kandinsky 5 called as its pipeline calls a NABLA-configured model (``sparse_params`` with
+``to_fractal=True``) already holds its tokens in the same fractal order, so no gather happens; the
+mask then follows the call's ``sparse_params``: its ``P`` is the threshold and its ``sta_mask`` the
+sliding-tile mask, exactly as diffusers' own FlexAttention NABLA path computes them, so the result is
+that path's, computed by our kernels. ``threshold`` and ``sta_window`` of :func:`enable_nabla` apply
+to every other call.
+
+Training and compilation: the processors are differentiable in every weight (backward through our
+block-sparse attention kernels), work with the model's gradient checkpointing, and trace under
+``torch.compile`` (enable first, then compile; ``disable_nabla`` needs a recompile, as any processor
+change does).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
+from kandinsky_kernels.ops.fractal import FractalLayout, fractal_flatten, fractal_unflatten
+from kandinsky_kernels.ops.nabla import nabla_attention, nabla_block_mask
+
+__all__ = ["disable_nabla", "enable_nabla", "is_nabla_enabled"]
+
+_HOOK_NAME = "kandinsky_kernels.nabla_grid"
+_STATE_ATTR = "_kandinsky_kernels_nabla"
+
+
+def _import_diffusers():
+    try:
+        import diffusers  # noqa: F401
+        from diffusers.hooks import HookRegistry, ModelHook
+    except ImportError as e:  # pragma: no cover - exercised only where diffusers is missing
+        raise ImportError(
+            "kandinsky_kernels.integrations.diffusers needs diffusers (pip install diffusers; tested "
+            "with diffusers==0.42.1)"
+        ) from e
+    return HookRegistry, ModelHook
+
+
+def _family(transformer: torch.nn.Module) -> str:
+    """``"kandinsky5"`` or ``"wan"``, or ValueError naming what is supported."""
+    from diffusers import Kandinsky5Transformer3DModel, WanTransformer3DModel
+
+    if isinstance(transformer, Kandinsky5Transformer3DModel):
+        return "kandinsky5"
+    if isinstance(transformer, WanTransformer3DModel):
+        return "wan"
+    raise ValueError(
+        f"enable_nabla supports diffusers' Kandinsky5Transformer3DModel and WanTransformer3DModel, got "
+        f"{type(transformer).__name__} (HunyuanVideo's joint text-video attention is not supported yet)"
+    )
+
+
+@dataclass(eq=False)
+class _NablaState:
+    """What :func:`enable_nabla` set up on one transformer; shared by its processors and its hook."""
+
+    family: str
+    threshold: float
+    sta_window: tuple[int, int, int] | None
+    on_mask: Callable[[str, Any], None] | None
+    originals: dict[str, Any] = field(default_factory=dict)  # processor key -> the original processor
+    patch_size: tuple[int, int, int] = (1, 1, 1)
+    # Token grid of the latest forward, set by the hook before it runs. Kept after it returns: gradient
+    # checkpointing recomputes the blocks during backward, after the forward call has ended.
+    grid: tuple[int, int, int] | None = None
+
+
+def _token_grid(state: _NablaState, hidden_states: torch.Tensor) -> tuple[int, int, int]:
+    # Kandinsky 5 takes channels-last latents (B, T, H, W, C), Wan channels-first (B, C, T, H, W).
+    sizes = hidden_states.shape[1:4] if state.family == "kandinsky5" else hidden_states.shape[2:5]
+    pt, ph, pw = state.patch_size
+    return (sizes[0] // pt, sizes[1] // ph, sizes[2] // pw)
+
+
+def _make_grid_hook(state: _NablaState, model_hook_cls: type) -> Any:
+    class _TokenGridHook(model_hook_cls):
+        """Records the token grid (T, H, W) after patching of each forward call of the transformer."""
+
+        def pre_forward(self, module, *args, **kwargs):
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            state.grid = _token_grid(state, hidden_states)
+            return args, kwargs
+
+    return _TokenGridHook()
+
+
+class _NablaProcessor:
+    """Common part of the processors: NABLA attention of (B, S, H, D) q, k, v on the current grid."""
+
+    def __init__(self, state: _NablaState, name: str, original: Any):
+        self._state = state
+        self._name = name
+        self._original = original  # for the calls this processor does not handle
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sparse_params: dict | None = None) -> torch.Tensor:
+        state = self._state
+        if state.grid is None:
+            raise RuntimeError(
+                f"{self._name}: the token grid is unknown. enable_nabla learns it from the transformer's "
+                "forward; call the transformer itself, not one of its blocks"
+            )
+        t, h, w = state.grid
+        b, s, heads, d = q.shape
+        if t * h * w != s:
+            raise ValueError(f"{self._name}: {s} tokens do not fill the token grid (T, H, W) = "
+                             f"({t}, {h}, {w}) read from the transformer's hidden_states")
+        if sparse_params is not None and sparse_params.get("to_fractal", False):
+            # Kandinsky 5's own fractal order (diffusers flattened the 8x8 tiles): mask per sparse_params.
+            layout = FractalLayout(t, h, w)
+            mask = nabla_block_mask(q, k, float(sparse_params["P"]), sta=sparse_params["sta_mask"].bool(),
+                                    grid=layout)
+            out = block_sparse_attention(q, k, v, mask)
+        else:
+            # Raster order: gather into fractal order, attend, scatter back.
+            qf, layout = fractal_flatten(q.reshape(b, t, h, w, heads, d), return_layout=True)
+            kf = fractal_flatten(k.reshape(b, t, h, w, heads, d))
+            vf = fractal_flatten(v.reshape(b, t, h, w, heads, d))
+            if sparse_params is not None:  # NABLA sparse_params on raster tokens: their P, their STA
+                mask = nabla_block_mask(qf, kf, float(sparse_params["P"]),
+                                        sta=sparse_params["sta_mask"].bool(), grid=layout)
+                outf = block_sparse_attention(qf, kf, vf, mask)
+            else:
+                outf, mask = nabla_attention(qf, kf, vf, state.threshold, state.sta_window, grid=layout,
+                                             return_mask=True)
+            out = fractal_unflatten(outf, layout).reshape(b, s, heads, d)
+        if state.on_mask is not None and not torch.compiler.is_compiling():
+            state.on_mask(self._name, mask)
+        return out
+
+
+def _kandinsky5_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    # rope holds 2x2 rotation matrices (..., D/2, 2, 2) applied to the (even, odd) pairs in fp32; the
+    # model rounds the result to bf16 (as the official Kandinsky 5 code does), whatever its dtype.
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2).to(torch.float32)
+    return (rope * pairs).sum(dim=-1).reshape(x.shape).to(torch.bfloat16).type_as(x)
+
+
+class _Kandinsky5NablaProcessor(_NablaProcessor):
+    """Video self-attention of a ``Kandinsky5TransformerDecoderBlock`` with NABLA."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, rotary_emb=None, sparse_params=None):
+        if encoder_hidden_states is not None:  # cross-attention: not ours
+            return self._original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                  rotary_emb=rotary_emb, sparse_params=sparse_params)
+        q = attn.to_query(hidden_states).unflatten(-1, (attn.num_heads, -1))
+        k = attn.to_key(hidden_states).unflatten(-1, (attn.num_heads, -1))
+        v = attn.to_value(hidden_states).unflatten(-1, (attn.num_heads, -1))
+        q = attn.query_norm(q.float()).type_as(q)
+        k = attn.key_norm(k.float()).type_as(k)
+        if rotary_emb is not None:
+            q = _kandinsky5_rotary(q, rotary_emb)
+            k = _kandinsky5_rotary(k, rotary_emb)
+        out = self._attend(q, k, v, sparse_params)
+        return attn.out_layer(out.flatten(-2, -1))
+
+
+def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Interleaved pairs (x[2i], x[2i+1]) rotated by the angle of frequency i; cos/sin repeat each
+    # frequency twice along D, so the even entries of cos and the odd ones of sin hold one per pair.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class _WanNablaProcessor(_NablaProcessor):
+    """Self-attention (``attn1``) of a ``WanTransformerBlock`` with NABLA."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or kwargs:
+            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                                  **kwargs)
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q = _wan_rotary(q, *rotary_emb)
+            k = _wan_rotary(k, *rotary_emb)
+        out = self._attend(q, k, v).flatten(2, 3).type_as(q)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _targets(transformer: torch.nn.Module, family: str) -> list[str]:
+    """Processor keys (as in ``transformer.attn_processors``) of the video self-attention modules."""
+    if family == "kandinsky5":
+        return [f"visual_transformer_blocks.{i}.self_attention.processor"
+                for i in range(len(transformer.visual_transformer_blocks))]
+    return [f"blocks.{i}.attn1.processor" for i in range(len(transformer.blocks))]
+
+
+def _head_dim(transformer: torch.nn.Module, family: str) -> int:
+    cfg = transformer.config
+    return int(sum(cfg.axes_dims)) if family == "kandinsky5" else int(cfg.attention_head_dim)
+
+
+def _check_args(threshold: float, sta_window: Sequence[int] | None) -> tuple[int, int, int] | None:
+    is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not is_number or not math.isfinite(threshold) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if sta_window is None:
+        return None
+    if not isinstance(sta_window, (tuple, list)) or len(sta_window) != 3 or any(
+            isinstance(x, bool) or not isinstance(x, int) or x <= 0 or x % 2 == 0 for x in sta_window):
+        raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) in frames and 8x8 tiles, "
+                         f"or None; got {sta_window!r}")
+    return tuple(sta_window)  # type: ignore[return-value]
+
+
+def _unwrap(transformer: torch.nn.Module) -> torch.nn.Module:
+    # a torch.compile'd module forwards to the original one
+    return getattr(transformer, "_orig_mod", transformer)
+
+
+def enable_nabla(
+    transformer: torch.nn.Module,
+    threshold: float = 0.9,
+    sta_window: Sequence[int] | None = (11, 3, 3),
+    *,
+    on_mask: Callable[[str, Any], None] | None = None,
+) -> None:
+    """Run the video self-attention of a diffusers video transformer with NABLA, in place.
+
+    Args:
+        transformer: a diffusers ``Kandinsky5Transformer3DModel`` or ``WanTransformer3DModel`` (or a
+            ``torch.compile`` wrapper of one; enable before compiling, since processors are read at
+            trace time). Its head dim must suit :func:`kandinsky_kernels.block_sparse_attention` (a
+            multiple of 16, at most 256: every published Kandinsky 5 and Wan model has 64 or 128).
+        threshold: NABLA CDF threshold in (0, 1]: the probability mass of key blocks each query block
+            keeps; 1 keeps every block (dense attention, up to rounding). Kandinsky 5 uses 0.7-0.9.
+        sta_window: (wT, wH, wW) sliding-tile window in frames and 8x8 tiles OR-ed into the mask
+            (odd ints), or None for the NABLA mask alone.
+        on_mask: optional ``on_mask(name, mask)`` called with the processor key (e.g.
+            ``"blocks.3.attn1.processor"``) and the :class:`kandinsky_kernels.BlockSparseMask` each
+            layer used, in eager mode (not inside a compiled graph): to log densities, or in tests.
+
+    The model's calls with Kandinsky 5 ``sparse_params`` (its pipeline on a NABLA-configured model)
+    use their ``P`` and ``sta_mask`` instead of ``threshold`` and ``sta_window``: see the module
+    docstring. Calling ``enable_nabla`` again replaces the settings (the originals stay recorded).
+
+    Raises:
+        ImportError: diffusers is not installed.
+        ValueError: an unsupported model, a head dim the kernels do not take, or bad settings.
+    """
+    hook_registry_cls, model_hook_cls = _import_diffusers()
+    transformer = _unwrap(transformer)
+    family = _family(transformer)
+    window = _check_args(threshold, sta_window)
+    d = _head_dim(transformer, family)
+    if d % 16 or d > 256:
+        raise ValueError(f"{type(transformer).__name__} has head dim {d}; NABLA's block-sparse attention "
+                         "needs a multiple of 16, at most 256")
+    if is_nabla_enabled(transformer):
+        disable_nabla(transformer)
+    state = _NablaState(family, float(threshold), window, on_mask,
+                        patch_size=tuple(int(p) for p in transformer.config.patch_size))
+    processors = transformer.attn_processors
+    cls = _Kandinsky5NablaProcessor if family == "kandinsky5" else _WanNablaProcessor
+    for key in _targets(transformer, family):
+        state.originals[key] = processors[key]
+        processors[key] = cls(state, key, processors[key])
+    transformer.set_attn_processor(processors)
+    registry = hook_registry_cls.check_if_exists_or_initialize(transformer)
+    registry.register_hook(_make_grid_hook(state, model_hook_cls), _HOOK_NAME)
+    setattr(transformer, _STATE_ATTR, state)
+
+
+def disable_nabla(transformer: torch.nn.Module) -> None:
+    """Undo :func:`enable_nabla`: the original processor objects go back and the grid hook is removed,
+    so the model computes exactly what it did before. A model without NABLA is left as it is."""
+    transformer = _unwrap(transformer)
+    state = getattr(transformer, _STATE_ATTR, None)
+    if state is None:
+        return
+    hook_registry_cls, _ = _import_diffusers()
+    processors = transformer.attn_processors
+    processors.update(state.originals)
+    transformer.set_attn_processor(processors)
+    hook_registry_cls.check_if_exists_or_initialize(transformer).remove_hook(_HOOK_NAME, recurse=False)
+    delattr(transformer, _STATE_ATTR)
+
+
+def is_nabla_enabled(transformer: torch.nn.Module) -> bool:
+    """Whether :func:`enable_nabla` is in effect on ``transformer``."""
+    return getattr(_unwrap(transformer), _STATE_ATTR, None) is not None
