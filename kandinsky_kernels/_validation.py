@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -146,3 +146,16 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int, name: str = "cu_seq
     if c[0] != 0 or any(x > y for x, y in zip(c, c[1:])) or c[-1] > seq_len:
         shown = c if len(c) <= 16 else f"{c[:8]} ... {c[-4:]}"
         raise ValueError(f"{name} must start at 0, be non-decreasing and end <= S={seq_len}, got {shown}")
+
+
+BLOCK_SIZES = (16, 32, 64, 128)
+"""Mask block sizes every attention backend runs (C++, Triton, reference): 64 is Kandinsky 5's (8 x 8
+fractal tiles), 16 (4 x 4 tiles) suits small tests; 32 and 128 serve non-fractal masks."""
+
+
+def check_block_size(block_size: Any, what: str = "block_size") -> int:
+    """ValueError unless ``block_size`` is one of :data:`BLOCK_SIZES` (the one contract of every backend)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"{what} must be one of {BLOCK_SIZES} (the block sizes every backend runs), got "
+                         f"{block_size!r}")
+    return block_size

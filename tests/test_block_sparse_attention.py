@@ -730,3 +730,25 @@ def test_varlen_argument_errors():
     for backend in CPU_BACKENDS:
         with _backend_scope(backend), pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0.*S=192"):
             block_sparse_attention(q, k, k, mask, cu_seqlens_q=cq, cu_seqlens_k=torch.tensor([0, 200], dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------- block-size contract
+@pytest.mark.parametrize("bs", [8, 48, 96, 256])
+def test_block_size_contract_is_one_error_on_every_backend(bs):
+    """One contract, block_size in (16, 32, 64, 128), raised at the boundary with the same message on
+    every backend (before any kernel). (nabla_block_mask, a mask builder, takes any block size.)"""
+    q = torch.randn(1, 2 * 256, 1, 16)
+    mask = BlockSparseMask.from_dense_blocks(torch.ones(1, 1, 512 // bs, 512 // bs, dtype=torch.bool), bs)
+    messages = set()
+    for backend in [*CPU_BACKENDS, *(["triton"] if bsa_mod.HAS_TRITON else [])]:
+        with _backend_scope(backend), pytest.raises(ValueError, match=r"must be one of \(16, 32, 64, 128\)") as e:
+            block_sparse_attention(q, q, q, mask)
+        messages.add(str(e.value))
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_triton_small_blocks(triton_device, bs):
+    """The Triton kernels clamp their tiles to 16- and 32-token blocks (forward and backward)."""
+    q, k, v = (x.to(triton_device) for x in qkv(1, 6 * bs, 2, 32, torch.float32))
+    check("triton", q, k, v, random_mask(1, 2, 6, 0.4, bs=bs).to(triton_device))

@@ -202,7 +202,7 @@ def test_rejects_bad_arguments(triton_device):
     q = torch.randn(1, 128, 1, 64, device=triton_device)
     mask = BlockSparseMask.from_dense_blocks(torch.ones(2, 2, dtype=torch.bool), BS).to(triton_device)
     with pytest.raises(ValueError, match="block_size"):
-        bsa.bsa_forward_triton(q, q, q, mask.kv_num_blocks, mask.kv_indices, 32, None, None, None)
+        bsa.bsa_forward_triton(q, q, q, mask.kv_num_blocks, mask.kv_indices, 48, None, None, None)
     with pytest.raises(ValueError, match="sequence lengths"):
         q3 = torch.randn(1, 192, 1, 64, device=triton_device)
         bsa.bsa_forward_triton(q3, q3, q3, mask.kv_num_blocks, mask.kv_indices, BS, None, None, None)

@@ -35,7 +35,7 @@ from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, tl, triton
 __all__ = ["bsa_forward_triton", "bsa_backward_triton", "triton_backward_scheme", "fixed_config"]
 
 _LOG2E = 1.4426950408889634
-_BLOCK_SIZES = (64, 128)
+_BLOCK_SIZES = (16, 32, 64, 128)
 # Set KANDINSKY_BSA_AUTOTUNE=0 to launch the fixed default tiles on the GPU too (faster first call).
 _AUTOTUNE = os.environ.get("KANDINSKY_BSA_AUTOTUNE", "1") != "0"
 
@@ -343,13 +343,16 @@ if HAS_TRITON:
         bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         walk_max = 32 if kwargs.get("ATOMIC_DQ", named_args.get("ATOMIC_DQ", False)) else 128
+        # the small tiles only serve masks of 16 or 32 tokens (they would only slow 64-token ones)
         kept = [
             c for c in configs
             if bs % c.kwargs["BLOCK_M"] == 0 and bs % c.kwargs["BLOCK_N"] == 0
+            and (bs < 64 or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 64)
             and (d <= 128 or (c.num_stages <= 2 and c.kwargs["BLOCK_N"] <= 64
                               and c.kwargs["BLOCK_M"] <= walk_max))
         ]
-        return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        t = min(64, bs)
+        return kept or [triton.Config({"BLOCK_M": t, "BLOCK_N": t}, num_warps=4, num_stages=1)]
 
     _KEY = ["D", "BLOCK_SIZE", "HAS_TOKEN_VALID", "IS_VARLEN"]
     _PRUNE = {"early_config_prune": _prune}
@@ -357,16 +360,18 @@ if HAS_TRITON:
     # masks tune 4 or 5 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
     _FWD_CONFIGS = _configs([
         (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
-        (128, 128, 8, 2),
+        (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2),
     ])
     # dK/dV: BLOCK_N is the key tile the program owns, BLOCK_M the walked query tile.
     # With 4 warps the dK/dV kernels spill registers at D = 128 on sm_90 (the atomic one heavily); 32-row
     # query tiles with 8 warps are the one tile that neither spills nor overflows shared memory at D = 256.
     _DKDV_CONFIGS = _configs([
         (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2),
+        (32, 32, 4, 2), (16, 16, 4, 2),
     ])
     _DQ_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 2),
+        (16, 16, 4, 2),
     ])
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_fwd_kernel)
     _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dkdv_kernel)
@@ -377,17 +382,21 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def fixed_config(kernel: str, block_d: int) -> dict:
+def fixed_config(kernel: str, block_d: int, block_size: int = 64) -> dict:
     """The config launched without autotuning (``KANDINSKY_BSA_AUTOTUNE=0``; tiles only under the
     interpreter): ``kernel`` one of fwd / dkdv / dq / dkdv-atomic, ``block_d`` the head dim rounded up to a
     power of two. Chosen from sm_90 compiles (Triton 3.6) so that nothing spills registers or overflows
     shared memory: 4 warps up to D = 64, 8 beyond (with 4 the dK/dV kernels spill at D = 128), and at
     D = 256 32-row query tiles in the dK/dV walk (64-row ones spill, and the atomic one needs 256 KB).
-    The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV."""
+    The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV; masks of 16 or 32 tokens
+    clamp both tiles to the block."""
     if block_d <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    walk = 32 if kernel.startswith("dkdv") and block_d > 128 else 64
-    return {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    else:
+        walk = 32 if kernel.startswith("dkdv") and block_d > 128 else 64
+        cfg = {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    cfg["BLOCK_M"], cfg["BLOCK_N"] = min(cfg["BLOCK_M"], block_size), min(cfg["BLOCK_N"], block_size)
+    return cfg
 
 
 def _launch(tuned, plain, rows, bh, args, meta, kernel):
@@ -400,10 +409,11 @@ def _launch(tuned, plain, rows, bh, args, meta, kernel):
     if _AUTOTUNE and not INTERPRET:
         tuned[lambda m: (rows // m[tile], bh)](*args, **meta)
     else:
-        cfg = fixed_config(kernel, meta["BLOCK_D"])
+        cfg = fixed_config(kernel, meta["BLOCK_D"], meta["BLOCK_SIZE"])
+        owned = cfg[tile]
         if INTERPRET:  # warps and stages mean nothing there
             cfg = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-        plain[(rows // 64, bh)](*args, **meta, **cfg)
+        plain[(rows // owned, bh)](*args, **meta, **cfg)
 
 
 def _mask_strides(num: torch.Tensor, idx: torch.Tensor, b: int, h: int) -> tuple[int, ...]:
@@ -570,7 +580,7 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
     sm_scale = _scale(scale, d)
     delta = torch.empty_like(lse)
-    pre_m = 64
+    pre_m = min(64, meta["BLOCK_SIZE"])  # divides Sq (a multiple of the block)
     _bsa_bwd_preprocess_kernel[(s_q // pre_m, b * h)](
         out, do, delta, *out.stride(), *do.stride(), h, s_q,
         D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,

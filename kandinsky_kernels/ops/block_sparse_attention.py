@@ -31,6 +31,7 @@ from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON
 from kandinsky_kernels._validation import (
     bshd_hint,
+    check_block_size,
     check_cu_seqlens,
     check_finite_number,
     check_mask_contents,
@@ -227,9 +228,7 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
         check_finite_number("scale", scale)
     if not isinstance(mask, BlockSparseMask):
         raise ValueError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
-    bs = mask.block_size
-    if bs % 16:
-        raise ValueError(f"mask block_size={bs} must be a multiple of 16 (64 in Kandinsky 5)")
+    bs = check_block_size(mask.block_size, "mask block_size")
     for name, x in (("q", q), ("k", k)):
         if x.shape[1] % bs:
             hint = bshd_hint(name, x.shape, bs)
@@ -309,7 +308,8 @@ def block_sparse_attention(
             heads. K and V are expanded to H heads before the kernels (one copy of each); kernels that
             read shared heads in place are not written yet.
         mask: :class:`BlockSparseMask` with Nq = Sq / block_size query blocks and Nk = Sk /
-            block_size key blocks (block_size 64, or any multiple of 16). Its B may be 1 or B and its
+            block_size key blocks; block_size one of 16, 32, 64 (Kandinsky 5's), 128, on every
+            backend. Its B may be 1 or B and its
             H 1 or H (broadcast). ``mask.token_valid`` (1 or B, Sk) (False = pad key) removes keys: a
             pad key is never attended to. A key part every query sees (text tokens, say) is a run of
             key blocks active in every row (:meth:`BlockSparseMask.with_dense_keys`).

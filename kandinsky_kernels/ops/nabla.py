@@ -37,8 +37,8 @@ from kandinsky_kernels import _ext
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import (
     bshd_hint,
-    check_cu_seqlens,
     check_positive_int,
+    check_cu_seqlens,
     check_same_device,
     check_tensor,
     mark_mask_checked,
@@ -466,7 +466,8 @@ def nabla_block_mask(
         sta: optional bool (Nq, Nk) block mask OR-ed into every (batch, head), e.g. from
             :func:`kandinsky_kernels.sta_block_mask`; (1, Nq, Nk) and (1, 1, Nq, Nk) are accepted and
             broadcast the same way.
-        block_size: tokens per block (64 in Kandinsky 5); S must be a multiple of it.
+        block_size: tokens per block (64 in Kandinsky 5); S must be a multiple of it. Any positive
+            size builds a mask; :func:`block_sparse_attention` runs 16, 32, 64 and 128.
             Nq = Nk = S // block_size.
         token_valid: optional bool (S,) or (B, S), False for padding tokens (from the fractal
             reordering). Padding is left out of the pooled means; a block with no real token pools to
