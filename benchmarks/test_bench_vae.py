@@ -21,13 +21,15 @@ call; glibc's mmap threshold fixed alike on every side), the larger of encode an
 the video against each other side (and, for bf16, against our fp32 reference output of the same
 clip when that case ran first).
 
-Cases: clips 9x160x160 and 17x256x256 (frames x pixels), fp32 and bf16 (bf16 only on CPUs with
-AVX512-BF16 or AMX, as the issue asks; elsewhere skipped saying so). Widths (``KANDINSKY_BENCH_VAE_WIDTH``):
-``published`` is the HunyuanVideo VAE (128, 256, 512, 512); ``narrow`` quarters every width (32, 64,
-128, 128; same layers, strides, 32 groups): one published encode + decode of 9x160x160 takes ~47 s in
-fp32 on this 2-vCPU host, so the published widths at both clips, three sides and enough rounds would
-take about half an hour; ``make bench`` (10-minute budget) therefore runs ``narrow``, and
-``KANDINSKY_BENCH_VAE_WIDTH=published python -m benchmarks --suite vae`` gives the published figures.
+Cases: the issue's clips are 9x160x160 and 17x256x256 (frames x pixels), fp32 and bf16 (bf16 only on
+CPUs with AVX512-BF16 or AMX, as the issue asks; elsewhere skipped saying so). Widths
+(``KANDINSKY_BENCH_VAE_WIDTH``): ``published`` is the HunyuanVideo VAE (128, 256, 512, 512); ``narrow``
+quarters every width (32, 64, 128, 128; same layers, strides, 32 groups). One published encode + decode
+of 9x160x160 takes ~47 s in fp32 on this 2-vCPU host, a narrow one roughly a fifth of that, and the
+17-frame clip is ~5x the work of the 9-frame one, so ``make bench`` (10 minutes for every suite) runs
+the narrow widths at 9x160x160 only (about 2 minutes); the whole matrix of the issue is
+``KANDINSKY_BENCH_VAE_CLIPS=9x160,17x256 python -m benchmarks --suite vae`` (narrow: roughly 10
+minutes on a quiet host; with ``KANDINSKY_BENCH_VAE_WIDTH=published`` about an hour).
 Smoke: a tiny config, one 5x32x32 fp32 case. Quick: narrow, 9x64x64.
 
 Goals (default profile, fp32; issue): ours encode + decode >= 1.5x faster than diffusers, peak memory
@@ -57,15 +59,33 @@ WIDTHS = {  # name -> (block_out_channels, norm_num_groups)
 WIDTH = os.environ.get("KANDINSKY_BENCH_VAE_WIDTH") or by_profile(smoke="tiny", quick="narrow", default="narrow")
 if WIDTH not in WIDTHS:
     raise ValueError(f"KANDINSKY_BENCH_VAE_WIDTH={WIDTH!r}: must be one of {tuple(WIDTHS)}")
-CLIPS = by_profile(smoke=[(5, 32)], quick=[(9, 64)], default=[(9, 160), (17, 256)])
+def _clips(text: str) -> list[tuple[int, int]]:
+    """"9x160,17x256" -> [(9, 160), (17, 256)] (frames x square size)."""
+    try:
+        out = [tuple(int(v) for v in c.strip().split("x")) for c in text.split(",") if c.strip()]
+    except ValueError:
+        out = []
+    if not out or any(len(c) != 2 or (c[0] - 1) % 4 or c[1] % 8 or min(c) < 1 for c in out):
+        raise ValueError(f"KANDINSKY_BENCH_VAE_CLIPS={text!r}: must be a comma list of FxS clips with F = 1 + 4k "
+                         f"frames and S a multiple of 8, e.g. '9x160,17x256'")
+    return out
+
+
+CLIPS = (_clips(os.environ["KANDINSKY_BENCH_VAE_CLIPS"]) if os.environ.get("KANDINSKY_BENCH_VAE_CLIPS")
+         else by_profile(smoke=[(5, 32)], quick=[(9, 64)], default=[(9, 160)]))
 DTYPES = by_profile(smoke=["fp32"], quick=["fp32", "bf16"], default=["fp32", "bf16"])
-# (rounds, warm-up rounds) per clip. Narrow widths, one encode + decode of one side on the 2-vCPU host,
-# estimated from the published-width figures (about 16x the work): 9x160x160 ~3 s, 17x256x256 ~14 s in
-# fp32; the 17-frame clip runs no warm-up round (the first of a 14 s call is not measurably slower, and
-# the median of paired rounds shrugs off one slow round). Not yet timed on a quiet host: the first run
-# shared the 2 vCPUs with a load of ~10.
-ROUNDS = by_profile(smoke={(5, 32): (1, 0)}, quick={(9, 64): (3, 1)},
-                    default={(9, 160): (3, 1), (17, 256): (2, 0)})
+# (rounds, warm-up rounds) per (clip, dtype); clips not listed: 2 rounds, no warm-up. No warm-up round at
+# the issue's clips: a call takes seconds, the first one is not measurably slower (oneDNN creates its
+# primitives in milliseconds), and the median of paired rounds shrugs off one slow round. Narrow widths,
+# one encode + decode of one side, 9x160x160, on the 2-vCPU host while it was shared (load ~10): fp32
+# 41-62 s, bf16 28-29 s; quiet, about a fifth of that (published widths fp32: 47 s quiet), so the default
+# profile's two cases take about 2 minutes (3 sides x (3 + 2) rounds + process start-ups).
+ROUNDS = {
+    "smoke": {},
+    "quick": {(9, 64, "fp32"): (3, 1), (9, 64, "bf16"): (3, 1)},
+    "default": {(9, 160, "fp32"): (3, 0), (9, 160, "bf16"): (2, 0)},
+}.get(PROFILE, {})
+DEFAULT_ROUNDS = (1, 0) if PROFILE == "smoke" else (2, 0)
 DIFFUSERS_UNTILED_MAX_FRAMES = 16  # AutoencoderKLHunyuanVideo.tile_sample_min_num_frames: framewise above
 ERROR_GOAL = 1e-3
 SPEED_GOAL, MEM_GOAL = 1.5, 0.6
@@ -178,7 +198,8 @@ def test_bench_vae(benchmark, frames, size, dtype):
                     "blocks": list(WIDTHS[WIDTH][0]), "torch_threads": torch.get_num_threads()},
             goals=[{"provider": "ours", "vs": "diffusers", "min_speedup": SPEED_GOAL}] if goal_ok else [],
             mem_goal={"provider": "ours", "vs": "diffusers", "max_ratio": MEM_GOAL} if goal_ok else None,
-            no_goal=no_goal, rounds=ROUNDS[(frames, size)][0], warmup_rounds=ROUNDS[(frames, size)][1],
+            no_goal=no_goal, rounds=ROUNDS.get((frames, size, dtype), DEFAULT_ROUNDS)[0],
+            warmup_rounds=ROUNDS.get((frames, size, dtype), DEFAULT_ROUNDS)[1],
         )
         # The sides' own measurements replace the parent's round-trip times; warm-up replies dropped.
         paths = {}
