@@ -21,7 +21,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-PLOTS = ("attention_speedup.png", "nabla_mask.png", "summary.png")
+PLOTS = ("attention_speedup.png", "nabla_mask.png", "vae_time_memory.png", "summary.png")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -46,6 +46,9 @@ class Row:
     tokens_per_s: list = field(default_factory=list)  # throughput per round, where a suite records it
     cpu_isa: str | None = None  # the ISA path of our C++ kernels this provider ran on, where recorded
     no_goal: str | None = None  # why this case has no goal here (set by the suite), shown in the goal cell
+    errors: dict = field(default_factory=dict)  # other provider -> {output: relative L2 error}, where recorded
+    hwm_mb: float | None = None  # absolute peak RSS of the provider's own process, where recorded
+    part: bool = False  # a part of a round (a VAE's encode or decode), from the entry's ``parts``
 
     @property
     def is_baseline(self) -> bool:
@@ -101,8 +104,22 @@ def _ratio_between(case_providers: dict, num: str, den: str) -> tuple | None:
     return _quartiles([x / y for x, y in zip(a, b) if y > 0])
 
 
+def error_of(errors: dict, vs: str) -> float | None:
+    """The largest relative L2 error of any output against ``vs`` (``errors`` as recorded per provider:
+    ``{vs: {output: error}}``), or None when not recorded."""
+    e = (errors or {}).get(vs)
+    return max(e.values()) if e else None
+
+
 def load(data: dict) -> list[Row]:
-    """Every provider row of every case recorded by run_case, in run order."""
+    """Every provider row of every case recorded by run_case, in run order.
+
+    Besides run_case's fields a provider entry may carry ``parts`` (``{op: {"times", "peak_mb"}}``: the
+    parts of one round timed separately, e.g. a VAE's encode and decode; each becomes a row of that op
+    right after the case's rows), ``errors`` (``{other provider: {output: relative L2 error}}``, shown
+    in the goal cell), ``hwm_mb`` (absolute peak RSS of its own process); the case may carry
+    ``error_goal`` ``{"provider", "vs", "max_rel_l2"}``, met when every recorded output error of the
+    provider against ``vs`` is at most that."""
     rows = []
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
@@ -110,6 +127,7 @@ def load(data: dict) -> list[Row]:
             continue
         provs, base = info["providers"], info["baseline"]
         base_entry = provs.get(base, {})
+        part_rows = []
         for name, entry in provs.items():
             row = Row(
                 suite=info["suite"], op=info.get("op", info["suite"]), case=info["case"],
@@ -118,7 +136,14 @@ def load(data: dict) -> list[Row]:
                 peak_mb=entry.get("peak_mb"), base_peak_mb=base_entry.get("peak_mb"),
                 ideal=info.get("ideal"), skip=entry.get("skip"), tokens_per_s=entry.get("tokens_per_s") or [],
                 cpu_isa=entry.get("cpu_isa"), no_goal=None if name == base else info.get("no_goal"),
+                errors=entry.get("errors") or {}, hwm_mb=entry.get("hwm_mb"),
             )
+            for part, pe in (entry.get("parts") or {}).items():
+                bp = (base_entry.get("parts") or {}).get(part, {})
+                part_rows.append(Row(
+                    suite=row.suite, op=part, case=row.case, params=row.params, provider=name, baseline=base,
+                    times=pe.get("times", []), base_times=bp.get("times", []), peak_mb=pe.get("peak_mb"),
+                    base_peak_mb=bp.get("peak_mb"), cpu_isa=row.cpu_isa, part=True))
             for g in info.get("goals") or []:
                 if g["provider"] != name:
                     continue
@@ -133,8 +158,19 @@ def load(data: dict) -> list[Row]:
                 ratio = None if row.peak_mb is None or not other else row.peak_mb / other
                 row.goals.append((f"peak memory <={mg['max_ratio']:g}x of {mg['vs']}", ratio,
                                   ratio is not None and ratio <= mg["max_ratio"]))
+            eg = info.get("error_goal")
+            if eg and eg["provider"] == name:
+                err = error_of(row.errors, eg["vs"])
+                row.goals.append((f"output error <={eg['max_rel_l2']:g} (rel. L2) vs {eg['vs']}", err,
+                                  err is not None and err <= eg["max_rel_l2"]))
             rows.append(row)
+        rows.extend(part_rows)
     return rows
+
+
+def is_speed_goal(text: str) -> bool:
+    """Speed goals read ">=2x vs sdpa"; memory and error goals are measured once, without a spread."""
+    return text.startswith(">=")
 
 
 def machine_line(data: dict) -> str:
@@ -195,21 +231,23 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         "| suite | op | case | provider | baseline | baseline ms | ms | speedup | of ideal | peak MB | mem ratio | goal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_ms = {(r.suite, r.case): r.median_ms for r in rows if r.is_baseline}
+    base_ms = {(r.suite, r.op, r.case): r.median_ms for r in rows if r.is_baseline}
     for r in rows:
         if r.is_baseline:
             continue
         if r.skip is not None:
             lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.label} | {r.baseline} | "
-                         f"{_fmt_ms(base_ms.get((r.suite, r.case)))} | skipped: {r.skip} | - | - | - | - | - |")
+                         f"{_fmt_ms(base_ms.get((r.suite, r.op, r.case)))} | skipped: {r.skip} | - | - | - | - | - |")
             continue
         sp = r.speedup
         of_ideal = f"{sp[1] / r.ideal:.0%}" if sp and r.ideal else "-"
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         mem = "-" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"
-        goal = "; ".join(f"{t}: {'met' if ok else '**missed**'} ({'-' if v is None else f'{v:.2f}'})"
+        goal = "; ".join(f"{t}: {'met' if ok else '**missed**'} ({_fmt_goal_value(t, v)})"
                          for t, v, ok in r.goals) or (f"no goal: {r.no_goal}" if r.no_goal else "-")
-        lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.label} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.case)))} | "
+        if r.errors:
+            goal = _fmt_errors(r.errors) if goal == "-" else f"{goal}; {_fmt_errors(r.errors)}"
+        lines.append(f"| {r.suite} | {r.op} | {r.case} | {r.label} | {r.baseline} | {_fmt_ms(base_ms.get((r.suite, r.op, r.case)))} | "
                      f"{_fmt_ms(r.median_ms)} | {_fmt_speedup(sp)} | {of_ideal} | {peak} | {mem} | {goal} |")
     met = sum(ok for r in rows for _, _, ok in r.goals)
     total = sum(len(r.goals) for r in rows)
@@ -219,6 +257,18 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         lines += ["", "Throughput (median over rounds, quartiles in brackets):", "", *[f"- {t}" for t in tput]]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS)]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_goal_value(text: str, v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1e}" if text.startswith("output error") else f"{v:.2f}"
+
+
+def _fmt_errors(errors: dict) -> str:
+    """``rel. L2 error vs diffusers: latents 2.1e-07, video 3.4e-07; vs ...``"""
+    parts = [f"vs {other}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) for other, errs in errors.items()]
+    return "rel. L2 error " + "; ".join(parts)
 
 
 def throughput(rows: list[Row]) -> list[str]:
@@ -237,8 +287,10 @@ def headline(rows: list[Row]) -> str:
     for r in rows:
         for text, val, ok in r.goals:
             shown = "-" if val is None else f"{val:.2f}"
-            how = (f"measured {shown}" if "memory" in text
-                   else f"lower quartile {shown}x, median {_fmt_speedup(r.goal_spread.get(text))}")
+            if not is_speed_goal(text):
+                how = f"measured {_fmt_goal_value(text, val)}"
+            else:
+                how = f"lower quartile {shown}x, median {_fmt_speedup(r.goal_spread.get(text))}"
             out.append(f"{'met   ' if ok else 'MISSED'}  {r.suite:<28.28} {r.case:<46.46} {r.label:<21.21} "
                        f"{text}: {how}")
     met = sum(ok for r in rows for _, _, ok in r.goals)
@@ -357,6 +409,60 @@ def plot_nabla(data: dict, rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
+def plot_vae(data: dict, rows: list[Row], path: str) -> None:
+    """VAE time and memory: per case (clip, dtype) a bar per provider, encode and decode stacked (median
+    seconds, quartile whiskers on the sum); beside it each provider's peak RSS above its RSS before the
+    call (encode and decode side by side), measured in the provider's own process."""
+    plt = _plt()
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    main = [r for r in rows if r.params.get("vae") and r.skip is None and r.times and not r.part]
+    parts = {(r.case, r.provider, r.op): r for r in rows if r.params.get("vae") and r.times and r.part}
+    if not main:
+        _no_data(ax_t, "VAE cases")
+        _no_data(ax_m, "VAE cases")
+    cases = list(dict.fromkeys(r.case for r in main))
+    provs = list(dict.fromkeys(r.provider for r in main))
+    width = 0.8 / max(1, len(provs))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, prov in enumerate(provs):
+        color = colors[j % len(colors)]
+        for i, case in enumerate(cases):
+            r = next((r for r in main if r.case == case and r.provider == prov), None)
+            if r is None:
+                continue
+            x = i + (j - (len(provs) - 1) / 2) * width
+            enc = parts.get((case, prov, "VAE encode"))
+            dec = parts.get((case, prov, "VAE decode"))
+            lab = r.label if i == 0 else None
+            if enc and dec:
+                e, d = enc.median_ms / 1e3, dec.median_ms / 1e3
+                ax_t.bar(x, e, width, color=color, label=lab)
+                ax_t.bar(x, d, width, bottom=e, color=color, alpha=0.5, hatch="//")
+            else:
+                ax_t.bar(x, r.median_ms / 1e3, width, color=color, label=lab)
+            lo, med, hi = _quartiles(r.times)
+            ax_t.errorbar(x, med, yerr=[[med - lo], [hi - med]], color="k", capsize=3)
+            for k, (part, alpha) in enumerate((("VAE encode", 1.0), ("VAE decode", 0.5))):
+                pr = parts.get((case, prov, part))
+                if pr is not None and pr.peak_mb is not None:
+                    ax_m.bar(x - width / 4 + k * width / 2, pr.peak_mb, width / 2, color=color, alpha=alpha,
+                             hatch="//" if k else None, label=lab if k == 0 else None)
+    if main:
+        for ax, ylabel, title in (
+                (ax_t, "seconds per call (median; encode solid, decode hatched)", "VAE time: encode + decode"),
+                (ax_m, "peak RSS above the RSS before the call (MB)", "VAE peak memory (encode solid, decode hatched)")):
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels([c.replace(" widths", "") for c in cases], fontsize=8, rotation=10)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(title)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"VAE time and memory, each provider in its own process - {machine_line(data)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_summary(data: dict, rows: list[Row], path: str) -> None:
     """Every headline ratio (rows with a speed goal) as a bar: median, quartile whiskers, the goal as
     a tick; green when met at the lower quartile, red when missed."""
@@ -364,7 +470,7 @@ def plot_summary(data: dict, rows: list[Row], path: str) -> None:
     items = []
     for r in rows:
         for text, val, ok in r.goals:
-            if "memory" in text:
+            if not is_speed_goal(text):
                 continue
             vs = text.split(" vs ", 1)[1]
             q = r.goal_spread.get(text)
@@ -409,7 +515,7 @@ def write_report(json_path: str, out_dir: str | None = None) -> str:
         note = "plots skipped: matplotlib is not installed"
     else:
         note = None
-        for name, fn in zip(PLOTS, (plot_attention, plot_nabla, plot_summary)):
+        for name, fn in zip(PLOTS, (plot_attention, plot_nabla, plot_vae, plot_summary)):
             p = os.path.join(out_dir, name)
             fn(data, rows, p)
             paths.append(p)

@@ -6,6 +6,8 @@
 - :class:`CausalVideoVAE`: the HunyuanVideo causal 3-D VAE (plain torch) that maps videos to and from
   the 16-channel latents, loading published weights unchanged; tiled by :class:`TilingConfig` or by
   :func:`plan_tiling` from the shape, dtype and free memory;
+- :class:`FluxImageVAE`: the FLUX.1-dev 2-D VAE of the image models (diffusers' ``AutoencoderKL``,
+  an optional dependency imported when one is built);
 - :func:`generate`: Euler flow matching with the official shift, CFG, image-to-video, editing and
   MagCache (:class:`MagCacheConfig`, with the official per-config ratios through
   ``MagCacheConfig.official(name)``); text encoders stay with the caller.
@@ -14,6 +16,7 @@
 """
 from .config import CrossDiTConfig, NablaConfig, image_lite, preset, tiny, video_lite, video_pro
 from .dit import CrossDiT
+from .image_vae import FLUX_DEV_VAE_CONFIG, FluxImageVAE
 from .vae import CausalVAEConfig, CausalVideoVAE
 from .vae_tiling import TilingConfig, plan_tiling
 from .sampler import (
@@ -21,6 +24,6 @@ from .sampler import (
 )
 
 __all__ = [
-    "CausalVAEConfig", "CausalVideoVAE", "CrossDiT", "CrossDiTConfig", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
+    "CausalVAEConfig", "CausalVideoVAE", "CrossDiT", "CrossDiTConfig", "FLUX_DEV_VAE_CONFIG", "FluxImageVAE", "GenerationResult", "MagCacheConfig", "NablaConfig", "generate",
     "image_lite", "normalize_first_frame", "pack_text", "plan_tiling", "preset", "time_grid", "tiny", "TilingConfig", "video_lite", "video_pro", "video_rope_scale",
 ]

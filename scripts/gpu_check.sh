@@ -7,17 +7,20 @@
 #      after a sampled fp32 check of the gradients at the full shapes; gpu_timing.json also keeps the
 #      config Triton's autotuner chose per kernel and key, with its timings of every config
 #   4. the other gpu-marked tests and the Triton-backend tests of every op
-#   4b. scripts/vae_gpu_check.py: the causal video VAE on CUDA (time, peak memory, bf16 error)
+#   4b. (right after 3) scripts/vae_gpu_check.py: the causal video VAE on CUDA: the issue's 121x512x768 bf16 encode and decode,
+#      ours vs diffusers' AutoencoderKLHunyuanVideo (time, peak memory), then the conv kernels and a 17x256x256
+#      fp32/bf16 check (time, peak memory, bf16 error)
 #   4c. scripts/offload_gpu_check.py: Video Lite blocks at S = 93,696 with activation checkpointing, with and
 #       without the host offload of the block inputs: peak memory, step time, and a torch.profiler summary of
-#       the offload copies (DtoH / HtoD) hidden behind compute on the other stream (< 90 s)
+#       the offload copies (DtoH / HtoD) hidden behind compute on the other stream (< 70 s)
 #   5. python -m benchmarks --profile gpu: the pytest-benchmark GPU suite at Kandinsky shapes (10 % density
 #      first), for the time left; a timed-out run still writes the cases it finished
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
 # Written under $OUT: env.txt summary.txt build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
 # gpu_timing_table.txt vae.log vae_gpu.json offload.log offload_gpu.json bench.log, and the folder bench/
 # (results.json, progress.log, report.md, plots).
-# Whole run: < 9.5 minutes (the offload stage's 90 s are reserved beside the 440 s of the others).
+# Whole run: < 9.5 minutes (GPU_CHECK_TOTAL_S, default 540 s, plus the timeouts' kill grace): under the
+# device tool's 10-minute limit per command.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 
@@ -26,8 +29,9 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PY:-python3}"   # the GPU machine's system python; override for a dry run elsewhere
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is used in place, not installed
-OFFLOAD_S=90                          # reserved for stage 4c
-TOTAL_S="${GPU_CHECK_TOTAL_S:-$(( 440 + OFFLOAD_S ))}"   # planned wall time; with the kill grace < 9.5 min
+TOTAL_S="${GPU_CHECK_TOTAL_S:-540}"   # planned wall time; the timeouts' kill grace keeps it under 9.5 min
+VAE_S="${GPU_CHECK_VAE_S:-120}"       # at most this for stage 4b (the VAE), reserved out of the timing stage's share
+OFFLOAD_S="${GPU_CHECK_OFFLOAD_S:-70}"  # reserved for stage 4c (the training offload)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -70,10 +74,19 @@ wait "$BUILD_PID"
 
 # 3. timing (the issue's goals), before the other ops' tests: it measures the 10 % rows of Lite and Pro
 #    first and stops starting measurements at its budget; timeout is the backstop. It gets all but 110 s
-#    (about 180 s even when the tests above take their whole limit).
-LIMIT=$(( $(left) - 110 - OFFLOAD_S )); [ $LIMIT -lt 60 ] && LIMIT=60
+#    and the VAE and offload stages' reserves (about 100 s even when the tests above take their whole limit).
+LIMIT=$(( $(left) - 110 - VAE_S - OFFLOAD_S )); [ $LIMIT -lt 60 ] && LIMIT=60
 stage timing $LIMIT "$OUT/timing.log" $PY benchmarks/gpu_timing.py --out-dir "$OUT" --budget-s $(( LIMIT - 25 ))
 tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
+
+# 4b. the causal video VAE on CUDA (published config, random weights): the issue's 121x512x768 bf16 encode and
+#     decode, ours vs diffusers (time, peak memory) first, then the conv kernels, a 17x256x256 fp32/bf16 run,
+#     SDPA backends at head dim 512 (scripts/vae_gpu_check.py -> vae_gpu.json, rewritten after every step; it
+#     starts no measurement after --budget-s, the timeout is the backstop). Runs before stage 4 so that its
+#     VAE_S, reserved above, is not eaten by the tests.
+LIMIT=$(( $(left) - 110 - OFFLOAD_S )); [ $LIMIT -gt $VAE_S ] && LIMIT=$VAE_S; [ $LIMIT -lt 40 ] && LIMIT=40
+stage vae $LIMIT "$OUT/vae.log" $PY scripts/vae_gpu_check.py --out-dir "$OUT" --budget-s $(( LIMIT - 30 ))
+grep -h '"notes"\|"issue_rows"' "$OUT/vae.log" | tail -n 8 | tee -a "$SUMMARY"
 
 # 4. every other gpu-marked test, plus the Triton-backend cases of every op (their triton_device is CUDA
 # here). Files in order of what only this stage covers (NABLA and fractal kernels first). The attention
@@ -88,12 +101,6 @@ done
 stage pytest_rest $LIMIT "$OUT/pytest.log" env KANDINSKY_BSA_AUTOTUNE=0 $PY -m pytest $REST -q \
   -k "(gpu or triton) and not compile_for_hopper" -rs -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
-
-# 4b. the causal video VAE on CUDA (published config, random weights): encode/decode time, peak memory,
-#     bf16 error, SDPA backends at head dim 512 (scripts/vae_gpu_check.py -> vae_gpu.json)
-LIMIT=$(( $(left) - 70 - OFFLOAD_S )); [ $LIMIT -gt 60 ] && LIMIT=60; [ $LIMIT -lt 20 ] && LIMIT=20
-stage vae $LIMIT "$OUT/vae.log" $PY scripts/vae_gpu_check.py --out-dir "$OUT"
-tail -n 4 "$OUT/vae.log" | tee -a "$SUMMARY"
 
 # 4c. the host offload of checkpointed block inputs (training/offload.py): 4 Video Lite blocks at S = 93,696
 #     (bf16, dense SDPA), peak memory and step time with AC and AC + offload, and the profiler's summary of

@@ -50,10 +50,34 @@ def _run(ours_fwd_rounds=(0.010, 0.010, 0.010)):
     benches.append(_case("training tokens/s (CPU)", "training tiny-cpu", "tiny-cpu, 12 steps", {"steps": 12},
                          "1 process", {"1 process": {"times": [10.0], "tokens_per_s": [1500.0]},
                                        "2 processes (FSDP2)": {"times": [12.0], "tokens_per_s": [1200.0]}}))
+    benches.append(_vae_case())
     machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2,
                "isa": {"avx2": True, "amx_tile": False}, "torch": "2.13.0", "gpu": None}
     return {"benchmarks": benches, "machine_info": machine, "commit_info": {"id": "abc123"},
             "datetime": "2026-12-02T00:00:00"}
+
+
+def _vae_side(enc, dec, peak_enc, peak_dec, errors=None):
+    return {"times": [e + d for e, d in zip(enc, dec)], "peak_mb": max(peak_enc, peak_dec), "hwm_mb": 900.0,
+            "parts": {"VAE encode": {"times": list(enc), "peak_mb": peak_enc},
+                      "VAE decode": {"times": list(dec), "peak_mb": peak_dec}},
+            "errors": errors or {}}
+
+
+def _vae_case(ours_enc=(1.0, 1.0, 1.0), *, goals=(), mem_goal=None, error_goal=None, ours_err=2e-7):
+    """A VAE case as benchmarks/test_bench_vae.py records it: parts (encode, decode) and output errors."""
+    c = _case("VAE (CPU)", "VAE encode+decode", "9x160x160 fp32 narrow widths",
+              {"vae": True, "frames": 9, "size": 160, "dtype": "fp32"}, "diffusers",
+              {"diffusers": _vae_side([2.0] * 3, [4.0] * 3, 500.0, 1000.0),
+               "reference": _vae_side([2.0] * 3, [4.0] * 3, 480.0, 990.0,
+                                      {"diffusers": {"latents": 1e-7, "video": 1e-7}}),
+               "ours": _vae_side(ours_enc, [2.0] * 3, 250.0, 500.0,
+                                 {"diffusers": {"latents": ours_err, "video": ours_err / 2},
+                                  "reference": {"latents": 1e-7, "video": 1e-7}})},
+              goals=goals, mem_goal=mem_goal)
+    if error_goal:
+        c["extra_info"]["error_goal"] = error_goal
+    return c
 
 
 def _write(tmp_path, data):
@@ -65,7 +89,8 @@ def _write(tmp_path, data):
 def test_report_files_rows_and_plots(tmp_path):
     text = report.write_report(_write(tmp_path, _run()), str(tmp_path))
     md = (tmp_path / "report.md").read_text()
-    for op in ("block_sparse_attention", "nabla_block_mask", "fractal_flatten", "CrossDiT block"):
+    for op in ("block_sparse_attention", "nabla_block_mask", "fractal_flatten", "CrossDiT block",
+               "VAE encode+decode", "VAE encode", "VAE decode"):
         assert f"| {op} |" in md, op
     assert "skipped: FlexAttention has no CPU backward" in md
     assert "Test CPU (2 cores; avx2)" in md
@@ -267,3 +292,44 @@ def test_side_by_side_without_goals_says_so(tmp_path):
     md = _isa_folder(tmp_path, {"avx2": data}, meta)
     assert "No case carries a goal in these runs (profile smoke; smoke has none)." in md
     assert "Goals met: avx2 0 of 0" in md
+
+
+def test_vae_parts_errors_and_goals(tmp_path):
+    goals = dict(goals=[{"provider": "ours", "vs": "diffusers", "min_speedup": 1.5}],
+                 mem_goal={"provider": "ours", "vs": "diffusers", "max_ratio": 0.6},
+                 error_goal={"provider": "ours", "vs": "diffusers", "max_rel_l2": 1e-3})
+    data = _run()
+    data["benchmarks"] = [_vae_case(**goals)]
+    rows = report.load(data)
+    # the case's rows first (reference, ours vs diffusers), then one row per part and provider
+    assert [(r.op, r.provider) for r in rows if not r.is_baseline] == [
+        ("VAE encode+decode", "reference"), ("VAE encode+decode", "ours"), ("VAE encode", "reference"),
+        ("VAE decode", "reference"), ("VAE encode", "ours"), ("VAE decode", "ours")]
+    (ours,) = [r for r in rows if r.provider == "ours" and not r.part]
+    assert ours.speedup[1] == pytest.approx(2.0) and ours.mem_ratio == pytest.approx(0.5)
+    (enc,) = [r for r in rows if r.provider == "ours" and r.op == "VAE encode"]
+    assert enc.speedup[1] == pytest.approx(2.0) and enc.mem_ratio == pytest.approx(0.5)
+    assert [ok for _, _, ok in ours.goals] == [True, True, True]
+    assert ours.goals[2][1] == pytest.approx(2e-7)  # the larger of the outputs' errors
+    text = report.write_report(_write(tmp_path, data), str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "output error <=0.001 (rel. L2) vs diffusers: met (2.0e-07)" in md
+    assert "rel. L2 error vs diffusers: latents 2.0e-07, video 1.0e-07; vs reference" in md
+    assert "| VAE (CPU) | VAE decode | 9x160x160 fp32 narrow widths | ours | diffusers | 4000 |" in md.replace(".0 |", " |")
+    assert "Goals: 3 of 3 met" in text and "measured 2.0e-07" in text
+    png = (tmp_path / "vae_time_memory.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # slower, heavier, different: every goal missed
+    data["benchmarks"] = [_vae_case((4.0, 4.0, 4.0), ours_err=5e-3, **goals)]
+    data["benchmarks"][0]["extra_info"]["providers"]["ours"]["peak_mb"] = 900.0
+    (ours,) = [r for r in report.load(data) if r.provider == "ours" and not r.part]
+    assert [ok for _, _, ok in ours.goals] == [False, False, False]
+
+
+def test_vae_error_goal_without_recorded_errors_is_missed():
+    data = _run()
+    case = _vae_case(error_goal={"provider": "ours", "vs": "diffusers", "max_rel_l2": 1e-3})
+    case["extra_info"]["providers"]["ours"]["errors"] = {}
+    data["benchmarks"] = [case]
+    (ours,) = [r for r in report.load(data) if r.provider == "ours" and not r.part]
+    assert ours.goals == [("output error <=0.001 (rel. L2) vs diffusers", None, False)]
