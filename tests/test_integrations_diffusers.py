@@ -348,7 +348,7 @@ def test_torch_compile_kandinsky5_both_orders_and_backward():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="Kandinsky5Transformer3DModel and WanTransformer3DModel"):
+    with pytest.raises(ValueError, match="Kandinsky5Transformer3DModel, WanTransformer3DModel and Hunyuan"):
         enable_nabla(torch.nn.Linear(2, 2))
     model = _wan()
     with pytest.raises(ValueError, match="threshold"):
@@ -375,3 +375,70 @@ def test_module_follows_the_public_api_conventions():
         if attr.startswith("_") or getattr(obj, "__module__", None) != kk_diffusers.__name__:
             continue
         assert attr in kk_diffusers.__all__, attr
+
+
+# ---------------------------------------------------------------------------------- HunyuanVideo
+def _hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+
+def _hunyuan_inputs(grid, dtype=torch.float32, text=7, valid=(7, 5)):
+    t, h, w = grid
+    g = torch.Generator().manual_seed(2)
+    b = len(valid)
+    return dict(hidden_states=torch.randn(b, 4, t, h, w, generator=g).to(dtype),
+                timestep=torch.tensor([500] * b), encoder_hidden_states=torch.randn(b, text, 16, generator=g).to(dtype),
+                encoder_attention_mask=torch.stack([torch.arange(text) < n for n in valid]).long(),
+                pooled_projections=torch.randn(b, 8, generator=g).to(dtype),
+                guidance=torch.full((b,), 3500.0, dtype=dtype), return_dict=False)
+
+
+def test_hunyuan_threshold_one_is_dense_joint_attention_with_text_padding():
+    """HunyuanVideo's joint text + video attention (dual- and single-stream blocks): at threshold 1
+    the video queries' rectangular call (video keys + unpadded text keys) and the dense text queries
+    give the model's output and input gradient, on a padded grid with per-sample text padding."""
+    grid = (2, 12, 20)
+    model = _hunyuan()
+    model64 = copy.deepcopy(model).double()
+
+    def run(m, dtype=torch.float32):
+        inputs = _hunyuan_inputs(grid, dtype)
+        inputs["hidden_states"].requires_grad_(True)
+        out = _out(m, inputs)
+        out.square().mean().backward()
+        return out.detach(), inputs["hidden_states"].grad
+
+    dense32, grad32 = run(model)
+    dense64, grad64 = run(model64, torch.float64)
+    masks, on_mask = _recorder()
+    enable_nabla(model, threshold=1.0, sta_window=None, on_mask=on_mask)
+    ours, grad = run(model)
+    assert sorted(masks) == ["single_transformer_blocks.0.attn.processor", "transformer_blocks.0.attn.processor"]
+    for m in masks.values():  # video keys (2 x 16 x 24 fractal) then one text block, pad keys invalid
+        assert m.shape[-1] == m.shape[-2] + 1 and m.density == 1.0
+        assert m.token_valid[1].sum() == 2 * 12 * 20 + 5 and m.token_valid[0].sum() == 2 * 12 * 20 + 7
+    assert_close_to_reference(ours, dense64, dense32)
+    assert_close_to_reference(grad, grad64, grad32, grad=True, name="d hidden_states")
+    disable_nabla(model)
+    assert torch.equal(run(model)[0], dense32)
+
+
+def test_hunyuan_sparse_forward_and_backward():
+    model = _hunyuan().train()
+    masks, on_mask = _recorder()
+    enable_nabla(model, threshold=0.5, sta_window=(1, 1, 1), on_mask=on_mask)
+    inputs = _hunyuan_inputs((2, 24, 32), valid=(3, 7))
+    inputs["hidden_states"].requires_grad_(True)
+    out = _out(model, inputs)
+    assert torch.isfinite(out).all()
+    assert all(m.density < 1.0 for m in masks.values()), {n: m.density for n, m in masks.items()}
+    out.square().mean().backward()
+    assert torch.isfinite(inputs["hidden_states"].grad).all()
+    assert model.transformer_blocks[0].attn.to_q.weight.grad.abs().sum() > 0

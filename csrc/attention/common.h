@@ -71,9 +71,10 @@ struct Problem {
 };
 
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
-                     int64_t block_size, double scale, const std::optional<at::Tensor>& token_valid,
-                     const std::optional<at::Tensor>& cu_seqlens);
+// cu_seqlens: int32 (n+1,) offsets of both sides (Sq == Sk), or (2, n+1): query offsets, key offsets.
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_num_blocks,
+                     const at::Tensor& kv_indices, int64_t block_size, double scale,
+                     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens);
 
 // q (B, Sq, H, D), k and v (B, Sk, H, D): CPU, 4-D, one dtype, unit stride on D.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);

@@ -1,7 +1,8 @@
 """NABLA for diffusers' video transformers in one call: ``enable_nabla(transformer)``.
 
-Switches the video self-attention of diffusers' ``Kandinsky5Transformer3DModel`` and
-``WanTransformer3DModel`` to this library's fractal reordering + NABLA mask + block-sparse attention,
+Switches the video self-attention of diffusers' ``Kandinsky5Transformer3DModel``,
+``WanTransformer3DModel`` and ``HunyuanVideoTransformer3DModel`` to this library's fractal reordering
++ NABLA mask + block-sparse attention,
 and ``disable_nabla(transformer)`` puts the original processors back (the same objects: the output is
 then bit for bit what it was before). diffusers is an optional dependency, imported only when these
 functions run (``pip install diffusers``; the tests pin ``diffusers==0.42.1``).
@@ -13,6 +14,10 @@ How it plugs in, through diffusers' public mechanisms only (no private function 
   of this module through ``transformer.set_attn_processor``. It computes q, k, v as the model's own
   processor does (projections, QK RMSNorm, the model's RoPE), then runs
   :func:`kandinsky_kernels.nabla_attention`. Text self-attention and cross-attention are unchanged.
+  HunyuanVideo attends text and video jointly (every ``transformer_blocks.<i>.attn`` and
+  ``single_transformer_blocks.<i>.attn``): its video queries run one rectangular block-sparse call
+  over the video keys (the NABLA mask, fractal order) plus every unpadded text key (a dense key part,
+  ``BlockSparseMask.with_dense_keys``); its text queries stay dense over all keys, as in the model.
 - a model hook (``diffusers.hooks.HookRegistry``, name ``"kandinsky_kernels.nabla_grid"``) reads the
   token grid (T, H, W) after patching from the shape of the transformer's ``hidden_states`` on every
   call: a processor sees (B, S, C) tokens only.
@@ -40,9 +45,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
 from kandinsky_kernels.ops.fractal import FractalLayout, fractal_flatten, fractal_unflatten
 from kandinsky_kernels.ops.nabla import nabla_attention, nabla_block_mask
+from kandinsky_kernels.ops.sta import sta_block_mask
 
 __all__ = ["disable_nabla", "enable_nabla", "is_nabla_enabled"]
 
@@ -63,16 +70,21 @@ def _import_diffusers():
 
 
 def _family(transformer: torch.nn.Module) -> str:
-    """``"kandinsky5"`` or ``"wan"``, or ValueError naming what is supported."""
-    from diffusers import Kandinsky5Transformer3DModel, WanTransformer3DModel
+    """``"kandinsky5"``, ``"wan"`` or ``"hunyuan"``, or ValueError naming what is supported."""
+    from diffusers import HunyuanVideoTransformer3DModel, Kandinsky5Transformer3DModel, WanTransformer3DModel
 
     if isinstance(transformer, Kandinsky5Transformer3DModel):
         return "kandinsky5"
     if isinstance(transformer, WanTransformer3DModel):
         return "wan"
+    if isinstance(transformer, HunyuanVideoTransformer3DModel):
+        if transformer.config.image_condition_type is not None:
+            raise ValueError("enable_nabla supports HunyuanVideo's text-to-video transformer; the image-"
+                             f"conditioned variant ({transformer.config.image_condition_type!r}) is not supported")
+        return "hunyuan"
     raise ValueError(
-        f"enable_nabla supports diffusers' Kandinsky5Transformer3DModel and WanTransformer3DModel, got "
-        f"{type(transformer).__name__} (HunyuanVideo's joint text-video attention is not supported yet)"
+        f"enable_nabla supports diffusers' Kandinsky5Transformer3DModel, WanTransformer3DModel and "
+        f"HunyuanVideoTransformer3DModel, got {type(transformer).__name__}"
     )
 
 
@@ -118,19 +130,24 @@ class _NablaProcessor:
         self._name = name
         self._original = original  # for the calls this processor does not handle
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                sparse_params: dict | None = None) -> torch.Tensor:
-        state = self._state
-        if state.grid is None:
+    def _grid(self, s: int) -> tuple[int, int, int]:
+        """The token grid of the current forward, checked against ``s`` video tokens."""
+        if self._state.grid is None:
             raise RuntimeError(
                 f"{self._name}: the token grid is unknown. enable_nabla learns it from the transformer's "
                 "forward; call the transformer itself, not one of its blocks"
             )
-        t, h, w = state.grid
-        b, s, heads, d = q.shape
+        t, h, w = self._state.grid
         if t * h * w != s:
             raise ValueError(f"{self._name}: {s} tokens do not fill the token grid (T, H, W) = "
                              f"({t}, {h}, {w}) read from the transformer's hidden_states")
+        return t, h, w
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sparse_params: dict | None = None) -> torch.Tensor:
+        state = self._state
+        b, s, heads, d = q.shape
+        t, h, w = self._grid(s)
         if sparse_params is not None and sparse_params.get("to_fractal", False):
             # Kandinsky 5's own fractal order (diffusers flattened the 8x8 tiles): mask per sparse_params.
             layout = FractalLayout(t, h, w)
@@ -212,11 +229,104 @@ class _WanNablaProcessor(_NablaProcessor):
         return attn.to_out[1](out)
 
 
+class _HunyuanNablaProcessor(_NablaProcessor):
+    """Joint text + video attention of HunyuanVideo's dual- and single-stream blocks: the video queries
+    run NABLA over the video keys plus every (unpadded) text key in one rectangular block-sparse call
+    (the text keys are a dense key part: ``BlockSparseMask.with_dense_keys``); the text queries stay
+    dense over all keys, as in the model. q, k, v, norms and RoPE as diffusers'
+    ``HunyuanVideoAttnProcessor2_0`` computes them."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        single = attn.add_q_proj is None and encoder_hidden_states is not None
+        if single:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        q = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        k = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        n_video = q.shape[1] - (n_text if single else 0)
+        if image_rotary_emb is not None:  # the video tokens only
+            rot = lambda x: torch.cat([apply_rotary_emb(x[:, :n_video], image_rotary_emb, sequence_dim=1),  # noqa
+                                       x[:, n_video:]], dim=1)
+            q, k = rot(q), rot(k)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+        key_valid = None if attention_mask is None else attention_mask.reshape(q.shape[0], -1).bool()
+        out_video = self._attend_joint(q, k, v, n_video, key_valid)
+        parts = [out_video]
+        if n_text:  # text queries: dense over all keys with the model's key mask
+            qt = q[:, n_video:].transpose(1, 2)
+            mask = None if key_valid is None else key_valid[:, None, None, :]
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                qt, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2))
+        out = torch.cat(parts, dim=1).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            if getattr(attn, "to_out", None) is not None:
+                out = attn.to_out[1](attn.to_out[0](out))
+            return out
+        out, context = out[:, :n_video], out[:, n_video:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            context = attn.to_add_out(context)
+        return out, context
+
+    def _attend_joint(self, q, k, v, n_video, key_valid):
+        """(B, n_video, H, D) video outputs: NABLA over the video keys (fractal order) plus the text keys
+        as a dense key part; ``key_valid`` (B, N) bool or None marks the real keys (text padding)."""
+        n_text = q.shape[1] - n_video
+        qv, kv, vv = q[:, :n_video], k[:, :n_video], v[:, :n_video]
+        if n_text == 0:
+            return self._attend(qv, kv, vv)
+        state = self._state
+        grid = self._grid(n_video)
+        b, _, heads, d = q.shape
+        t, h, w = grid
+        qf, layout = fractal_flatten(qv.reshape(b, t, h, w, heads, d), return_layout=True)
+        kf = fractal_flatten(kv.reshape(b, t, h, w, heads, d))
+        vf = fractal_flatten(vv.reshape(b, t, h, w, heads, d))
+        sta = None if state.sta_window is None else sta_block_mask(*layout.tile_grid, state.sta_window,
+                                                                 device=q.device)
+        video_mask = nabla_block_mask(qf, kf, state.threshold, sta=sta, grid=layout)
+        joint = video_mask.with_dense_keys(n_text)
+        bs = joint.block_size
+        pad = joint.seq_len_kv - qf.shape[1] - n_text
+        tv = joint.token_valid.expand(b, -1).clone()
+        if key_valid is not None:  # the model's text padding, per sample
+            tv[:, qf.shape[1]:qf.shape[1] + n_text] &= key_valid[:, n_video:]
+        mask = BlockSparseMask(joint.kv_num_blocks, joint.kv_indices, bs, token_valid=tv)
+        zeros = k.new_zeros(b, pad, heads, d)
+        k_all = torch.cat([kf, k[:, n_video:], zeros], dim=1)
+        v_all = torch.cat([vf, v[:, n_video:], zeros], dim=1)
+        outf = block_sparse_attention(qf, k_all, v_all, mask)
+        if state.on_mask is not None and not torch.compiler.is_compiling():
+            state.on_mask(self._name, mask)
+        return fractal_unflatten(outf, layout).reshape(b, n_video, heads, d)
+
+
 def _targets(transformer: torch.nn.Module, family: str) -> list[str]:
     """Processor keys (as in ``transformer.attn_processors``) of the video self-attention modules."""
     if family == "kandinsky5":
         return [f"visual_transformer_blocks.{i}.self_attention.processor"
                 for i in range(len(transformer.visual_transformer_blocks))]
+    if family == "hunyuan":
+        return ([f"transformer_blocks.{i}.attn.processor" for i in range(len(transformer.transformer_blocks))]
+                + [f"single_transformer_blocks.{i}.attn.processor"
+                   for i in range(len(transformer.single_transformer_blocks))])
     return [f"blocks.{i}.attn1.processor" for i in range(len(transformer.blocks))]
 
 
@@ -283,10 +393,13 @@ def enable_nabla(
                          "needs a multiple of 16, at most 256")
     if is_nabla_enabled(transformer):
         disable_nabla(transformer)
-    state = _NablaState(family, float(threshold), window, on_mask,
-                        patch_size=tuple(int(p) for p in transformer.config.patch_size))
+    cfg = transformer.config
+    patch = ((int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size)) if family == "hunyuan"
+             else tuple(int(p) for p in cfg.patch_size))
+    state = _NablaState(family, float(threshold), window, on_mask, patch_size=patch)
     processors = transformer.attn_processors
-    cls = _Kandinsky5NablaProcessor if family == "kandinsky5" else _WanNablaProcessor
+    cls = {"kandinsky5": _Kandinsky5NablaProcessor, "wan": _WanNablaProcessor,
+           "hunyuan": _HunyuanNablaProcessor}[family]
     for key in _targets(transformer, family):
         state.originals[key] = processors[key]
         processors[key] = cls(state, key, processors[key])
