@@ -209,11 +209,16 @@ def _kernels() -> bool:
     return USE_KERNELS
 
 
+def _norm_silu_padded(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
+    """``silu(norm(x))`` written by the fused kernel directly as ``conv``'s replicate-padded input (no
+    unpadded normalised activation, no padded copy); ``conv.conv`` (padding 0) then completes the conv."""
+    return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pad=conv.pad3)
+
+
 def _norm_silu_pad(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
-    """``conv(silu(norm(x)))``: with the kernels, the fused GroupNorm + SiLU writes ``conv``'s padded input."""
+    """``conv(silu(norm(x)))``, on the kernels when enabled."""
     if _kernels():
-        xp = group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pad=conv.pad3)
-        return conv.conv(xp)
+        return conv.conv(_norm_silu_padded(norm, x, conv))
     return conv(_silu(norm(x)))
 
 
@@ -269,8 +274,15 @@ class ResnetBlockCausal3D(nn.Module):
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _norm_silu_pad(self.norm1, x, self.conv1)
-        h = _norm_silu_pad(self.norm2, h, self.conv2)
+        if _kernels():
+            # Rebinding h frees conv1's output as soon as its padded normalised copy exists: besides x at
+            # most two activations are alive (the plain path holds three: norm output, padded copy, conv).
+            h = self.conv1.conv(_norm_silu_padded(self.norm1, x, self.conv1))
+            h = _norm_silu_padded(self.norm2, h, self.conv2)
+            h = self.conv2.conv(h)
+        else:
+            h = self.conv1(_silu(self.norm1(x)))
+            h = self.conv2(_silu(self.norm2(h)))
         residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(residual) if not torch.is_grad_enabled() else h + residual
 

@@ -298,3 +298,25 @@ def test_ops_compile_fullgraph():
         eager = f(x, w, b, cw)
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b, cw)
     torch.testing.assert_close(compiled, eager)
+
+
+# ------------------------------------------------------------------------------------------ the VAE
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vae_on_kernels_matches_plain_torch(monkeypatch, dtype):
+    """The whole (tiny) VAE on the kernels against its plain-torch path: fp64 plain torch is the reference,
+    plain torch at ``dtype`` the baseline of the tolerance rule; untiled and tiled (the fused blend)."""
+    from kandinsky_model import vae as vae_mod
+
+    cfg = vae_mod.CausalVAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+    model = vae_mod.CausalVideoVAE(cfg).eval()
+    video = torch.rand(1, 3, 13, 24, 40) * 2 - 1
+    tiling = vae_mod.TilingConfig(tile_height=16, tile_width=24, spatial_overlap=8, tile_frames=9,
+                                  temporal_overlap=4)
+    for tl_cfg in ("none", tiling):
+        with torch.no_grad():
+            monkeypatch.setattr(vae_mod, "USE_KERNELS", False)
+            ref = model.double()(video.double(), tiling=tl_cfg)
+            plain = model.to(dtype)(video.to(dtype), tiling=tl_cfg)
+            monkeypatch.setattr(vae_mod, "USE_KERNELS", True)
+            out = model(video.to(dtype), tiling=tl_cfg)
+        assert_close_to_reference(out, ref, plain, name=f"reconstruction (tiling={tl_cfg})")
