@@ -27,22 +27,37 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
-// Sums of (x - pivot) and (x - pivot)^2 over n <= kChunk floats, in fp32 lanes.
+// Sums of (x - pivot) and (x - pivot)^2 over n <= kChunk floats, in kLanes independent fp32 lanes (the
+// compiler vectorises lanes without reassociating: the build has no -ffast-math), added up at the end.
+constexpr int64_t kLanes = 16;
 KK_CLONES void shifted_sums(const float* x, int64_t n, float pivot, float* s_out, float* ss_out) {
-  float s = 0.f, ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
+  float s[kLanes] = {}, ss[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] - pivot;
+      s[j] += d;
+      ss[j] += d * d;
+    }
+  float ts = 0.f, tss = 0.f;
+  for (; i < n; ++i) {
     const float d = x[i] - pivot;
-    s += d;
-    ss += d * d;
+    ts += d;
+    tss += d * d;
   }
-  *s_out = s;
-  *ss_out = ss;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    ts += s[j];
+    tss += ss[j];
+  }
+  *s_out = ts;
+  *ss_out = tss;
 }
 
 // exp(x) for the SiLU, branch-free so that it vectorises (Cephes' expf polynomial; ~1 ulp on [-87, 88]).
 static inline float fast_exp(float x) {
   x = std::min(88.3762626647949f, std::max(-87.3365478515625f, x));
-  const float fx = std::nearbyint(x * 1.44269504088896341f);
+  // round to nearest by the 1.5 * 2^23 trick (not folded away: no -ffast-math), vectorisable at every ISA
+  const float fx = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   float r = x - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
   float p = 1.9875691500E-4f;
@@ -276,20 +291,34 @@ void tile_blend_kernel(at::Tensor& out, const at::Tensor& tile3, int64_t start, 
   const int64_t so = tile3.stride(0), sn = tile3.stride(1);
   T* op = out.data_ptr<T>();
   const T* tp = tile3.data_ptr<T>();
-  at::parallel_for(0, outer * n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o = task / n, i = task % n;
+  // Positions i of one outer index o: blend the first e, copy the rest (one memcpy when contiguous).
+  auto rows = [&](int64_t o, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < std::min(i1, e); ++i) {
       const T* src = tp + o * so + i * sn;
       T* dst = op + (o * L + start + i) * inner;
-      if (i < e) {
-        const acc w = static_cast<acc>(i) / static_cast<acc>(e);
-        for (int64_t k = 0; k < inner; ++k)
-          dst[k] = static_cast<T>(lerp<acc>(static_cast<acc>(dst[k]), static_cast<acc>(src[k]), w));
-      } else {
-        std::memcpy(dst, src, inner * sizeof(T));
-      }
+      const acc w = static_cast<acc>(i) / static_cast<acc>(e);
+      for (int64_t k = 0; k < inner; ++k)
+        dst[k] = static_cast<T>(lerp<acc>(static_cast<acc>(dst[k]), static_cast<acc>(src[k]), w));
     }
-  });
+    const int64_t c0 = std::max(i0, e);
+    if (c0 >= i1) return;
+    if (sn == inner) {
+      std::memcpy(op + (o * L + start + c0) * inner, tp + o * so + c0 * sn, (i1 - c0) * inner * sizeof(T));
+    } else {
+      for (int64_t i = c0; i < i1; ++i)
+        std::memcpy(op + (o * L + start + i) * inner, tp + o * so + i * sn, inner * sizeof(T));
+    }
+  };
+  if (inner >= 4096) {  // few long rows (a temporal or H blend): one task per position
+    at::parallel_for(0, outer * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) rows(task / n, task % n, task % n + 1);
+    });
+  } else {  // many short rows (a W blend): one task per outer index
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n * inner, 1));
+    at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) rows(o, 0, n);
+    });
+  }
 }
 
 void tile_blend_cpu(at::Tensor& out, const at::Tensor& tile, int64_t dim, int64_t start, int64_t prev_stop) {

@@ -5,7 +5,7 @@ processes on a shared machine hits both sides alike. Per kernel at the VAE's rea
 --no-vae) one whole encode + decode of the published-config VAE (random weights) untiled, with
 ``kandinsky_model.vae.USE_KERNELS`` False (plain torch) vs True.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/vae_kernels_ab.py [--frames 9 --size 160] [--reps 3]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/vae_kernels_ab.py [--frames 9 --size 160] [--reps 5] [--conv] [--no-vae]
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--vae-reps", type=int, default=2)
     p.add_argument("--no-vae", action="store_true")
+    p.add_argument("--conv", action="store_true", help="also time the conv layouts (contiguous vs channels-last-3d)")
     args = p.parse_args()
 
     from kandinsky_kernels.ops.causal_conv3d import causal_pad3d
@@ -94,6 +95,19 @@ def main() -> None:
              lambda: stitch_torch(out, tile[:, :, 1:], 2, 13, 17),
              lambda: tile_blend_(out, tile[:, :, 1:], 2, 13, 17), args.reps)
 
+        if args.conv:
+            # The conv itself: F.pad + conv3d (the plain path) vs conv3d on the kernel-written padded input,
+            # contiguous vs channels-last-3d (input and weight), at the VAE's channel counts per stage.
+            for c, ff, hw in ((128, f, s), (256, (f - 1) // 2 + 1, s // 2), (512, lt, s // 4), (512, lt, ls)):
+                x = torch.randn(1, c, ff, hw, hw)
+                w = torch.randn(c, c, 3, 3, 3) * 0.02
+                xp = causal_pad3d(x, (2, 1, 1))
+                xpc = xp.contiguous(memory_format=torch.channels_last_3d)
+                wc = w.contiguous(memory_format=torch.channels_last_3d)
+                pair(f"conv {c}x{ff}x{hw}x{hw}: F.pad+conv vs conv(padded)",
+                     lambda: F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate"), w), lambda: F.conv3d(xp, w), 2)
+                pair(f"conv {c}x{ff}x{hw}x{hw}: conv(padded) vs channels-last-3d",
+                     lambda: F.conv3d(xp, w), lambda: F.conv3d(xpc, wc), 2)
         if args.no_vae:
             return
         vae = vae_mod.CausalVideoVAE().eval()
