@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kandinsky_kernels.ops.causal_conv3d import causal_pad3d
-from kandinsky_kernels.ops.group_norm_silu import group_norm, group_norm_silu
+import kandinsky_kernels as kk  # ops load on first use: importing the model stays cheap
 
 from ._checks import check_bool, check_int, check_ints, check_number
 from .vae_tiling import TilingConfig, plan_tiling, resolve_tiling, tiled_decode, tiled_encode
@@ -212,7 +211,7 @@ def _kernels() -> bool:
 def _norm_silu_padded(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
     """``silu(norm(x))`` written by the fused kernel directly as ``conv``'s replicate-padded input (no
     unpadded normalised activation, no padded copy); ``conv.conv`` (padding 0) then completes the conv."""
-    return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pad=conv.pad3)
+    return kk.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pad=conv.pad3)
 
 
 def _norm_silu_pad(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
@@ -253,7 +252,7 @@ class CausalConv3d(nn.Module):
         """``up``: the VAE's causal nearest upsampling applied first (kernels path: fused into the pad)."""
         if _kernels():
             if any(self.pad3) or tuple(up) != (1, 1, 1):
-                x = causal_pad3d(x, self.pad3, up)
+                x = kk.causal_pad3d(x, self.pad3, up)
             return self.conv(x)
         if tuple(up) != (1, 1, 1):
             x = _upsample_causal(x, up)
@@ -334,7 +333,7 @@ class CausalFrameAttention(nn.Module):
         hw = h * w
         # GroupNorm on (B, C, T, H, W) has the statistics of diffusers' GroupNorm on (B, C, THW) tokens.
         gn = self.group_norm
-        normed = group_norm(x, gn.weight, gn.bias, gn.num_groups, gn.eps) if _kernels() else gn(x)
+        normed = kk.group_norm(x, gn.weight, gn.bias, gn.num_groups, gn.eps) if _kernels() else gn(x)
         tokens = normed.flatten(2).transpose(1, 2)  # (B, S, C)
         k = self.to_k(tokens).unsqueeze(1)  # (B, 1, S, C): one head
         v = self.to_v(tokens).unsqueeze(1)
