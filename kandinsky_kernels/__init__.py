@@ -12,6 +12,11 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
   variable-length batches and padded grids, optionally returning the log-sum-exp;
   :func:`merge_attention` merges two partial attentions; :func:`nabla_attention`: mask and attention
   in one call.
+- :func:`group_norm_silu`, :func:`group_norm`: fused GroupNorm (+ SiLU) of the causal video VAE, fp32
+  statistics, optionally writing the next causal conv's replicate-padded input directly.
+- :func:`causal_conv3d`, :func:`causal_pad3d`: causal Conv3d with the replicate time padding (and the
+  VAE's nearest upsampling) done by index arithmetic; the conv itself on oneDNN / cuDNN.
+- :func:`tile_blend_`: the tiled VAE's linear-ramp overlap blend in one pass, in place.
 """
 from __future__ import annotations
 
@@ -29,12 +34,17 @@ if TYPE_CHECKING:
     from kandinsky_kernels.mask import BlockSparseMask as BlockSparseMask
     from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention as block_sparse_attention
     from kandinsky_kernels.ops.block_sparse_attention import merge_attention as merge_attention
+    from kandinsky_kernels.ops.causal_conv3d import causal_conv3d as causal_conv3d
+    from kandinsky_kernels.ops.causal_conv3d import causal_pad3d as causal_pad3d
     from kandinsky_kernels.ops.fractal import FractalLayout as FractalLayout
     from kandinsky_kernels.ops.fractal import fractal_flatten as fractal_flatten
     from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
+    from kandinsky_kernels.ops.group_norm_silu import group_norm as group_norm
+    from kandinsky_kernels.ops.group_norm_silu import group_norm_silu as group_norm_silu
     from kandinsky_kernels.ops.nabla import nabla_attention as nabla_attention
     from kandinsky_kernels.ops.nabla import nabla_block_mask as nabla_block_mask
     from kandinsky_kernels.ops.sta import sta_block_mask as sta_block_mask
+    from kandinsky_kernels.ops.tile_blend import tile_blend_ as tile_blend_
 
 # name -> submodule defining it.
 _EXPORTS = {
@@ -47,6 +57,11 @@ _EXPORTS = {
     "block_sparse_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "nabla_attention": "kandinsky_kernels.ops.nabla",
     "merge_attention": "kandinsky_kernels.ops.block_sparse_attention",
+    "group_norm_silu": "kandinsky_kernels.ops.group_norm_silu",
+    "group_norm": "kandinsky_kernels.ops.group_norm_silu",
+    "causal_conv3d": "kandinsky_kernels.ops.causal_conv3d",
+    "causal_pad3d": "kandinsky_kernels.ops.causal_conv3d",
+    "tile_blend_": "kandinsky_kernels.ops.tile_blend",
     "use_backend": "kandinsky_kernels.backends",
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }
@@ -58,12 +73,17 @@ __all__ = [
     "FractalLayout",
     "__version__",
     "block_sparse_attention",
+    "causal_conv3d",
+    "causal_pad3d",
     "fractal_flatten",
     "fractal_unflatten",
+    "group_norm",
+    "group_norm_silu",
     "merge_attention",
     "nabla_attention",
     "nabla_block_mask",
     "sta_block_mask",
+    "tile_blend_",
     "use_backend",
 ]
 

@@ -3,8 +3,11 @@
 Architecturally identical to diffusers' ``AutoencoderKLHunyuanVideo`` and the original
 ``AutoencoderKLCausal3D``: same module tree, parameter names and shapes (248 tensors, 246,478,803
 parameters at the published config), so their weights load unchanged. Plain PyTorch; the tiler
-(:mod:`kandinsky_model.vae_tiling`) wraps :meth:`CausalVideoVAE._encode` / :meth:`CausalVideoVAE._decode`;
-the fused kernels come later.
+(:mod:`kandinsky_model.vae_tiling`) wraps :meth:`CausalVideoVAE._encode` / :meth:`CausalVideoVAE._decode`.
+Kernels (``kandinsky_kernels``, on by default, ``USE_KERNELS = False`` for the plain-torch path): the
+fused GroupNorm + SiLU writes the causal conv's replicate-padded input directly (no F.pad copy), the
+upsamplers' nearest upsampling and padding are one gather, the attention's GroupNorm is the same kernel
+without SiLU, and the tiler blends with the fused tile blend. The convolutions stay on oneDNN / cuDNN.
 
 Named dims: B batch, C channels, F video frames (``1 + 4k``), H x W pixels (multiples of 8);
 latents have ``t = 1 + (F - 1) / 4`` frames of ``h x w = H/8 x W/8``.
@@ -38,6 +41,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kandinsky_kernels as kk  # ops load on first use: importing the model stays cheap
 
 from ._checks import check_bool, check_int, check_ints, check_number
 from .vae_tiling import TilingConfig, plan_tiling, resolve_tiling, tiled_decode, tiled_encode
@@ -193,6 +198,29 @@ class CausalVAEConfig:
 
 
 # ------------------------------------------------------------------------------------------ layers
+# The VAE runs on the kandinsky_kernels ops (fused GroupNorm + SiLU writing the next causal conv's padded
+# input, causal pad / upsample gathers, fused tile blend); False restores the plain-torch path (F.pad +
+# conv3d, nn.GroupNorm + SiLU, lerp blend) for A/B comparisons. Read at every call.
+USE_KERNELS = True
+
+
+def _kernels() -> bool:
+    return USE_KERNELS
+
+
+def _norm_silu_padded(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
+    """``silu(norm(x))`` written by the fused kernel directly as ``conv``'s replicate-padded input (no
+    unpadded normalised activation, no padded copy); ``conv.conv`` (padding 0) then completes the conv."""
+    return kk.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, pad=conv.pad3)
+
+
+def _norm_silu_pad(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
+    """``conv(silu(norm(x)))``, on the kernels when enabled."""
+    if _kernels():
+        return conv.conv(_norm_silu_padded(norm, x, conv))
+    return conv(_silu(norm(x)))
+
+
 def _silu(x: torch.Tensor) -> torch.Tensor:
     # In place when no graph is recorded: saves one full activation per call at inference. Under
     # autograd the out-of-place op is used, so no saved tensor can be overwritten.
@@ -217,9 +245,17 @@ class CausalConv3d(nn.Module):
         # F.pad order is (W left, W right, H top, H bottom, T front, T back). diffusers swaps the kT/kW
         # entries (harmless for its cubic kernels); this order is right for any kernel.
         self.padding = (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)
+        self.pad3 = (kt - 1, kh // 2, kw // 2)  # (front frames, rows, columns): kandinsky_kernels' order
         self.conv = nn.Conv3d(in_channels, out_channels, (kt, kh, kw), stride, padding=0, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, up: tuple[int, int, int] = (1, 1, 1)) -> torch.Tensor:
+        """``up``: the VAE's causal nearest upsampling applied first (kernels path: fused into the pad)."""
+        if _kernels():
+            if any(self.pad3) or tuple(up) != (1, 1, 1):
+                x = kk.causal_pad3d(x, self.pad3, up)
+            return self.conv(x)
+        if tuple(up) != (1, 1, 1):
+            x = _upsample_causal(x, up)
         if any(self.padding):
             x = F.pad(x, self.padding, mode="replicate")
         return self.conv(x)
@@ -237,8 +273,15 @@ class ResnetBlockCausal3D(nn.Module):
         self.conv_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        if _kernels():
+            # Rebinding h frees conv1's output as soon as its padded normalised copy exists: besides x at
+            # most two activations are alive (the plain path holds three: norm output, padded copy, conv).
+            h = self.conv1.conv(_norm_silu_padded(self.norm1, x, self.conv1))
+            h = _norm_silu_padded(self.norm2, h, self.conv2)
+            h = self.conv2.conv(h)
+        else:
+            h = self.conv1(_silu(self.norm1(x)))
+            h = self.conv2(_silu(self.norm2(h)))
         residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(residual) if not torch.is_grad_enabled() else h + residual
 
@@ -289,7 +332,9 @@ class CausalFrameAttention(nn.Module):
         b, c, t, h, w = x.shape
         hw = h * w
         # GroupNorm on (B, C, T, H, W) has the statistics of diffusers' GroupNorm on (B, C, THW) tokens.
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, S, C)
+        gn = self.group_norm
+        normed = kk.group_norm(x, gn.weight, gn.bias, gn.num_groups, gn.eps) if _kernels() else gn(x)
+        tokens = normed.flatten(2).transpose(1, 2)  # (B, S, C)
         k = self.to_k(tokens).unsqueeze(1)  # (B, 1, S, C): one head
         v = self.to_v(tokens).unsqueeze(1)
         residual = x.flatten(2).transpose(1, 2)
@@ -351,19 +396,20 @@ class UpsampleCausal3D(nn.Module):
         self.conv = CausalConv3d(channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ft, fh, fw = self.factor
-        if ft == 1:
-            up = F.interpolate(x, scale_factor=(1, fh, fw), mode="nearest")
-        else:
-            first = F.interpolate(x[:, :, 0], scale_factor=(fh, fw), mode="nearest").unsqueeze(2)
-            if x.shape[2] > 1:
-                # contiguous(): pytorch#81665, interpolate of non-contiguous inputs was wrong on some versions.
-                rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
-                up = torch.cat((first, rest), dim=2)
-                del rest
-            else:
-                up = first
-        return self.conv(up)
+        return self.conv(x, up=self.factor)
+
+
+def _upsample_causal(x: torch.Tensor, factor: tuple[int, int, int]) -> torch.Tensor:
+    """Plain-torch causal nearest upsampling (frame 0 only in space)."""
+    ft, fh, fw = factor
+    if ft == 1:
+        return F.interpolate(x, scale_factor=(1, fh, fw), mode="nearest")
+    first = F.interpolate(x[:, :, 0], scale_factor=(fh, fw), mode="nearest").unsqueeze(2)
+    if x.shape[2] == 1:
+        return first
+    # contiguous(): pytorch#81665, interpolate of non-contiguous inputs was wrong on some versions.
+    rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=factor, mode="nearest")
+    return torch.cat((first, rest), dim=2)
 
 
 class DownBlock3D(nn.Module):
@@ -418,7 +464,7 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        return _norm_silu_pad(self.conv_norm_out, x, self.conv_out)
 
 
 class Decoder3D(nn.Module):
@@ -441,7 +487,7 @@ class Decoder3D(nn.Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(_silu(self.conv_norm_out(x)))
+        return _norm_silu_pad(self.conv_norm_out, x, self.conv_out)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -460,7 +506,7 @@ class CausalVideoVAE(nn.Module):
     Tiling (:mod:`kandinsky_model.vae_tiling`): ``encode`` / ``decode`` take ``tiling="auto" | "none" |
     TilingConfig``; by default the attribute ``vae.tiling`` ("auto": :func:`plan_tiling` picks tiles from
     the shape, dtype and the device's free memory; a clip that fits runs untiled, bit for bit the
-    ``"none"`` result). Not done yet: fused kernels.
+    ``"none"`` result).
     """
 
     def __init__(self, config: CausalVAEConfig | None = None) -> None:

@@ -183,6 +183,13 @@ def _ramp(e: int, device, dtype) -> torch.Tensor:
 def _stitch(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, prev_stop: int) -> None:
     """Write ``tile`` into ``out`` at ``start`` along ``dim``, linearly blending the positions
     ``[start, prev_stop)`` that the previous tile already wrote."""
+    from . import vae
+
+    if vae.USE_KERNELS:  # the fused one-pass blend (kandinsky_kernels.ops.tile_blend), same arithmetic
+        from kandinsky_kernels.ops.tile_blend import tile_blend_
+
+        tile_blend_(out, tile, dim % out.dim(), start, prev_stop)
+        return
     n = tile.shape[dim]
     e = max(0, min(prev_stop - start, n))
     if e:

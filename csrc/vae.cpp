@@ -1,0 +1,393 @@
+// CPU kernels of the causal video VAE: fused GroupNorm (+ SiLU) with an optional causal replicate-padded
+// output, the causal replicate pad (optionally fused with the VAE's nearest upsampling), and the tile blend.
+//
+// group_norm_silu: pass 1 reads x once per (b, group) for the statistics (fp32 lanes over chunks of
+// kChunk elements, shifted by the group's first element against cancellation, accumulated in double);
+// pass 2 reads x once more and writes y = silu?(x * a_c + b_c) once, a_c = rstd * gamma_c,
+// b_c = beta_c - mean * a_c (fp32). With pad (pt, ph, pw) the output is (B, C, T + pt, H + 2 ph, W + 2 pw):
+// frame 0 repeated pt times in front, border rows/columns replicated; so the causal conv that follows
+// runs with padding 0 and no padded copy of the activation is ever made.
+// causal_pad3d: the same padded layout from an existing tensor by index arithmetic (one read, one
+// write), with nearest upsampling by (ut, uh, uw) folded in (frame 0 only upsampled in space).
+// tile_blend_: out[..., start + i, ...] = lerp(out, tile, i / e) for i < e = prev_stop - start, then copies
+// the rest of the tile, in one pass (torch.lerp's formula, fp32 for half types).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "registration.h"
+
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+// Sums of (x - pivot) and (x - pivot)^2 over n <= kChunk floats in fp32, written with GCC vector types:
+// the build has no -ffast-math, so the compiler may not reassociate (vectorise) a plain reduction loop, and
+// an array of independent lanes got outer-loop vectorised with permutes. 32-byte vectors: one ymm on the
+// x86-64-v3/v4 clones, two xmm on the baseline one; two accumulators each hide the add latency.
+typedef float v8f __attribute__((vector_size(32)));
+KK_CLONES void shifted_sums(const float* x, int64_t n, float pivot, float* s_out, float* ss_out) {
+  v8f s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    a -= pivot;
+    b -= pivot;
+    s0 += a;
+    s1 += b;
+    q0 += a * a;
+    q1 += b * b;
+  }
+  float ts = 0.f, tss = 0.f;
+  for (; i < n; ++i) {
+    const float d = x[i] - pivot;
+    ts += d;
+    tss += d * d;
+  }
+  for (int j = 0; j < 8; ++j) {
+    ts += s0[j] + s1[j];
+    tss += q0[j] + q1[j];
+  }
+  *s_out = ts;
+  *ss_out = tss;
+}
+
+// exp(x) for the SiLU, branch-free so that it vectorises (Cephes' expf polynomial; ~1 ulp on [-87, 88]).
+static inline float fast_exp(float x) {
+  x = std::min(88.3762626647949f, std::max(-87.3365478515625f, x));
+  // round to nearest by the 1.5 * 2^23 trick (not folded away: no -ffast-math), vectorisable at every ISA
+  const float fx = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t n = static_cast<int32_t>(fx);
+  int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// y = x * a + b, then SiLU (y / (1 + exp(-y))) when silu.
+KK_CLONES void affine_row(const float* x, int64_t n, float a, float b, bool silu, float* y) {
+  if (silu) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i] * a + b;
+      y[i] = v / (1.f + fast_exp(-v));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a + b;
+  }
+}
+
+// bf16 <-> fp32 on the bits, so that the loops vectorise (c10::BFloat16's conversions do not): widening
+// is a shift; narrowing rounds to nearest even and maps NaN to 0x7FC0, as c10 does.
+KK_CLONES void bf16_to_f32(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+KK_CLONES void f32_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
+template <typename T>
+inline void load_f32(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(src), n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+template <typename T>
+inline void store_from_f32(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    f32_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+template <typename E>
+void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float* beta, int64_t G, double eps,
+                            bool silu, int64_t pt, int64_t ph, int64_t pw, at::Tensor& y) {
+  const int64_t B = x.size(0), C = x.size(1);
+  const bool padded = pt || ph || pw;
+  // Spatial layout: padded outputs are 5-D (T, H, W); otherwise everything after C is one row.
+  const int64_t T = padded ? x.size(2) : 1;
+  const int64_t H = padded ? x.size(3) : 1;
+  const int64_t W = padded ? x.size(4) : x.numel() / std::max<int64_t>(B * C, 1);
+  const int64_t S = T * H * W, cpg = C / G;
+  const int64_t To = T + pt, Ho = H + 2 * ph, Wo = W + 2 * pw;
+  const E* xp = x.data_ptr<E>();
+  E* yp = y.data_ptr<E>();
+  std::vector<float> mean(B * G), rstd(B * G);
+
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same<E, float>::value ? 0 : kChunk);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const E* g = xp + bg * cpg * S;
+      const int64_t n = cpg * S;
+      const float pivot = static_cast<float>(g[0]);
+      double s = 0.0, ss = 0.0;
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - i0);
+        const float* f;
+        if constexpr (std::is_same<E, float>::value) {
+          f = g + i0;
+        } else {
+          load_f32(g + i0, m, buf.data());
+          f = buf.data();
+        }
+        float cs, css;
+        shifted_sums(f, m, pivot, &cs, &css);
+        s += cs;
+        ss += css;
+      }
+      const double mu = s / n;
+      const double var = std::max(ss / n - mu * mu, 0.0);
+      mean[bg] = static_cast<float>(mu + pivot);
+      rstd[bg] = static_cast<float>(1.0 / std::sqrt(var + eps));
+    }
+  });
+
+  // Pass 2 over (b, c, t) source frames; each writes output frame t + pt (and frames < pt for t == 0).
+  at::parallel_for(0, B * C * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> in(W), out(W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % T, bc = task / T, c = bc % C, b = bc / C;
+      const int64_t bg = b * G + c / cpg;
+      const float gm = gamma ? gamma[c] : 1.f, bt = beta ? beta[c] : 0.f;
+      const float a = rstd[bg] * gm, sh = bt - mean[bg] * a;
+      const E* src = xp + (bc * T + t) * H * W;
+      E* frame = yp + (bc * To + t + pt) * Ho * Wo;
+      for (int64_t h = 0; h < H; ++h) {
+        E* row = frame + (h + ph) * Wo;
+        const float* fin;
+        if constexpr (std::is_same<E, float>::value) {
+          fin = src + h * W;
+        } else {
+          load_f32(src + h * W, W, in.data());
+          fin = in.data();
+        }
+        if constexpr (std::is_same<E, float>::value) {
+          affine_row(fin, W, a, sh, silu, row + pw);
+        } else {
+          affine_row(fin, W, a, sh, silu, out.data());
+          store_from_f32(out.data(), W, row + pw);
+        }
+        for (int64_t i = 0; i < pw; ++i) {
+          row[i] = row[pw];
+          row[pw + W + i] = row[pw + W - 1];
+        }
+      }
+      for (int64_t i = 0; i < ph; ++i) {
+        std::memcpy(frame + i * Wo, frame + ph * Wo, Wo * sizeof(E));
+        std::memcpy(frame + (ph + H + i) * Wo, frame + (ph + H - 1) * Wo, Wo * sizeof(E));
+      }
+      if (t == 0)
+        for (int64_t i = 0; i < pt; ++i)
+          std::memcpy(yp + (bc * To + i) * Ho * Wo, frame, Ho * Wo * sizeof(E));
+    }
+  });
+}
+
+void check_pad(int64_t pt, int64_t ph, int64_t pw) {
+  KK_CHECK(pt >= 0 && ph >= 0 && pw >= 0, "padding must be >= 0, got (", pt, ", ", ph, ", ", pw, ")");
+}
+
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t groups, double eps, bool silu,
+                               int64_t pt, int64_t ph, int64_t pw) {
+  KK_CHECK_CPU(x);
+  KK_CHECK(x.dim() >= 2, "x must be (B, C, ...), got shape ", x.sizes());
+  const int64_t C = x.size(1);
+  KK_CHECK(groups > 0 && C % groups == 0, "groups must divide C=", C, ", got ", groups);
+  KK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+           "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  check_pad(pt, ph, pw);
+  const bool padded = pt || ph || pw;
+  KK_CHECK(!padded || x.dim() == 5, "a padded output needs x of shape (B, C, T, H, W), got ", x.sizes());
+  at::Tensor xc = x.contiguous();
+  at::Tensor g, b;
+  for (auto* p : {&weight, &bias}) {
+    if (p->has_value()) {
+      KK_CHECK((*p)->dim() == 1 && (*p)->size(0) == C, "weight and bias must be (C,) with C=", C);
+      KK_CHECK_CPU(**p);
+    }
+  }
+  if (weight.has_value()) g = weight->to(at::kFloat).contiguous();
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  std::vector<int64_t> shape = x.sizes().vec();
+  if (padded) {
+    shape[2] += pt;
+    shape[3] += 2 * ph;
+    shape[4] += 2 * pw;
+  }
+  at::Tensor y = at::empty(shape, xc.options());
+  if (xc.numel() == 0) return y;
+  const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "group_norm_silu", [&] {
+    group_norm_silu_kernel<scalar_t>(xc, gp, bp, groups, eps, silu, pt, ph, pw, y);
+  });
+  return y;
+}
+
+template <typename U>
+void causal_pad_kernel(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, int64_t ut, int64_t uh,
+                       int64_t uw, at::Tensor& y) {
+  const int64_t BC = x.size(0) * x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t Tu = ut == 1 ? T : 1 + (T - 1) * ut, Hu = H * uh, Wu = W * uw;
+  const int64_t To = y.size(2), Ho = y.size(3), Wo = y.size(4);
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr());
+  U* yp = reinterpret_cast<U*>(y.data_ptr());
+  std::vector<int64_t> col(Wo);
+  for (int64_t j = 0; j < Wo; ++j) col[j] = std::min(std::max(j - pw, int64_t(0)), Wu - 1) / uw;
+  at::parallel_for(0, BC * To, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tp = task % To, bc = task / To;
+      const int64_t u = std::min(std::max(tp - pt, int64_t(0)), Tu - 1);
+      const int64_t t = (ut == 1 || u == 0) ? u : (u - 1) / ut + 1;
+      const U* src = xp + (bc * T + t) * H * W;
+      U* frame = yp + task * Ho * Wo;
+      for (int64_t hp = 0; hp < Ho; ++hp) {
+        const int64_t h = std::min(std::max(hp - ph, int64_t(0)), Hu - 1) / uh;
+        const U* s = src + h * W;
+        U* row = frame + hp * Wo;
+        if (uw == 1) {
+          std::memcpy(row + pw, s, W * sizeof(U));
+          for (int64_t i = 0; i < pw; ++i) {
+            row[i] = s[0];
+            row[pw + W + i] = s[W - 1];
+          }
+        } else {
+          for (int64_t j = 0; j < Wo; ++j) row[j] = s[col[j]];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor causal_pad3d_cpu(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, int64_t ut, int64_t uh,
+                            int64_t uw) {
+  KK_CHECK_CPU(x);
+  KK_CHECK_DIM(x, 5);
+  check_pad(pt, ph, pw);
+  KK_CHECK(ut >= 1 && uh >= 1 && uw >= 1, "upsampling factors must be >= 1, got (", ut, ", ", uh, ", ", uw, ")");
+  at::Tensor xc = x.contiguous();
+  const int64_t T = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t Tu = ut == 1 ? T : 1 + (T - 1) * ut;
+  at::Tensor y = at::empty({x.size(0), x.size(1), Tu + pt, H * uh + 2 * ph, W * uw + 2 * pw}, xc.options());
+  if (y.numel() == 0 || xc.numel() == 0) return y;
+  switch (xc.element_size()) {
+    case 1: causal_pad_kernel<uint8_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+    case 2: causal_pad_kernel<uint16_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+    case 4: causal_pad_kernel<uint32_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+    case 8: causal_pad_kernel<uint64_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+    default: KK_CHECK(false, "unsupported element size ", xc.element_size());
+  }
+  return y;
+}
+
+// lerp(a, b, w) exactly as torch computes it.
+template <typename A>
+inline A lerp(A a, A b, A w) {
+  return w < A(0.5) ? a + w * (b - a) : b - (b - a) * (A(1) - w);
+}
+
+template <typename T>
+void tile_blend_kernel(at::Tensor& out, const at::Tensor& tile3, int64_t start, int64_t e) {
+  using acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const int64_t outer = tile3.size(0), n = tile3.size(1), inner = tile3.size(2);
+  const int64_t L = out.numel() / std::max<int64_t>(outer * inner, 1);
+  const int64_t so = tile3.stride(0), sn = tile3.stride(1);
+  T* op = out.data_ptr<T>();
+  const T* tp = tile3.data_ptr<T>();
+  // Positions i of one outer index o: blend the first e, copy the rest (one memcpy when contiguous).
+  auto rows = [&](int64_t o, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < std::min(i1, e); ++i) {
+      const T* src = tp + o * so + i * sn;
+      T* dst = op + (o * L + start + i) * inner;
+      const acc w = static_cast<acc>(i) / static_cast<acc>(e);
+      for (int64_t k = 0; k < inner; ++k)
+        dst[k] = static_cast<T>(lerp<acc>(static_cast<acc>(dst[k]), static_cast<acc>(src[k]), w));
+    }
+    const int64_t c0 = std::max(i0, e);
+    if (c0 >= i1) return;
+    if (sn == inner) {
+      std::memcpy(op + (o * L + start + c0) * inner, tp + o * so + c0 * sn, (i1 - c0) * inner * sizeof(T));
+    } else {
+      for (int64_t i = c0; i < i1; ++i)
+        std::memcpy(op + (o * L + start + i) * inner, tp + o * so + i * sn, inner * sizeof(T));
+    }
+  };
+  if (inner >= 4096) {  // few long rows (a temporal or H blend): one task per position
+    at::parallel_for(0, outer * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) rows(task / n, task % n, task % n + 1);
+    });
+  } else {  // many short rows (a W blend): one task per outer index
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n * inner, 1));
+    at::parallel_for(0, outer, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) rows(o, 0, n);
+    });
+  }
+}
+
+void tile_blend_cpu(at::Tensor& out, const at::Tensor& tile, int64_t dim, int64_t start, int64_t prev_stop) {
+  KK_CHECK_CPU(out);
+  KK_CHECK_CPU(tile);
+  KK_CHECK(out.is_contiguous(), "out must be contiguous");
+  KK_CHECK(out.dim() == tile.dim() && dim >= 0 && dim < out.dim(), "out and tile must have the same rank and 0 <= dim < rank");
+  KK_CHECK(out.scalar_type() == tile.scalar_type(), "out and tile must have the same dtype");
+  for (int64_t d = 0; d < out.dim(); ++d)
+    KK_CHECK(d == dim || out.size(d) == tile.size(d), "out ", out.sizes(), " and tile ", tile.sizes(),
+             " must agree except on dim ", dim);
+  const int64_t n = tile.size(dim), L = out.size(dim);
+  KK_CHECK(start >= 0 && start + n <= L, "the tile [", start, ", ", start + n, ") must lie inside out's ", L);
+  const int64_t e = std::max<int64_t>(0, std::min(prev_stop - start, n));
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= tile.size(d);
+  for (int64_t d = dim + 1; d < tile.dim(); ++d) inner *= tile.size(d);
+  if (outer * n * inner == 0) return;
+  // A view when tile's inner dims are contiguous and its outer dims collapse (a slice along dim is).
+  at::Tensor tile3 = tile.reshape({outer, n, inner});
+  if (tile3.stride(2) != 1) tile3 = tile3.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "tile_blend", [&] {
+    tile_blend_kernel<scalar_t>(out, tile3, start, e);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
+  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu, int pad_t, "
+        "int pad_h, int pad_w) -> Tensor");
+  m.def("causal_pad3d(Tensor x, int pad_t, int pad_h, int pad_w, int up_t, int up_h, int up_w) -> Tensor");
+  m.def("tile_blend_(Tensor(a!) out, Tensor tile, int dim, int start, int prev_stop) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("causal_pad3d", &causal_pad3d_cpu);
+  m.impl("tile_blend_", &tile_blend_cpu);
+}
