@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool
+from .vae import check_vae_input
 
 __all__ = ["FLUX_DEV_VAE_CONFIG", "FluxImageVAE"]
 
@@ -162,28 +163,15 @@ class FluxImageVAE(nn.Module):
 
     def _check(self, name: str, x, channels: int, *, pixels: bool) -> torch.Tensor:
         spec = f"(B, {channels}, H, W)" if pixels else f"(B, {channels}, h, w)"
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape {spec}, got {type(x).__name__}")
-        if x.dim() != 4:
-            hint = " (a video frame batch (B, C, 1, H, W): pass x[:, :, 0])" if x.dim() == 5 and x.shape[2] == 1 else ""
-            raise ValueError(f"{name} must be a 4-D tensor {spec}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
-        if not x.is_floating_point():
-            raise ValueError(
-                f"{name} must be a floating-point tensor (float32, bfloat16 or float16), got dtype "
-                f"{str(x.dtype).replace('torch.', '')}"
-            )
-        if x.shape[1] != channels:
-            raise ValueError(f"{name} must have {channels} channels on dim 1 {spec}, got shape {tuple(x.shape)}")
-        if min(x.shape) < 1:
-            raise ValueError(f"{name} must have no empty dimension {spec}, got shape {tuple(x.shape)}")
+        frames = isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[2] == 1
+        hint = " (a video frame batch (B, C, 1, H, W): pass x[:, :, 0])" if frames else ""
+        x = check_vae_input(name, x, spec, channels, 4, hint, self.device, self.dtype)
         if pixels:
             s = self.spatial_compression_ratio
             h, w = x.shape[2:]
             if h % s or w % s:
                 raise ValueError(f"{name} height and width must be multiples of {s}, got H={h}, W={w}")
-        if x.device != self.device:
-            raise ValueError(f"{name} is on {x.device} but the VAE's weights are on {self.device}")
-        return x.to(self.dtype)
+        return x
 
     # ------------------------------------------------------------------------------ construction
     def save_pretrained(self, path: str | os.PathLike) -> Path:

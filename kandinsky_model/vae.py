@@ -491,6 +491,29 @@ class Decoder3D(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- model
+def check_vae_input(name: str, x: Any, spec: str, channels: int, ndim: int, hint: str,
+                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The checks every VAE input passes (video and image VAEs): a float tensor of rank ``ndim`` with
+    ``channels`` on dim 1, no empty dim, on the weights' ``device``; returns it in ``dtype``. ``hint``
+    ends the wrong-rank message (the caller's guess at what was meant)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {spec}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {spec}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float32, bfloat16 or float16), got dtype "
+            f"{str(x.dtype).replace('torch.', '')}"
+        )
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels on dim 1 {spec}, got shape {tuple(x.shape)}")
+    if min(x.shape) < 1:
+        raise ValueError(f"{name} must have no empty dimension {spec}, got shape {tuple(x.shape)}")
+    if x.device != device and device.type != "meta":
+        raise ValueError(f"{name} is on {x.device} but the VAE's weights are on {device}")
+    return x.to(dtype)
+
+
 class CausalVideoVAE(nn.Module):
     """The HunyuanVideo causal 3-D VAE (the latent space of Kandinsky 5.0 video models).
 
@@ -619,23 +642,9 @@ class CausalVideoVAE(nn.Module):
 
     # ----------------------------------------------------------------------------------- checks
     def _check_common(self, name: str, x, spec: str, channels: int) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape {spec}, got {type(x).__name__}")
-        if x.dim() != 5:
-            hint = " (for images pass F = 1: x.unsqueeze(2))" if x.dim() == 4 and name == "video" else ""
-            raise ValueError(f"{name} must be a 5-D tensor {spec}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
-        if not x.is_floating_point():
-            raise ValueError(
-                f"{name} must be a floating-point tensor (float32, bfloat16 or float16), got dtype "
-                f"{str(x.dtype).replace('torch.', '')}"
-            )
-        if x.shape[1] != channels:
-            raise ValueError(f"{name} must have {channels} channels on dim 1 {spec}, got shape {tuple(x.shape)}")
-        if min(x.shape) < 1:
-            raise ValueError(f"{name} must have no empty dimension {spec}, got shape {tuple(x.shape)}")
-        if x.device != self.device and self.device.type != "meta":
-            raise ValueError(f"{name} is on {x.device} but the VAE's weights are on {self.device}")
-        return x.to(self.dtype)
+        images = name == "video" and isinstance(x, torch.Tensor) and x.dim() == 4
+        hint = " (for images pass F = 1: x.unsqueeze(2))" if images else ""
+        return check_vae_input(name, x, spec, channels, 5, hint, self.device, self.dtype)
 
     def _check_video(self, video) -> torch.Tensor:
         cfg = self.config
