@@ -175,14 +175,10 @@ def temporal_tiles(t: int, k: int | None, o: int) -> list[tuple[int, int]]:
         lead += stride
 
 
-def _ramp(e: int, device, dtype) -> torch.Tensor:
-    """Weight of the NEXT tile over an overlap of e positions: 0, 1/e, ..., (e-1)/e (the peers' ramp)."""
-    return torch.arange(e, device=device, dtype=dtype) / e
-
-
 def _stitch(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, prev_stop: int) -> None:
     """Write ``tile`` into ``out`` at ``start`` along ``dim``, linearly blending the positions
-    ``[start, prev_stop)`` that the previous tile already wrote."""
+    ``[start, prev_stop)`` that the previous tile already wrote (weight of the new tile 0, 1/e, ...,
+    (e-1)/e over an overlap of e: the peers' ramp; half types blend in fp32)."""
     from . import vae
 
     if vae.USE_KERNELS:  # the fused one-pass blend (kandinsky_kernels.ops.tile_blend), same arithmetic
@@ -190,19 +186,9 @@ def _stitch(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, prev_st
 
         tile_blend_(out, tile, dim % out.dim(), start, prev_stop)
         return
-    n = tile.shape[dim]
-    e = max(0, min(prev_stop - start, n))
-    if e:
-        old = out.narrow(dim, start, e)
-        new = tile.narrow(dim, 0, e)
-        shape = [1] * out.dim()
-        shape[dim] = e
-        # Half types blend in fp32: the ramp i/e would otherwise be rounded to 8 bits (bf16).
-        wdt = torch.float32 if old.dtype in (torch.float16, torch.bfloat16) else old.dtype
-        w = _ramp(e, out.device, wdt).view(shape)
-        old.copy_(torch.lerp(old.to(wdt), new.to(wdt), w))
-    if n > e:
-        out.narrow(dim, start + e, n - e).copy_(tile.narrow(dim, e, n - e))
+    from kandinsky_kernels.reference.vae import tile_blend_ref
+
+    tile_blend_ref(out, tile, dim % out.dim(), start, prev_stop)
 
 
 def _tiled_2d(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tiles_h, tiles_w,

@@ -229,6 +229,12 @@ class _WanNablaProcessor(_NablaProcessor):
         return attn.to_out[1](out)
 
 
+def _qkv_heads(attn, x, projections, norm_q, norm_k):
+    """(B, S, H, D) q, k, v of ``x`` through the three projections, q and k normed where the model norms."""
+    q, k, v = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
 class _HunyuanNablaProcessor(_NablaProcessor):
     """Joint text + video attention of HunyuanVideo's dual- and single-stream blocks: the video queries
     run NABLA over the video keys plus every (unpadded) text key in one rectangular block-sparse call
@@ -244,26 +250,15 @@ class _HunyuanNablaProcessor(_NablaProcessor):
         if single:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
         n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        q = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        k = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv_heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
         n_video = q.shape[1] - (n_text if single else 0)
         if image_rotary_emb is not None:  # the video tokens only
             rot = lambda x: torch.cat([apply_rotary_emb(x[:, :n_video], image_rotary_emb, sequence_dim=1),  # noqa
                                        x[:, n_video:]], dim=1)
             q, k = rot(q), rot(k)
-        if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:  # dual stream: text projections
+            eq, ek, ev = _qkv_heads(attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                                    attn.norm_added_q, attn.norm_added_k)
             q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
         key_valid = None if attention_mask is None else attention_mask.reshape(q.shape[0], -1).bool()
         out_video = self._attend_joint(q, k, v, n_video, key_valid)
