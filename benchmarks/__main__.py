@@ -37,7 +37,8 @@ ROOT = HERE.parent
 RESULTS_ROOT = ROOT / "bench-results"
 PROFILES = ("smoke", "quick", "default", "gpu")
 CPU_SUITES = [
-    "test_bench_fractal.py", "test_bench_nabla.py", "test_bench_attention.py", "test_bench_model.py",
+    "test_bench_fractal.py", "test_bench_nabla.py", "test_bench_mask.py", "test_bench_attention.py",
+    "test_bench_model.py",
     "test_bench_training.py", "test_bench_integrations.py", "test_bench_vae.py",
 ]
 SUITES = {

@@ -126,7 +126,7 @@ class Provider:
     """One contender of a case. ``fn`` runs one call (it must finish its work before returning);
     ``skip`` says why it cannot run on this machine (then ``fn`` is never called, and the report shows
     the provider as skipped with this reason). ``memory``: also record torch's peak allocation of one
-    call (``peak_mb``). ``cpu_isa``: the ISA path of our C++ kernels this provider runs on (from
+    call (``peak_mb``); ``held``: instead, the bytes its result holds (a storage size, e.g. a mask's). ``cpu_isa``: the ISA path of our C++ kernels this provider runs on (from
     :func:`cpu_isa_now`), recorded in its entry so the report can label it ``ours[cpu:avx512]``;
     None for providers whose speed does not depend on it (the baselines)."""
 
@@ -135,6 +135,7 @@ class Provider:
     skip: str | None = None
     memory: bool = False
     cpu_isa: str | None = None
+    held: Callable[[], int] | None = None  # bytes its result holds: reported instead of a peak
 
 
 def run_case(
@@ -196,7 +197,9 @@ def run_case(
             info["providers"][p.name] = {"skip": p.skip, **tag}
             continue
         entry = {"times": [], "peak_mb": None, **tag}
-        if p.memory:
+        if p.held is not None:  # what the result keeps alive (a storage size, exact, no spread)
+            entry["peak_mb"], entry["memory"] = p.held() / 2**20, "held"
+        elif p.memory:
             p.fn()  # warm caches and lazy inits so they are not counted as peak
             entry["peak_mb"] = peak_memory_bytes(p.fn) / 2**20
         info["providers"][p.name] = entry

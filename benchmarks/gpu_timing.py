@@ -102,7 +102,7 @@ def _sampled_grad_error(grads, q, k, v, do, mask, scale, chunk=4096):
     errs = {"dq": 0.0, "dk": 0.0, "dv": 0.0}
     for h in sorted({0, q.shape[1] - 1}):
         qh, kh, vh, doh = (t[0, h].float() for t in (q, k, v, do))
-        head = BlockSparseMask(mask.kv_num_blocks[:, h:h + 1], mask.kv_indices[:, h:h + 1], BS)
+        head = BlockSparseMask.from_dense_blocks(blocks[None, h:h + 1], BS)
         out, lse = block_sparse_attention_chunked(*(t[:, h:h + 1].transpose(1, 2) for t in (q, k, v)), head,
                                                   scale, chunk=chunk)
         out, lse = out[0, :, 0], lse[0, 0]
@@ -239,14 +239,12 @@ def bench_model(run: Run, model: str, s: int, densities, first_round: bool = Tru
         row = {**base, "density": density, "real_density": round(real, 4), "flops": dense_flops * real}
 
         def ours_fwd():
-            return bsa_forward_triton(qs, ks, vs, mask.kv_num_blocks, mask.kv_indices, BS, scale, None, None)
+            return bsa_forward_triton(qs, ks, vs, mask.kv_ptr, mask.kv_cols, BS, scale, None, None)
 
         def ours_fwdbwd(scheme="two_pass"):
             out, lse = ours_fwd()
-            tmask = mask.transpose()
-            return bsa_backward_triton(dos, qs, ks, vs, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       tmask.kv_num_blocks, tmask.kv_indices, BS, scale, None, None,
-                                       scheme=scheme)
+            return bsa_backward_triton(dos, qs, ks, vs, out, lse, mask.kv_ptr, mask.kv_cols,
+                                       *mask.transpose_csr(), BS, scale, None, None, scheme=scheme)
 
         def flex_fwd():
             return _flex_call(("fwd", d), lambda o: flex(q, k, v, block_mask=bm, scale=scale, kernel_options=o))

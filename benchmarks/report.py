@@ -156,7 +156,7 @@ def load(data: dict) -> list[Row]:
             if mg and mg["provider"] == name:
                 other = provs.get(mg["vs"], {}).get("peak_mb")
                 ratio = None if row.peak_mb is None or not other else row.peak_mb / other
-                row.goals.append((f"peak memory <={mg['max_ratio']:g}x of {mg['vs']}", ratio,
+                row.goals.append((f"{mg.get('what', 'peak memory')} <={mg['max_ratio']:g}x of {mg['vs']}", ratio,
                                   ratio is not None and ratio <= mg["max_ratio"]))
             eg = info.get("error_goal")
             if eg and eg["provider"] == name:

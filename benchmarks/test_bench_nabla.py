@@ -5,7 +5,7 @@ Setting: Kandinsky 5 Lite's NABLA (threshold 0.9, STA window (11, 3, 3), bf16 q/
 grids of T frames x 4x4 tiles of 8x8 tokens (64-token blocks): S = 4,096 / 8,192 / 16,384 tokens
 (T = 4 / 8 / 16) at head dim 64, plus head dim 128 at the largest S. The baseline (``official``) is
 given q and k as the official model holds them, (B, H, S, D) views of the (B, S, H, D) projections,
-and ends with the same compact (kv_num_blocks, kv_indices) form. Goals, at S = 16,384 (the reference
+and ends with its dense (kv_num_blocks, kv_indices) table; ours with the mask's compressed rows. Goals, at S = 16,384 (the reference
 shape): ``ours[cpu]`` >= 3x faster with <= 1/3 of the peak memory. The smaller S are plot points.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// Fused NABLA block mask on CPU: pool -> block softmax -> CDF threshold -> STA union -> compact indices.
+// Fused NABLA block mask on CPU: pool -> block softmax -> CDF threshold -> STA union -> compressed rows (ptr, ids).
 //
 // Phase 1 mean-pools q and k over each block of `block_size` tokens into fp32, streaming every token's
 // contiguous H*D row once (the memory-bound part). q lands in (B, H, N, D); k lands transposed in
@@ -223,17 +223,17 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
     pool_blocks<scalar_t>(q, k, valid, block_size, qp.data_ptr<float>(), kt.data_ptr<float>());
   });
 
-  kk::checked_product("nabla_block_mask: output size B * H * N * N", {B, H, N, N});
-  at::Tensor counts = at::empty({B, H, N}, q.options().dtype(at::kInt));
-  at::Tensor indices = at::empty({B, H, N, N}, q.options().dtype(at::kInt));
+  kk::checked_product("nabla_block_mask: mask size B * H * N * N", {B, H, N, N});
+  // Compressed rows: each task keeps its rows' active ids, then they are laid out in row order, so the
+  // mask takes memory in proportion to its active blocks (no (N, N) table).
+  std::vector<int64_t> count(B * H * N, 0);
   const float c = static_cast<float>(1.0 - threshold);  // torch compares the fp32 prefix with fp32(1 - thr)
   const float sqrt_d = static_cast<float>(std::sqrt(static_cast<double>(D)));
   const bool* sta_p = sta_c.defined() ? sta_c.data_ptr<bool>() : nullptr;
   const float* qp_p = qp.data_ptr<float>();
   const float* kt_p = kt.data_ptr<float>();
-  int32_t* counts_p = counts.data_ptr<int32_t>();
-  int32_t* idx_p = indices.data_ptr<int32_t>();
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+  std::vector<std::vector<int32_t>> task_ids(B * H * tiles);
   // The first (b, h, query block) whose block logits are not finite (NaN / inf in q or k, or means so
   // large that q.k overflows fp32): the CDF rule has no meaning there, so the op raises.
   std::atomic<int64_t> bad_row{-1};
@@ -250,13 +250,8 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         float* p = logits.data() + r * N;
-        int32_t* out = idx_p + (bh * N + i) * N;
         const int32_t si = seg_p != nullptr ? seg_p[i] : 0;
-        if (si < 0) {  // a query block past cu_seqlens[-1] belongs to no video: no active block
-          for (int64_t j = 0; j < N; ++j) out[j] = static_cast<int32_t>(j);
-          counts_p[bh * N + i] = 0;
-          continue;
-        }
+        if (si < 0) continue;  // a query block past cu_seqlens[-1] belongs to no video: no active block
         // softmax(logits / sqrt(D)) in fp32, normalised as exp * (1 / sum) like torch's CPU softmax.
         float mx = -std::numeric_limits<float>::infinity();
         if (seg_p == nullptr) {
@@ -290,17 +285,11 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
         if (seg_p != nullptr) {  // never a block of another video (threshold 1 and the STA would add them)
           for (int64_t j = 0; j < N; ++j) keep[j] &= static_cast<uint8_t>(seg_p[j] == si);
         }
-        int32_t active = 0;
-        for (int64_t j = 0; j < N; ++j) active += keep[j];
-        int32_t a = 0, z = active;
-        for (int64_t j = 0; j < N; ++j) {
-          if (keep[j]) {
-            out[a++] = static_cast<int32_t>(j);
-          } else {
-            out[z++] = static_cast<int32_t>(j);
-          }
-        }
-        counts_p[bh * N + i] = active;
+        std::vector<int32_t>& ids = task_ids[task];
+        const size_t before = ids.size();
+        for (int64_t j = 0; j < N; ++j)
+          if (keep[j]) ids.push_back(static_cast<int32_t>(j));
+        count[bh * N + i] = static_cast<int64_t>(ids.size() - before);
       }
     }
   });
@@ -308,7 +297,32 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
   KK_CHECK(bad < 0, "nabla_block_mask needs finite block logits, but query block ", bad % N, " of (b=", bad / N / H,
            ", h=", bad / N % H, ") has a NaN or inf logit: q or k holds NaN/inf, or values so large that "
            "the pooled q.k overflows fp32");
-  return {counts, indices};
+  at::Tensor ptr = at::empty({B, H, N + 1}, q.options().dtype(at::kLong));
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    for (int64_t i = 0; i < N; ++i) {
+      pp[bh * (N + 1) + i] = total;
+      total += count[bh * N + i];
+    }
+    pp[bh * (N + 1) + N] = total;
+  }
+  const bool ids16 = N <= 32768;
+  at::Tensor cols = at::empty({total}, q.options().dtype(ids16 ? at::kShort : at::kInt));
+  at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tiles, i0 = (task % tiles) * kRowTile;
+      const std::vector<int32_t>& ids = task_ids[task];
+      const int64_t at0 = pp[bh * (N + 1) + i0];
+      if (ids16) {
+        int16_t* o = cols.data_ptr<int16_t>() + at0;
+        for (size_t t = 0; t < ids.size(); ++t) o[t] = static_cast<int16_t>(ids[t]);
+      } else {
+        std::copy(ids.begin(), ids.end(), cols.data_ptr<int32_t>() + at0);
+      }
+    }
+  });
+  return {ptr, cols};
 }
 
 }  // namespace

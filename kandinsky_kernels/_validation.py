@@ -79,8 +79,8 @@ def _versions(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor):
 
 
 def mark_mask_checked(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> None:
-    """Record that this (counts, indices) pair passed :func:`check_mask_contents` (or was built valid by
-    the library). The record lives on the index tensor: a weak reference to the counts it was checked
+    """Record that this (counts, indices) pair, or (row pointers, ids) pair, passed
+    :func:`check_mask_contents` / :func:`check_csr_contents` (or was built valid by the library). The record lives on the index tensor: a weak reference to the counts it was checked
     with and both tensors' versions, so pairing it with other counts, or changing either tensor in
     place, makes the next use check again."""
     versions = _versions(kv_num_blocks, kv_indices)
@@ -134,6 +134,53 @@ def check_mask_contents(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *
                 "(each key block may appear once per row)"
             )
     mark_mask_checked(kv_num_blocks, kv_indices)
+
+
+def check_csr_contents(ptr: torch.Tensor, cols: torch.Tensor, num_cols: int, *, force: bool = False,
+                       name: str = "mask") -> None:
+    """ValueError unless the compressed-row mask is well formed: ``ptr`` int64 (Bm, Hm, N + 1) row
+    pointers of consecutive rows (the first 0, each head's last the next head's first, the last,
+    nnz, at most ``cols.numel()``, at most ``num_cols`` entries a row), ``cols[:nnz]`` ids in
+    [0, num_cols), none twice in a row (ids past nnz are unused capacity). Vectorised torch (on a GPU a few host syncs); a pair already checked and
+    unchanged since (:func:`mark_mask_checked`) is not checked again unless ``force``. The C++
+    kernels repeat the check themselves in O(nnz).
+    """
+    if ptr.device.type == "meta" or (not force and _is_marked(ptr, cols)):
+        return
+    if cols.device != ptr.device:
+        raise ValueError(f"{name}: ids on {cols.device} but row pointers on {ptr.device}")
+    bm, hm, n1 = ptr.shape
+    flat = ptr.reshape(bm * hm, n1)
+    counts = flat[:, 1:] - flat[:, :-1]
+    firsts = flat[:, 0]
+    prev_last = torch.cat([firsts.new_zeros(1), flat[:-1, -1]])
+    nnz = int(flat[-1, -1]) if flat.numel() else 0
+    bad = [
+        bool((firsts != prev_last).any()),
+        bool(((counts < 0) | (counts > num_cols)).any()) if counts.numel() else False,
+        nnz > cols.numel(),
+    ]
+    if any(bad):
+        raise ValueError(
+            f"{name}: row pointers (Bm, Hm, N + 1) = {tuple(ptr.shape)} must describe consecutive rows "
+            f"(start at 0, each head's first pointer equal to the previous head's last, 0..{num_cols} "
+            f"entries a row, the last pointer at most the {cols.numel()} ids)"
+        )
+    if nnz:
+        cols = cols[:nnz]  # the rest is unused capacity, never read
+        lo, hi = (int(x) for x in torch.aminmax(cols))
+        if lo < 0 or hi >= num_cols:
+            raise ValueError(f"{name}: block ids must lie in [0, {num_cols}), got values in [{lo}, {hi}]")
+        rows = torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts.reshape(-1))
+        key = torch.sort(rows * num_cols + cols.long()).values
+        dup = key[1:] == key[:-1]
+        if bool(dup.any()):
+            k = int(key[1:][dup][0])
+            r, j = divmod(k, num_cols)
+            h, i = divmod(r, n1 - 1)
+            raise ValueError(f"{name}: block {j} appears twice in row {i} of head {h} "
+                             "(each block may appear once a row)")
+    mark_mask_checked(ptr, cols)
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int, name: str = "cu_seqlens") -> None:

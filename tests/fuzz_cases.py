@@ -125,15 +125,6 @@ def blockwise_oracle(q, k, v, mask):
     return out
 
 
-def raw_mask(counts, indices) -> BlockSparseMask:
-    """A mask whose contents were never checked: built valid, then overwritten in place (the way a
-    user can corrupt one after construction)."""
-    m = full_mask()
-    m.kv_num_blocks.copy_(torch.as_tensor(counts, dtype=torch.int32).expand_as(m.kv_num_blocks))
-    m.kv_indices.copy_(torch.as_tensor(indices, dtype=torch.int32).expand_as(m.kv_indices))
-    return m
-
-
 def _bsa(backend, *args, compiled=False, **kwargs):
     fn = kk.block_sparse_attention
     if compiled:
@@ -173,16 +164,37 @@ for _name, (_counts, _row) in _BAD_MASKS.items():
         indices[0, 0, 0] = torch.tensor(_row, dtype=torch.int32)
         rejects(lambda: BlockSparseMask(counts, indices), _msg)
 
+
+# The compressed rows a mask holds, corrupted in place after construction (as a user can): the
+# attention ops must notice (the mask was checked when built; the in-place change bumps the version).
+_BAD_CSR = {
+    # name: (function corrupting (ptr, cols) of a full NB x NB mask in place), expected message
+    "ptr-decreasing": (lambda p, c: p[0, 0, 1].fill_(-1), "row pointers"),
+    "ptr-row-too-long": (lambda p, c: p[0, 0, 1].fill_(NB + 1), "row pointers"),
+    "ptr-past-the-ids": (lambda p, c: p[0, 0, -1].fill_(NB * NB + 3), "row pointers"),
+    "id-out-of-range": (lambda p, c: c[1].fill_(NB), "block ids must lie in"),
+    "id-negative": (lambda p, c: c[0].fill_(-1), "block ids must lie in"),
+    "id-huge": (lambda p, c: c[0].fill_(torch.iinfo(c.dtype).max), "block ids must lie in"),
+    "id-repeated": (lambda p, c: c[1].copy_(c[0]), "appears twice"),
+}
+
+for _name, (_corrupt, _msg) in _BAD_CSR.items():
     for _backend in ATTN_BACKENDS:
-        for _compiled in (False, True) if _name in ("index-out-of-range", "index-repeated") else (False,):
+        for _compiled in (False, True) if _name in ("id-out-of-range", "id-repeated") else (False,):
 
             @case(f"bsa-{_backend}{'-compiled' if _compiled else ''}-mutated-mask-{_name}")
-            def _(_counts=_counts, _row=_row, _msg=_msg, _backend=_backend, _compiled=_compiled):
+            def _(_corrupt=_corrupt, _msg=_msg, _backend=_backend, _compiled=_compiled):
                 q, k, v = qkv()
                 m = full_mask()
-                m.kv_num_blocks[..., 0] = _counts[0]
-                m.kv_indices[0, 0, 0] = torch.tensor(_row, dtype=torch.int32)
+                _corrupt(m.kv_ptr, m.kv_cols)
                 rejects(lambda: _bsa(_backend, q, k, v, m, compiled=_compiled), _msg)
+
+    @case(f"mask-validate-{_name}")
+    def _(_corrupt=_corrupt, _msg=_msg):
+        m = full_mask()
+        _corrupt(m.kv_ptr, m.kv_cols)
+        rejects(m.validate, _msg)
+        rejects(lambda: BlockSparseMask.from_csr(m.kv_ptr, m.kv_cols, NB), _msg)
 
 
 for _backend in ATTN_BACKENDS:
@@ -191,10 +203,9 @@ for _backend in ATTN_BACKENDS:
     def _(_backend=_backend):
         q, k, v = qkv(1)
         clean = band_mask()
-        dirty = band_mask()
-        active = torch.arange(NB) < dirty.kv_num_blocks[..., None]
-        dirty.kv_indices.masked_fill_(~active, -7)  # never read: any value is allowed there
-        dirty.validate()
+        counts, indices = clean.kv_num_blocks, clean.kv_indices
+        active = torch.arange(NB) < counts[..., None]
+        dirty = BlockSparseMask(counts, indices.masked_fill(~active, -7))  # the tail is never read
         agrees(_bsa(_backend, q, k, v, dirty), oracle(q, k, v, clean))
 
     @case(f"bsa-{_backend}-odd-strides")
@@ -342,7 +353,7 @@ for _backend in ATTN_BACKENDS:
     @case(f"bsa-{_backend}-rejects-mask-on-other-device")
     def _(_backend=_backend):
         m = full_mask()
-        m = BlockSparseMask(m.kv_num_blocks.to("meta"), m.kv_indices.to("meta"))
+        m = BlockSparseMask.from_csr(m.kv_ptr.to("meta"), m.kv_cols.to("meta"), NB)
         rejects(lambda: _bsa(_backend, *qkv(), m), "mask on meta")
 
     @case(f"bsa-{_backend}-rejects-dense-tensor-as-mask")
@@ -379,8 +390,8 @@ def _():
     m = band_mask()
     want = m.to_dense_blocks()
     active = torch.arange(NB) < m.kv_num_blocks[..., None]
-    m.kv_indices.masked_fill_(~active, 99)
-    assert torch.equal(m.to_dense_blocks(), want)
+    dirty = BlockSparseMask(m.kv_num_blocks, m.kv_indices.masked_fill(~active, 99))
+    assert torch.equal(dirty.to_dense_blocks(), want)
 
 
 # ---------------------------------------------------------------------------------- fractal

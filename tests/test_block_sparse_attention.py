@@ -400,7 +400,7 @@ def test_reference_backend_through_the_custom_ops():
     q, k, v = (x.requires_grad_() for x in qkv(1, 128, 1, 32, torch.float32))
     mask = random_mask(1, 1, 2, 0.5)
     with use_backend("reference"):
-        out = bsa_mod._fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, 64, 32**-0.5, None, None)[0]
+        out = bsa_mod._fwd_op(q, k, v, mask.kv_ptr, mask.kv_cols, 64, 32**-0.5, None, None)[0]
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     ref = block_sparse_attention_reference(q, k, v, mask)
     expected = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))

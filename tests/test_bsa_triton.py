@@ -50,10 +50,10 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
     m_dev = mask.to(dev)
     tv_dev = None if token_valid is None else token_valid.to(dev)
     cu_dev = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=dev)
-    out, lse_k = bsa.bsa_forward_triton(q, k, v, m_dev.kv_num_blocks, m_dev.kv_indices, mask.block_size,
+    out, lse_k = bsa.bsa_forward_triton(q, k, v, m_dev.kv_ptr, m_dev.kv_cols, mask.block_size,
                                         scale, tv_dev, cu_dev)
-    ref_mask = BlockSparseMask(mask.kv_num_blocks, mask.kv_indices, mask.block_size,
-                               token_valid=None if token_valid is None else token_valid.reshape(-1, s))
+    ref_mask = BlockSparseMask.from_csr(mask.kv_ptr, mask.kv_cols, mask.num_kv_blocks, mask.block_size,
+                                        token_valid=None if token_valid is None else token_valid.reshape(-1, s))
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
     qc, kc, vc = (t.detach().cpu() for t in (q, k, v))
     ref_in = [t.double().requires_grad_(grads) for t in (qc, kc, vc)]
@@ -72,8 +72,8 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
     ref_out.backward(do.double())
     torch_out.backward(do)
     t = mask.transpose().to(dev)
-    grads_k = bsa.bsa_backward_triton(do.to(dev), q, k, v, out, lse_k, m_dev.kv_num_blocks, m_dev.kv_indices,
-                                      t.kv_num_blocks, t.kv_indices, mask.block_size, scale, tv_dev, cu_dev,
+    grads_k = bsa.bsa_backward_triton(do.to(dev), q, k, v, out, lse_k, m_dev.kv_ptr, m_dev.kv_cols,
+                                      t.kv_ptr, t.kv_cols, mask.block_size, scale, tv_dev, cu_dev,
                                       scheme=scheme)
     for name, g, r, tt in zip(("dq", "dk", "dv"), grads_k, ref_in, torch_in):
         assert_close_to_reference(g.cpu(), r.grad, tt.grad, grad=True, name=name)
@@ -116,7 +116,7 @@ def test_mask_broadcast_over_batch_and_heads(triton_device):
     b, h, s, d = 2, 2, 128, 16
     blocks = torch.tensor([[True, False], [True, True]])  # (Nq, Nk) -> mask (1, 1, Nq, Nk)
     mask = BlockSparseMask.from_dense_blocks(blocks, BS)
-    assert mask.kv_indices.shape[:2] == (1, 1)
+    assert mask.kv_ptr.shape[:2] == (1, 1)
     _check(*_inputs(b, s, h, d, torch.float32, triton_device), mask, scale=0.3)
 
 
@@ -202,13 +202,13 @@ def test_rejects_bad_arguments(triton_device):
     q = torch.randn(1, 128, 1, 64, device=triton_device)
     mask = BlockSparseMask.from_dense_blocks(torch.ones(2, 2, dtype=torch.bool), BS).to(triton_device)
     with pytest.raises(ValueError, match="block_size"):
-        bsa.bsa_forward_triton(q, q, q, mask.kv_num_blocks, mask.kv_indices, 48, None, None, None)
+        bsa.bsa_forward_triton(q, q, q, mask.kv_ptr, mask.kv_cols, 48, None, None, None)
     with pytest.raises(ValueError, match="sequence lengths"):
         q3 = torch.randn(1, 192, 1, 64, device=triton_device)
-        bsa.bsa_forward_triton(q3, q3, q3, mask.kv_num_blocks, mask.kv_indices, BS, None, None, None)
+        bsa.bsa_forward_triton(q3, q3, q3, mask.kv_ptr, mask.kv_cols, BS, None, None, None)
     with pytest.raises(ValueError, match="head dim"):
         q5 = torch.randn(1, 128, 1, 40, device=triton_device)
-        bsa.bsa_forward_triton(q5, q5, q5, mask.kv_num_blocks, mask.kv_indices, BS, None, None, None)
+        bsa.bsa_forward_triton(q5, q5, q5, mask.kv_ptr, mask.kv_cols, BS, None, None, None)
 
 
 def test_backward_scheme_selection(triton_device, monkeypatch):
@@ -259,7 +259,11 @@ def types(fn, dt, consts):
             sig[name] = "*fp32"
         elif name == "TokValid":
             sig[name] = "*u8"
-        elif name in ("KVNum", "KVIdx", "QNum", "QIdx", "QSeg", "KSeg"):
+        elif name in ("KVPtr", "QPtr"):  # the mask's compressed rows: int64 row pointers, int16 ids
+            sig[name] = "*i64"
+        elif name in ("KVCols", "QCols"):
+            sig[name] = "*i16"
+        elif name in ("QSeg", "KSeg"):
             sig[name] = "*i32"
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
@@ -274,8 +278,6 @@ def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64, atomic=Fa
                       BLOCK_N=bn)
     # what a launch specialises: unit strides become the constant 1, other strides/pointers divisible by 16
     last = [n for n in fn.arg_names if re.fullmatch(r"stride_(q|k|v|o|d|dq|dk|dv|a)d", n)]
-    last += ["stride_ik" if "stride_iq" in fn.arg_names and fn.arg_names.index("stride_iq")
-             < fn.arg_names.index("stride_ik") else "stride_iq"] if "stride_ik" in fn.arg_names else []
     consts.update({n: 1 for n in last})
     sig = types(fn, dt, consts)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

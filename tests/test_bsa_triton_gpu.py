@@ -76,7 +76,7 @@ def _flex(q, k, v, mask, scale):
 
 
 def _run(q, k, v, mask, scale, cu=None):
-    return _bsa().bsa_forward_triton(q, k, v, mask.kv_num_blocks, mask.kv_indices, BS, scale,
+    return _bsa().bsa_forward_triton(q, k, v, mask.kv_ptr, mask.kv_cols, BS, scale,
                                      mask.token_valid, cu)
 
 
@@ -107,8 +107,8 @@ def test_backward_bf16_vs_reference_and_flex(d, scheme, monkeypatch):
     t = mask.transpose()
     scale = 1.0 / math.sqrt(d)
     out, lse = _run(q, k, v, mask, scale)
-    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, None, scheme=scheme)
+    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_ptr, mask.kv_cols,
+                                       t.kv_ptr, t.kv_cols, BS, scale, None, None, scheme=scheme)
     ref = _dense_autograd(q, k, v, mask, scale, torch.float32, do)
     plain = _dense_autograd(q, k, v, mask, scale, torch.bfloat16, do)
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref, plain):
@@ -135,8 +135,8 @@ def test_padding_and_broadcast_mask(no_autotune, dtype, scheme):
     assert_close_to_reference(out, ref, plain)
     do = torch.randn_like(q)
     t = mask.transpose()
-    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, token_valid, None,
+    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_ptr, mask.kv_cols,
+                                       t.kv_ptr, t.kv_cols, BS, scale, token_valid, None,
                                        scheme=scheme)
     ref_g = _dense_autograd(q, k, v, mask, scale, torch.float32, do)
     plain_g = _dense_autograd(q, k, v, mask, scale, dtype, do)
@@ -160,8 +160,8 @@ def test_varlen_segments(no_autotune, scheme):
     assert torch.isneginf(lse[0, :, 4000:]).all()
     do = torch.randn_like(q)
     t = mask.transpose()
-    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_num_blocks, mask.kv_indices,
-                                       t.kv_num_blocks, t.kv_indices, BS, scale, None, cu, scheme=scheme)
+    grads = _bsa().bsa_backward_triton(do, q, k, v, out, lse, mask.kv_ptr, mask.kv_cols,
+                                       t.kv_ptr, t.kv_cols, BS, scale, None, cu, scheme=scheme)
     assert all(torch.isfinite(g).all() for g in grads)
     assert torch.equal(grads[0][0, 4000:], torch.zeros_like(grads[0][0, 4000:]))
 

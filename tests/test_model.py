@@ -617,7 +617,7 @@ def test_gpu_forward_matches_plain_reference(backend, latent_grid):
             out = gpu(*args, attention_backend=backend)
     masks = None
     if backend == "nabla":
-        assert all(r.kv_indices.is_cuda for r in records)
+        assert all(r.kv_cols.is_cuda for r in records)
         records = [r.to("cpu") for r in records]
         assert sum(r.density for r in records) / len(records) < 1.0
         grid = (latent_grid[0], latent_grid[1] // 2, latent_grid[2] // 2)

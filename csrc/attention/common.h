@@ -1,8 +1,10 @@
 // Block-sparse attention on the CPU: what every ISA path shares (compiled once, no ISA flags).
 //
 // Layout: q, k, v, out (B, S, H, D) with any strides except a unit stride on D; lse (B, H, S) fp32,
-// natural log, -inf for a query row that sees no key. Mask (BlockSparseMask): kv_num_blocks (Bm, Hm,
-// Nq), kv_indices (Bm, Hm, Nq, Nk) with Bm in {1, B}, Hm in {1, H} (broadcast). Optional token_valid
+// natural log, -inf for a query row that sees no key. Mask (BlockSparseMask), compressed rows: kv_ptr
+// int64 (Bm, Hm, Nq + 1), row i of (bm, hm) holding the key-block ids kv_cols[kv_ptr[bm, hm, i] ..
+// kv_ptr[bm, hm, i + 1]) of kv_cols int16 or int32 (nnz,), with Bm in {1, B}, Hm in {1, H} (broadcast);
+// the backward also takes its transpose (q_ptr (Bm, Hm, Nk + 1), q_cols: query-block ids). Optional token_valid
 // (Bt, S) bool with Bt in {1, B} (False = pad key) and cu_seqlens int32 (n+1,) (packed videos, B == 1).
 //
 // Files: common.h / problem.cpp (this: the problem, its checks, the schedules), dispatch.cpp (the ops
@@ -19,7 +21,10 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
+
+#include "../registration.h"
 
 namespace kk::attn {
 
@@ -39,8 +44,15 @@ struct Problem {
   int64_t B, Sq, Sk, H, D, bs, nq, nk;  // query / key tokens and blocks (Sq = nq * bs, Sk = nk * bs)
   int64_t Bm, Hm, Bt;          // mask batch/heads and token_valid batch (1 = broadcast)
   float scale;
-  const int32_t* kv_num;  // (Bm, Hm, nq)
-  const int32_t* kv_idx;  // (Bm, Hm, nq, nk)
+  // The mask, compressed rows (checked by make_problem): row r = mask_row(b, h, i) spans
+  // [kv_ptr[r], kv_ptr[r + 1]) of kv_cols (int16 where kv_cols16, else int32).
+  const int64_t* kv_ptr;
+  const void* kv_cols;
+  bool kv_cols16;
+  // Backward only: its transpose (rows mask_row_t), set by set_transposed.
+  const int64_t* q_ptr = nullptr;
+  const void* q_cols = nullptr;
+  bool q_cols16 = false;
   // Per-token codes: a query row attends key column only where qcode == kcode. qcode: segment id, or
   // -4 beyond cu_seqlens[-1]; kcode (Bt, Sk): segment id, or -3 for a pad / beyond-the-end key.
   std::vector<int32_t> qcode, kcode;
@@ -51,12 +63,17 @@ struct Problem {
   // so it enters as Delta_i - dlse_i in dS = P * (dP - Delta).
   const float* dlse = nullptr;
 
+  // Index into kv_ptr of query block i's row: its entries are [kv_ptr[r], kv_ptr[r + 1]).
   int64_t mask_row(int64_t b, int64_t h, int64_t i) const {
-    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nq + i;
+    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * (nq + 1) + i;
   }
-  // Row of key block j in the transposed mask (Bm, Hm, nk).
+  // Index into q_ptr of key block j's row in the transposed mask.
   int64_t mask_row_t(int64_t b, int64_t h, int64_t j) const {
-    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nk + j;
+    return ((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * (nk + 1) + j;
+  }
+  int64_t kv_count(int64_t row) const { return kv_ptr[row + 1] - kv_ptr[row]; }
+  int32_t kv_col(int64_t s) const {
+    return kv_cols16 ? static_cast<const int16_t*>(kv_cols)[s] : static_cast<const int32_t*>(kv_cols)[s];
   }
   int64_t tb(int64_t b) const { return Bt == 1 ? 0 : b; }
   const int32_t* kcode_of(int64_t b) const { return kcode.data() + tb(b) * Sk; }
@@ -72,9 +89,22 @@ struct Problem {
 
 
 // cu_seqlens: int32 (n+1,) offsets of both sides (Sq == Sk), or (2, n+1): query offsets, key offsets.
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_num_blocks,
-                     const at::Tensor& kv_indices, int64_t block_size, double scale,
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_ptr,
+                     const at::Tensor& kv_cols, int64_t block_size, double scale,
                      const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens);
+
+// Checks the transposed mask (what bsa_mask_transpose returns for the problem's mask) and points p at it.
+void set_transposed(Problem& p, const at::Tensor& q_ptr, const at::Tensor& q_cols);
+
+// A compressed-row block mask, every entry checked: CPU, ptr int64 contiguous (Bm, Hm, rows + 1) with
+// rows following each other (ptr[0] = 0, non-decreasing, each head's last pointer the next head's first,
+// the last <= cols.numel(): ids past it are unused capacity), at most `ncols` entries a row, cols int16 /
+// int32 contiguous, the ids of the rows in [0, ncols) and no id twice in a row. O(nnz).
+void check_csr(const at::Tensor& ptr, const at::Tensor& cols, int64_t rows, int64_t ncols, const char* name);
+
+// The transpose of a checked mask (counting sort, O(nnz)): (ptr (Bm, Hm, ncols + 1), cols) with each
+// row's ids ascending; cols int16 where rows <= 32767.
+std::tuple<at::Tensor, at::Tensor> csr_transpose(const at::Tensor& ptr, const at::Tensor& cols, int64_t ncols);
 
 // q (B, Sq, H, D), k and v (B, Sk, H, D): CPU, 4-D, one dtype, unit stride on D.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
@@ -97,14 +127,13 @@ inline void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const in
 inline int64_t active_blocks(const Problem& p, int64_t b, int64_t h, int64_t i, std::vector<int32_t>& out,
                              std::vector<int8_t>& mode) {
   const int64_t row = p.mask_row(b, h, i);
-  const int32_t n = p.kv_num[row];
-  const int32_t* idx = p.kv_idx + row * p.nk;
   out.clear();
   mode.clear();
-  for (int32_t t = 0; t < n; ++t) {
-    const PairMode m = p.pair(b, i, idx[t]);
+  for (int64_t s = p.kv_ptr[row]; s < p.kv_ptr[row + 1]; ++s) {
+    const int32_t j = p.kv_col(s);
+    const PairMode m = p.pair(b, i, j);
     if (m == kSkip) continue;
-    out.push_back(idx[t]);
+    out.push_back(j);
     mode.push_back(m);
   }
   return static_cast<int64_t>(out.size());
@@ -135,7 +164,7 @@ template <typename Body>
 void over_query_blocks(const Problem& p, const Body& body) {
   const int64_t nb = p.nq, H = p.H;
   const auto cost = [&](int64_t task) {
-    return static_cast<int64_t>(p.kv_num[p.mask_row(task / (nb * H), (task / nb) % H, task % nb)]);
+    return p.kv_count(p.mask_row(task / (nb * H), (task / nb) % H, task % nb));
   };
   parallel_balanced(p.B * H * nb, cost, body);
 }
@@ -146,13 +175,21 @@ void over_query_blocks(const Problem& p, const Body& body) {
 // j)`: block j transposed (D x bs, ld bs) and multiplied by `tile_mul`, the B operand of q.k^T;
 
 
-// The mask seen from the key side, CSR per (mask batch, mask head, key block) (rows mask_row_t):
-// ascending query blocks.
+// The mask seen from the key side (the problem's q_ptr / q_cols, rows mask_row_t): row j of (b, h)
+// lists the query blocks that attend to key block j, ascending.
 struct Transposed {
-  std::vector<int32_t> off, idx;
+  const int64_t* off;
+  const void* idx;
+  bool idx16;
+  int32_t at(int64_t s) const {
+    return idx16 ? static_cast<const int16_t*>(idx)[s] : static_cast<const int32_t*>(idx)[s];
+  }
 };
 
-Transposed transpose_mask(const Problem& p);
+inline Transposed transpose_mask(const Problem& p) {
+  KK_CHECK(p.q_ptr != nullptr, "the backward needs the transposed mask (set_transposed)");
+  return Transposed{p.q_ptr, p.q_cols, p.q_cols16};
+}
 
 // blocks; each thread makes one worker (make()) and calls run(worker, b, h, j) per task.
 template <class Make, class Run>
@@ -177,10 +214,11 @@ inline int64_t key_block_pairs(const Problem& p, const Transposed& tr, int64_t b
   const int64_t row = p.mask_row_t(b, h, j);
   blocks.clear();
   modes.clear();
-  for (int32_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
-    const PairMode md = p.pair(b, tr.idx[s], j);
+  for (int64_t s = tr.off[row]; s < tr.off[row + 1]; ++s) {
+    const int32_t i = tr.at(s);
+    const PairMode md = p.pair(b, i, j);
     if (md == kSkip) continue;
-    blocks.push_back(tr.idx[s]);
+    blocks.push_back(i);
     modes.push_back(md);
   }
   return static_cast<int64_t>(blocks.size());

@@ -148,12 +148,12 @@ Isa chosen() {
 #endif
 
 std::tuple<at::Tensor, at::Tensor> bsa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+                                           const at::Tensor& kv_ptr, const at::Tensor& kv_cols,
                                            int64_t block_size, double scale,
                                            const std::optional<at::Tensor>& token_valid,
                                            const std::optional<at::Tensor>& cu_seqlens) {
   check_qkv(q, k, v);
-  const Problem p = make_problem(q, k, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
+  const Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   KK_ON_PATH(forward(p, q, k, v, out, lse))
@@ -162,14 +162,15 @@ std::tuple<at::Tensor, at::Tensor> bsa_fwd(const at::Tensor& q, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num_blocks,
-    const at::Tensor& kv_indices, int64_t block_size, double scale,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_ptr, const at::Tensor& kv_cols,
+    const at::Tensor& q_ptr, const at::Tensor& q_cols, int64_t block_size, double scale,
     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v);
   check_like_q(q, dout, "dout");
   check_like_q(q, out, "out");
-  Problem p = make_problem(q, k, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens);
+  Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens);
+  set_transposed(p, q_ptr, q_cols);
   KK_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Sq}) &&
                lse.is_contiguous(),
            "lse must be contiguous fp32 (B, H, Sq), got ", lse.scalar_type(), " ", lse.sizes());
@@ -184,6 +185,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   KK_ON_PATH(backward(p, dout, q, k, v, out, lse, dq, dk, dv))
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> bsa_mask_transpose(const at::Tensor& kv_ptr, const at::Tensor& kv_cols,
+                                                      int64_t num_kv_blocks) {
+  return csr_transpose(kv_ptr, kv_cols, num_kv_blocks);
 }
 
 std::string cpu_isa() { return kNames[static_cast<int>(chosen())]; }
@@ -209,12 +215,14 @@ std::vector<std::string> cpu_isa_report() {
 
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def(
-      "bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
+      "bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_ptr, Tensor kv_cols, int block_size, "
       "float scale, Tensor? token_valid, Tensor? cu_seqlens) -> (Tensor, Tensor)");
   m.def(
-      "bsa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks, "
-      "Tensor kv_indices, int block_size, float scale, Tensor? token_valid, Tensor? cu_seqlens, "
+      "bsa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_ptr, "
+      "Tensor kv_cols, Tensor q_ptr, Tensor q_cols, int block_size, float scale, Tensor? token_valid, "
+      "Tensor? cu_seqlens, "
       "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+  m.def("bsa_mask_transpose(Tensor kv_ptr, Tensor kv_cols, int num_kv_blocks) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &kk::attn::cpu_isa);
   m.def("cpu_isas() -> str[]", &kk::attn::cpu_isas);
   m.def("cpu_isa_report() -> str[]", &kk::attn::cpu_isa_report);
@@ -223,4 +231,5 @@ TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
 TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) {
   m.impl("bsa_fwd", &kk::attn::bsa_fwd);
   m.impl("bsa_bwd", &kk::attn::bsa_bwd);
+  m.impl("bsa_mask_transpose", &kk::attn::bsa_mask_transpose);
 }

@@ -9,8 +9,106 @@
 
 namespace kk::attn {
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_num_blocks,
-                     const at::Tensor& kv_indices, int64_t block_size, double scale,
+namespace {
+template <typename T>
+void check_csr_cols(const int64_t* ptr, const T* cols, int64_t heads, int64_t rows, int64_t ncols, const char* name) {
+  // `seen[j] == r + 1` marks id j as used in row r without clearing between rows.
+  std::vector<int64_t> seen(ncols, 0);
+  for (int64_t hd = 0; hd < heads; ++hd)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = hd * (rows + 1) + i;
+      for (int64_t s = ptr[r]; s < ptr[r + 1]; ++s) {
+        const int64_t j = cols[s];
+        KK_CHECK(j >= 0 && j < ncols, name, ": block ids must lie in [0, ", ncols, "), got ", j, " in row ", i,
+                 " of head ", hd);
+        KK_CHECK(seen[j] != r + 1, name, ": block ", j, " appears twice in row ", i, " of head ", hd,
+                 " (each block may appear once a row)");
+        seen[j] = r + 1;
+      }
+    }
+}
+
+const char* kCsrLayout = "int64 (Bm, Hm, rows + 1) row pointers and int16/int32 (nnz,) block ids";
+}  // namespace
+
+void check_csr(const at::Tensor& ptr, const at::Tensor& cols, int64_t rows, int64_t ncols, const char* name) {
+  KK_CHECK(ptr.device().is_cpu() && cols.device().is_cpu(), name, " must be on the CPU, got ", ptr.device(),
+           " and ", cols.device());
+  KK_CHECK(ptr.scalar_type() == at::kLong && ptr.dim() == 3 && ptr.size(2) == rows + 1 && ptr.is_contiguous(),
+           name, " must be ", kCsrLayout, " with rows = ", rows, ": got pointers ", ptr.scalar_type(), " ",
+           ptr.sizes(), ptr.is_contiguous() ? "" : " (not contiguous)");
+  KK_CHECK((cols.scalar_type() == at::kShort || cols.scalar_type() == at::kInt) && cols.dim() == 1 &&
+               cols.is_contiguous(),
+           name, " must be ", kCsrLayout, ": got block ids ", cols.scalar_type(), " ", cols.sizes());
+  KK_CHECK(cols.scalar_type() == at::kInt || ncols <= 32768, name, " has ", ncols,
+           " blocks a row, too many for int16 block ids: use int32");
+  const int64_t heads = ptr.size(0) * ptr.size(1);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  int64_t prev = 0;
+  for (int64_t hd = 0; hd < heads; ++hd)
+    for (int64_t i = 0; i <= rows; ++i) {
+      const int64_t x = p[hd * (rows + 1) + i];
+      // the first pointer of a head repeats the last of the one before
+      KK_CHECK(i == 0 ? x == prev : (x >= prev && x - prev <= ncols), name, ": row pointers must start at 0, "
+               "each head's first equal the previous head's last, and grow by 0..", ncols, " a row; got ", x,
+               " after ", prev, " at (head ", hd, ", ", i, ")");
+      prev = x;
+    }
+  // ids past the last pointer are unused capacity (a compiled graph's fixed-size mask carries some)
+  KK_CHECK(prev <= cols.numel(), name, ": row pointers end at ", prev, " but there are only ", cols.numel(),
+           " block ids");
+  if (cols.scalar_type() == at::kShort)
+    check_csr_cols(p, cols.data_ptr<int16_t>(), heads, rows, ncols, name);
+  else
+    check_csr_cols(p, cols.data_ptr<int32_t>(), heads, rows, ncols, name);
+}
+
+namespace {
+template <typename In, typename Out>
+void transpose_into(const int64_t* ptr, const In* cols, int64_t heads, int64_t rows, int64_t ncols, int64_t* tptr,
+                    Out* tcols) {
+  // counting sort, head by head: counts per column, prefix sums, then rows in ascending order
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    const int64_t* hp = ptr + hd * (rows + 1);
+    int64_t* tp = tptr + hd * (ncols + 1);
+    std::fill(tp, tp + ncols + 1, 0);
+    for (int64_t s = hp[0]; s < hp[rows]; ++s) ++tp[cols[s] + 1];
+    tp[0] = hp[0];
+    for (int64_t j = 0; j < ncols; ++j) tp[j + 1] += tp[j];
+    std::vector<int64_t> fill(tp, tp + ncols);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t s = hp[i]; s < hp[i + 1]; ++s) tcols[fill[cols[s]]++] = static_cast<Out>(i);
+  }
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> csr_transpose(const at::Tensor& ptr, const at::Tensor& cols, int64_t ncols) {
+  KK_CHECK(ptr.dim() == 3, "the mask's row pointers must be (Bm, Hm, rows + 1), got ", ptr.sizes());
+  KK_CHECK(ncols >= 0, "the number of key blocks must be >= 0, got ", ncols);
+  const int64_t rows = ptr.size(2) - 1;
+  check_csr(ptr, cols, rows, ncols, "the mask");
+  const int64_t heads = ptr.size(0) * ptr.size(1);
+  at::Tensor tptr = at::empty({ptr.size(0), ptr.size(1), ncols + 1}, ptr.options());
+  const bool out16 = rows <= 32768;
+  // the same length as the input (capacity included), so its size is known before it runs
+  at::Tensor tcols = at::zeros({cols.numel()}, cols.options().dtype(out16 ? at::kShort : at::kInt));
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  int64_t* tp = tptr.data_ptr<int64_t>();
+  const auto run = [&](auto* out) {
+    if (cols.scalar_type() == at::kShort)
+      transpose_into(p, cols.data_ptr<int16_t>(), heads, rows, ncols, tp, out);
+    else
+      transpose_into(p, cols.data_ptr<int32_t>(), heads, rows, ncols, tp, out);
+  };
+  if (out16)
+    run(tcols.data_ptr<int16_t>());
+  else
+    run(tcols.data_ptr<int32_t>());
+  return {tptr, tcols};
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_ptr,
+                     const at::Tensor& kv_cols, int64_t block_size, double scale,
                      const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens) {
   Problem p;
   p.B = q.size(0);
@@ -25,42 +123,18 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.nk = p.Sk / block_size;
   KK_CHECK(p.D > 0 && p.D % 16 == 0 && block_size % 16 == 0, "head dim D=", p.D, " and block_size=",
            block_size, " must be positive multiples of 16");
-  KK_CHECK_CPU(kv_num_blocks);
-  KK_CHECK_CPU(kv_indices);
   if (token_valid.has_value() && token_valid->defined()) KK_CHECK_CPU(*token_valid);
   if (cu_seqlens.has_value() && cu_seqlens->defined()) KK_CHECK_CPU(*cu_seqlens);
-  KK_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4, "kv_num_blocks must be (B, H, Nq) and "
-           "kv_indices (B, H, Nq, Nk), got ", kv_num_blocks.sizes(), " and ", kv_indices.sizes());
-  KK_CHECK(kv_num_blocks.scalar_type() == at::kInt && kv_indices.scalar_type() == at::kInt,
-           "kv_num_blocks and kv_indices must be int32");
-  p.Bm = kv_indices.size(0);
-  p.Hm = kv_indices.size(1);
-  KK_CHECK((p.Bm == 1 || p.Bm == p.B) && (p.Hm == 1 || p.Hm == p.H) && kv_indices.size(2) == p.nq &&
-               kv_indices.size(3) == p.nk && kv_num_blocks.sizes() == kv_indices.sizes().slice(0, 3),
-           "mask shape ", kv_indices.sizes(), " does not fit B=", p.B, " H=", p.H, " query blocks=", p.nq,
-           " key blocks=", p.nk);
-  KK_CHECK(kv_num_blocks.is_contiguous() && kv_indices.is_contiguous(), "mask tensors must be contiguous");
-  p.kv_num = kv_num_blocks.data_ptr<int32_t>();
-  p.kv_idx = kv_indices.data_ptr<int32_t>();
-  // Every index is read by the kernels, so the whole active part is checked first, in O(active
-  // blocks): counts in range, ids in range and no id twice in a row (a repeat would count its block
-  // twice). `seen[j] == row + 1` marks id j as used in this row without clearing between rows.
-  {
-    std::vector<int64_t> seen(p.nk, 0);
-    for (int64_t row = 0; row < p.Bm * p.Hm * p.nq; ++row) {
-      const int32_t n = p.kv_num[row];
-      KK_CHECK(n >= 0 && n <= p.nk, "kv_num_blocks must lie in [0, Nk=", p.nk, "], got ", n,
-               " at flat index ", row);
-      for (int32_t t = 0; t < n; ++t) {
-        const int32_t j = p.kv_idx[row * p.nk + t];
-        KK_CHECK(j >= 0 && j < p.nk, "kv_indices must lie in [0, Nk=", p.nk, ") in the first kv_num_blocks "
-                 "entries of each row, got ", j, " in row ", row);
-        KK_CHECK(seen[j] != row + 1, "kv_indices repeats block ", j, " in the active part of row ", row,
-                 " (each key block may appear once)");
-        seen[j] = row + 1;
-      }
-    }
-  }
+  KK_CHECK(kv_ptr.dim() == 3, "the mask's row pointers must be (Bm, Hm, Nq + 1), got ", kv_ptr.sizes());
+  p.Bm = kv_ptr.size(0);
+  p.Hm = kv_ptr.size(1);
+  KK_CHECK((p.Bm == 1 || p.Bm == p.B) && (p.Hm == 1 || p.Hm == p.H) && kv_ptr.size(2) == p.nq + 1,
+           "mask row pointers ", kv_ptr.sizes(), " do not fit B=", p.B, " H=", p.H, " query blocks=", p.nq);
+  // Every index is read by the kernels, so the whole mask is checked first, in O(active blocks).
+  check_csr(kv_ptr, kv_cols, p.nq, p.nk, "the mask");
+  p.kv_ptr = kv_ptr.data_ptr<int64_t>();
+  p.kv_cols = kv_cols.data_ptr();
+  p.kv_cols16 = kv_cols.scalar_type() == at::kShort;
   KK_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   p.scale = static_cast<float>(scale);
 
@@ -135,26 +209,27 @@ void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name) {
 
 
 
-Transposed transpose_mask(const Problem& p) {
-  Transposed t;
-  const int64_t rows = p.Bm * p.Hm * p.nk;
-  std::vector<int32_t> count(rows, 0);
-  for (int64_t bh = 0; bh < p.Bm * p.Hm; ++bh)
-    for (int64_t i = 0; i < p.nq; ++i) {
-      const int64_t row = bh * p.nq + i;
-      for (int32_t s = 0; s < p.kv_num[row]; ++s) ++count[bh * p.nk + p.kv_idx[row * p.nk + s]];
-    }
-  t.off.assign(rows + 1, 0);
-  for (int64_t r = 0; r < rows; ++r) t.off[r + 1] = t.off[r] + count[r];
-  t.idx.resize(t.off[rows]);
-  std::vector<int32_t> fill(t.off.begin(), t.off.end() - 1);
-  for (int64_t bh = 0; bh < p.Bm * p.Hm; ++bh)
-    for (int64_t i = 0; i < p.nq; ++i) {
-      const int64_t row = bh * p.nq + i;
-      for (int32_t s = 0; s < p.kv_num[row]; ++s)
-        t.idx[fill[bh * p.nk + p.kv_idx[row * p.nk + s]]++] = static_cast<int32_t>(i);
-    }
-  return t;
+void set_transposed(Problem& p, const at::Tensor& q_ptr, const at::Tensor& q_cols) {
+  KK_CHECK(q_ptr.dim() == 3 && q_ptr.size(0) == p.Bm && q_ptr.size(1) == p.Hm && q_ptr.size(2) == p.nk + 1,
+           "the transposed mask's row pointers must be (Bm, Hm, Nk + 1) = (", p.Bm, ", ", p.Hm, ", ", p.nk + 1,
+           "), got ", q_ptr.sizes());
+  check_csr(q_ptr, q_cols, p.nk, p.nq, "the transposed mask");
+  const int64_t nnz = p.kv_ptr[p.Bm * p.Hm * (p.nq + 1) - 1];
+  const int64_t tnnz = q_ptr.data_ptr<int64_t>()[p.Bm * p.Hm * (p.nk + 1) - 1];
+  KK_CHECK(tnnz == nnz, "the transposed mask holds ", tnnz, " blocks, the mask ", nnz);
+  // Each key block's count must match the mask's (O(nnz)); the transpose comes from bsa_mask_transpose.
+  std::vector<int64_t> count(p.nk);
+  const int64_t* tp = q_ptr.data_ptr<int64_t>();
+  for (int64_t hd = 0; hd < p.Bm * p.Hm; ++hd) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t s = p.kv_ptr[hd * (p.nq + 1)]; s < p.kv_ptr[hd * (p.nq + 1) + p.nq]; ++s) ++count[p.kv_col(s)];
+    for (int64_t j = 0; j < p.nk; ++j)
+      KK_CHECK(tp[hd * (p.nk + 1) + j + 1] - tp[hd * (p.nk + 1) + j] == count[j], "the transposed mask is not the "
+               "transpose of the mask (key block ", j, " of head ", hd, ")");
+  }
+  p.q_ptr = tp;
+  p.q_cols = q_cols.data_ptr();
+  p.q_cols16 = q_cols.scalar_type() == at::kShort;
 }
 
 // The two-pass scheme's dK/dV pass: the (b, h, key block) tasks shared out by their number of query

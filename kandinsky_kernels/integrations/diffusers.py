@@ -303,7 +303,7 @@ class _HunyuanNablaProcessor(_NablaProcessor):
         tv = joint.token_valid.expand(b, -1).clone()
         if key_valid is not None:  # the model's text padding, per sample
             tv[:, qf.shape[1]:qf.shape[1] + n_text] &= key_valid[:, n_video:]
-        mask = BlockSparseMask(joint.kv_num_blocks, joint.kv_indices, bs, token_valid=tv)
+        mask = BlockSparseMask.from_csr(joint.kv_ptr, joint.kv_cols, joint.num_kv_blocks, bs, token_valid=tv)
         zeros = k.new_zeros(b, pad, heads, d)
         k_all = torch.cat([kf, k[:, n_video:], zeros], dim=1)
         v_all = torch.cat([vf, v[:, n_video:], zeros], dim=1)

@@ -5,8 +5,8 @@ Used by the ``triton`` backend of :mod:`kandinsky_kernels.ops.block_sparse_atten
 validation and the public function live there); callable directly for tests and benchmarks.
 
 Design trade-off: every program owns one query tile (forward, dQ) or one key tile (dK/dV) lying inside a
-single mask block and walks only that block's active partner blocks through the compact index lists
-(``kv_indices`` / the transposed ``q_indices``), so work is proportional to the number of active blocks
+single mask block and walks only that block's active partner blocks through the mask's compressed rows
+(``kv_cols`` / the transposed ``q_cols``), so work is proportional to the number of active blocks
 and the default backward needs no atomics (``KANDINSKY_BSA_TRITON_BWD=atomic`` trades them for two
 fewer tile products: see :func:`triton_backward_scheme`). Tiles never straddle mask blocks (BLOCK_M,
 BLOCK_N divide ``block_size``): a 128-row tile over 64-token blocks would have to merge two different
@@ -54,13 +54,12 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------ forward
     @triton.jit
     def _bsa_fwd_kernel(
-        Q, K, V, Out, Lse, KVNum, KVIdx, TokValid, QSeg, KSeg,
+        Q, K, V, Out, Lse, KVPtr, KVCols, TokValid, QSeg, KSeg,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
         stride_ob, stride_os, stride_oh, stride_od,
-        stride_nb, stride_nh, stride_nq,
-        stride_ib, stride_ih, stride_iq, stride_ik,
+        stride_nb, stride_nh,
         stride_tb,
         H, S_Q, qk_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -87,8 +86,11 @@ if HAS_TRITON:
         if IS_VARLEN:
             qseg = tl.load(QSeg + start_m + offs_m)
 
-        num_kv = tl.load(KVNum + b * stride_nb + h * stride_nh + qb * stride_nq)
-        idx_ptr = KVIdx + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_iq
+        # compressed rows: this query block's key-block ids are KVCols[row_start : row_end]
+        row_ptr = KVPtr + b * stride_nb + h * stride_nh + qb
+        row_start = tl.load(row_ptr)
+        num_kv = (tl.load(row_ptr + 1) - row_start).to(tl.int32)
+        idx_ptr = KVCols + row_start
         sub = BLOCK_SIZE // BLOCK_N  # key tiles per mask block
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -96,7 +98,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # One flat loop over (active block, sub-tile) keeps the loop pipelinable.
         for it in range(0, num_kv * sub):
-            kb = tl.load(idx_ptr + (it // sub) * stride_ik)
+            kb = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
             kt = _load(k_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
             v = _load(v_base + start_n.to(tl.int64) * stride_vs, d_ok[None, :], EVEN_D, UPCAST)
@@ -159,7 +161,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QNum, QIdx, TokValid, QSeg, KSeg,
+        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QPtr, QCols, TokValid, QSeg, KSeg,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
@@ -167,8 +169,7 @@ if HAS_TRITON:
         stride_dkb, stride_dks, stride_dkh, stride_dkd,
         stride_dvb, stride_dvs, stride_dvh, stride_dvd,
         stride_ab, stride_as, stride_ah, stride_ad,
-        stride_nb, stride_nh, stride_nk,
-        stride_ib, stride_ih, stride_ik, stride_iq,
+        stride_nb, stride_nh,
         stride_tb,
         H, S_Q, qk_scale, sm_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -210,14 +211,17 @@ if HAS_TRITON:
                 # dQ reads every key row of dS^T, so pad keys are masked in the loop, not only at the end
                 key_ok = tl.load(TokValid + b * stride_tb + start_n + offs_n) != 0
 
-        num_q = tl.load(QNum + b * stride_nb + h * stride_nh + kb * stride_nk)
-        idx_ptr = QIdx + b * stride_ib + h * stride_ih + kb.to(tl.int64) * stride_ik
+        # the transposed mask's row of this key block: query-block ids QCols[row_start : row_end]
+        row_ptr = QPtr + b * stride_nb + h * stride_nh + kb
+        row_start = tl.load(row_ptr)
+        num_q = (tl.load(row_ptr + 1) - row_start).to(tl.int32)
+        idx_ptr = QCols + row_start
         sub = BLOCK_SIZE // BLOCK_M
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for it in range(0, num_q * sub):
-            qblk = tl.load(idx_ptr + (it // sub) * stride_iq)
+            qblk = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_m = qblk * BLOCK_SIZE + (it % sub) * BLOCK_M
             qt = _load(qt_base + start_m.to(tl.int64) * stride_qs, d_ok[:, None], EVEN_D, UPCAST)
             do = _load(do_base + start_m.to(tl.int64) * stride_ds, d_ok[None, :], EVEN_D, UPCAST)
@@ -261,14 +265,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _bsa_bwd_dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, KVNum, KVIdx, TokValid, QSeg, KSeg,
+        Q, K, V, DO, DQ, Lse, Delta, KVPtr, KVCols, TokValid, QSeg, KSeg,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
         stride_db, stride_ds, stride_dh, stride_dd,
         stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-        stride_nb, stride_nh, stride_nq,
-        stride_ib, stride_ih, stride_iq, stride_ik,
+        stride_nb, stride_nh,
         stride_tb,
         H, S_Q, qk_scale, sm_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -302,13 +305,16 @@ if HAS_TRITON:
         if IS_VARLEN:
             qseg = tl.load(QSeg + start_m + offs_m)
 
-        num_kv = tl.load(KVNum + b * stride_nb + h * stride_nh + qb * stride_nq)
-        idx_ptr = KVIdx + b * stride_ib + h * stride_ih + qb.to(tl.int64) * stride_iq
+        # compressed rows: this query block's key-block ids are KVCols[row_start : row_end]
+        row_ptr = KVPtr + b * stride_nb + h * stride_nh + qb
+        row_start = tl.load(row_ptr)
+        num_kv = (tl.load(row_ptr + 1) - row_start).to(tl.int32)
+        idx_ptr = KVCols + row_start
         sub = BLOCK_SIZE // BLOCK_N
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for it in range(0, num_kv * sub):
-            kb = tl.load(idx_ptr + (it // sub) * stride_ik)
+            kb = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
             kt = _load(kt_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
             vt = _load(vt_base + start_n.to(tl.int64) * stride_vs, d_ok[:, None], EVEN_D, UPCAST)
@@ -416,21 +422,19 @@ def _launch(tuned, plain, rows, bh, args, meta, kernel):
         plain[(rows // owned, bh)](*args, **meta, **cfg)
 
 
-def _mask_strides(num: torch.Tensor, idx: torch.Tensor, b: int, h: int) -> tuple[int, ...]:
-    """Strides of (Bm, Hm, N) counts and (Bm, Hm, N, M) indices expanded to (B, H, ...): 0 = broadcast."""
-    if num.dim() != 3 or idx.dim() != 4 or idx.shape[:3] != num.shape:
-        raise ValueError(f"mask counts {tuple(num.shape)} / indices {tuple(idx.shape)} must be (Bm, Hm, N) / "
-                         "(Bm, Hm, N, M)")
-    if num.dtype != torch.int32 or idx.dtype != torch.int32:
-        raise ValueError(f"mask tensors must be int32, got {num.dtype} / {idx.dtype}")
-    if num.shape[0] not in (1, b) or num.shape[1] not in (1, h):
-        raise ValueError(f"mask batch/head dims {tuple(num.shape[:2])} must be 1 or ({b}, {h})")
-    n = num.expand(b, h, -1).stride()
-    i = idx.expand(b, h, -1, -1).stride()
-    return (*n, *i)
+def _mask_strides(ptr: torch.Tensor, cols: torch.Tensor, b: int, h: int, rows: int) -> tuple[int, ...]:
+    """(B, H) strides of the (Bm, Hm, rows + 1) row pointers expanded to (B, H, ...): 0 = broadcast."""
+    if ptr.dim() != 3 or ptr.shape[2] != rows + 1 or not ptr.is_contiguous() or cols.dim() != 1:
+        raise ValueError(f"mask row pointers {tuple(ptr.shape)} / ids {tuple(cols.shape)} must be contiguous "
+                         f"(Bm, Hm, {rows + 1}) / (nnz,)")
+    if ptr.dtype != torch.int64 or cols.dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"mask tensors must be int64 / int16 or int32, got {ptr.dtype} / {cols.dtype}")
+    if ptr.shape[0] not in (1, b) or ptr.shape[1] not in (1, h):
+        raise ValueError(f"mask batch/head dims {tuple(ptr.shape[:2])} must be 1 or ({b}, {h})")
+    return ptr.expand(b, h, -1).stride()[:2]
 
 
-def _common(q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens):
+def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens):
     """Validate the shared arguments; return launch facts and the (token_valid, qseg, kseg) tensors."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not importable")
@@ -446,14 +450,13 @@ def _common(q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seql
         raise ValueError(f"head dim {d} must be a multiple of 16 and at most 256")
     if block_size not in _BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} must be one of {_BLOCK_SIZES}")
-    nq, nk = kv_indices.shape[2], kv_indices.shape[3]
-    if s_q != nq * block_size or s_k != nk * block_size:
-        raise ValueError(
-            f"sequence lengths ({s_q}, {s_k}) must equal mask blocks ({nq}, {nk}) x {block_size}")
+    if s_q % block_size or s_k % block_size or kv_ptr.dim() != 3 or kv_ptr.shape[2] != s_q // block_size + 1:
+        raise ValueError(f"sequence lengths ({s_q}, {s_k}) must be whole blocks of {block_size}, with mask "
+                         f"row pointers (Bm, Hm, Sq / block_size + 1), got {tuple(kv_ptr.shape)}")
     dev = q.device
     if dev.type == "cpu" and not INTERPRET:
         raise RuntimeError("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    for name, t in (("k", k), ("v", v), ("kv_indices", kv_indices)):
+    for name, t in (("k", k), ("v", v), ("the mask", kv_ptr)):
         if t.device != dev:
             raise ValueError(f"{name} on {t.device} but q on {dev}")
 
@@ -492,7 +495,7 @@ def _common(q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seql
         BLOCK_SIZE=block_size, HAS_TOKEN_VALID=tv is not None, IS_VARLEN=qseg is not None,
         UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
     )
-    dummy = kv_indices  # never read when the matching flag is off
+    dummy = kv_ptr  # never read when the matching flag is off
     tensors = (
         tv if tv is not None else dummy,
         qseg if qseg is not None else dummy,
@@ -506,24 +509,24 @@ def _scale(scale, d):
     return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
-def bsa_forward_triton(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+def bsa_forward_triton(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
     """Block-sparse attention forward. q, k, v: (B, S, H, D), any strides, fp32/fp16/bf16.
 
-    ``kv_num_blocks`` int32 (Bm, Hm, Nq) and ``kv_indices`` int32 (Bm, Hm, Nq, Nk) with Bm in {1, B},
-    Hm in {1, H}; ``token_valid`` bool (S,) / (B or 1, S) marks real keys; ``cu_seqlens`` int32 (n+1,)
+    The mask in compressed rows (:class:`kandinsky_kernels.BlockSparseMask`): ``kv_ptr`` int64
+    (Bm, Hm, Nq + 1), ``kv_cols`` int16 / int32 (nnz,), with Bm in {1, B}, Hm in {1, H}; ``token_valid`` bool (S,) / (B or 1, S) marks real keys; ``cu_seqlens`` int32 (n+1,)
     packs segments along S (B == 1). Returns ``out`` (B, S, H, D) in q.dtype and ``lse`` fp32 (B, H, S):
     the natural-log logsumexp of the scaled logits, -inf (with out = 0) for rows that see no key.
     """
     (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens)
+        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens)
     out = torch.empty((b, s_q, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     args = (
-        q, k, v, out, lse, kv_num_blocks, kv_indices, tv, qseg, kseg,
+        q, k, v, out, lse, kv_ptr, kv_cols, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *_mask_strides(kv_num_blocks, kv_indices, b, h), stride_tb,
+        *_mask_strides(kv_ptr, kv_cols, b, h, s_q // block_size), stride_tb,
         h, s_q, _scale(scale, d) * _LOG2E,
     )
     _launch(_fwd_tuned, _bsa_fwd_kernel, s_q, b * h, args, meta, "fwd")
@@ -550,25 +553,25 @@ def triton_backward_scheme(scheme: Optional[str] = None) -> str:
     return scheme
 
 
-def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_blocks, q_indices,
+def bsa_backward_triton(do, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
                         block_size, scale, token_valid, cu_seqlens, scheme=None, dlse=None):
     """Gradients (dq, dk, dv) of :func:`bsa_forward_triton`, each (B, S, H, D) in q.dtype.
 
-    ``q_num_blocks`` int32 (Bm, Hm, Nk) / ``q_indices`` int32 (Bm, Hm, Nk, Nq): the transposed mask
-    (``BlockSparseMask.transpose()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
+    ``q_ptr`` int64 (Bm, Hm, Nk + 1) / ``q_cols`` (nnz,): the transposed mask in compressed rows
+    (``BlockSparseMask.transpose_csr()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
     forward. Rows with lse = -inf contribute nothing. ``scheme``: see :func:`triton_backward_scheme`.
     ``dlse`` (B, H, S) fp32 or None: the gradient of lse, folded into Delta (dS = P * (dP - (Delta -
     dlse))), so the kernels are unchanged.
     """
     scheme = triton_backward_scheme(scheme)
     (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_num_blocks, kv_indices, block_size, token_valid, cu_seqlens)
+        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens)
     if do.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, s_q):
         raise ValueError(f"do {tuple(do.shape)} / out {tuple(out.shape)} must be {tuple(q.shape)} and lse "
                          f"{tuple(lse.shape)} must be {(b, h, s_q)}")
-    if q_indices.shape[2:] != (kv_indices.shape[3], kv_indices.shape[2]):
-        raise ValueError(f"q_indices {tuple(q_indices.shape)} is not the transpose of kv_indices "
-                         f"{tuple(kv_indices.shape)}")
+    if q_ptr.shape != (*kv_ptr.shape[:2], s_k // block_size + 1) or q_cols.numel() != kv_cols.numel():
+        raise ValueError(f"q_ptr {tuple(q_ptr.shape)} / q_cols {tuple(q_cols.shape)} is not the transpose of "
+                         f"kv_ptr {tuple(kv_ptr.shape)} / kv_cols {tuple(kv_cols.shape)}")
     lse = lse.contiguous().float()
     atomic = scheme == "atomic"
     # atomic: dQ accumulates in fp32, (B, S, H, D) so that the final cast is one contiguous copy
@@ -589,19 +592,19 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_num_blocks, kv_indices, q_num_
         delta -= dlse
     common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
     dkdv_args = (
-        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_num_blocks, q_indices, tv, qseg, kseg,
+        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_ptr, q_cols, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *(dq.stride() if atomic else (0, 0, 0, 0)),
-        *_mask_strides(q_num_blocks, q_indices, b, h), *common_tail,
+        *_mask_strides(q_ptr, q_cols, b, h, s_k // block_size), *common_tail,
     )
     _launch(_dkdv_atomic_tuned if atomic else _dkdv_tuned, _bsa_bwd_dkdv_kernel, s_k, b * h, dkdv_args,
             {**meta, "ATOMIC_DQ": atomic}, "dkdv-atomic" if atomic else "dkdv")
     if atomic:
         return dq.to(q.dtype), dk, dv
     dq_args = (
-        q, k, v, do, dq, lse, delta, kv_num_blocks, kv_indices, tv, qseg, kseg,
+        q, k, v, do, dq, lse, delta, kv_ptr, kv_cols, tv, qseg, kseg,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *_mask_strides(kv_num_blocks, kv_indices, b, h), *common_tail,
+        *_mask_strides(kv_ptr, kv_cols, b, h, s_q // block_size), *common_tail,
     )
     _launch(_dq_tuned, _bsa_bwd_dq_kernel, s_q, b * h, dq_args, meta, "dq")
     return dq, dk, dv

@@ -32,14 +32,14 @@ from kandinsky_kernels._triton import HAS_TRITON
 from kandinsky_kernels._validation import (
     bshd_hint,
     check_block_size,
+    check_csr_contents,
     check_cu_seqlens,
     check_finite_number,
-    check_mask_contents,
     check_same_device,
     check_tensor,
 )
 from kandinsky_kernels.backends import _backend_of_tag, _backend_tag, _fake_backend_tag, select_backend
-from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.mask import BlockSparseMask, _transpose_csr
 from kandinsky_kernels.ops import _bsa_triton
 from kandinsky_kernels.reference.attention import (
     block_sparse_attention_backward_reference,
@@ -67,8 +67,8 @@ def _unit_last(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _mask_of(kv_num_blocks, kv_indices, block_size, token_valid) -> BlockSparseMask:
-    return BlockSparseMask(kv_num_blocks, kv_indices, block_size, token_valid=token_valid)
+def _mask_of(kv_ptr, kv_cols, nk, block_size, token_valid) -> BlockSparseMask:
+    return BlockSparseMask.from_csr(kv_ptr, kv_cols, nk, block_size, token_valid=token_valid)
 
 
 # --------------------------------------------------------------------------------------- custom ops
@@ -77,8 +77,8 @@ def _fwd_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    kv_num_blocks: Tensor,
-    kv_indices: Tensor,
+    kv_ptr: Tensor,
+    kv_cols: Tensor,
     block_size: int,
     scale: float,
     token_valid: Optional[Tensor],
@@ -86,29 +86,29 @@ def _fwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend(q.device)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    nk = k.shape[1] // block_size
     # the C++ kernels check the same things themselves, but name per-side offsets only here
     if backend != "cpu" or (cu_seqlens is not None and cu_seqlens.dim() == 2):
-        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1], k.shape[1])
+        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, q.shape[1], k.shape[1])
     if q.numel() == 0 or k.numel() == 0:  # nothing to compute (an empty tensor's strides may be anything)
         b, s, h, _ = q.shape
         out, lse = q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
     elif backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
-            q, k, v, kv_num_blocks.contiguous(), kv_indices.contiguous(), block_size, scale,
-            token_valid, cu_seqlens,
+            q, k, v, kv_ptr.contiguous(), kv_cols.contiguous(), block_size, scale, token_valid, cu_seqlens,
         )
     elif backend == "triton":
         out, lse = _bsa_triton.bsa_forward_triton(
-            q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens
+            q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens
         )
     else:
-        mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
+        mask = _mask_of(kv_ptr, kv_cols, nk, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
     return out.contiguous(), lse.float().contiguous(), _backend_tag(backend)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens):
+def _(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
     b, s, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
 
@@ -121,8 +121,10 @@ def _bwd_op(
     v: Tensor,
     out: Tensor,
     lse: Tensor,
-    kv_num_blocks: Tensor,
-    kv_indices: Tensor,
+    kv_ptr: Tensor,
+    kv_cols: Tensor,
+    q_ptr: Tensor,
+    q_cols: Tensor,
     block_size: int,
     scale: float,
     token_valid: Optional[Tensor],
@@ -134,40 +136,42 @@ def _bwd_op(
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
     backend = _backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
+    nq, nk = q.shape[1] // block_size, k.shape[1] // block_size
     if backend != "cpu":
-        _check_contents(kv_num_blocks, kv_indices, cu_seqlens, q.shape[1], k.shape[1])
+        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, q.shape[1], k.shape[1])
+        check_csr_contents(q_ptr, q_cols, nq, name="transposed mask")
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if dlse is not None:
         dlse = dlse.float().contiguous()
     if backend == "cpu":
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
-            dout, q, k, v, out, lse.contiguous(), kv_num_blocks.contiguous(), kv_indices.contiguous(),
-            block_size, scale, token_valid, cu_seqlens, dlse,
+            dout, q, k, v, out, lse.contiguous(), kv_ptr.contiguous(), kv_cols.contiguous(),
+            q_ptr.contiguous(), q_cols.contiguous(), block_size, scale, token_valid, cu_seqlens, dlse,
         )
     elif backend == "triton":
-        t = _mask_of(kv_num_blocks, kv_indices, block_size, None).transpose()
         dq, dk, dv = _bsa_triton.bsa_backward_triton(
-            dout, q, k, v, out, lse, kv_num_blocks, kv_indices, t.kv_num_blocks, t.kv_indices,
+            dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
             block_size, scale, token_valid, cu_seqlens, dlse=dlse,
         )
     else:
-        mask = _mask_of(kv_num_blocks, kv_indices, block_size, token_valid)
+        mask = _mask_of(kv_ptr, kv_cols, nk, block_size, token_valid)
         dq, dk, dv = block_sparse_attention_backward_reference(dout, q, k, v, mask, scale, cu_seqlens,
                                                                dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens,
+def _(dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols, block_size, scale, token_valid, cu_seqlens,
       backend_tag, dlse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_num_blocks, kv_indices, block_size, scale, token_valid, cu_seqlens = inputs
+    q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens = inputs
     out, lse, tag = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag)
+    # the compressed mask is what stays alive until the backward (memory in proportion to its blocks)
+    ctx.save_for_backward(q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag)
     ctx.block_size, ctx.scale = block_size, scale
     # an output nobody differentiated gets None, not a zero tensor: the common case (lse unused) then
     # costs nothing
@@ -177,13 +181,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, dtag):
     # dlse: the gradient of lse where the caller used it (return_lse=True), folded into Delta by every
     # backend; the tag is an integer, without gradient.
-    q, k, v, out, lse, kv_num_blocks, kv_indices, token_valid, cu_seqlens, tag = ctx.saved_tensors
+    q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag = ctx.saved_tensors
     if dout is None and dlse is None:
         return None, None, None, None, None, None, None, None, None
     if dout is None:
         dout = torch.zeros_like(out)
+    # the transpose lives only while this layer's backward runs (built by a kernel, O(nnz))
+    q_ptr, q_cols = _transpose_csr(kv_ptr, kv_cols, k.shape[1] // ctx.block_size)
     dq, dk, dv = _bwd_op(
-        dout, q, k, v, out, lse, kv_num_blocks, kv_indices, ctx.block_size, ctx.scale, token_valid,
+        dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols, ctx.block_size, ctx.scale, token_valid,
         cu_seqlens, tag, dlse,
     )
     return dq, dk, dv, None, None, None, None, None, None
@@ -193,11 +199,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------- validation
-def _check_contents(kv_num_blocks, kv_indices, cu_seqlens, sq: int, sk: int) -> None:
+def _check_contents(kv_ptr, kv_cols, nk: int, cu_seqlens, sq: int, sk: int) -> None:
     """The data-dependent checks, run where the kernels run: inside the custom ops (so also under
     torch.compile, whose tracing sees no values). The mask is checked once while it stays unchanged
     (see check_mask_contents). ``cu_seqlens``: (n+1,) for both sides, or (2, n+1) query / key offsets."""
-    check_mask_contents(kv_num_blocks, kv_indices)
+    check_csr_contents(kv_ptr, kv_cols, nk)
     if cu_seqlens is not None:
         if cu_seqlens.dim() == 2:
             check_cu_seqlens(cu_seqlens[0], sq, "cu_seqlens_q")
@@ -356,9 +362,7 @@ def block_sparse_attention(
     group = q.shape[2] // k.shape[2] if k.shape[2] else 1
     if group > 1:  # autograd of repeat_interleave sums dK, dV over the query heads sharing a head
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    out, lse, _ = _fwd_op(
-        q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_size, scale, mask.token_valid, cu_seqlens
-    )
+    out, lse, _ = _fwd_op(q, k, v, mask.kv_ptr, mask.kv_cols, mask.block_size, scale, mask.token_valid, cu_seqlens)
     return (out, lse) if return_lse else out
 
 

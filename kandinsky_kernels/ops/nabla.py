@@ -44,7 +44,7 @@ from kandinsky_kernels._validation import (
     mark_mask_checked,
 )
 from kandinsky_kernels.backends import select_backend
-from kandinsky_kernels.mask import BlockSparseMask
+from kandinsky_kernels.mask import BlockSparseMask, _ids_dtype, _ptr_from_counts
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
 from kandinsky_kernels.ops.fractal import FractalLayout, _grid_token_valid
 from kandinsky_kernels.ops.sta import sta_block_mask
@@ -272,7 +272,9 @@ def _nabla_block_mask_forward(
     bad = (counts < 0).nonzero()
     if len(bad):
         _raise_nonfinite(*bad[0].tolist())
-    return counts, indices
+    # The kernel writes the (N, N) table; it lives only until it is compressed here.
+    active = torch.arange(n, device=q.device, dtype=torch.int32) < counts.unsqueeze(-1)
+    return _ptr_from_counts(counts), indices[active].to(_ids_dtype(n))
 
 
 def _raise_nonfinite(b: int, h: int, i: int):
@@ -345,24 +347,34 @@ def _nabla_block_mask_op(
     block_size: int,
     token_valid: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    fixed_size: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend(q.device)
     if cu_seqlens is not None:  # here, so that a compiled graph cannot skip it (C++ checks again)
         _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
     if backend == "cpu":
-        return _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    if backend == "triton":
-        return _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    mask = BlockSparseMask.from_dense_blocks(dense, block_size)
-    return mask.kv_num_blocks, mask.kv_indices
+        ptr, cols = _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    elif backend == "triton":
+        ptr, cols = _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    else:
+        dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        mask = BlockSparseMask.from_dense_blocks(dense, block_size)
+        ptr, cols = mask.kv_ptr, mask.kv_cols
+    if fixed_size:  # every pair's room, so the size is known before it runs (a compiled graph's need)
+        b, s, h, _ = q.shape
+        full = cols.new_zeros(b * h * (s // block_size) ** 2)
+        full[:cols.numel()] = cols
+        cols = full
+    return ptr, cols
 
 
 @_nabla_block_mask_op.register_fake
-def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens):
+def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, fixed_size=False):
     b, s, h, _ = q.shape
     n = s // block_size
-    return q.new_empty(b, h, n, dtype=torch.int32), q.new_empty(b, h, n, n, dtype=torch.int32)
+    # the number of active blocks is known only when it runs: a graph needs fixed_size (else it breaks)
+    nnz = b * h * n * n if fixed_size else torch.library.get_ctx().new_dynamic_size()
+    return q.new_empty(b, h, n + 1, dtype=torch.int64), q.new_empty(nnz, dtype=_ids_dtype(n))
 
 
 def _sta_blocks(sta: Tensor | None, n: int, s: int, block_size: int) -> Tensor | None:
@@ -509,10 +521,13 @@ def nabla_block_mask(
         _, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], block_size, q.device,
                                            shape=q.shape)
     valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
-    counts, indices = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens)
-    if not torch.compiler.is_compiling():
-        mark_mask_checked(counts, indices)  # valid by construction
-    return BlockSparseMask(counts, indices, block_size, token_valid=valid)
+    compiling = torch.compiler.is_compiling()
+    # Inside a compiled graph the ids get every pair's room (B * H * N * N int16, half an int32 table):
+    # a size that depends on the data would break the graph. Eager masks hold exactly their blocks.
+    ptr, cols = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens, compiling)
+    if not compiling:
+        mark_mask_checked(ptr, cols)  # valid by construction
+    return BlockSparseMask.from_csr(ptr, cols, q.shape[1] // block_size, block_size, token_valid=valid)
 
 
 @overload
