@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kandinsky_kernels as kk
+from kandinsky_kernels.ops.nabla import _nabla_sparse_attention
 
 from .config import ATTENTION_BACKENDS
 
@@ -171,12 +172,14 @@ def nabla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Na
                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """NABLA self-attention on fractal-ordered tokens, q/k/v (B, S, H, Dh) with S = N * block_size;
     ``cu_seqlens`` (int32 (n + 1,), B = 1) keeps packed videos apart in the mask and the attention."""
+    if state.record is None:  # the usual case: the mask is recomputed in the backward, never kept
+        return _nabla_sparse_attention(q, k, v, state.threshold, state.sta, state.block_size,
+                                       state.token_valid, cu_seqlens)
     mask = kk.nabla_block_mask(
         q, k, state.threshold, sta=state.sta, block_size=state.block_size, token_valid=state.token_valid,
         cu_seqlens=cu_seqlens,
     )
-    if state.record is not None:
-        state.record.append(mask)
+    state.record.append(mask)
     return kk.block_sparse_attention(q, k, v, mask, cu_seqlens=cu_seqlens)
 
 

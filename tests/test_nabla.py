@@ -699,3 +699,100 @@ def test_nabla_attention_compiles_once_for_all_grids():
         q, k, v, layout = _padded_qkv(grid)
         assert_exact(by_layout(q, k, v, layout), fn(q, k, v, layout), f"layout {grid}")
     assert layout_counter.frame_count == 1
+
+
+# ------------------------------------------------------------------ NABLA attention, mask recomputed
+def _fused_vs_two_step(backend, q, k, v, thr, sta, bs, token_valid=None, cu=None, fwd_backend=None):
+    """Outputs and gradients of the recomputing path and of nabla_block_mask + block_sparse_attention."""
+    from kandinsky_kernels import block_sparse_attention
+    from kandinsky_kernels.ops.nabla import _nabla_sparse_attention
+
+    name, device = backend
+    q, k, v = (t.to(device) for t in (q, k, v))
+    sta, token_valid, cu = (None if t is None else t.to(device) for t in (sta, token_valid, cu))
+    dout = torch.randn_like(q)
+    res = []
+    for fused in (True, False):
+        x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with use_backend(fwd_backend or name):
+            if fused:
+                out = _nabla_sparse_attention(*x, thr, sta, bs, token_valid, cu)
+            else:
+                mask = nabla_block_mask(x[0], x[1], thr, sta, bs, token_valid=token_valid, cu_seqlens=cu)
+                out = block_sparse_attention(*x, mask, cu_seqlens=cu)
+        # the backward outside the backend block: it must still use the forward's backend
+        grads = torch.autograd.grad(out, x, dout)
+        res.append((out.detach().cpu(), [g.cpu() for g in grads]))
+    return res
+
+
+@pytest.mark.parametrize("case", ["plain", "padded", "packed"])
+def test_recomputing_nabla_attention_equals_the_two_steps(backend, case):
+    q, k = _qk(1, 8, 2, 32, torch.float32, 2, 64)
+    v = torch.randn_like(q)
+    sta = sta_block_mask(2, 2, 2, (1, 1, 1))
+    tv = cu = None
+    if case == "padded":
+        tv = torch.ones(1, q.shape[1], dtype=torch.bool)
+        tv[:, 60:64] = False
+    if case == "packed":
+        cu = torch.tensor([0, 192, 448], dtype=torch.int32)
+    (a, ga), (b, gb) = _fused_vs_two_step(backend, q, k, v, 0.7, sta, 64, tv, cu)
+    assert_exact(a, b, "out")
+    for x, y, n in zip(ga, gb, "qkv"):
+        assert_exact(x, y, f"d{n}")
+
+
+def test_recomputing_nabla_attention_keeps_no_mask_for_the_backward():
+    """What autograd saves between forward and backward: q, k, v, out, lse and the small inputs; no
+    compressed rows (int64 pointers of (B, H, N + 1), int16 ids)."""
+    from kandinsky_kernels.ops.nabla import _nabla_sparse_attention
+
+    q, k = (t.requires_grad_() for t in _qk(1, 8, 2, 32, torch.float32, 2, 64))
+    v = torch.randn_like(q, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _nabla_sparse_attention(q, k, v, 0.7)
+    n = q.shape[1] // 64
+    assert saved and not [t for t in saved if t.dtype == torch.int16 or t.shape[-1:] == (n + 1,)]
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_recomputing_nabla_attention_compiles_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    from kandinsky_kernels.ops.nabla import _nabla_sparse_attention
+
+    q, k = _qk(1, 8, 2, 32, torch.float32, 2, 64)
+    v = torch.randn_like(q)
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(lambda q, k, v: _nabla_sparse_attention(q, k, v, 0.7), backend="aot_eager",
+                       fullgraph=True)
+    out = fn(*x)
+    grads = torch.autograd.grad(out.square().sum(), x)
+    y = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _nabla_sparse_attention(*y, 0.7)
+    ref_grads = torch.autograd.grad(ref.square().sum(), y)
+    assert_exact(out, ref, "out")
+    for a, b, n in zip(grads, ref_grads, "qkv"):
+        assert_exact(a, b, f"d{n}")
+    assert not counters["graph_break"]
+
+
+def test_public_nabla_attention_recomputes_unless_the_mask_is_returned(monkeypatch):
+    from kandinsky_kernels.ops import nabla as nabla_mod
+
+    calls = []
+    real = nabla_mod._nabla_sparse_attention
+    monkeypatch.setattr(nabla_mod, "_nabla_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k = _qk(1, 4, 2, 32, torch.float32, 2, 64)
+    v = torch.randn_like(q)
+    from kandinsky_kernels import nabla_attention
+
+    out = nabla_attention(q, k, v, 0.7, grid=(4, 8, 8))
+    out2, mask = nabla_attention(q, k, v, 0.7, grid=(4, 8, 8), return_mask=True)
+    assert calls == [1]
+    assert_exact(out, out2, "out with and without return_mask")

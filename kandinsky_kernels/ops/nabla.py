@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, Sequence, overload
+from typing import Literal, Optional, Sequence, overload
 
 import torch
 from torch import Tensor
@@ -43,8 +43,9 @@ from kandinsky_kernels._validation import (
     check_tensor,
     mark_mask_checked,
 )
-from kandinsky_kernels.backends import select_backend
-from kandinsky_kernels.mask import BlockSparseMask, _ids_dtype, _ptr_from_counts
+from kandinsky_kernels.backends import _backend_of_tag, _fake_backend_tag, select_backend, use_backend
+from kandinsky_kernels.mask import BlockSparseMask, _ids_dtype, _ptr_from_counts, _transpose_csr
+from kandinsky_kernels.ops import block_sparse_attention as _bsa
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
 from kandinsky_kernels.ops.fractal import FractalLayout, _grid_token_valid
 from kandinsky_kernels.ops.sta import sta_block_mask
@@ -530,6 +531,87 @@ def nabla_block_mask(
     return BlockSparseMask.from_csr(ptr, cols, q.shape[1] // block_size, block_size, token_valid=valid)
 
 
+# ------------------------------------------------------------------ NABLA + attention, mask recomputed
+# The mask is built inside the forward op and again inside the backward op from the saved q and k, so
+# nothing mask-sized is kept between them (the attention keeps q, k, v anyway) and no graph value has
+# a data-dependent size; the backward runs NABLA on the forward's backend, so it finds the same mask.
+@torch.library.custom_op("kandinsky_kernels::nabla_attention_fwd", mutates_args=())
+def _nabla_attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, threshold: float, sta: Optional[Tensor], block_size: int,
+    token_valid: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    mark_mask_checked(ptr, cols)
+    return _bsa._fwd_op(q, k, v, ptr, cols, block_size, scale, token_valid, cu_seqlens)
+
+
+@_nabla_attention_fwd_op.register_fake
+def _(q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale):
+    b, s, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
+
+
+@torch.library.custom_op("kandinsky_kernels::nabla_attention_bwd", mutates_args=())
+def _nabla_attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, threshold: float,
+    sta: Optional[Tensor], block_size: int, token_valid: Optional[Tensor], cu_seqlens: Optional[Tensor],
+    scale: float, backend_tag: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with use_backend(_backend_of_tag(backend_tag)):
+        ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    mark_mask_checked(ptr, cols)
+    q_ptr, q_cols = _transpose_csr(ptr, cols, k.shape[1] // block_size)
+    return _bsa._bwd_op(dout, q, k, v, out, lse, ptr, cols, q_ptr, q_cols, block_size, scale, token_valid,
+                        cu_seqlens, backend_tag)
+
+
+@_nabla_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, threshold, sta, block_size, token_valid, cu_seqlens, scale, backend_tag):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _nabla_attention_setup(ctx, inputs, output):
+    q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale = inputs
+    out, lse, tag = output
+    ctx.save_for_backward(q, k, v, out, lse, sta, token_valid, cu_seqlens, tag)
+    ctx.params = (threshold, block_size, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _nabla_attention_backward(ctx, dout, dlse, dtag):
+    q, k, v, out, lse, sta, token_valid, cu_seqlens, tag = ctx.saved_tensors
+    if dout is None:  # lse is not returned by the public function: only out carries a gradient
+        return (None,) * 9
+    threshold, block_size, scale = ctx.params
+    dq, dk, dv = _nabla_attention_bwd_op(dout, q, k, v, out, lse, threshold, sta, block_size, token_valid,
+                                         cu_seqlens, scale, tag)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_nabla_attention_fwd_op.register_autograd(_nabla_attention_backward, setup_context=_nabla_attention_setup)
+
+
+def _nabla_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, threshold: float, sta: Tensor | None = None, block_size: int = 64,
+    token_valid: Tensor | None = None, cu_seqlens: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """``block_sparse_attention(q, k, v, nabla_block_mask(q, k, threshold, sta, block_size, ...))`` with
+    the same result, forward and backward, but the mask is recomputed in the backward instead of kept:
+    no mask memory between them, and under ``torch.compile`` no mask in the graph at all. Arguments as
+    :func:`nabla_block_mask` takes them (``sta`` a block mask), q, k, v (B, S, H, D) of one shape."""
+    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    # the attention's own checks, against an empty mask of the right shape (a few bytes)
+    n = q.shape[1] // block_size
+    shape_only = BlockSparseMask.from_csr(q.new_zeros((1, 1, n + 1), dtype=torch.int64),
+                                          q.new_zeros((0,), dtype=torch.int16), n, block_size)
+    _bsa._check_offset_args(cu_seqlens, None, None)
+    _bsa._validate(q, k, v, shape_only, {"cu_seqlens": cu_seqlens, "cu_seqlens_q": None,
+                                          "cu_seqlens_k": None}, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _, _ = _nabla_attention_fwd_op(q, k, v, float(threshold), sta, block_size, valid, cu_seqlens, scale)
+    return out
+
+
 @overload
 def nabla_attention(
     q: Tensor,
@@ -638,7 +720,10 @@ def nabla_attention(
             the padding of ``grid``); all True declares that no token is padding.
 
     Returns:
-        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``.
+        out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``. Without
+        ``return_mask`` the mask lives only inside the forward op and is built again in the backward
+        from the saved q and k on the forward's backend (the same mask, a NABLA call's cost): nothing
+        mask-sized is kept for the backward, and a compiled graph holds no mask.
 
     Raises:
         ValueError: as :func:`kandinsky_kernels.nabla_block_mask` and :func:`block_sparse_attention`
@@ -672,7 +757,9 @@ def nabla_attention(
             raise ValueError(f"sta_window must be three positive odd ints (wT, wH, wW) or None, "
                              f"got {sta_window!r}")
         sta = sta_block_mask(*tile_grid, tuple(sta_window), device=q.device)
+    if not return_mask:  # the mask is recomputed in the backward rather than kept
+        return _nabla_sparse_attention(q, k, v, threshold, sta, 64, token_valid, cu_seqlens, scale)
     mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
                             cu_seqlens=cu_seqlens)
     out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
-    return (out, mask) if return_mask else out
+    return out, mask
