@@ -325,7 +325,10 @@ struct Fp32Products {
       : p(p_), qmul(p_.scale * kLog2e) {
     const bool bwd = mode != kForward, two = mode == kBackwardTwoPass;
     // B operands of acc_rows: V in the forward; Q (dK), dO (dV) and K (dQ) in the backward.
-    X[kQ] = pack<T>(q, p, bwd ? kRowsB : kRowsA, bwd);
+    // AVX2 forward: Q copied at padded_ld too. Read in place as the A operand of the scores, its rows at
+    // the input's power-of-two stride fall into 16 of the 64 L1 sets, so a query block (32 KiB at
+    // D = 128) cannot stay in L1 across the key blocks it meets.
+    X[kQ] = pack<T>(q, p, bwd || KK_VEC_BITS == 256 ? kRowsB : kRowsA, bwd);
     X[kK] = pack<T>(k, p, bwd ? kRowsB : kNoRows, mode != kBackwardFused, qmul);
     X[kV] = pack<T>(v, p, bwd ? kRowsA : kRowsB, two);
     if (bwd) X[kDO] = pack<T>(dout, p, kRowsB, true);
