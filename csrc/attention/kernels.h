@@ -129,6 +129,28 @@ inline int64_t padded_ld(int64_t D) {
   return ld;
 }
 
+// A buffer for packed panels (fp32), written once right after it is allocated. On 4 KiB pages that
+// first write faults once per page: here a fresh 32 MiB took ~25 ms to fill against ~7 ms on 2 MiB
+// pages, and the forward's K^T tiles and V rows at S = 8192, H = 4, D = 128 are 34 MiB. So where the
+// path's file has included <sys/mman.h> (isa_avx2.cpp), a panel of 4 MiB or more is 2 MiB-aligned and
+// advised onto transparent huge pages (THP "madvise" mode; a no-op where THP is off).
+inline at::Tensor panel_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+#ifdef MADV_HUGEPAGE
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t n = 1;
+  for (const int64_t s : sizes) n *= s;
+  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  if (bytes >= 2 * kHuge) {
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
+    if (void* ptr = std::aligned_alloc(kHuge, len)) {
+      madvise(ptr, len, MADV_HUGEPAGE);
+      return at::from_blob(ptr, sizes, [](void* q) { std::free(q); }, opts);
+    }
+  }
+#endif
+  return at::empty(sizes, opts);
+}
+
 // How a product policy reads an input's block rows: not at all, only as the broadcast A operand (fp32
 // read in place), or also as a B operand (always a packed copy at padded_ld).
 enum RowUse : int { kNoRows = 0, kRowsA = 1, kRowsB = 2 };
@@ -150,13 +172,13 @@ Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles,
     pk.ld = x.stride(1);
   } else if (copy_rows) {
     pk.ld = padded_ld(p.D);
-    pk.rows_t = at::empty({p.B, p.H, S, pk.ld}, opts);
+    pk.rows_t = panel_buffer({p.B, p.H, S, pk.ld}, opts);
     pk.rows = pk.rows_t.data_ptr<float>();
     pk.rb = p.H * S * pk.ld;
     pk.rh = S * pk.ld;
   }
   if (want_tiles) {
-    pk.tiles_t = at::empty({p.B, p.H, nblk, p.D, p.bs}, opts);
+    pk.tiles_t = panel_buffer({p.B, p.H, nblk, p.D, p.bs}, opts);
     pk.tiles = pk.tiles_t.data_ptr<float>();
   }
   if (!copy_rows && !want_tiles) return pk;
@@ -303,7 +325,10 @@ struct Fp32Products {
       : p(p_), qmul(p_.scale * kLog2e) {
     const bool bwd = mode != kForward, two = mode == kBackwardTwoPass;
     // B operands of acc_rows: V in the forward; Q (dK), dO (dV) and K (dQ) in the backward.
-    X[kQ] = pack<T>(q, p, bwd ? kRowsB : kRowsA, bwd);
+    // AVX2 forward: Q copied at padded_ld too. Read in place as the A operand of the scores, its rows at
+    // the input's power-of-two stride fall into 16 of the 64 L1 sets, so a query block (32 KiB at
+    // D = 128) cannot stay in L1 across the key blocks it meets.
+    X[kQ] = pack<T>(q, p, bwd || KK_VEC_BITS == 256 ? kRowsB : kRowsA, bwd);
     X[kK] = pack<T>(k, p, bwd ? kRowsB : kNoRows, mode != kBackwardFused, qmul);
     X[kV] = pack<T>(v, p, bwd ? kRowsA : kRowsB, two);
     if (bwd) X[kDO] = pack<T>(dout, p, kRowsB, true);
