@@ -300,6 +300,30 @@ def test_ops_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
 
 
+def test_eager_calls_skip_the_custom_op():
+    """Eager calls on plain tensors run the op body directly: the first call of a Python custom op
+    imports torch._dynamo (seconds and ~70 MB of RSS inside the first VAE encode), which they must not."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from kandinsky_kernels.ops.group_norm_silu import group_norm_silu\n"
+        "from kandinsky_kernels.ops.causal_conv3d import causal_pad3d\n"
+        "from kandinsky_kernels.ops.tile_blend import tile_blend_\n"
+        "x = torch.randn(1, 4, 3, 4, 5)\n"
+        "with torch.no_grad():\n"
+        "    group_norm_silu(x, None, None, 2, pad=(2, 1, 1)); causal_pad3d(x, (2, 1, 1), (2, 2, 2))\n"
+        "    tile_blend_(torch.zeros(1, 4, 5, 4, 5), x, 2, 1, 3)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'an eager VAE op imported torch._dynamo'\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------ the VAE
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_vae_on_kernels_matches_plain_torch(monkeypatch, dtype):

@@ -30,6 +30,7 @@ from kandinsky_kernels._ext import cpp_op
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import check_tensor
 from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.ops._eager import eager
 from kandinsky_kernels.reference.vae import causal_pad3d_ref
 
 __all__ = ["causal_conv3d", "causal_pad3d"]
@@ -82,15 +83,19 @@ def _causal_pad3d_triton(x, pt, ph, pw, ut, uh, uw):
     return y
 
 
-@torch.library.custom_op("kandinsky_kernels::causal_pad3d", mutates_args=())
-def _causal_pad3d_op(x: torch.Tensor, pad_t: int, pad_h: int, pad_w: int, up_t: int, up_h: int,
-                     up_w: int) -> torch.Tensor:
+def _causal_pad3d_impl(x, pad_t, pad_h, pad_w, up_t, up_h, up_w):
     backend = select_backend("causal_pad3d", x.device, {"triton": HAS_TRITON, "cpu": _CPP is not None})
     if backend == "cpu":
         return _CPP(x, pad_t, pad_h, pad_w, up_t, up_h, up_w)
     if backend == "triton":
         return _causal_pad3d_triton(x, pad_t, pad_h, pad_w, up_t, up_h, up_w)
     return causal_pad3d_ref(x, (pad_t, pad_h, pad_w), (up_t, up_h, up_w)).contiguous().clone()
+
+
+@torch.library.custom_op("kandinsky_kernels::causal_pad3d", mutates_args=())
+def _causal_pad3d_op(x: torch.Tensor, pad_t: int, pad_h: int, pad_w: int, up_t: int, up_h: int,
+                     up_w: int) -> torch.Tensor:
+    return _causal_pad3d_impl(x, pad_t, pad_h, pad_w, up_t, up_h, up_w)
 
 
 @_causal_pad3d_op.register_fake
@@ -114,6 +119,8 @@ def causal_pad3d(x: torch.Tensor, pad: tuple[int, int, int], up: tuple[int, int,
     pad, up = _triple("pad", pad, 0), _triple("up", up, 1)
     if torch.is_grad_enabled() and x.requires_grad:
         return causal_pad3d_ref(x, pad, up)
+    if eager(x):
+        return _causal_pad3d_impl(x, *pad, *up)
     return _causal_pad3d_op(x, *pad, *up)
 
 

@@ -26,6 +26,7 @@ from kandinsky_kernels._ext import cpp_op
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import check_tensor
 from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.ops._eager import eager
 from kandinsky_kernels.reference.vae import group_norm_silu_ref
 
 __all__ = ["group_norm", "group_norm_silu"]
@@ -122,17 +123,21 @@ def _backend(device: torch.device) -> str:
     return select_backend("group_norm_silu", device, {"triton": HAS_TRITON, "cpu": _CPP is not None})
 
 
-@torch.library.custom_op("kandinsky_kernels::group_norm_silu", mutates_args=())
-def _group_norm_silu_op(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, silu: bool,
-    pad_t: int, pad_h: int, pad_w: int,
-) -> torch.Tensor:
+def _group_norm_silu_impl(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w):
     backend = _backend(x.device)
     if backend == "cpu":
         return _CPP(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
     if backend == "triton":
         return _group_norm_silu_triton(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
     return group_norm_silu_ref(x, weight, bias, groups, eps, silu, (pad_t, pad_h, pad_w)).contiguous()
+
+
+@torch.library.custom_op("kandinsky_kernels::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, silu: bool,
+    pad_t: int, pad_h: int, pad_w: int,
+) -> torch.Tensor:
+    return _group_norm_silu_impl(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
 
 
 @_group_norm_silu_op.register_fake
@@ -168,6 +173,8 @@ def group_norm_silu(
         raise ValueError(f"a padded output needs x of shape (B, C, T, H, W), got {tuple(x.shape)}")
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, weight, bias)):
         return group_norm_silu_ref(x, weight, bias, groups, eps, silu, (pt, ph, pw))
+    if eager(x):
+        return _group_norm_silu_impl(x, weight, bias, groups, float(eps), bool(silu), pt, ph, pw)
     return _group_norm_silu_op(x, weight, bias, groups, float(eps), bool(silu), pt, ph, pw)
 
 
