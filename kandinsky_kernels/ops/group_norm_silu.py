@@ -9,7 +9,9 @@ Conv3d with kernel (pt + 1, 2 ph + 1, 2 pw + 1) pads its input to, so in the VAE
 normalised activation is ever made: the padding is index arithmetic inside the kernel's single write.
 
 Backends: ``cpu`` (csrc/vae.cpp: statistics per (b, group) from fp32 chunk sums accumulated in double,
-then one pass computing and writing each output row, SiLU with a vectorisable exp; OpenMP), ``triton``
+then one pass computing and writing each output row, SiLU with a vectorisable exp; OpenMP; a
+channels-last-3d x is read and written in that layout: per-channel shifted sums combined per group by
+Chan's formula, then one pass over rows of channel vectors), ``triton``
 (partial sums over a (B*G, splits) grid, combined in fp64 on the device; then one elementwise kernel over
 the padded output that gathers its source element by index arithmetic), ``reference`` (torch in fp32).
 
@@ -156,7 +158,8 @@ def group_norm_silu(
 
     x: (B, C, ...) float32 / bfloat16 / float16; weight, bias: (C,) or None; ``groups`` divides C.
     ``pad = (pt, ph, pw)`` (x must then be (B, C, T, H, W)) writes the causal replicate-padded result
-    (B, C, T + pt, H + 2 ph, W + 2 pw), see the module doc. Returns a new contiguous tensor of x's dtype.
+    (B, C, T + pt, H + 2 ph, W + 2 pw), see the module doc. Returns a new tensor of x's dtype, contiguous
+    (channels-last-3d for a channels-last-3d x on the cpu backend).
     Differentiable through the torch reference when autograd records the call."""
     check_tensor("x", x, min_ndim=2, dtypes=_DTYPES)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups:
