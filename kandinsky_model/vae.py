@@ -234,15 +234,19 @@ def _weights_to_channels_last(module: nn.Module) -> None:
                 m.weight.data = m.weight.data.contiguous(memory_format=cl)
 
 
+def _conv_goes_to_onednn(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+            and x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+            and conv.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
+
+
 def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``; a channels-last-3d CPU input at inference goes to oneDNN directly: ``F.conv3d``
     sends small ones (N * C * T * H <= 20480) to its im2col fallback, which is ~1.5-2x slower in that
     layout. Same arithmetic (oneDNN) as F.conv3d takes for the large ones; ``torch.backends.mkldnn``
     disabled is honoured (F.conv3d then)."""
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
-            and x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-            and conv.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled):
+    if _conv_goes_to_onednn(conv, x):
         return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
                                         conv.groups)
     return conv(x)
@@ -265,6 +269,43 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     # In place when no graph is recorded: saves one full activation per call at inference. Under
     # autograd the out-of-place op is used, so no saved tensor can be overwritten.
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _conv_add_(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``conv(x) + residual`` at inference, written into ``residual`` (returned): for channels-last-3d CPU
+    tensors oneDNN adds the residual inside the convolution (a fused post-op, bit for bit conv then add),
+    so the sum costs no separate pass and no new activation. Otherwise ``_conv(conv, x).add_(residual)``.
+    ``residual`` must be free to overwrite (an intermediate activation)."""
+    if (_fused_conv_add() and residual.dtype == x.dtype and residual.device.type == "cpu"
+            and not residual.is_contiguous() and residual.is_contiguous(memory_format=torch.channels_last_3d)
+            and _conv_goes_to_onednn(conv, x)):
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "add", 1.0, None, [], None)
+        return residual
+    return _conv(conv, x).add_(residual)
+
+
+_FUSED_CONV_ADD: bool | None = None
+
+
+def _fused_conv_add() -> bool:
+    """Whether this torch build has oneDNN's in-place conv + add (``mkldnn._convolution_pointwise_``),
+    checked once on a tiny input against conv + add."""
+    global _FUSED_CONV_ADD
+    if _FUSED_CONV_ADD is None:
+        try:
+            cl = torch.channels_last_3d
+            x = torch.randn(1, 2, 2, 3, 3).contiguous(memory_format=cl)
+            w = torch.randn(2, 2, 1, 1, 1).contiguous(memory_format=cl)
+            r = torch.randn(1, 2, 2, 3, 3).contiguous(memory_format=cl)
+            out = r.clone()
+            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, w, None, [0] * 3, [1] * 3, [1] * 3, 1, "add",
+                                                             1.0, None, [], None)
+            _FUSED_CONV_ADD = bool(torch.allclose(out, F.conv3d(x, w) + r, atol=1e-5))
+        except Exception:  # an op missing from this build, or with another signature
+            _FUSED_CONV_ADD = False
+    return _FUSED_CONV_ADD
 
 
 class CausalConv3d(nn.Module):
@@ -318,6 +359,10 @@ class ResnetBlockCausal3D(nn.Module):
             # most two activations are alive (the plain path holds three: norm output, padded copy, conv).
             h = _conv(self.conv1.conv, _norm_silu_padded(self.norm1, x, self.conv1))
             h = _norm_silu_padded(self.norm2, h, self.conv2)
+            if not torch.is_grad_enabled():  # x is an intermediate activation: the sum may overwrite it
+                residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
+                del x
+                return _conv_add_(self.conv2.conv, h, residual)
             h = _conv(self.conv2.conv, h)
         else:
             h = self.conv1(_silu(self.norm1(x)))

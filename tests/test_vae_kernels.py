@@ -402,3 +402,31 @@ def test_vae_on_kernels_matches_plain_torch(monkeypatch, dtype, channels_last):
             out = model(video.to(dtype), tiling=tl_cfg)
         assert out.is_contiguous()
         assert_close_to_reference(out, ref, plain, name=f"reconstruction (tiling={tl_cfg})")
+
+
+def test_vae_fused_conv_add_is_conv_then_add(monkeypatch):
+    """At inference on CPU the resnets' second conv adds the residual inside oneDNN, in place: the same
+    bits as the conv followed by the add (the unfused path)."""
+    from kandinsky_model import vae as vae_mod
+
+    if not vae_mod._fused_conv_add():
+        pytest.skip("this torch build lacks oneDNN's in-place conv + add")
+    model = vae_mod.CausalVideoVAE(vae_mod.CausalVAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4)).eval()
+    video = torch.rand(1, 3, 5, 24, 32) * 2 - 1
+    real_conv, n_convs = vae_mod._conv, []
+
+    def counting_conv(conv, x):
+        n_convs[-1] += 1
+        return real_conv(conv, x)
+
+    monkeypatch.setattr(vae_mod, "_conv", counting_conv)
+    with torch.no_grad():
+        monkeypatch.setattr(vae_mod, "_fused_conv_add", lambda: False)
+        n_convs.append(0)
+        plain = model(video)
+        monkeypatch.setattr(vae_mod, "_fused_conv_add", lambda: True)
+        n_convs.append(0)
+        fused = model(video)
+    assert_exact(fused, plain)
+    n_resnets = sum(isinstance(m, vae_mod.ResnetBlockCausal3D) for m in model.modules())
+    assert n_convs[0] - n_convs[1] == n_resnets  # every resnet's second conv took the fused path
