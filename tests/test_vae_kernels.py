@@ -430,3 +430,14 @@ def test_vae_fused_conv_add_is_conv_then_add(monkeypatch):
     assert_exact(fused, plain)
     n_resnets = sum(isinstance(m, vae_mod.ResnetBlockCausal3D) for m in model.modules())
     assert n_convs[0] - n_convs[1] == n_resnets  # every resnet's second conv took the fused path
+
+
+def test_vae_channels_last_only_on_the_cpu_kernels():
+    """The reference backend keeps the reference path's layout (it is the ground truth: torch's own
+    channels-last GroupNorm is less accurate); the cpu backend (or automatic choice) runs channels-last."""
+    from kandinsky_model import vae as vae_mod
+
+    x = torch.randn(1, 3, 5, 8, 8)
+    assert vae_mod._channels_last(x) == (vae_mod.USE_KERNELS and vae_mod.CHANNELS_LAST)
+    with use_backend("reference"):
+        assert not vae_mod._channels_last(x)
