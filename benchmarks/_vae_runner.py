@@ -32,6 +32,10 @@ Sides:
                   and decoding above 16 frames / 4 latent frames, no spatial tiling);
                   ``latent_dist.mode()`` is the latent (our ``encode`` returns the same mean).
 
+Library imports happen while loading, on every side (diffusers' package and model class; our model and
+the kernels library's op modules, which otherwise load lazily inside the first call), so a per-call peak
+is the call's working memory, not one-time imports; ``hwm_mb`` still counts everything.
+
 glibc keeps freed memory of up to 32 MB chunks in its heap once it has seen such frees (its dynamic mmap
 threshold), which would hide later peaks from an RSS delta. The parent therefore starts every side with
 ``MALLOC_MMAP_THRESHOLD_`` fixed (:data:`MALLOC_ENV`), the same for all sides.
@@ -106,6 +110,13 @@ def _load(side: str, weights: str, dtype):
             "use_framewise_decoding": vae.use_framewise_decoding, "use_tiling": vae.use_tiling,
             "tile_sample_min_num_frames": vae.tile_sample_min_num_frames}
     from kandinsky_model import CausalVideoVAE
+
+    # The kernels library loads its op modules (and with them Triton, ~70 MB RSS where installed) on first
+    # use; diffusers' side imports its library here, before the measured calls. Import ours here too, so
+    # that no side's per-call peak holds one-time library imports (see the module doc).
+    import kandinsky_kernels.ops.causal_conv3d  # noqa: F401
+    import kandinsky_kernels.ops.group_norm_silu  # noqa: F401
+    import kandinsky_kernels.ops.tile_blend  # noqa: F401
 
     vae = CausalVideoVAE.from_pretrained(weights, dtype=dtype).eval()
     if side == "reference":

@@ -27,6 +27,12 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
+// Work below this many elements runs on the calling thread: a parallel region costs microseconds on an idle
+// CPU but up to a scheduler time slice (~12 ms measured) per region on a loaded one, 50x the work of a
+// 3 x 20 x 20 x 128 GroupNorm. grain_for(elements per task): parallel_for's grain reaching that size.
+constexpr int64_t kSerialElems = 1 << 18;
+inline int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, kSerialElems / std::max<int64_t>(per_task, 1)); }
+
 // Sums of (x - pivot) and (x - pivot)^2 over n <= kChunk floats in fp32, written with GCC vector types:
 // the build has no -ffast-math, so the compiler may not reassociate (vectorise) a plain reduction loop, and
 // an array of independent lanes got outer-loop vectorised with permutes. 32-byte vectors: one ymm on the
@@ -142,7 +148,7 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
   E* yp = y.data_ptr<E>();
   std::vector<float> mean(B * G), rstd(B * G);
 
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * G, grain_for(cpg * S), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same<E, float>::value ? 0 : kChunk);
     for (int64_t bg = begin; bg < end; ++bg) {
       const E* g = xp + bg * cpg * S;
@@ -171,7 +177,7 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
   });
 
   // Pass 2 over (b, c, t) source frames; each writes output frame t + pt (and frames < pt for t == 0).
-  at::parallel_for(0, B * C * T, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * C * T, grain_for(H * W), [&](int64_t begin, int64_t end) {
     std::vector<float> in(W), out(W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % T, bc = task / T, c = bc % C, b = bc / C;
@@ -211,6 +217,171 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
   });
 }
 
+// ---- channels-last-3d (B, T, H, W, C in memory): the same ops with the channel vector as the inner unit.
+// Per-channel sums of (x - p_c) and (x - p_c)^2 over n rows of C channels (fp32; independent lanes, so
+// the loop vectorises over c without reassociation).
+KK_CLONES void cl_shifted_sums(const float* x, int64_t n, int64_t C, const float* p, float* s, float* q) {
+  int64_t c0 = 0;
+  // 16 channels at a time with the accumulators in registers (one zmm, or two ymm / four xmm), rows strided
+  for (; c0 + 16 <= C; c0 += 16) {
+    v8f pa, pb, sa = {}, sb = {}, qa = {}, qb = {};
+    std::memcpy(&pa, p + c0, sizeof(pa));
+    std::memcpy(&pb, p + c0 + 8, sizeof(pb));
+    for (int64_t r = 0; r < n; ++r) {
+      v8f a, b;
+      std::memcpy(&a, x + r * C + c0, sizeof(a));
+      std::memcpy(&b, x + r * C + c0 + 8, sizeof(b));
+      a -= pa;
+      b -= pb;
+      sa += a;
+      sb += b;
+      qa += a * a;
+      qb += b * b;
+    }
+    std::memcpy(s + c0, &sa, sizeof(sa));
+    std::memcpy(s + c0 + 8, &sb, sizeof(sb));
+    std::memcpy(q + c0, &qa, sizeof(qa));
+    std::memcpy(q + c0 + 8, &qb, sizeof(qb));
+  }
+  for (int64_t c = c0; c < C; ++c) s[c] = q[c] = 0.f;
+  if (c0 < C) {
+    for (int64_t r = 0; r < n; ++r) {
+      const float* row = x + r * C;
+      for (int64_t c = c0; c < C; ++c) {
+        const float d = row[c] - p[c];
+        s[c] += d;
+        q[c] += d * d;
+      }
+    }
+  }
+}
+
+// y[w, c] = silu?(x[w, c] * a[c] + b[c]) for n consecutive channel vectors.
+KK_CLONES void cl_affine(const float* x, int64_t n, int64_t C, const float* a, const float* b, bool silu, float* y) {
+  for (int64_t w = 0; w < n; ++w) {
+    const float* xr = x + w * C;
+    float* yr = y + w * C;
+    if (silu) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = xr[c] * a[c] + b[c];
+        yr[c] = v / (1.f + fast_exp(-v));
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * a[c] + b[c];
+    }
+  }
+}
+
+constexpr int64_t kClRows = 256;  // rows (positions) per fp32 partial sum of the statistics
+
+template <typename E>
+void group_norm_silu_cl_kernel(const at::Tensor& x, const float* gamma, const float* beta, int64_t G, double eps,
+                               bool silu, int64_t pt, int64_t ph, int64_t pw, at::Tensor& y) {
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t S = T * H * W, cpg = C / G;
+  const int64_t To = T + pt, Ho = H + 2 * ph, Wo = W + 2 * pw;
+  const E* xp = x.data_ptr<E>();
+  E* yp = y.data_ptr<E>();
+  const int64_t nchunk = (S + kClRows - 1) / kClRows;
+  std::vector<float> scale(B * C), shift(B * C);
+  std::vector<double> ps(nchunk * C), pq(nchunk * C);
+  std::vector<float> pivot(C);
+  for (int64_t b = 0; b < B; ++b) {
+    const E* xb = xp + b * S * C;
+    for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xb[c]);
+    at::parallel_for(0, nchunk, grain_for(kClRows * C), [&](int64_t begin, int64_t end) {
+      std::vector<float> s(C), q(C), buf(std::is_same<E, float>::value ? 0 : kClRows * C);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r0 = k * kClRows, n = std::min(kClRows, S - r0);
+        const float* f;
+        if constexpr (std::is_same<E, float>::value) {
+          f = xb + r0 * C;
+        } else {
+          load_f32(xb + r0 * C, n * C, buf.data());
+          f = buf.data();
+        }
+        cl_shifted_sums(f, n, C, pivot.data(), s.data(), q.data());
+        for (int64_t c = 0; c < C; ++c) {
+          ps[k * C + c] = s[c];
+          pq[k * C + c] = q[c];
+        }
+      }
+    });
+    // Per channel: mean and M2 from the shifted sums; per group: Chan's combination of the channels.
+    for (int64_t g = 0; g < G; ++g) {
+      std::vector<double> mc(cpg), m2c(cpg);
+      double mg = 0.0;
+      for (int64_t j = 0; j < cpg; ++j) {
+        const int64_t c = g * cpg + j;
+        double s = 0.0, q = 0.0;
+        for (int64_t k = 0; k < nchunk; ++k) {
+          s += ps[k * C + c];
+          q += pq[k * C + c];
+        }
+        const double d = s / S;
+        mc[j] = pivot[c] + d;
+        m2c[j] = std::max(q - s * d, 0.0);
+        mg += mc[j];
+      }
+      mg /= cpg;
+      double m2 = 0.0;
+      for (int64_t j = 0; j < cpg; ++j) m2 += m2c[j] + S * (mc[j] - mg) * (mc[j] - mg);
+      const double var = m2 / (static_cast<double>(S) * cpg);
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      const float mean = static_cast<float>(mg);
+      for (int64_t j = 0; j < cpg; ++j) {
+        const int64_t c = g * cpg + j;
+        const float a = rstd * (gamma ? gamma[c] : 1.f);
+        scale[b * C + c] = a;
+        shift[b * C + c] = (beta ? beta[c] : 0.f) - mean * a;
+      }
+    }
+  }
+  // Pass 2 over (b, t, h) source rows; each writes output row (t + pt, h + ph) with its W borders, the H
+  // border rows next to it, and for t == 0 the pt front frames' copies of those rows.
+  at::parallel_for(0, B * T * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
+    std::vector<float> in(std::is_same<E, float>::value ? 0 : W * C), out(std::is_same<E, float>::value ? 0 : W * C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task % H, bt = task / H, t = bt % T, b = bt / T;
+      const float* a = scale.data() + b * C;
+      const float* sh = shift.data() + b * C;
+      const E* src = xp + ((b * T + t) * H + h) * W * C;
+      E* frame = yp + (b * To + t + pt) * Ho * Wo * C;
+      E* row = frame + (h + ph) * Wo * C;
+      if constexpr (std::is_same<E, float>::value) {
+        cl_affine(src, W, C, a, sh, silu, row + pw * C);
+      } else {
+        load_f32(src, W * C, in.data());
+        cl_affine(in.data(), W, C, a, sh, silu, out.data());
+        store_from_f32(out.data(), W * C, row + pw * C);
+      }
+      for (int64_t i = 0; i < pw; ++i) {
+        std::memcpy(row + i * C, row + pw * C, C * sizeof(E));
+        std::memcpy(row + (pw + W + i) * C, row + (pw + W - 1) * C, C * sizeof(E));
+      }
+      if (h == 0)
+        for (int64_t i = 0; i < ph; ++i) std::memcpy(frame + i * Wo * C, row, Wo * C * sizeof(E));
+      if (h == H - 1)
+        for (int64_t i = 0; i < ph; ++i) std::memcpy(frame + (ph + H + i) * Wo * C, row, Wo * C * sizeof(E));
+      if (t == 0) {
+        for (int64_t i = 0; i < pt; ++i) {
+          E* f = yp + (b * To + i) * Ho * Wo * C;
+          std::memcpy(f + (h + ph) * Wo * C, row, Wo * C * sizeof(E));
+          if (h == 0)
+            for (int64_t j = 0; j < ph; ++j) std::memcpy(f + j * Wo * C, row, Wo * C * sizeof(E));
+          if (h == H - 1)
+            for (int64_t j = 0; j < ph; ++j) std::memcpy(f + (ph + H + j) * Wo * C, row, Wo * C * sizeof(E));
+        }
+      }
+    }
+  });
+}
+
+// A 5-D tensor stored channels-last-3d (and not also plainly contiguous, where the NCDHW path serves).
+bool is_cl3d(const at::Tensor& x) {
+  return x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
 void check_pad(int64_t pt, int64_t ph, int64_t pw) {
   KK_CHECK(pt >= 0 && ph >= 0 && pw >= 0, "padding must be >= 0, got (", pt, ", ", ph, ", ", pw, ")");
 }
@@ -227,7 +398,8 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
   check_pad(pt, ph, pw);
   const bool padded = pt || ph || pw;
   KK_CHECK(!padded || x.dim() == 5, "a padded output needs x of shape (B, C, T, H, W), got ", x.sizes());
-  at::Tensor xc = x.contiguous();
+  const bool cl = is_cl3d(x);
+  at::Tensor xc = cl ? x : x.contiguous();
   at::Tensor g, b;
   for (auto* p : {&weight, &bias}) {
     if (p->has_value()) {
@@ -243,12 +415,16 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, const c10::optional<at::Tens
     shape[3] += 2 * ph;
     shape[4] += 2 * pw;
   }
-  at::Tensor y = at::empty(shape, xc.options());
+  at::Tensor y = at::empty(shape, xc.options().memory_format(cl ? at::MemoryFormat::ChannelsLast3d
+                                                                    : at::MemoryFormat::Contiguous));
   if (xc.numel() == 0) return y;
   const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "group_norm_silu", [&] {
-    group_norm_silu_kernel<scalar_t>(xc, gp, bp, groups, eps, silu, pt, ph, pw, y);
+    if (cl)
+      group_norm_silu_cl_kernel<scalar_t>(xc, gp, bp, groups, eps, silu, pt, ph, pw, y);
+    else
+      group_norm_silu_kernel<scalar_t>(xc, gp, bp, groups, eps, silu, pt, ph, pw, y);
   });
   return y;
 }
@@ -263,7 +439,7 @@ void causal_pad_kernel(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, 
   U* yp = reinterpret_cast<U*>(y.data_ptr());
   std::vector<int64_t> col(Wo);
   for (int64_t j = 0; j < Wo; ++j) col[j] = std::min(std::max(j - pw, int64_t(0)), Wu - 1) / uw;
-  at::parallel_for(0, BC * To, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BC * To, grain_for(Ho * Wo), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tp = task % To, bc = task / To;
       const int64_t u = std::min(std::max(tp - pt, int64_t(0)), Tu - 1);
@@ -288,17 +464,62 @@ void causal_pad_kernel(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, 
   });
 }
 
+// Channels-last-3d: the same gather with the channel vector (C elements) as the unit.
+template <typename U>
+void causal_pad_cl_kernel(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, int64_t ut, int64_t uh,
+                          int64_t uw, at::Tensor& y) {
+  const int64_t B = x.size(0), C = x.size(1), T = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t Tu = ut == 1 ? T : 1 + (T - 1) * ut, Hu = H * uh, Wu = W * uw;
+  const int64_t To = y.size(2), Ho = y.size(3), Wo = y.size(4);
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr());
+  U* yp = reinterpret_cast<U*>(y.data_ptr());
+  std::vector<int64_t> col(Wo);
+  for (int64_t j = 0; j < Wo; ++j) col[j] = std::min(std::max(j - pw, int64_t(0)), Wu - 1) / uw;
+  at::parallel_for(0, B * To * Ho, grain_for(Wo * C), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hp = task % Ho, btp = task / Ho, tp = btp % To, b = btp / To;
+      const int64_t u = std::min(std::max(tp - pt, int64_t(0)), Tu - 1);
+      const int64_t t = (ut == 1 || u == 0) ? u : (u - 1) / ut + 1;
+      const int64_t h = std::min(std::max(hp - ph, int64_t(0)), Hu - 1) / uh;
+      const U* s = xp + ((b * T + t) * H + h) * W * C;
+      U* row = yp + task * Wo * C;
+      if (uw == 1) {
+        std::memcpy(row + pw * C, s, W * C * sizeof(U));
+        for (int64_t i = 0; i < pw; ++i) {
+          std::memcpy(row + i * C, s, C * sizeof(U));
+          std::memcpy(row + (pw + W + i) * C, s + (W - 1) * C, C * sizeof(U));
+        }
+      } else {
+        for (int64_t j = 0; j < Wo; ++j) std::memcpy(row + j * C, s + col[j] * C, C * sizeof(U));
+      }
+    }
+  });
+}
+
 at::Tensor causal_pad3d_cpu(const at::Tensor& x, int64_t pt, int64_t ph, int64_t pw, int64_t ut, int64_t uh,
                             int64_t uw) {
   KK_CHECK_CPU(x);
   KK_CHECK_DIM(x, 5);
   check_pad(pt, ph, pw);
   KK_CHECK(ut >= 1 && uh >= 1 && uw >= 1, "upsampling factors must be >= 1, got (", ut, ", ", uh, ", ", uw, ")");
-  at::Tensor xc = x.contiguous();
+  const bool cl = is_cl3d(x);
+  at::Tensor xc = cl ? x : x.contiguous();
   const int64_t T = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t Tu = ut == 1 ? T : 1 + (T - 1) * ut;
-  at::Tensor y = at::empty({x.size(0), x.size(1), Tu + pt, H * uh + 2 * ph, W * uw + 2 * pw}, xc.options());
+  at::Tensor y = at::empty({x.size(0), x.size(1), Tu + pt, H * uh + 2 * ph, W * uw + 2 * pw},
+                           xc.options().memory_format(cl ? at::MemoryFormat::ChannelsLast3d
+                                                         : at::MemoryFormat::Contiguous));
   if (y.numel() == 0 || xc.numel() == 0) return y;
+  if (cl) {
+    switch (xc.element_size()) {
+      case 1: causal_pad_cl_kernel<uint8_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+      case 2: causal_pad_cl_kernel<uint16_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+      case 4: causal_pad_cl_kernel<uint32_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+      case 8: causal_pad_cl_kernel<uint64_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+      default: KK_CHECK(false, "unsupported element size ", xc.element_size());
+    }
+    return y;
+  }
   switch (xc.element_size()) {
     case 1: causal_pad_kernel<uint8_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
     case 2: causal_pad_kernel<uint16_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
@@ -342,7 +563,7 @@ void tile_blend_kernel(at::Tensor& out, const at::Tensor& tile3, int64_t start, 
     }
   };
   if (inner >= 4096) {  // few long rows (a temporal or H blend): one task per position
-    at::parallel_for(0, outer * n, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, outer * n, grain_for(inner), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) rows(task / n, task % n, task % n + 1);
     });
   } else {  // many short rows (a W blend): one task per outer index

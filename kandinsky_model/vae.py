@@ -202,10 +202,65 @@ class CausalVAEConfig:
 # input, causal pad / upsample gathers, fused tile blend); False restores the plain-torch path (F.pad +
 # conv3d, nn.GroupNorm + SiLU, lerp blend) for A/B comparisons. Read at every call.
 USE_KERNELS = True
+# On the kernels path on CPU, the encoder and decoder run channels-last-3d (B, T, H, W, C in memory)
+# from their first layer to their last: oneDNN convolves that layout without reordering activations to
+# and from its blocked format at every call, and the VAE kernels read and write it natively. False keeps
+# the contiguous (B, C, T, H, W) layout (for A/B comparisons). Read at every call.
+CHANNELS_LAST = True
 
 
 def _kernels() -> bool:
     return USE_KERNELS
+
+
+def _channels_last_wanted() -> bool:
+    """CHANNELS_LAST applies where the C++ kernels run (not with KANDINSKY_KERNELS_BACKEND=reference: the
+    torch references would take the layout to torch's channels-last GroupNorm, which loses ~1e-4 relative
+    accuracy at 17x256x256 to cancellation, and the reference path is the ground truth)."""
+    if not (USE_KERNELS and CHANNELS_LAST):
+        return False
+    from kandinsky_kernels.backends import forced_backend
+
+    return forced_backend() in (None, "cpu")
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dim() == 5 and _channels_last_wanted()
+
+
+def _to_layout(x: torch.Tensor) -> torch.Tensor:
+    """The encoder's / decoder's input in the layout its layers run in (see CHANNELS_LAST)."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if _channels_last(x) else x
+
+
+def _weights_to_channels_last(module: nn.Module) -> None:
+    """Store every Conv3d weight under ``module`` channels-last-3d, in place (values, names and the
+    Parameter objects unchanged): oneDNN takes a channels-last input's weight in that layout, and
+    ``torch.mkldnn_convolution`` would otherwise copy a contiguous weight at every call (~50 ms for a
+    512 x 512 x 3^3 weight on this project's CPU). Done once; a no-op check afterwards."""
+    cl = torch.channels_last_3d
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv3d) and not m.weight.is_contiguous(memory_format=cl):
+                m.weight.data = m.weight.data.contiguous(memory_format=cl)
+
+
+def _conv_goes_to_onednn(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+            and x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+            and conv.padding_mode == "zeros" and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled)
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; a channels-last-3d CPU input at inference goes to oneDNN directly: ``F.conv3d``
+    sends small ones (N * C * T * H <= 20480) to its im2col fallback, which is ~1.5-2x slower in that
+    layout. Same arithmetic (oneDNN) as F.conv3d takes for the large ones; ``torch.backends.mkldnn``
+    disabled is honoured (F.conv3d then)."""
+    if _conv_goes_to_onednn(conv, x):
+        return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
+                                        conv.groups)
+    return conv(x)
 
 
 def _norm_silu_padded(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
@@ -217,7 +272,7 @@ def _norm_silu_padded(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d")
 def _norm_silu_pad(norm: nn.GroupNorm, x: torch.Tensor, conv: "CausalConv3d") -> torch.Tensor:
     """``conv(silu(norm(x)))``, on the kernels when enabled."""
     if _kernels():
-        return conv.conv(_norm_silu_padded(norm, x, conv))
+        return _conv(conv.conv, _norm_silu_padded(norm, x, conv))
     return conv(_silu(norm(x)))
 
 
@@ -225,6 +280,43 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     # In place when no graph is recorded: saves one full activation per call at inference. Under
     # autograd the out-of-place op is used, so no saved tensor can be overwritten.
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _conv_add_(conv: nn.Conv3d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``conv(x) + residual`` at inference, written into ``residual`` (returned): for channels-last-3d CPU
+    tensors oneDNN adds the residual inside the convolution (a fused post-op, bit for bit conv then add),
+    so the sum costs no separate pass and no new activation. Otherwise ``_conv(conv, x).add_(residual)``.
+    ``residual`` must be free to overwrite (an intermediate activation)."""
+    if (_fused_conv_add() and residual.dtype == x.dtype and residual.device.type == "cpu"
+            and not residual.is_contiguous() and residual.is_contiguous(memory_format=torch.channels_last_3d)
+            and _conv_goes_to_onednn(conv, x)):
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "add", 1.0, None, [], None)
+        return residual
+    return _conv(conv, x).add_(residual)
+
+
+_FUSED_CONV_ADD: bool | None = None
+
+
+def _fused_conv_add() -> bool:
+    """Whether this torch build has oneDNN's in-place conv + add (``mkldnn._convolution_pointwise_``),
+    checked once on a tiny input against conv + add."""
+    global _FUSED_CONV_ADD
+    if _FUSED_CONV_ADD is None:
+        try:
+            cl = torch.channels_last_3d
+            x = torch.randn(1, 2, 2, 3, 3).contiguous(memory_format=cl)
+            w = torch.randn(2, 2, 1, 1, 1).contiguous(memory_format=cl)
+            r = torch.randn(1, 2, 2, 3, 3).contiguous(memory_format=cl)
+            out = r.clone()
+            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, w, None, [0] * 3, [1] * 3, [1] * 3, 1, "add",
+                                                             1.0, None, [], None)
+            _FUSED_CONV_ADD = bool(torch.allclose(out, F.conv3d(x, w) + r, atol=1e-5))
+        except Exception:  # an op missing from this build, or with another signature
+            _FUSED_CONV_ADD = False
+    return _FUSED_CONV_ADD
 
 
 class CausalConv3d(nn.Module):
@@ -253,7 +345,7 @@ class CausalConv3d(nn.Module):
         if _kernels():
             if any(self.pad3) or tuple(up) != (1, 1, 1):
                 x = kk.causal_pad3d(x, self.pad3, up)
-            return self.conv(x)
+            return _conv(self.conv, x)
         if tuple(up) != (1, 1, 1):
             x = _upsample_causal(x, up)
         if any(self.padding):
@@ -276,9 +368,13 @@ class ResnetBlockCausal3D(nn.Module):
         if _kernels():
             # Rebinding h frees conv1's output as soon as its padded normalised copy exists: besides x at
             # most two activations are alive (the plain path holds three: norm output, padded copy, conv).
-            h = self.conv1.conv(_norm_silu_padded(self.norm1, x, self.conv1))
+            h = _conv(self.conv1.conv, _norm_silu_padded(self.norm1, x, self.conv1))
             h = _norm_silu_padded(self.norm2, h, self.conv2)
-            h = self.conv2.conv(h)
+            if not torch.is_grad_enabled():  # x is an intermediate activation: the sum may overwrite it
+                residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
+                del x
+                return _conv_add_(self.conv2.conv, h, residual)
+            h = _conv(self.conv2.conv, h)
         else:
             h = self.conv1(_silu(self.norm1(x)))
             h = self.conv2(_silu(self.norm2(h)))
@@ -460,7 +556,7 @@ class Encoder3D(nn.Module):
         self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(_to_layout(x))
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
@@ -483,7 +579,7 @@ class Decoder3D(nn.Module):
         self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z)
+        x = self.conv_in(_to_layout(z))
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
@@ -523,7 +619,10 @@ class CausalVideoVAE(nn.Module):
     ...                                      # before the diffusion model, / after it)
 
     Weights and inputs may be fp32, bf16 or fp16; inputs are cast to the weights' dtype and the result
-    has that dtype. Under ``torch.no_grad`` no activation outlives its layer (SiLU and the residual adds
+    has that dtype. On CPU with the kernels the encoder and decoder run channels-last-3d (``CHANNELS_LAST``);
+    the first such call stores the Conv3d weights in that layout, in place (same values and Parameter
+    objects; ``save_pretrained`` writes them contiguous). Results are contiguous.
+    Under ``torch.no_grad`` no activation outlives its layer (SiLU and the residual adds
     run in place).
 
     Tiling (:mod:`kandinsky_model.vae_tiling`): ``encode`` / ``decode`` take ``tiling="auto" | "none" |
@@ -627,11 +726,16 @@ class CausalVideoVAE(nn.Module):
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
         """Untiled: checked video (B, 3, F, H, W) -> moments (B, 2C, t, h, w) = (mean, logvar) on dim 1.
         The tiler wraps this."""
-        return self.quant_conv(self.encoder(video))
+        if _channels_last(video):
+            _weights_to_channels_last(self)
+        h = self.encoder(video)
+        return _conv(self.quant_conv, h).contiguous()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Untiled: checked latents (B, C, t, h, w) -> video (B, 3, F, H, W). The tiler wraps this."""
-        return self.decoder(self.post_quant_conv(latents))
+        if _channels_last(latents):
+            _weights_to_channels_last(self)
+        return self.decoder(self.post_quant_conv(latents)).contiguous()
 
     def forward(self, video: torch.Tensor, *, sample: bool = False,
                 generator: torch.Generator | None = None,
@@ -755,8 +859,24 @@ class CausalVideoVAE(nn.Module):
             raise ValueError(_mismatch_message(
                 path, f"the CausalVideoVAE config (block_out_channels={config.block_out_channels}, "
                 f"latent_channels={config.latent_channels})", missing, unexpected, mismatched))
+        if device.type == "cpu":
+            sd = _owned_weights(model, sd)
         model.load_state_dict(sd, strict=True, assign=True)
         return model
+
+
+def _owned_weights(model: nn.Module, sd: dict) -> dict:
+    """CPU state dict -> tensors that own their memory, the Conv3d weights channels-last-3d when the
+    model will run in that layout (``USE_KERNELS`` and ``CHANNELS_LAST``, the cpu kernels backend).
+
+    safetensors (and ``torch.load(mmap=True)``) hand out views of a memory-mapped file: its pages
+    become resident when first read, i.e. inside the first encode / decode, and stay mapped as long as
+    any one tensor of the file lives; a weight converted to channels-last later is then held twice
+    (measured: +112 MB RSS at quartered widths). Copies made here, once, leave nothing mapped."""
+    conv = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Conv3d)}
+    cl = _channels_last_wanted()
+    return {k: v.clone(memory_format=torch.channels_last_3d) if cl and k in conv and v.dim() == 5
+            else v.clone() for k, v in sd.items()}
 
 
 def _read_state_dict_file(path: Path, device: torch.device, dtype: torch.dtype | None):

@@ -429,6 +429,24 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(loaded.decode(loaded.encode(x)), vae.decode(vae.encode(x)))
 
 
+def test_from_pretrained_on_cpu_owns_its_weights(tmp_path):
+    """Loaded CPU weights are copies (no view of the memory-mapped file stays alive, so the file is
+    unmapped) and the Conv3d weights are channels-last-3d, the layout the CPU VAE runs in."""
+    from torch import nn
+
+    vae = make_vae()
+    folder = vae.save_pretrained(tmp_path / "vae")
+    loaded = CausalVideoVAE.from_pretrained(folder)
+    _same_weights(loaded, vae)
+    for m in loaded.modules():
+        if isinstance(m, nn.Conv3d):
+            assert m.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with open("/proc/self/maps") as f:  # Linux; the test suite runs there
+        assert not any(str(folder) in line for line in f)
+    resaved = loaded.save_pretrained(tmp_path / "again")  # written contiguous, readable back
+    _same_weights(CausalVideoVAE.from_pretrained(resaved), vae)
+
+
 def test_sharded_folder_round_trip(tmp_path):
     vae = make_vae()
     vae.save_pretrained(tmp_path, max_shard_bytes=20_000)

@@ -493,21 +493,28 @@ def peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_peak_memory_bounded_by_the_tile(dtype):
-    """Same tiles, a 4x longer clip (17 -> 65 frames): the peak may grow by at most 10 %. The channel
-    widths are tiny but keep the real VAE's ratio of full-resolution activations to the 3-channel
-    output, which the output buffer (necessarily as long as the clip) is measured against."""
+    """Same tiles, a 4x longer clip (17 -> 65 frames): the peak may grow by at most 10 % plus the growth
+    of the result itself (the output buffer is necessarily as long as the clip; with the fused kernels a
+    tile's activations peak low enough that the 0.6 MB longer decoded video alone is ~8 % of the
+    17-frame peak). The channel widths are tiny but keep the real VAE's ratio of full-resolution
+    activations to the 3-channel output."""
     vae = randomize(CausalVideoVAE(tiny_config(block_out_channels=(32, 32, 32, 32), norm_num_groups=4))).eval()
     vae = vae.to(dtype)
     cfg = TilingConfig(tile_height=None, tile_width=None, tile_frames=17, temporal_overlap=4)
     peaks = {}
     with torch.no_grad():
+        for f in (17, 65):  # warm-up: one-time work (weight layout, oneDNN primitives) is not a tile's peak
+            vae.decode(vae.encode(video(1, f, 32, 32, dtype=dtype), tiling=cfg), tiling=cfg)
         for f in (17, 65):
             x = video(1, f, 32, 32, dtype=dtype)
             z = torch.randn(1, 8, (f - 1) // 4 + 1, 4, 4).to(dtype)
             peaks[("encode", f)] = peak_bytes(lambda: vae.encode(x, tiling=cfg))
             peaks[("decode", f)] = peak_bytes(lambda: vae.decode(z, tiling=cfg))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    grown = {"encode": 16 * (16 - 4) * 4 * 4 * itemsize,  # moments (2 x 8 channels), 17 -> 5 vs 65 -> 17
+             "decode": 3 * (65 - 17) * 32 * 32 * itemsize}  # the decoded video
     for op in ("encode", "decode"):
-        assert peaks[(op, 65)] <= 1.10 * peaks[(op, 17)], (op, peaks)
+        assert peaks[(op, 65)] <= 1.10 * peaks[(op, 17)] + grown[op], (op, peaks)
     # and untiled, the long clip's peak does grow (so the measurement can fail)
     with torch.no_grad():
         untiled = peak_bytes(lambda: vae.decode(z, tiling="none"))

@@ -9,7 +9,9 @@ Conv3d with kernel (pt + 1, 2 ph + 1, 2 pw + 1) pads its input to, so in the VAE
 normalised activation is ever made: the padding is index arithmetic inside the kernel's single write.
 
 Backends: ``cpu`` (csrc/vae.cpp: statistics per (b, group) from fp32 chunk sums accumulated in double,
-then one pass computing and writing each output row, SiLU with a vectorisable exp; OpenMP), ``triton``
+then one pass computing and writing each output row, SiLU with a vectorisable exp; OpenMP; a
+channels-last-3d x is read and written in that layout: per-channel shifted sums combined per group by
+Chan's formula, then one pass over rows of channel vectors), ``triton``
 (partial sums over a (B*G, splits) grid, combined in fp64 on the device; then one elementwise kernel over
 the padded output that gathers its source element by index arithmetic), ``reference`` (torch in fp32).
 
@@ -26,6 +28,7 @@ from kandinsky_kernels._ext import cpp_op
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import check_tensor
 from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.ops._eager import eager
 from kandinsky_kernels.reference.vae import group_norm_silu_ref
 
 __all__ = ["group_norm", "group_norm_silu"]
@@ -122,17 +125,21 @@ def _backend(device: torch.device) -> str:
     return select_backend("group_norm_silu", device, {"triton": HAS_TRITON, "cpu": _CPP is not None})
 
 
-@torch.library.custom_op("kandinsky_kernels::group_norm_silu", mutates_args=())
-def _group_norm_silu_op(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, silu: bool,
-    pad_t: int, pad_h: int, pad_w: int,
-) -> torch.Tensor:
+def _group_norm_silu_impl(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w):
     backend = _backend(x.device)
     if backend == "cpu":
         return _CPP(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
     if backend == "triton":
         return _group_norm_silu_triton(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
     return group_norm_silu_ref(x, weight, bias, groups, eps, silu, (pad_t, pad_h, pad_w)).contiguous()
+
+
+@torch.library.custom_op("kandinsky_kernels::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, silu: bool,
+    pad_t: int, pad_h: int, pad_w: int,
+) -> torch.Tensor:
+    return _group_norm_silu_impl(x, weight, bias, groups, eps, silu, pad_t, pad_h, pad_w)
 
 
 @_group_norm_silu_op.register_fake
@@ -151,7 +158,8 @@ def group_norm_silu(
 
     x: (B, C, ...) float32 / bfloat16 / float16; weight, bias: (C,) or None; ``groups`` divides C.
     ``pad = (pt, ph, pw)`` (x must then be (B, C, T, H, W)) writes the causal replicate-padded result
-    (B, C, T + pt, H + 2 ph, W + 2 pw), see the module doc. Returns a new contiguous tensor of x's dtype.
+    (B, C, T + pt, H + 2 ph, W + 2 pw), see the module doc. Returns a new tensor of x's dtype, contiguous
+    (channels-last-3d for a channels-last-3d x on the cpu backend).
     Differentiable through the torch reference when autograd records the call."""
     check_tensor("x", x, min_ndim=2, dtypes=_DTYPES)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or x.shape[1] % groups:
@@ -168,6 +176,8 @@ def group_norm_silu(
         raise ValueError(f"a padded output needs x of shape (B, C, T, H, W), got {tuple(x.shape)}")
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, weight, bias)):
         return group_norm_silu_ref(x, weight, bias, groups, eps, silu, (pt, ph, pw))
+    if eager(x):
+        return _group_norm_silu_impl(x, weight, bias, groups, float(eps), bool(silu), pt, ph, pw)
     return _group_norm_silu_op(x, weight, bias, groups, float(eps), bool(silu), pt, ph, pw)
 
 

@@ -22,6 +22,7 @@ from kandinsky_kernels._ext import cpp_op
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import check_tensor
 from kandinsky_kernels.backends import select_backend
+from kandinsky_kernels.ops._eager import eager
 from kandinsky_kernels.reference.vae import tile_blend_ref
 
 __all__ = ["tile_blend_"]
@@ -74,8 +75,7 @@ def _tile_blend_triton(out, tile, dim, start, prev_stop):
         )
 
 
-@torch.library.custom_op("kandinsky_kernels::tile_blend_", mutates_args=("out",))
-def _tile_blend_op(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, prev_stop: int) -> None:
+def _tile_blend_impl(out, tile, dim, start, prev_stop):
     backend = select_backend("tile_blend_", out.device, {"triton": HAS_TRITON, "cpu": _CPP is not None})
     if backend == "cpu":
         _CPP(out, tile, dim, start, prev_stop)
@@ -83,6 +83,11 @@ def _tile_blend_op(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, 
         _tile_blend_triton(out, tile, dim, start, prev_stop)
     else:
         tile_blend_ref(out, tile, dim, start, prev_stop)
+
+
+@torch.library.custom_op("kandinsky_kernels::tile_blend_", mutates_args=("out",))
+def _tile_blend_op(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, prev_stop: int) -> None:
+    _tile_blend_impl(out, tile, dim, start, prev_stop)
 
 
 @_tile_blend_op.register_fake
@@ -107,5 +112,8 @@ def tile_blend_(out: torch.Tensor, tile: torch.Tensor, dim: int, start: int, pre
         raise ValueError(f"the tile [{start}, {start + tile.shape[dim]}) must lie inside out's {out.shape[dim]}")
     if not out.is_contiguous() or (torch.is_grad_enabled() and (out.requires_grad or tile.requires_grad)):
         tile_blend_ref(out, tile, dim, start, prev_stop)
+        return
+    if eager(out) and eager(tile):
+        _tile_blend_impl(out, tile, dim, start, prev_stop)
         return
     _tile_blend_op(out, tile, dim, start, prev_stop)
