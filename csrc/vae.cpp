@@ -38,20 +38,24 @@ inline int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, kSerial
 // an array of independent lanes got outer-loop vectorised with permutes. 32-byte vectors: one ymm on the
 // x86-64-v3/v4 clones, two xmm on the baseline one; two accumulators each hide the add latency.
 typedef float v8f __attribute__((vector_size(32)));
+// Adds the 16 floats at x, less the pivots (pa, pb), to the sums (sa, sb) and their squares to (qa, qb).
+inline void add_shifted16(const float* x, v8f pa, v8f pb, v8f& sa, v8f& sb, v8f& qa, v8f& qb) {
+  v8f a, b;
+  std::memcpy(&a, x, sizeof(a));
+  std::memcpy(&b, x + 8, sizeof(b));
+  a -= pa;
+  b -= pb;
+  sa += a;
+  sb += b;
+  qa += a * a;
+  qb += b * b;
+}
+
 KK_CLONES void shifted_sums(const float* x, int64_t n, float pivot, float* s_out, float* ss_out) {
   v8f s0 = {}, s1 = {}, q0 = {}, q1 = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v8f a, b;
-    std::memcpy(&a, x + i, sizeof(a));
-    std::memcpy(&b, x + i + 8, sizeof(b));
-    a -= pivot;
-    b -= pivot;
-    s0 += a;
-    s1 += b;
-    q0 += a * a;
-    q1 += b * b;
-  }
+  const v8f pv = v8f{} + pivot;
+  for (; i + 16 <= n; i += 16) add_shifted16(x + i, pv, pv, s0, s1, q0, q1);
   float ts = 0.f, tss = 0.f;
   for (; i < n; ++i) {
     const float d = x[i] - pivot;
@@ -227,17 +231,7 @@ KK_CLONES void cl_shifted_sums(const float* x, int64_t n, int64_t C, const float
     v8f pa, pb, sa = {}, sb = {}, qa = {}, qb = {};
     std::memcpy(&pa, p + c0, sizeof(pa));
     std::memcpy(&pb, p + c0 + 8, sizeof(pb));
-    for (int64_t r = 0; r < n; ++r) {
-      v8f a, b;
-      std::memcpy(&a, x + r * C + c0, sizeof(a));
-      std::memcpy(&b, x + r * C + c0 + 8, sizeof(b));
-      a -= pa;
-      b -= pb;
-      sa += a;
-      sb += b;
-      qa += a * a;
-      qb += b * b;
-    }
+    for (int64_t r = 0; r < n; ++r) add_shifted16(x + r * C + c0, pa, pb, sa, sb, qa, qb);
     std::memcpy(s + c0, &sa, sizeof(sa));
     std::memcpy(s + c0 + 8, &sb, sizeof(sb));
     std::memcpy(q + c0, &qa, sizeof(qa));
@@ -510,21 +504,19 @@ at::Tensor causal_pad3d_cpu(const at::Tensor& x, int64_t pt, int64_t ph, int64_t
                            xc.options().memory_format(cl ? at::MemoryFormat::ChannelsLast3d
                                                          : at::MemoryFormat::Contiguous));
   if (y.numel() == 0 || xc.numel() == 0) return y;
-  if (cl) {
-    switch (xc.element_size()) {
-      case 1: causal_pad_cl_kernel<uint8_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-      case 2: causal_pad_cl_kernel<uint16_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-      case 4: causal_pad_cl_kernel<uint32_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-      case 8: causal_pad_cl_kernel<uint64_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-      default: KK_CHECK(false, "unsupported element size ", xc.element_size());
-    }
-    return y;
-  }
+  // the padding only moves bytes: one kernel per element size, whatever the dtype
+  const auto run = [&](auto bits) {
+    using U = decltype(bits);
+    if (cl)
+      causal_pad_cl_kernel<U>(xc, pt, ph, pw, ut, uh, uw, y);
+    else
+      causal_pad_kernel<U>(xc, pt, ph, pw, ut, uh, uw, y);
+  };
   switch (xc.element_size()) {
-    case 1: causal_pad_kernel<uint8_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-    case 2: causal_pad_kernel<uint16_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-    case 4: causal_pad_kernel<uint32_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
-    case 8: causal_pad_kernel<uint64_t>(xc, pt, ph, pw, ut, uh, uw, y); break;
+    case 1: run(uint8_t{}); break;
+    case 2: run(uint16_t{}); break;
+    case 4: run(uint32_t{}); break;
+    case 8: run(uint64_t{}); break;
     default: KK_CHECK(false, "unsupported element size ", xc.element_size());
   }
   return y;

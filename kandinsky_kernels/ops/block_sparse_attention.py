@@ -107,10 +107,15 @@ def _fwd_op(
     return out.contiguous(), lse.float().contiguous(), _backend_tag(backend)
 
 
-@_fwd_op.register_fake
-def _(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
+def _fake_fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What a forward attention op returns, as fake tensors: out like q, lse fp32 (B, H, S), the tag."""
     b, s, h, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
+    return _fake_fwd_outputs(q)
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())

@@ -43,7 +43,7 @@ from kandinsky_kernels._validation import (
     check_tensor,
     mark_mask_checked,
 )
-from kandinsky_kernels.backends import _backend_of_tag, _fake_backend_tag, select_backend, use_backend
+from kandinsky_kernels.backends import _backend_of_tag, select_backend, use_backend
 from kandinsky_kernels.mask import BlockSparseMask, _ids_dtype, _ptr_from_counts, _transpose_csr
 from kandinsky_kernels.ops import block_sparse_attention as _bsa
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
@@ -547,8 +547,7 @@ def _nabla_attention_fwd_op(
 
 @_nabla_attention_fwd_op.register_fake
 def _(q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale):
-    b, s, h, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
+    return _bsa._fake_fwd_outputs(q)
 
 
 @torch.library.custom_op("kandinsky_kernels::nabla_attention_bwd", mutates_args=())
