@@ -68,3 +68,57 @@ def test_nabla_block_mask(benchmark, case):
         mem_goal={"provider": "ours[cpu]", "vs": "official", "max_ratio": 0.333} if at_goal else None,
         rounds=ROUNDS,
     )
+
+
+# ------------------------------------------------------------ raster-order tokens: index vs copies
+# A raster-order model (Wan, HunyuanVideo) runs NABLA attention either through the fractal index
+# (``nabla_attention(order="raster")``: the kernels read q, k, v and write the output through it) or
+# by copying: fractal_flatten of q, k, v, the fractal-order call, fractal_unflatten of the output
+# (and in the backward the same copies of dout, dq, dk, dv). Both compute the same bits; the case
+# measures what the copies cost. Lite-like heads (D = 64) at about 8,192 tokens, fp32, threshold 0.1
+# with the STA window (1, 3, 3) (~10-15 % of the blocks on random inputs, a trained model's density).
+RASTER_GRIDS = by_profile(smoke=[(2, 9, 10)], quick=[(2, 32, 32)], default=[(8, 32, 32), (8, 30, 34)])
+RASTER_HEADS = by_profile(smoke=2, quick=4, default=4)
+RASTER_ROUNDS = by_profile(smoke=1, quick=3, default=7)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("grid", RASTER_GRIDS, ids=lambda g: "x".join(map(str, g)))
+def test_nabla_attention_raster_order(benchmark, grid, backward):
+    from kandinsky_kernels import FractalLayout, fractal_flatten, fractal_unflatten, nabla_attention
+
+    t, h, w = grid
+    layout = FractalLayout(t, h, w)
+    s, d = t * h * w, 64
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(1, s, RASTER_HEADS, d, generator=g).requires_grad_(backward) for _ in range(3))
+    dout = torch.randn(1, s, RASTER_HEADS, d, generator=g)
+
+    def run(attend):
+        def fn():
+            with use_backend("cpu"), torch.set_grad_enabled(backward):
+                out = attend()
+                if backward:
+                    torch.autograd.grad(out, (q, k, v), dout)
+            return out
+        return fn
+
+    def copies():
+        flat = [fractal_flatten(x.reshape(1, t, h, w, RASTER_HEADS, d)) for x in (q, k, v)]
+        out = nabla_attention(*flat, 0.1, (1, 3, 3), grid=layout)
+        return fractal_unflatten(out, layout).reshape(q.shape)
+
+    def index():
+        return nabla_attention(q, k, v, 0.1, (1, 3, 3), grid=layout, order="raster")
+
+    why = None if _ext.cpp_op("bsa_fwd") is not None else f"compiled kernels not available ({_ext.EXT_ERROR})"
+    run_case(
+        benchmark, suite="nabla_attention raster order", op="nabla_attention(order='raster')",
+        case=f"grid {t}x{h}x{w} S={s} H={RASTER_HEADS} D={d} fp32 {'fwd+bwd' if backward else 'fwd'}",
+        baseline="fractal copies",
+        providers=[Provider("fractal copies", run(copies), skip=why), Provider("ours[cpu] index", run(index), skip=why)],
+        params={"seq_len": s, "grid": f"{t}x{h}x{w}", "pass": "forward+backward" if backward else "forward",
+                "padded": layout.is_padded, "dtype": "fp32"},
+        no_goal="measures what the fractal copies cost; both providers compute the same bits",
+        rounds=RASTER_ROUNDS,
+    )

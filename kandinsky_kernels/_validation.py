@@ -206,3 +206,40 @@ def check_block_size(block_size: Any, what: str = "block_size") -> int:
         raise ValueError(f"{what} must be one of {BLOCK_SIZES} (the block sizes every backend runs), got "
                          f"{block_size!r}")
     return block_size
+
+
+def check_token_index(token_index: torch.Tensor, rows: int, *, force: bool = False) -> None:
+    """ValueError unless ``token_index`` maps positions to rows one to one: int64 (Sf,) values in
+    [-1, ``rows``) (-1: a padding position), each row 0 .. rows - 1 exactly once. Vectorised torch (on a
+    GPU a host sync); an index already checked for ``rows`` and unchanged since is not checked again
+    unless ``force`` (the record lives on the tensor, as :func:`mark_mask_checked`'s)."""
+    if token_index.device.type == "meta":
+        return
+    try:
+        version = token_index._version
+    except RuntimeError:  # inference mode: no version counter, check every time
+        version = None
+    if not force and version is not None and getattr(token_index, "_kk_index_checked", None) == (rows, version):
+        return
+    real = token_index[token_index >= 0]
+    lo = int(token_index.min()) if token_index.numel() else -1
+    hi = int(token_index.max()) if token_index.numel() else -1
+    if lo < -1 or hi >= rows:
+        raise ValueError(f"token_index must hold rows in [0, {rows}) of q, k, v (the raster sequence) or -1 "
+                         f"for padding, got values in [{lo}, {hi}]")
+    counts = torch.bincount(real, minlength=rows)
+    if real.numel() != rows or bool((counts != 1).any()):
+        missing = int((counts == 0).sum())
+        repeated = int((counts > 1).sum())
+        raise ValueError(f"token_index must name each of the {rows} rows of q, k, v exactly once (-1 for "
+                         f"padding positions): {missing} rows are missing and {repeated} repeated")
+    if version is not None:
+        token_index._kk_index_checked = (rows, version)
+
+
+def mark_token_index_checked(token_index: torch.Tensor, rows: int) -> None:
+    """Record that ``token_index`` is valid for ``rows`` rows (built valid by the library)."""
+    try:
+        token_index._kk_index_checked = (rows, token_index._version)
+    except RuntimeError:
+        pass

@@ -23,8 +23,11 @@ How it plugs in, through diffusers' public mechanisms only (no private function 
   call: a processor sees (B, S, C) tokens only.
 
 Token order. Wan, and Kandinsky 5 called without ``sparse_params``, keep the tokens in raster order
-(frame, row, column): the processor gathers q, k, v into fractal order (:func:`fractal_flatten`,
-padding H and W up to multiples of 8) and scatters the output back, around every attention call.
+(frame, row, column): the processor passes them as they are (``nabla_attention(..., order="raster")``)
+and the kernels read q, k, v and write the output through the fractal index of the grid (H and W
+padded up to multiples of 8 in the index only), so no fractal-order copy is made. HunyuanVideo's joint
+attention still gathers its video q, k, v into fractal order and scatters the output back (its keys
+are video plus text, which one index over q and k does not describe).
 Kandinsky 5 called as its pipeline calls a NABLA-configured model (``sparse_params`` with
 ``to_fractal=True``) already holds its tokens in the same fractal order, so no gather happens; the
 mask then follows the call's ``sparse_params``: its ``P`` is the threshold and its ``sta_mask`` the
@@ -48,7 +51,7 @@ import torch
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
 from kandinsky_kernels.ops.fractal import FractalLayout, fractal_flatten, fractal_unflatten
-from kandinsky_kernels.ops.nabla import nabla_attention, nabla_block_mask
+from kandinsky_kernels.ops.nabla import _raster_token_index, nabla_attention, nabla_block_mask
 from kandinsky_kernels.ops.sta import sta_block_mask
 
 __all__ = ["disable_nabla", "enable_nabla", "is_nabla_enabled"]
@@ -155,21 +158,25 @@ class _NablaProcessor:
                                     grid=layout)
             out = block_sparse_attention(q, k, v, mask)
         else:
-            # Raster order: gather into fractal order, attend, scatter back.
-            qf, layout = fractal_flatten(q.reshape(b, t, h, w, heads, d), return_layout=True)
-            kf = fractal_flatten(k.reshape(b, t, h, w, heads, d))
-            vf = fractal_flatten(v.reshape(b, t, h, w, heads, d))
+            # Raster order: the kernels read q, k, v and write the output through the fractal index,
+            # so no fractal-order copy is made.
+            layout = FractalLayout(t, h, w)
             if sparse_params is not None:  # NABLA sparse_params on raster tokens: their P, their STA
-                mask = nabla_block_mask(qf, kf, float(sparse_params["P"]),
-                                        sta=sparse_params["sta_mask"].bool(), grid=layout)
-                outf = block_sparse_attention(qf, kf, vf, mask)
-            else:
-                outf, mask = nabla_attention(qf, kf, vf, state.threshold, state.sta_window, grid=layout,
-                                             return_mask=True)
-            out = fractal_unflatten(outf, layout).reshape(b, s, heads, d)
-        if state.on_mask is not None and not torch.compiler.is_compiling():
+                index = _raster_token_index(layout, q.device)
+                mask = nabla_block_mask(q, k, float(sparse_params["P"]), sta=sparse_params["sta_mask"].bool(),
+                                        grid=layout, token_index=index)
+                out = block_sparse_attention(q, k, v, mask, token_index=index)
+            elif self._wants_mask():
+                out, mask = nabla_attention(q, k, v, state.threshold, state.sta_window, grid=layout,
+                                            return_mask=True, order="raster")
+            else:  # the mask is rebuilt in the backward, not kept
+                return nabla_attention(q, k, v, state.threshold, state.sta_window, grid=layout, order="raster")
+        if self._wants_mask():
             state.on_mask(self._name, mask)
         return out
+
+    def _wants_mask(self) -> bool:
+        return self._state.on_mask is not None and not torch.compiler.is_compiling()
 
 
 def _kandinsky5_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from kandinsky_kernels._validation import (
     check_finite_number,
     check_same_device,
     check_tensor,
+    check_token_index,
 )
 from kandinsky_kernels.backends import _backend_of_tag, _backend_tag, _fake_backend_tag, select_backend
 from kandinsky_kernels.mask import BlockSparseMask, _transpose_csr
@@ -45,6 +46,7 @@ from kandinsky_kernels.reference.attention import (
     block_sparse_attention_backward_reference,
     block_sparse_attention_with_lse,
 )
+from kandinsky_kernels.reference.fractal import gather_positions_ref, scatter_positions_ref
 
 __all__ = ["block_sparse_attention", "merge_attention"]
 
@@ -83,39 +85,70 @@ def _fwd_op(
     scale: float,
     token_valid: Optional[Tensor],
     cu_seqlens: Optional[Tensor],
+    token_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend(q.device)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    nk = k.shape[1] // block_size
+    sq, sk = _positions(q, k, token_index)
+    nk = sk // block_size
     # the C++ kernels check the same things themselves, but name per-side offsets only here
     if backend != "cpu" or (cu_seqlens is not None and cu_seqlens.dim() == 2):
-        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, q.shape[1], k.shape[1])
+        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, sq, sk)
+    if token_index is not None:
+        check_token_index(token_index, q.shape[1])
     if q.numel() == 0 or k.numel() == 0:  # nothing to compute (an empty tensor's strides may be anything)
-        b, s, h, _ = q.shape
-        out, lse = q.new_zeros(q.shape), q.new_full((b, h, s), float("-inf"), dtype=torch.float32)
+        b, _, h, _ = q.shape
+        out, lse = q.new_zeros(q.shape), q.new_full((b, h, sq), float("-inf"), dtype=torch.float32)
     elif backend == "cpu":
         out, lse = _ext.cpp_op("bsa_fwd")(
             q, k, v, kv_ptr.contiguous(), kv_cols.contiguous(), block_size, scale, token_valid, cu_seqlens,
+            *_index_arg(token_index),
         )
     elif backend == "triton":
         out, lse = _bsa_triton.bsa_forward_triton(
-            q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens
+            q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, token_index=token_index,
         )
+    elif token_index is not None:  # the reference reads rows through copies, in position order
+        mask = _mask_of(kv_ptr, kv_cols, nk, block_size, _index_valid(token_valid, token_index))
+        qf, kf, vf = (gather_positions_ref(x, token_index) for x in (q, k, v))
+        outf, lse = block_sparse_attention_with_lse(qf, kf, vf, mask, scale, cu_seqlens)
+        out = scatter_positions_ref(outf, token_index, q.shape[1])
     else:
         mask = _mask_of(kv_ptr, kv_cols, nk, block_size, token_valid)
         out, lse = block_sparse_attention_with_lse(q, k, v, mask, scale, cu_seqlens)
     return out.contiguous(), lse.float().contiguous(), _backend_tag(backend)
 
 
-def _fake_fwd_outputs(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """What a forward attention op returns, as fake tensors: out like q, lse fp32 (B, H, S), the tag."""
+def _positions(q: Tensor, k: Tensor, token_index: Optional[Tensor]) -> tuple[int, int]:
+    """(Sq, Sk) in positions: the inputs' lengths, or the index's length for both sides."""
+    if token_index is None:
+        return q.shape[1], k.shape[1]
+    return token_index.shape[0], token_index.shape[0]
+
+
+def _index_arg(token_index: Optional[Tensor]) -> tuple:
+    """The C++ ops' trailing ``token_index`` argument, passed only when there is one."""
+    return () if token_index is None else (token_index,)
+
+
+def _index_valid(token_valid: Optional[Tensor], token_index: Tensor) -> Tensor:
+    """token_valid (positions) AND not a padding position of ``token_index``."""
+    real = token_index >= 0
+    return real if token_valid is None else token_valid & real
+
+
+def _fake_fwd_outputs(q: Tensor, token_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """What a forward attention op returns, as fake tensors: out like q, lse fp32 (B, H, S) (S in
+    positions: the index's length where there is one), the tag."""
     b, s, h, _ = q.shape
+    if token_index is not None:
+        s = token_index.shape[0]
     return q.new_empty(q.shape), q.new_empty((b, h, s), dtype=torch.float32), _fake_backend_tag()
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
-    return _fake_fwd_outputs(q)
+def _(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, token_index=None):
+    return _fake_fwd_outputs(q, token_index)
 
 
 @torch.library.custom_op("kandinsky_kernels::block_sparse_attention_bwd", mutates_args=())
@@ -136,15 +169,19 @@ def _bwd_op(
     cu_seqlens: Optional[Tensor],
     backend_tag: Tensor,
     dlse: Optional[Tensor] = None,
+    token_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The forward's backend, not a new choice: lse and out are that backend's, and the backward may run
     # outside the use_backend() block of the forward (or on an autograd thread that does not see it).
     backend = _backend_of_tag(backend_tag)
     dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
-    nq, nk = q.shape[1] // block_size, k.shape[1] // block_size
+    sq, sk = _positions(q, k, token_index)
+    nq, nk = sq // block_size, sk // block_size
     if backend != "cpu":
-        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, q.shape[1], k.shape[1])
+        _check_contents(kv_ptr, kv_cols, nk, cu_seqlens, sq, sk)
         check_csr_contents(q_ptr, q_cols, nq, name="transposed mask")
+    if token_index is not None:
+        check_token_index(token_index, q.shape[1])
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if dlse is not None:
@@ -153,12 +190,18 @@ def _bwd_op(
         dq, dk, dv = _ext.cpp_op("bsa_bwd")(
             dout, q, k, v, out, lse.contiguous(), kv_ptr.contiguous(), kv_cols.contiguous(),
             q_ptr.contiguous(), q_cols.contiguous(), block_size, scale, token_valid, cu_seqlens, dlse,
+            *_index_arg(token_index),
         )
     elif backend == "triton":
         dq, dk, dv = _bsa_triton.bsa_backward_triton(
             dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
-            block_size, scale, token_valid, cu_seqlens, dlse=dlse,
+            block_size, scale, token_valid, cu_seqlens, dlse=dlse, token_index=token_index,
         )
+    elif token_index is not None:
+        mask = _mask_of(kv_ptr, kv_cols, nk, block_size, _index_valid(token_valid, token_index))
+        grads = block_sparse_attention_backward_reference(
+            *(gather_positions_ref(x, token_index) for x in (dout, q, k, v)), mask, scale, cu_seqlens, dlse=dlse)
+        dq, dk, dv = (scatter_positions_ref(g, token_index, q.shape[1]) for g in grads)
     else:
         mask = _mask_of(kv_ptr, kv_cols, nk, block_size, token_valid)
         dq, dk, dv = block_sparse_attention_backward_reference(dout, q, k, v, mask, scale, cu_seqlens,
@@ -168,15 +211,16 @@ def _bwd_op(
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols, block_size, scale, token_valid, cu_seqlens,
-      backend_tag, dlse=None):
+      backend_tag, dlse=None, token_index=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens = inputs
+    q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, *rest = inputs
     out, lse, tag = output
     # the compressed mask is what stays alive until the backward (memory in proportion to its blocks)
-    ctx.save_for_backward(q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag)
+    ctx.save_for_backward(q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag,
+                          rest[0] if rest else None)
     ctx.block_size, ctx.scale = block_size, scale
     # an output nobody differentiated gets None, not a zero tensor: the common case (lse unused) then
     # costs nothing
@@ -186,18 +230,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse, dtag):
     # dlse: the gradient of lse where the caller used it (return_lse=True), folded into Delta by every
     # backend; the tag is an integer, without gradient.
-    q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag = ctx.saved_tensors
+    q, k, v, out, lse, kv_ptr, kv_cols, token_valid, cu_seqlens, tag, token_index = ctx.saved_tensors
     if dout is None and dlse is None:
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     if dout is None:
         dout = torch.zeros_like(out)
     # the transpose lives only while this layer's backward runs (built by a kernel, O(nnz))
-    q_ptr, q_cols = _transpose_csr(kv_ptr, kv_cols, k.shape[1] // ctx.block_size)
+    q_ptr, q_cols = _transpose_csr(kv_ptr, kv_cols, _positions(q, k, token_index)[1] // ctx.block_size)
     dq, dk, dv = _bwd_op(
         dout, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols, ctx.block_size, ctx.scale, token_valid,
-        cu_seqlens, tag, dlse,
+        cu_seqlens, tag, dlse, token_index,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -217,7 +261,20 @@ def _check_contents(kv_ptr, kv_cols, nk: int, cu_seqlens, sq: int, sk: int) -> N
             check_cu_seqlens(cu_seqlens, sq)
 
 
-def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
+def _check_token_index_arg(token_index, q, k, cu_seqlens) -> None:
+    """The checks of ``token_index`` that need no values (its contents are checked in the ops)."""
+    check_tensor("token_index", token_index, ndim=1, dtypes=(torch.int64,))
+    if token_index.device != q.device:
+        raise ValueError(f"token_index on {token_index.device} but q on {q.device}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"token_index reads q, k and v through one index (self-attention): k, v must have "
+                         f"q's {q.shape[1]} rows, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if cu_seqlens.get("cu_seqlens_q") is not None:
+        raise ValueError("token_index is for self-attention: pass cu_seqlens (in positions), not "
+                         "cu_seqlens_q / cu_seqlens_k")
+
+
+def _validate(q, k, v, mask, cu_seqlens, scale, token_index=None) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, ndim=4, dtypes=_DTYPES)
     hq, hkv = q.shape[2], k.shape[2]
@@ -232,6 +289,9 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     check_same_device(q=q, k=k, v=v)
     b, s, h, d = q.shape
     sk = k.shape[1]
+    if token_index is not None:  # shapes below are in positions: the sequence the kernels see
+        _check_token_index_arg(token_index, q, k, cu_seqlens)
+        s = sk = token_index.shape[0]
     if d <= 0 or d % 16 or d > _MAX_HEAD_DIM:
         raise ValueError(f"head dim D={d} (q shape {tuple(q.shape)}) must be a positive multiple of 16, "
                          f"at most {_MAX_HEAD_DIM}")
@@ -240,13 +300,21 @@ def _validate(q, k, v, mask, cu_seqlens, scale) -> None:
     if not isinstance(mask, BlockSparseMask):
         raise ValueError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
     bs = check_block_size(mask.block_size, "mask block_size")
+    if token_index is not None and s % bs:
+        raise ValueError(f"token_index holds Sf={s} positions, not a multiple of the mask block_size={bs} "
+                         "(a FractalLayout's token_index() holds whole blocks)")
     for name, x in (("q", q), ("k", k)):
-        if x.shape[1] % bs:
+        if token_index is None and x.shape[1] % bs:
             hint = bshd_hint(name, x.shape, bs)
             raise ValueError(f"{name} has shape (B, S, H, D) = {tuple(x.shape)}: S={x.shape[1]} is not a multiple "
                              f"of the mask block_size={bs}" + (hint or "; pad the sequence (e.g. fractal_flatten "
                                                                "pads to tiles)"))
     mb, mh, nq, nk = mask.shape
+    if token_index is not None and (nq * bs != s or nk * bs != sk or mb not in (1, b) or mh not in (1, h)):
+        raise ValueError(
+            f"mask shape (B, H, Nq, Nk)={mask.shape} with block_size {bs} does not fit token_index's Sf={s} "
+            f"positions and q (B, Sr, H, D) = {tuple(q.shape)}: need Nq = Nk = Sf / block_size = {s // bs}, "
+            f"mask B in (1, {b}), mask H in (1, {h})")
     if nq * bs != s or nk * bs != sk or mb not in (1, b) or mh not in (1, h):
         hint = ""
         if nq * bs == q.shape[2] != s and nk * bs == k.shape[2]:
@@ -306,6 +374,7 @@ def block_sparse_attention(
     cu_seqlens_q: Tensor | None = None,
     cu_seqlens_k: Tensor | None = None,
     return_lse: bool = False,
+    token_index: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention restricted to the active blocks of ``mask``, softmax over the visible keys only.
 
@@ -335,9 +404,19 @@ def block_sparse_attention(
         return_lse: also return the log-sum-exp of each query row's visible scores (natural log,
             scores = scale * q.k), differentiable, so partial attentions over disjoint key sets can be
             merged exactly (:func:`merge_attention`, as ring / context-parallel attention does).
+        token_index: optional int64 (Sf,) for tokens held in another order than the mask's (a
+            raster-order model, a mask in fractal order): position p of the sequence the mask
+            describes reads row ``token_index[p]`` of q, k and v, -1 marks a padding position (read as
+            zeros, never attended to, written nowhere), and each output row is written from its
+            position. Self-attention: q, k, v (B, Sr, H, D) with one Sr; every row 0 .. Sr - 1 must
+            appear exactly once. The mask, ``mask.token_valid``, ``cu_seqlens`` and lse are in
+            positions (Nq = Nk = Sf / block_size, lse (B, H, Sf)). The kernels read and write through
+            the index: no copy of q, k, v or the output in the mask's order is made.
+            :meth:`kandinsky_kernels.FractalLayout.token_index` gives the index of a (T, H, W) grid in
+            raster order; :func:`kandinsky_kernels.nabla_attention` takes ``order="raster"``.
 
     Returns:
-        (B, Sq, H, D), contiguous, in q's dtype. A query row that sees no key returns zeros (and zero
+        (B, Sq, H, D), contiguous, in q's dtype (with ``token_index``: (B, Sr, H, D), rows as q's). A query row that sees no key returns zeros (and zero
         gradients), never NaN. Differentiable in q, k and v. With ``return_lse``: ``(out, lse)``, lse
         fp32 (B, H, Sq), -inf for a row that sees no key.
 
@@ -359,7 +438,7 @@ def block_sparse_attention(
     """
     _check_offset_args(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     _validate(q, k, v, mask, {"cu_seqlens": cu_seqlens, "cu_seqlens_q": cu_seqlens_q,
-                              "cu_seqlens_k": cu_seqlens_k}, scale)
+                              "cu_seqlens_k": cu_seqlens_k}, scale, token_index)
     cu_seqlens = _packed_offsets(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not isinstance(return_lse, bool):
@@ -367,7 +446,8 @@ def block_sparse_attention(
     group = q.shape[2] // k.shape[2] if k.shape[2] else 1
     if group > 1:  # autograd of repeat_interleave sums dK, dV over the query heads sharing a head
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    out, lse, _ = _fwd_op(q, k, v, mask.kv_ptr, mask.kv_cols, mask.block_size, scale, mask.token_valid, cu_seqlens)
+    out, lse, _ = _fwd_op(q, k, v, mask.kv_ptr, mask.kv_cols, mask.block_size, scale, mask.token_valid, cu_seqlens,
+                          token_index)
     return (out, lse) if return_lse else out
 
 

@@ -126,6 +126,25 @@ class FractalLayout:
         frame = frame.permute(0, 2, 1, 3).reshape(-1)
         return frame.expand(self.t, -1).reshape(-1)
 
+    def token_index(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Int64 (seq_len,): for each position of the fractal sequence, the raster row it holds, -1 for
+        padding.
+
+        Raster rows count tokens of one (T, H, W) video frame by frame, row by row: token (t, y, x) is
+        row ``(t * H + y) * W + x``. Every row 0 .. T*H*W - 1 appears exactly once. This is the
+        ``token_index`` that :func:`kandinsky_kernels.block_sparse_attention` and
+        :func:`kandinsky_kernels.nabla_block_mask` take, so that raster-order q, k, v are read (and the
+        output written) through it, with no fractal-order copy (``nabla_attention(order="raster")``
+        builds it itself).
+        """
+        ys = torch.arange(self.hp, device=device, dtype=torch.int64)
+        xs = torch.arange(self.wp, device=device, dtype=torch.int64)
+        real = (ys[:, None] < self.h) & (xs[None, :] < self.w)
+        frame = torch.where(real, ys[:, None] * self.w + xs[None, :], -1)
+        frame = frame.view(self.h_tiles, self.tile, self.w_tiles, self.tile).permute(0, 2, 1, 3).reshape(-1)
+        starts = torch.arange(self.t, device=device, dtype=torch.int64)[:, None] * (self.h * self.w)
+        return torch.where(frame >= 0, frame + starts, -1).reshape(-1)
+
     @property
     def tile_grid(self) -> tuple[int, int, int]:
         """(T, h_tiles, w_tiles): the block grid, the arguments :func:`kandinsky_kernels.sta_block_mask`

@@ -26,6 +26,7 @@ only where a prefix sum lies within rounding of 1 - threshold.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Literal, Optional, Sequence, overload
@@ -41,14 +42,17 @@ from kandinsky_kernels._validation import (
     check_cu_seqlens,
     check_same_device,
     check_tensor,
+    check_token_index,
     mark_mask_checked,
+    mark_token_index_checked,
 )
 from kandinsky_kernels.backends import _backend_of_tag, select_backend, use_backend
 from kandinsky_kernels.mask import BlockSparseMask, _ids_dtype, _ptr_from_counts, _transpose_csr
 from kandinsky_kernels.ops import block_sparse_attention as _bsa
 from kandinsky_kernels.ops.block_sparse_attention import block_sparse_attention
-from kandinsky_kernels.ops.fractal import FractalLayout, _grid_token_valid
+from kandinsky_kernels.ops.fractal import FractalLayout, _bhsd_hint, _fmt_grid, _grid_token_valid, _layout_arg
 from kandinsky_kernels.ops.sta import sta_block_mask
+from kandinsky_kernels.reference.fractal import gather_positions_ref
 from kandinsky_kernels.reference.nabla import block_map_ref, per_video_ref, pool_blocks_ref, topcdf_mask_ref
 
 __all__ = ["nabla_attention", "nabla_block_mask"]
@@ -349,20 +353,29 @@ def _nabla_block_mask_op(
     token_valid: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     fixed_size: bool = False,
+    token_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _backend(q.device)
+    s = q.shape[1] if token_index is None else token_index.shape[0]
     if cu_seqlens is not None:  # here, so that a compiled graph cannot skip it (C++ checks again)
-        _check_cu_blocks(cu_seqlens, q.shape[1], block_size)
+        _check_cu_blocks(cu_seqlens, s, block_size)
+    if token_index is not None:
+        check_token_index(token_index, q.shape[1])
     if backend == "cpu":
-        ptr, cols = _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        ptr, cols = _ext.cpp_op("nabla_block_mask")(q, k, threshold, sta, block_size, token_valid, cu_seqlens,
+                                                    *_bsa._index_arg(token_index))
     elif backend == "triton":
-        ptr, cols = _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        ptr, cols = _nabla_block_mask_forward(q, k, threshold, sta, block_size, token_valid, cu_seqlens,
+                                              token_index=token_index)
     else:
+        if token_index is not None:  # the reference pools copies in position order
+            q, k = gather_positions_ref(q, token_index), gather_positions_ref(k, token_index)
+            token_valid = _bsa._index_valid(token_valid, token_index)
         dense = _nabla_reference(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
         mask = BlockSparseMask.from_dense_blocks(dense, block_size)
         ptr, cols = mask.kv_ptr, mask.kv_cols
     if fixed_size:  # every pair's room, so the size is known before it runs (a compiled graph's need)
-        b, s, h, _ = q.shape
+        b, _, h, _ = q.shape
         full = cols.new_zeros(b * h * (s // block_size) ** 2)
         full[:cols.numel()] = cols
         cols = full
@@ -370,8 +383,10 @@ def _nabla_block_mask_op(
 
 
 @_nabla_block_mask_op.register_fake
-def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, fixed_size=False):
+def _(q, k, threshold, sta, block_size, token_valid, cu_seqlens, fixed_size=False, token_index=None):
     b, s, h, _ = q.shape
+    if token_index is not None:
+        s = token_index.shape[0]
     n = s // block_size
     # the number of active blocks is known only when it runs: a graph needs fixed_size (else it breaks)
     nnz = b * h * n * n if fixed_size else torch.library.get_ctx().new_dynamic_size()
@@ -410,10 +425,11 @@ def _check_token_valid(token_valid: Tensor | None, b: int, s: int) -> None:
 
 
 def _check_inputs(
-    q, k, threshold, sta, block_size, token_valid, cu_seqlens=None
+    q, k, threshold, sta, block_size, token_valid, cu_seqlens=None, token_index=None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Raise ValueError on bad input; return (``token_valid`` as a contiguous bool (B, S) or None,
-    ``sta`` as a bool (N, N) or None)."""
+    ``sta`` as a bool (N, N) or None). With ``token_index`` S counts positions (its length) and the
+    returned ``token_valid`` is False at its padding positions."""
     check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=_INPUT_DTYPES)
     if q.shape != k.shape:
@@ -427,6 +443,12 @@ def _check_inputs(
     b, s, _, _ = q.shape
     if q.numel() == 0:
         raise ValueError(f"q and k must be non-empty, got shape {tuple(q.shape)}")
+    if token_index is not None:
+        check_tensor("token_index", token_index, ndim=1, dtypes=(torch.int64,))
+        check_same_device(q=q, token_index=token_index)
+        s = token_index.shape[0]
+        if s % block_size:
+            raise ValueError(f"token_index holds Sf={s} positions, not a multiple of block_size={block_size}")
     if s % block_size:
         raise ValueError(
             f"q has shape (B, S, H, D) = {tuple(q.shape)}: S={s} is not a multiple of "
@@ -447,6 +469,9 @@ def _check_inputs(
                 f"cu_seqlens packs videos along S and needs B == 1, got q shape {tuple(q.shape)}"
             )
     _check_token_valid(token_valid, b, s)
+    if token_index is not None:
+        real = token_index >= 0
+        token_valid = real if token_valid is None else token_valid & real
     return (None if token_valid is None else token_valid.expand(b, s).contiguous()), sta
 
 
@@ -460,6 +485,7 @@ def nabla_block_mask(
     token_valid: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grid: FractalLayout | tuple[int, int, int] | None = None,
+    token_index: torch.Tensor | None = None,
 ) -> BlockSparseMask:
     """NABLA block mask: the smallest set of most probable key blocks per query block, OR the STA mask.
 
@@ -499,6 +525,12 @@ def nabla_block_mask(
             tile) are marked invalid, AND-ed with ``token_valid``. A tuple is always read in tokens;
             one that only fits S as (T, h_tiles, w_tiles) in tiles is refused with an explanation.
             Its tile must be sqrt(``block_size``).
+        token_index: optional int64 (Sf,): q and k are (B, Sr, H, D) in another order (raster, say) and
+            position p of the sequence the mask describes reads their row ``token_index[p]`` (-1: a
+            padding position, left out of the pooling), as :func:`block_sparse_attention` takes it.
+            S, ``token_valid``, ``cu_seqlens`` and the mask are then in positions (Nq = Nk = Sf /
+            block_size). :meth:`FractalLayout.token_index` gives it for a raster (T, H, W) grid; pass
+            that ``grid`` too, for the STA window's blocks.
 
     Returns:
         :class:`BlockSparseMask` with ``kv_num_blocks`` int32 (B, H, Nq) and ``kv_indices`` int32
@@ -519,16 +551,20 @@ def nabla_block_mask(
     if grid is not None:
         check_tensor("q", q, ndim=4, dtypes=_INPUT_DTYPES)
         check_positive_int("block_size", block_size)
-        _, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], block_size, q.device,
-                                           shape=q.shape)
-    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        if token_index is not None:
+            check_tensor("token_index", token_index, ndim=1, dtypes=(torch.int64,))
+        s = q.shape[1] if token_index is None else token_index.shape[0]
+        _, token_valid = _grid_token_valid(grid, token_valid, s, block_size, q.device, shape=q.shape)
+    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens, token_index)
     compiling = torch.compiler.is_compiling()
     # Inside a compiled graph the ids get every pair's room (B * H * N * N int16, half an int32 table):
     # a size that depends on the data would break the graph. Eager masks hold exactly their blocks.
-    ptr, cols = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens, compiling)
+    ptr, cols = _nabla_block_mask_op(q, k, float(threshold), sta, block_size, valid, cu_seqlens, compiling,
+                                     token_index)
     if not compiling:
         mark_mask_checked(ptr, cols)  # valid by construction
-    return BlockSparseMask.from_csr(ptr, cols, q.shape[1] // block_size, block_size, token_valid=valid)
+    n = (q.shape[1] if token_index is None else token_index.shape[0]) // block_size
+    return BlockSparseMask.from_csr(ptr, cols, n, block_size, token_valid=valid)
 
 
 # ------------------------------------------------------------------ NABLA + attention, mask recomputed
@@ -539,52 +575,56 @@ def nabla_block_mask(
 def _nabla_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, threshold: float, sta: Optional[Tensor], block_size: int,
     token_valid: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+    token_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens,
+                                     token_index=token_index)
     mark_mask_checked(ptr, cols)
-    return _bsa._fwd_op(q, k, v, ptr, cols, block_size, scale, token_valid, cu_seqlens)
+    return _bsa._fwd_op(q, k, v, ptr, cols, block_size, scale, token_valid, cu_seqlens, token_index)
 
 
 @_nabla_attention_fwd_op.register_fake
-def _(q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale):
-    return _bsa._fake_fwd_outputs(q)
+def _(q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale, token_index=None):
+    return _bsa._fake_fwd_outputs(q, token_index)
 
 
 @torch.library.custom_op("kandinsky_kernels::nabla_attention_bwd", mutates_args=())
 def _nabla_attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, threshold: float,
     sta: Optional[Tensor], block_size: int, token_valid: Optional[Tensor], cu_seqlens: Optional[Tensor],
-    scale: float, backend_tag: Tensor,
+    scale: float, backend_tag: Tensor, token_index: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     with use_backend(_backend_of_tag(backend_tag)):
-        ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+        ptr, cols = _nabla_block_mask_op(q, k, threshold, sta, block_size, token_valid, cu_seqlens,
+                                         token_index=token_index)
     mark_mask_checked(ptr, cols)
-    q_ptr, q_cols = _transpose_csr(ptr, cols, k.shape[1] // block_size)
+    q_ptr, q_cols = _transpose_csr(ptr, cols, lse.shape[2] // block_size)
     return _bsa._bwd_op(dout, q, k, v, out, lse, ptr, cols, q_ptr, q_cols, block_size, scale, token_valid,
-                        cu_seqlens, backend_tag)
+                        cu_seqlens, backend_tag, None, token_index)
 
 
 @_nabla_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, threshold, sta, block_size, token_valid, cu_seqlens, scale, backend_tag):
+def _(dout, q, k, v, out, lse, threshold, sta, block_size, token_valid, cu_seqlens, scale, backend_tag,
+      token_index=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _nabla_attention_setup(ctx, inputs, output):
-    q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale = inputs
+    q, k, v, threshold, sta, block_size, token_valid, cu_seqlens, scale, *rest = inputs
     out, lse, tag = output
-    ctx.save_for_backward(q, k, v, out, lse, sta, token_valid, cu_seqlens, tag)
+    ctx.save_for_backward(q, k, v, out, lse, sta, token_valid, cu_seqlens, tag, rest[0] if rest else None)
     ctx.params = (threshold, block_size, scale)
     ctx.set_materialize_grads(False)
 
 
 def _nabla_attention_backward(ctx, dout, dlse, dtag):
-    q, k, v, out, lse, sta, token_valid, cu_seqlens, tag = ctx.saved_tensors
+    q, k, v, out, lse, sta, token_valid, cu_seqlens, tag, token_index = ctx.saved_tensors
     if dout is None:  # lse is not returned by the public function: only out carries a gradient
-        return (None,) * 9
+        return (None,) * 10
     threshold, block_size, scale = ctx.params
     dq, dk, dv = _nabla_attention_bwd_op(dout, q, k, v, out, lse, threshold, sta, block_size, token_valid,
-                                         cu_seqlens, scale, tag)
-    return dq, dk, dv, None, None, None, None, None, None
+                                         cu_seqlens, scale, tag, token_index)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _nabla_attention_fwd_op.register_autograd(_nabla_attention_backward, setup_context=_nabla_attention_setup)
@@ -593,21 +633,24 @@ _nabla_attention_fwd_op.register_autograd(_nabla_attention_backward, setup_conte
 def _nabla_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, threshold: float, sta: Tensor | None = None, block_size: int = 64,
     token_valid: Tensor | None = None, cu_seqlens: Tensor | None = None, scale: float | None = None,
+    token_index: Tensor | None = None,
 ) -> Tensor:
     """``block_sparse_attention(q, k, v, nabla_block_mask(q, k, threshold, sta, block_size, ...))`` with
     the same result, forward and backward, but the mask is recomputed in the backward instead of kept:
     no mask memory between them, and under ``torch.compile`` no mask in the graph at all. Arguments as
-    :func:`nabla_block_mask` takes them (``sta`` a block mask), q, k, v (B, S, H, D) of one shape."""
-    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens)
+    :func:`nabla_block_mask` takes them (``sta`` a block mask), q, k, v (B, S, H, D) of one shape
+    (with ``token_index``: (B, Sr, H, D) rows read through it, S in positions)."""
+    valid, sta = _check_inputs(q, k, threshold, sta, block_size, token_valid, cu_seqlens, token_index)
     # the attention's own checks, against an empty mask of the right shape (a few bytes)
-    n = q.shape[1] // block_size
+    n = (q.shape[1] if token_index is None else token_index.shape[0]) // block_size
     shape_only = BlockSparseMask.from_csr(q.new_zeros((1, 1, n + 1), dtype=torch.int64),
                                           q.new_zeros((0,), dtype=torch.int16), n, block_size)
     _bsa._check_offset_args(cu_seqlens, None, None)
     _bsa._validate(q, k, v, shape_only, {"cu_seqlens": cu_seqlens, "cu_seqlens_q": None,
-                                          "cu_seqlens_k": None}, scale)
+                                          "cu_seqlens_k": None}, scale, token_index)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _, _ = _nabla_attention_fwd_op(q, k, v, float(threshold), sta, block_size, valid, cu_seqlens, scale)
+    out, _, _ = _nabla_attention_fwd_op(q, k, v, float(threshold), sta, block_size, valid, cu_seqlens, scale,
+                                        token_index)
     return out
 
 
@@ -624,6 +667,7 @@ def nabla_attention(
     cu_seqlens: Tensor | None = ...,
     *,
     token_valid: Tensor | None = ...,
+    order: Literal["fractal", "raster"] = ...,
 ) -> Tensor: ...
 
 
@@ -640,6 +684,7 @@ def nabla_attention(
     cu_seqlens: Tensor | None = ...,
     *,
     token_valid: Tensor | None = ...,
+    order: Literal["fractal", "raster"] = ...,
 ) -> tuple[Tensor, BlockSparseMask]: ...
 
 
@@ -656,6 +701,7 @@ def nabla_attention(
     scale: float | None = ...,
     cu_seqlens: Tensor | None = ...,
     token_valid: Tensor | None = ...,
+    order: Literal["fractal", "raster"] = ...,
 ) -> tuple[Tensor, BlockSparseMask]: ...
 
 
@@ -672,6 +718,7 @@ def nabla_attention(
     cu_seqlens: Tensor | None = ...,
     *,
     token_valid: Tensor | None = ...,
+    order: Literal["fractal", "raster"] = ...,
 ) -> Tensor | tuple[Tensor, BlockSparseMask]: ...
 
 
@@ -687,6 +734,7 @@ def nabla_attention(
     cu_seqlens: Tensor | None = None,
     *,
     token_valid: Tensor | None = None,
+    order: Literal["fractal", "raster"] = "fractal",
 ) -> Tensor | tuple[Tensor, BlockSparseMask]:
     """NABLA adaptive block mask (united with a sliding-tile window) and attention in one call.
 
@@ -717,6 +765,16 @@ def nabla_attention(
             different grids pass ``token_valid`` instead (their layouts' flags concatenated).
         token_valid: optional bool (S,) or (B, S), False for tokens never to attend to (AND-ed with
             the padding of ``grid``); all True declares that no token is padding.
+        order: ``"fractal"`` (default): q, k, v and the output in fractal order, as above.
+            ``"raster"``: q, k, v (B, T*H*W, H, D) in the model's own raster order (frame, row,
+            column: token (t, y, x) at row (t*H + y)*W + x), the output likewise. The kernels read
+            and write the rows through the fractal index of ``grid`` (required; a token-grid tuple or
+            a FractalLayout): no fractal-order copy of q, k, v or the output is made, and the result
+            equals ``fractal_unflatten(nabla_attention(fractal_flatten(q), ...))`` bit for bit on
+            every backend. ``token_valid`` is then (S,) / (B, S) over the fractal positions (S =
+            T*Hp*Wp), as ``FractalLayout.token_valid()`` gives it; ``cu_seqlens`` is not taken (pack
+            videos in fractal order). With ``return_mask`` the mask is in fractal positions: reuse it
+            with ``block_sparse_attention(q, k, v, mask, token_index=layout.token_index())``.
 
     Returns:
         out (B, S, H, D) in q's dtype, or (out, mask) with ``return_mask=True``. Without
@@ -732,6 +790,11 @@ def nabla_attention(
             input), or ``grid=None`` without ``token_valid``.
     """
     check_tensor("q", q, ndim=4)
+    if order not in ("fractal", "raster"):
+        raise ValueError(f"order must be 'fractal' or 'raster', got {order!r}")
+    token_index = None
+    if order == "raster":
+        grid, token_index = _raster_grid(q, grid, cu_seqlens)
     if isinstance(grid, FractalLayout) and grid.block_size != 64:
         raise ValueError(f"nabla_attention uses 64-token blocks, but grid has tile {grid.tile} "
                          f"({grid.block_size}-token blocks); flatten with tile=8")
@@ -748,7 +811,8 @@ def nabla_attention(
             )
         tile_grid = None
     else:
-        layout, token_valid = _grid_token_valid(grid, token_valid, q.shape[1], 64, q.device, shape=q.shape)
+        s = q.shape[1] if token_index is None else token_index.shape[0]
+        layout, token_valid = _grid_token_valid(grid, token_valid, s, 64, q.device, shape=q.shape)
         tile_grid = layout.tile_grid
     sta = None
     if sta_window is not None:
@@ -757,8 +821,43 @@ def nabla_attention(
                              f"got {sta_window!r}")
         sta = sta_block_mask(*tile_grid, tuple(sta_window), device=q.device)
     if not return_mask:  # the mask is recomputed in the backward rather than kept
-        return _nabla_sparse_attention(q, k, v, threshold, sta, 64, token_valid, cu_seqlens, scale)
+        return _nabla_sparse_attention(q, k, v, threshold, sta, 64, token_valid, cu_seqlens, scale, token_index)
     mask = nabla_block_mask(q, k, threshold, sta=sta, block_size=64, token_valid=token_valid,
-                            cu_seqlens=cu_seqlens)
-    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens)
+                            cu_seqlens=cu_seqlens, token_index=token_index)
+    out = block_sparse_attention(q, k, v, mask, scale, cu_seqlens, token_index=token_index)
     return out, mask
+
+
+def _raster_grid(q: Tensor, grid, cu_seqlens) -> tuple[FractalLayout, Tensor]:
+    """``order="raster"``: the layout of ``grid`` (tile 8), checked to hold q's T*H*W raster tokens, and
+    its fractal index on q's device (built valid, so never checked again)."""
+    if grid is None:
+        raise ValueError("nabla_attention(order='raster') needs grid=(T, H, W), the token grid of q's raster "
+                         "rows (latent frames x height x width after patching), or a FractalLayout")
+    if cu_seqlens is not None:
+        raise ValueError("nabla_attention(order='raster') takes one token grid, not cu_seqlens: pack videos "
+                         "in fractal order (fractal_flatten each) and call with order='fractal'")
+    layout = _layout_arg(grid)
+    rows = layout.t * layout.h * layout.w
+    if q.shape[1] != rows:
+        raise ValueError(
+            f"order='raster': grid {_fmt_grid(grid) if not isinstance(grid, FractalLayout) else grid} holds "
+            f"T*H*W = {layout.t}*{layout.h}*{layout.w} = {rows} raster tokens, but q has S={q.shape[1]} "
+            f"(shape {tuple(q.shape)})" + _bhsd_hint("q", q.shape, rows))
+    return layout, _raster_token_index(layout, q.device)
+
+
+def _raster_token_index(layout: FractalLayout, device: torch.device) -> Tensor:
+    """``layout.token_index(device)``: built in the graph under torch.compile (the ops check it), else
+    one cached index per (layout, device)."""
+    if torch.compiler.is_compiling():
+        return layout.token_index(device)
+    return _cached_token_index(layout, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_token_index(layout: FractalLayout, device: torch.device) -> Tensor:
+    """One index per (layout, device), shared by the layers of a model and built valid (never checked)."""
+    index = layout.token_index(device)
+    mark_token_index_checked(index, layout.t * layout.h * layout.w)
+    return index

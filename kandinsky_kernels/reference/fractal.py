@@ -32,3 +32,21 @@ def fractal_unflatten_ref(y: torch.Tensor, t: int, h: int, w: int, tile: int = 8
     y = y.reshape(b, t, hp // tile, wp // tile, tile, tile, *rest)
     y = y.permute(0, 1, 2, 4, 3, 5, *range(6, y.dim()))
     return y.reshape(b, t, hp, wp, *rest)[:, :, :h, :w]
+
+
+def gather_positions_ref(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """(B, Sr, ...) rows -> (B, Sf, ...) positions: position p holds row ``token_index[p]``, zeros where
+    it is -1. The copy that the kernels' ``token_index`` argument avoids."""
+    real = token_index >= 0
+    out = x.new_zeros((x.shape[0], token_index.shape[0], *x.shape[2:]))
+    out[:, real] = x[:, token_index[real]]
+    return out
+
+
+def scatter_positions_ref(y: torch.Tensor, token_index: torch.Tensor, rows: int) -> torch.Tensor:
+    """The inverse of :func:`gather_positions_ref`: (B, Sf, ...) positions -> (B, ``rows``, ...) rows,
+    padding positions dropped (the index names every row once)."""
+    real = token_index >= 0
+    out = y.new_zeros((y.shape[0], rows, *y.shape[2:]))
+    out[:, token_index[real]] = y[:, real]
+    return out
