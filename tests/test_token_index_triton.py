@@ -119,8 +119,8 @@ def test_attention_with_index_equals_gathered(triton_device, case, scheme):
     to = lambda x: None if x is None else x.to(dev)  # noqa: E731
     exact = not (dev != "cpu" and scheme == "atomic")
 
-    out, lse = bsa.bsa_forward_triton(to(q), to(k), to(v), to(mask.kv_ptr), to(mask.kv_cols), bs, None, to(tv),
-                                      cu_t, token_index=to(idx))
+    out, lse = bsa.bsa_forward_triton(to(q), to(k), to(v), to(mask.kv_ptr), to(mask.kv_cols), bs, None,
+                                      to(tv), cu_t, token_index=to(idx))
     qf, kf, vf = (_gather(x, idx) for x in (q, k, v))
     out_f, lse_f = bsa.bsa_forward_triton(to(qf), to(kf), to(vf), to(mask.kv_ptr), to(mask.kv_cols), bs, None,
                                           to(tv_f), cu_t)
@@ -135,8 +135,8 @@ def test_attention_with_index_equals_gathered(triton_device, case, scheme):
                                     to(t.kv_ptr), to(t.kv_cols), bs, None, to(tv), cu_t, scheme=scheme,
                                     dlse=to(dlse), token_index=to(idx))
     grads_f = bsa.bsa_backward_triton(to(_gather(do, idx)), to(qf), to(kf), to(vf), out_f, lse_f,
-                                      to(mask.kv_ptr), to(mask.kv_cols), to(t.kv_ptr), to(t.kv_cols), bs, None,
-                                      to(tv_f), cu_t, scheme=scheme, dlse=to(dlse))
+                                      to(mask.kv_ptr), to(mask.kv_cols), to(t.kv_ptr), to(t.kv_cols), bs,
+                                      None, to(tv_f), cu_t, scheme=scheme, dlse=to(dlse))
     for name, g, gf, x in zip(("dq", "dk", "dv"), grads, grads_f, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, name
         _same(g, _scatter(gf.cpu(), idx, sr), name, exact or name != "dq")
@@ -258,7 +258,9 @@ def test_nabla_csr_direct_equals_dense_compression(triton_device, thr, extras):
         tv = torch.rand(b, n * bs) > 0.3
         tv[:, 2 * bs:3 * bs] = False  # a block without real tokens
         tv = tv.to(triton_device)
-    cu = torch.tensor([0, 3 * bs, 7 * bs], dtype=torch.int32, device=triton_device) if "cu" in extras else None
+    cu = None
+    if "cu" in extras:
+        cu = torch.tensor([0, 3 * bs, 7 * bs], dtype=torch.int32, device=triton_device)
     if cu is not None:
         nb._check_cu_blocks(cu, n * bs, bs)
     ptr, cols = nb._nabla_block_mask_forward(q, k, thr, sta, bs, tv, cu)
@@ -291,7 +293,8 @@ def test_nabla_with_index_equals_gathered(triton_device, thr, extras):
     sta = sta_block_mask(sf // bs, 1, 1, (3, 1, 1)) if "sta" in extras else None
     cu = torch.tensor([0, 3 * bs, 6 * bs], dtype=torch.int32) if "cu" in extras else None
     to = lambda x: None if x is None else x.to(triton_device)  # noqa: E731
-    ptr, cols = nb._nabla_block_mask_forward(to(q), to(k), thr, to(sta), bs, to(tv), to(cu), token_index=to(idx))
+    ptr, cols = nb._nabla_block_mask_forward(to(q), to(k), thr, to(sta), bs, to(tv), to(cu),
+                                             token_index=to(idx))
     tv_f = _folded_valid(tv, idx, b)
     qf, kf = _gather(q, idx), _gather(k, idx)
     ptr_f, cols_f = nb._nabla_block_mask_forward(to(qf), to(kf), thr, to(sta), bs, to(tv_f), to(cu))

@@ -18,6 +18,12 @@ both directions live in this one module.
 Layout: q, k, v, out, do, dq, dk, dv are (B, S, H, D) with arbitrary strides; lse and delta are fp32
 (B, H, S). Mask tensors may broadcast over batch and heads (stride 0).
 
+``token_index`` (int64 (Sf,), optional; the ``HAS_INDEX`` constexpr): the kernels walk positions
+0..Sf-1 (mask blocks, lse, delta, token_valid, segments) and read/write row ``token_index[p]`` of the
+raster (B, Sr, H, D) tensors, so a raster-order caller needs no gather/scatter copies. -1 positions
+load zeros, store nowhere (masked), and the launcher ANDs them into token_valid as pad keys. Without
+the index the constexpr removes every trace of it (same instructions as before).
+
 Under the Triton interpreter (CPU tensors) bf16 multiplies and ``tl.dot`` are computed wrongly, so the
 launchers set ``UPCAST`` there and every tile is converted to fp32 right after loading. On a GPU the dots
 take the input dtype with fp32 accumulation (fp32 inputs use exact ``ieee`` dots, not tf32).
@@ -52,7 +58,8 @@ if HAS_TRITON:
         return x
 
     @triton.jit
-    def _load_rows(base, rows, stride_s, offs_d, stride_d, ROWS_FIRST: tl.constexpr, d_ok, UPCAST: tl.constexpr):
+    def _load_rows(base, rows, stride_s, offs_d, stride_d, ROWS_FIRST: tl.constexpr, d_ok,
+                   UPCAST: tl.constexpr):
         """A tile of the raster rows ``rows`` (int64, -1 = padding: zeros) of ``base``: (rows, D) when
         ROWS_FIRST, else transposed (D, rows). Only with a token index."""
         row_ok = rows >= 0
@@ -113,8 +120,10 @@ if HAS_TRITON:
             q_ptrs = (Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
                       + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
             q = _load(q_ptrs, d_ok[None, :], EVEN_D, UPCAST)
-            k_base = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-            v_base = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            k_base = (K + b * stride_kb + h * stride_kh
+                      + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+            v_base = (V + b * stride_vb + h * stride_vh
+                      + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
         if IS_VARLEN:
             qseg = tl.load(QSeg + start_m + offs_m)
 
@@ -196,15 +205,17 @@ if HAS_TRITON:
         d_ok = offs_d < D
         if HAS_INDEX:
             rows = tl.load(TokIdx + start_m + offs_m)
-            o = _load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_os, offs_d, stride_od, True, d_ok,
-                           True)
-            do = _load_rows(DO + b * stride_db + h * stride_dh, rows, stride_ds, offs_d, stride_dd, True, d_ok,
-                            True)
+            o = _load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_os, offs_d, stride_od, True,
+                           d_ok, True)
+            do = _load_rows(DO + b * stride_db + h * stride_dh, rows, stride_ds, offs_d, stride_dd, True,
+                            d_ok, True)
         else:
             o = _load(Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-                      + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, d_ok[None, :], EVEN_D, True)
+                      + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                      d_ok[None, :], EVEN_D, True)
             do = _load(DO + b * stride_db + h * stride_dh + start_m.to(tl.int64) * stride_ds
-                       + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd, d_ok[None, :], EVEN_D, True)
+                       + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                       d_ok[None, :], EVEN_D, True)
         tl.store(Delta + (b * H + h) * S_Q + start_m + offs_m, tl.sum(o * do, 1))
 
     @triton.jit
@@ -241,10 +252,10 @@ if HAS_TRITON:
 
         if HAS_INDEX:
             k_rows = tl.load(TokIdx + start_n + offs_n)
-            k = _load_rows(K + b * stride_kb + h * stride_kh, k_rows, stride_ks, offs_d, stride_kd, True, d_ok,
-                           UPCAST)
-            v = _load_rows(V + b * stride_vb + h * stride_vh, k_rows, stride_vs, offs_d, stride_vd, True, d_ok,
-                           UPCAST)
+            k = _load_rows(K + b * stride_kb + h * stride_kh, k_rows, stride_ks, offs_d, stride_kd, True,
+                           d_ok, UPCAST)
+            v = _load_rows(V + b * stride_vb + h * stride_vh, k_rows, stride_vs, offs_d, stride_vd, True,
+                           d_ok, UPCAST)
             q_head = Q + b * stride_qb + h * stride_qh
             do_head = DO + b * stride_db + h * stride_dh
         else:
@@ -326,8 +337,10 @@ if HAS_TRITON:
             dk = tl.where(tv[:, None] != 0, dk, 0.0)
             dv = tl.where(tv[:, None] != 0, dv, 0.0)
         if HAS_INDEX:
-            _store_rows(DK + b * stride_dkb + h * stride_dkh, k_rows, stride_dks, offs_d, stride_dkd, d_ok, dk)
-            _store_rows(DV + b * stride_dvb + h * stride_dvh, k_rows, stride_dvs, offs_d, stride_dvd, d_ok, dv)
+            _store_rows(DK + b * stride_dkb + h * stride_dkh, k_rows, stride_dks, offs_d, stride_dkd,
+                        d_ok, dk)
+            _store_rows(DV + b * stride_dvb + h * stride_dvh, k_rows, stride_dvs, offs_d, stride_dvd,
+                        d_ok, dv)
         else:
             dk_ptrs = DK + b * stride_dkb + h * stride_dkh + row_n * stride_dks + offs_d[None, :] * stride_dkd
             dv_ptrs = DV + b * stride_dvb + h * stride_dvh + row_n * stride_dvs + offs_d[None, :] * stride_dvd
@@ -367,10 +380,10 @@ if HAS_TRITON:
 
         if HAS_INDEX:
             q_rows = tl.load(TokIdx + start_m + offs_m)
-            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qs, offs_d, stride_qd, True, d_ok,
-                           UPCAST)
-            do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_ds, offs_d, stride_dd, True, d_ok,
-                            UPCAST)
+            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qs, offs_d, stride_qd, True,
+                           d_ok, UPCAST)
+            do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_ds, offs_d, stride_dd, True,
+                            d_ok, UPCAST)
         else:
             row_m = start_m.to(tl.int64) + offs_m[:, None]
             q = _load(Q + b * stride_qb + h * stride_qh + row_m * stride_qs + offs_d[None, :] * stride_qd,
@@ -422,7 +435,8 @@ if HAS_TRITON:
 
         dq = dq * sm_scale
         if HAS_INDEX:
-            _store_rows(DQ + b * stride_dqb + h * stride_dqh, q_rows, stride_dqs, offs_d, stride_dqd, d_ok, dq)
+            _store_rows(DQ + b * stride_dqb + h * stride_dqh, q_rows, stride_dqs, offs_d, stride_dqd,
+                        d_ok, dq)
         else:
             dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_m * stride_dqs + offs_d[None, :] * stride_dqd
             if EVEN_D:
@@ -532,8 +546,9 @@ def check_token_index(token_index: torch.Tensor, rows: int, block_size: int, dev
     """Validate ``token_index`` (see the module doc of the launchers): int64 (Sf,) on ``device``, Sf a
     multiple of ``block_size``, values in [-1, rows), every row 0..rows-1 exactly once. O(Sf), one host
     sync. Returns whether it holds padding positions (-1). Raises ValueError naming token_index."""
-    if not isinstance(token_index, torch.Tensor) or token_index.dtype != torch.int64 or token_index.dim() != 1:
-        what = (f"{token_index.dtype} of shape {tuple(token_index.shape)}" if isinstance(token_index, torch.Tensor)
+    is_tensor = isinstance(token_index, torch.Tensor)
+    if not is_tensor or token_index.dtype != torch.int64 or token_index.dim() != 1:
+        what = (f"{token_index.dtype} of shape {tuple(token_index.shape)}" if is_tensor
                 else type(token_index).__name__)
         raise ValueError(f"token_index must be a 1-D int64 tensor (Sf,), got {what}")
     if token_index.device != torch.device(device):
@@ -556,8 +571,8 @@ def check_token_index(token_index: torch.Tensor, rows: int, block_size: int, dev
                          f"found values in [{lo}, {hi}]")
     if n_rows_seen != rows or sf - n_pad != rows:
         raise ValueError(f"token_index must name every row 0..{rows - 1} of q exactly once, found "
-                         f"{sf - n_pad} non-padding positions of which {rows - n_rows_seen} rows are missing or "
-                         f"repeated")
+                         f"{sf - n_pad} non-padding positions of which {rows - n_rows_seen} rows are missing "
+                         f"or repeated")
     return n_pad > 0
 
 
@@ -574,10 +589,11 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=No
     has_pads = False
     if token_index is not None:
         if s_k != s_q:
-            raise ValueError(f"token_index needs self-attention (k.size(1) == q.size(1)), got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}")
-        if block_size in _BLOCK_SIZES:  # else the block_size check below names the problem
-            has_pads = check_token_index(token_index, s_q, block_size, q.device)
+            raise ValueError(f"token_index needs self-attention (k.size(1) == q.size(1)), got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        # (a block_size outside the supported ones is named by the check below)
+        bs_ok = block_size if block_size in _BLOCK_SIZES else 1
+        has_pads = check_token_index(token_index, s_q, bs_ok, q.device)
         token_index = token_index.contiguous()
         s_q = s_k = token_index.numel()  # from here on: positions
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
@@ -636,7 +652,8 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=No
     meta = dict(
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), EVEN_D=triton.next_power_of_2(d) == d,
         BLOCK_SIZE=block_size, HAS_TOKEN_VALID=tv is not None, IS_VARLEN=qseg is not None,
-        HAS_INDEX=token_index is not None, UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
+        HAS_INDEX=token_index is not None,
+        UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
     )
     dummy = kv_ptr  # never read when the matching flag is off
     tensors = (
@@ -653,7 +670,8 @@ def _scale(scale, d):
     return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
-def bsa_forward_triton(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, token_index=None):
+def bsa_forward_triton(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens,
+                       token_index=None):
     """Block-sparse attention forward. q, k, v: (B, S, H, D), any strides, fp32/fp16/bf16.
 
     The mask in compressed rows (:class:`kandinsky_kernels.BlockSparseMask`): ``kv_ptr`` int64

@@ -239,7 +239,9 @@ def _nabla_block_mask_forward(
         from kandinsky_kernels.ops._bsa_triton import check_token_index
 
         if k.shape != q.shape:
-            raise ValueError(f"token_index needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+            raise ValueError(
+                f"token_index needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
         has_pads = check_token_index(token_index, s, block_size, q.device)
         token_index = token_index.contiguous()
         s = token_index.numel()  # positions from here on
