@@ -279,6 +279,29 @@ def test_nabla_csr_direct_larger_rows(triton_device):
     _check_against_dense_compression(ptr, cols, q, k, 0.8, None, bs, None, None)
 
 
+def test_nabla_csr_direct_int32_ids(triton_device, monkeypatch):
+    """Masks of more than 32768 blocks store int32 ids (too large for the interpreter): forced here."""
+    nb = _nabla()
+    monkeypatch.setattr(nb, "_ids_dtype", lambda n: torch.int32)
+    bs, n, h, d = 16, 6, 2, 16
+    q = torch.randn(2, n * bs, h, d, device=triton_device) * 3
+    k = torch.randn(2, n * bs, h, d, device=triton_device) * 3
+    sta = sta_block_mask(n, 1, 1, (3, 1, 1)).to(triton_device)
+    ptr, cols = nb._nabla_block_mask_forward(q, k, 0.7, sta, bs, None, None)
+    assert cols.dtype == torch.int32
+    ref_ptr, ref_cols = _reference_mask(q, k, 0.7, sta, bs, None, None)
+    assert_exact(ptr.cpu(), ref_ptr, "kv_ptr")
+    assert_exact(cols.cpu(), ref_cols.to(torch.int32), "kv_cols")
+
+
+def test_nabla_nonfinite_still_raises(triton_device):
+    nb = _nabla()
+    q = torch.randn(1, 64, 1, 16, device=triton_device)
+    q[0, 20, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="query block 1 of"):
+        nb._nabla_block_mask_forward(q, q.nan_to_num(), 0.9, None, 16, None, None)
+
+
 @pytest.mark.parametrize("thr", [0.5, 0.9, 1.0])
 @pytest.mark.parametrize("extras", ["pads", "nopads", "pads-valid-sta", "pads-cu"])
 def test_nabla_with_index_equals_gathered(triton_device, thr, extras):

@@ -312,12 +312,12 @@ def _nabla_block_mask_forward(
     # passes launch one compiled kernel)
     ids_dtype = _ids_dtype(n)
     launch(counts.new_zeros(1, dtype=torch.int64), counts.new_zeros(1, dtype=ids_dtype), 0)
-    bad = (counts < 0).nonzero()
-    if len(bad):
-        _raise_nonfinite(*bad[0].tolist())
     ptr = _ptr_from_counts(counts)
+    lowest, nnz = torch.stack([counts.min().to(torch.int64), ptr[-1, -1, -1]]).tolist()  # one host sync
+    if lowest < 0:
+        _raise_nonfinite(*(counts < 0).nonzero()[0].tolist())
     # pass 2: recompute the rows, write each row's kept ids ascending at its offset
-    cols = torch.empty(int(ptr[-1, -1, -1]) if ptr.numel() else 0, dtype=ids_dtype, device=q.device)
+    cols = torch.empty(nnz, dtype=ids_dtype, device=q.device)
     if cols.numel():
         launch(ptr, cols, 1)
     return ptr, cols
