@@ -265,12 +265,14 @@ def types(fn, dt, consts):
             sig[name] = "*i16"
         elif name in ("QSeg", "KSeg"):
             sig[name] = "*i32"
+        elif name == "TokIdx":  # the raster row of each position (token_index), int64
+            sig[name] = "*i64"
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     return sig
 
-def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64, atomic=False):
-    consts = dict(D=d, BLOCK_D=d, EVEN_D=True, BLOCK_M=bm)
+def build(fn, flags, warps=4, stages=3, dt="bf16", d=64, bm=64, bn=64, atomic=False, index=False):
+    consts = dict(D=d, BLOCK_D=d, EVEN_D=True, BLOCK_M=bm, HAS_INDEX=index)
     if "ATOMIC_DQ" in fn.arg_names:
         consts["ATOMIC_DQ"] = atomic
     if fn is not m._bsa_bwd_preprocess_kernel:
@@ -326,7 +328,10 @@ else:
     for name, fn in KERNELS.items():
         for flags in (False, True):
             out[f"{name}/masked={flags}"] = build(fn, flags, atomic=name == "dkdv-atomic")
+            # token_index: rows read and written through the index
+            out[f"{name}/masked={flags}/index"] = build(fn, flags, atomic=name == "dkdv-atomic", index=True)
     out["preprocess"] = build(m._bsa_bwd_preprocess_kernel, False, stages=1)
+    out["preprocess/index"] = build(m._bsa_bwd_preprocess_kernel, False, stages=1, index=True)
 print("RESULT" + json.dumps(out))
 '''
 
@@ -390,7 +395,7 @@ def test_kernels_compile_for_hopper():
     res = _compile_for_hopper()
     for name, r in res.items():
         assert r["shared"] <= 227 * 1024, f"{name}: {r['shared']} bytes of shared memory"
-        if name != "preprocess":
+        if not name.startswith("preprocess"):
             assert r["wgmma"] > 0, f"{name}: no wgmma"
             assert r["async"] > 0, f"{name}: block walk not pipelined"
         # only the atomic scheme's dK/dV kernel adds into dQ (and does its fifth product on wgmma too)

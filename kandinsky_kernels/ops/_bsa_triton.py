@@ -18,6 +18,12 @@ both directions live in this one module.
 Layout: q, k, v, out, do, dq, dk, dv are (B, S, H, D) with arbitrary strides; lse and delta are fp32
 (B, H, S). Mask tensors may broadcast over batch and heads (stride 0).
 
+``token_index`` (int64 (Sf,), optional; the ``HAS_INDEX`` constexpr): the kernels walk positions
+0..Sf-1 (mask blocks, lse, delta, token_valid, segments) and read/write row ``token_index[p]`` of the
+raster (B, Sr, H, D) tensors, so a raster-order caller needs no gather/scatter copies. -1 positions
+load zeros, store nowhere (masked), and the launcher ANDs them into token_valid as pad keys. Without
+the index the constexpr removes every trace of it (same instructions as before).
+
 Under the Triton interpreter (CPU tensors) bf16 multiplies and ``tl.dot`` are computed wrongly, so the
 launchers set ``UPCAST`` there and every tile is converted to fp32 right after loading. On a GPU the dots
 take the input dtype with fp32 accumulation (fp32 inputs use exact ``ieee`` dots, not tf32).
@@ -51,10 +57,34 @@ if HAS_TRITON:
             x = x.to(tl.float32)
         return x
 
+    @triton.jit
+    def _load_rows(base, rows, stride_s, offs_d, stride_d, ROWS_FIRST: tl.constexpr, d_ok,
+                   UPCAST: tl.constexpr):
+        """A tile of the raster rows ``rows`` (int64, -1 = padding: zeros) of ``base``: (rows, D) when
+        ROWS_FIRST, else transposed (D, rows). Only with a token index."""
+        row_ok = rows >= 0
+        r = tl.maximum(rows, 0) * stride_s  # keep the masked addresses in bounds
+        if ROWS_FIRST:
+            x = tl.load(base + r[:, None] + offs_d[None, :] * stride_d,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            x = tl.load(base + r[None, :] + offs_d[:, None] * stride_d,
+                        mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _store_rows(base, rows, stride_s, offs_d, stride_d, d_ok, x):
+        """Store the (rows, D) tile ``x`` into the raster rows ``rows``; rows -1 are written nowhere."""
+        r = tl.maximum(rows, 0) * stride_s
+        tl.store(base + r[:, None] + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+                 mask=(rows >= 0)[:, None] & d_ok[None, :])
+
     # ------------------------------------------------------------------------------------ forward
     @triton.jit
     def _bsa_fwd_kernel(
-        Q, K, V, Out, Lse, KVPtr, KVCols, TokValid, QSeg, KSeg,
+        Q, K, V, Out, Lse, KVPtr, KVCols, TokValid, QSeg, KSeg, TokIdx,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
@@ -63,10 +93,12 @@ if HAS_TRITON:
         stride_tb,
         H, S_Q, qk_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
+        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INDEX: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        # HAS_INDEX: position p of the sequence (mask blocks, lse, token_valid, segments) is raster row
+        # TokIdx[p] of q, k, v, out (-1: zeros in, written nowhere; the launcher marks it a pad key).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -78,11 +110,20 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
 
-        q_ptrs = (Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
-                  + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
-        q = _load(q_ptrs, d_ok[None, :], EVEN_D, UPCAST)
-        k_base = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
-        v_base = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if HAS_INDEX:
+            q_rows = tl.load(TokIdx + start_m + offs_m)
+            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qs, offs_d, stride_qd, True,
+                           d_ok, UPCAST)
+            k_head = K + b * stride_kb + h * stride_kh
+            v_head = V + b * stride_vb + h * stride_vh
+        else:
+            q_ptrs = (Q + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
+                      + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+            q = _load(q_ptrs, d_ok[None, :], EVEN_D, UPCAST)
+            k_base = (K + b * stride_kb + h * stride_kh
+                      + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+            v_base = (V + b * stride_vb + h * stride_vh
+                      + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd)
         if IS_VARLEN:
             qseg = tl.load(QSeg + start_m + offs_m)
 
@@ -100,8 +141,13 @@ if HAS_TRITON:
         for it in range(0, num_kv * sub):
             kb = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
-            kt = _load(k_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
-            v = _load(v_base + start_n.to(tl.int64) * stride_vs, d_ok[None, :], EVEN_D, UPCAST)
+            if HAS_INDEX:
+                k_rows = tl.load(TokIdx + start_n + offs_n)
+                kt = _load_rows(k_head, k_rows, stride_ks, offs_d, stride_kd, False, d_ok, UPCAST)
+                v = _load_rows(v_head, k_rows, stride_vs, offs_d, stride_vd, True, d_ok, UPCAST)
+            else:
+                kt = _load(k_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
+                v = _load(v_base + start_n.to(tl.int64) * stride_vs, d_ok[None, :], EVEN_D, UPCAST)
             qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # log2 domain
             if HAS_TOKEN_VALID:
                 tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
@@ -128,22 +174,26 @@ if HAS_TRITON:
         l_safe = tl.where(has_key, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        o_ptrs = (Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
-        if EVEN_D:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+        if HAS_INDEX:
+            _store_rows(Out + b * stride_ob + h * stride_oh, q_rows, stride_os, offs_d, stride_od, d_ok, out)
         else:
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+            o_ptrs = (Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
+                      + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od)
+            if EVEN_D:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+            else:
+                tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
         tl.store(Lse + (b * H + h) * S_Q + start_m + offs_m, lse)
 
     # ----------------------------------------------------------------------------------- backward
     @triton.jit
     def _bsa_bwd_preprocess_kernel(
-        Out, DO, Delta,
+        Out, DO, Delta, TokIdx,
         stride_ob, stride_os, stride_oh, stride_od,
         stride_db, stride_ds, stride_dh, stride_dd,
         H, S_Q,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -153,15 +203,24 @@ if HAS_TRITON:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        o = _load(Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-                  + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, d_ok[None, :], EVEN_D, True)
-        do = _load(DO + b * stride_db + h * stride_dh + start_m.to(tl.int64) * stride_ds
-                   + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd, d_ok[None, :], EVEN_D, True)
+        if HAS_INDEX:
+            rows = tl.load(TokIdx + start_m + offs_m)
+            o = _load_rows(Out + b * stride_ob + h * stride_oh, rows, stride_os, offs_d, stride_od, True,
+                           d_ok, True)
+            do = _load_rows(DO + b * stride_db + h * stride_dh, rows, stride_ds, offs_d, stride_dd, True,
+                            d_ok, True)
+        else:
+            o = _load(Out + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
+                      + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                      d_ok[None, :], EVEN_D, True)
+            do = _load(DO + b * stride_db + h * stride_dh + start_m.to(tl.int64) * stride_ds
+                       + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
+                       d_ok[None, :], EVEN_D, True)
         tl.store(Delta + (b * H + h) * S_Q + start_m + offs_m, tl.sum(o * do, 1))
 
     @triton.jit
     def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QPtr, QCols, TokValid, QSeg, KSeg,
+        Q, K, V, DO, DK, DV, DQA, Lse, Delta, QPtr, QCols, TokValid, QSeg, KSeg, TokIdx,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
@@ -173,7 +232,7 @@ if HAS_TRITON:
         stride_tb,
         H, S_Q, qk_scale, sm_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
+        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INDEX: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -191,22 +250,34 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
 
-        row_n = start_n.to(tl.int64) + offs_n[:, None]
-        k = _load(K + b * stride_kb + h * stride_kh + row_n * stride_ks + offs_d[None, :] * stride_kd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        v = _load(V + b * stride_vb + h * stride_vh + row_n * stride_vs + offs_d[None, :] * stride_vd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        qt_base = (Q + b * stride_qb + h * stride_qh
-                   + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd)
-        do_base = (DO + b * stride_db + h * stride_dh
-                   + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd)
+        if HAS_INDEX:
+            k_rows = tl.load(TokIdx + start_n + offs_n)
+            k = _load_rows(K + b * stride_kb + h * stride_kh, k_rows, stride_ks, offs_d, stride_kd, True,
+                           d_ok, UPCAST)
+            v = _load_rows(V + b * stride_vb + h * stride_vh, k_rows, stride_vs, offs_d, stride_vd, True,
+                           d_ok, UPCAST)
+            q_head = Q + b * stride_qb + h * stride_qh
+            do_head = DO + b * stride_db + h * stride_dh
+        else:
+            row_n = start_n.to(tl.int64) + offs_n[:, None]
+            k = _load(K + b * stride_kb + h * stride_kh + row_n * stride_ks + offs_d[None, :] * stride_kd,
+                      d_ok[None, :], EVEN_D, UPCAST)
+            v = _load(V + b * stride_vb + h * stride_vh + row_n * stride_vs + offs_d[None, :] * stride_vd,
+                      d_ok[None, :], EVEN_D, UPCAST)
+            qt_base = (Q + b * stride_qb + h * stride_qh
+                       + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd)
+            do_base = (DO + b * stride_db + h * stride_dh
+                       + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd)
         row_stat = Lse + (b * H + h) * S_Q
         delta_base = Delta + (b * H + h) * S_Q
         if IS_VARLEN:
             kseg = tl.load(KSeg + start_n + offs_n)
         if ATOMIC_DQ:
-            dqa_base = (DQA + b * stride_ab + h * stride_ah
-                        + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad)
+            if HAS_INDEX:
+                dqa_head = DQA + b * stride_ab + h * stride_ah
+            else:
+                dqa_base = (DQA + b * stride_ab + h * stride_ah
+                            + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad)
             if HAS_TOKEN_VALID:
                 # dQ reads every key row of dS^T, so pad keys are masked in the loop, not only at the end
                 key_ok = tl.load(TokValid + b * stride_tb + start_n + offs_n) != 0
@@ -223,8 +294,13 @@ if HAS_TRITON:
         for it in range(0, num_q * sub):
             qblk = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_m = qblk * BLOCK_SIZE + (it % sub) * BLOCK_M
-            qt = _load(qt_base + start_m.to(tl.int64) * stride_qs, d_ok[:, None], EVEN_D, UPCAST)
-            do = _load(do_base + start_m.to(tl.int64) * stride_ds, d_ok[None, :], EVEN_D, UPCAST)
+            if HAS_INDEX:
+                q_rows = tl.load(TokIdx + start_m + offs_m)
+                qt = _load_rows(q_head, q_rows, stride_qs, offs_d, stride_qd, False, d_ok, UPCAST)
+                do = _load_rows(do_head, q_rows, stride_ds, offs_d, stride_dd, True, d_ok, UPCAST)
+            else:
+                qt = _load(qt_base + start_m.to(tl.int64) * stride_qs, d_ok[:, None], EVEN_D, UPCAST)
+                do = _load(do_base + start_m.to(tl.int64) * stride_ds, d_ok[None, :], EVEN_D, UPCAST)
             lse = tl.load(row_stat + start_m + offs_m)
             # Rows that saw no key (lse = -inf) must get P = 0: exp2(s - inf) = 0.
             lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -241,11 +317,17 @@ if HAS_TRITON:
                 if HAS_TOKEN_VALID:
                     dst = tl.where(key_ok[:, None], dst, 0.0)
                 dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PREC) * sm_scale
-                dqa_ptrs = dqa_base + start_m.to(tl.int64) * stride_as
-                if EVEN_D:
-                    tl.atomic_add(dqa_ptrs, dq, sem="relaxed")
+                if HAS_INDEX:
+                    # rows -1 (padding positions) are added nowhere
+                    dqa_ptrs = (dqa_head + tl.maximum(q_rows, 0)[:, None] * stride_as
+                                + offs_d[None, :] * stride_ad)
+                    tl.atomic_add(dqa_ptrs, dq, mask=(q_rows >= 0)[:, None] & d_ok[None, :], sem="relaxed")
                 else:
-                    tl.atomic_add(dqa_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
+                    dqa_ptrs = dqa_base + start_m.to(tl.int64) * stride_as
+                    if EVEN_D:
+                        tl.atomic_add(dqa_ptrs, dq, sem="relaxed")
+                    else:
+                        tl.atomic_add(dqa_ptrs, dq, mask=d_ok[None, :], sem="relaxed")
 
         dk = dk * sm_scale
         if HAS_TOKEN_VALID:
@@ -254,18 +336,24 @@ if HAS_TRITON:
             tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
             dk = tl.where(tv[:, None] != 0, dk, 0.0)
             dv = tl.where(tv[:, None] != 0, dv, 0.0)
-        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + row_n * stride_dks + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + row_n * stride_dvs + offs_d[None, :] * stride_dvd
-        if EVEN_D:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+        if HAS_INDEX:
+            _store_rows(DK + b * stride_dkb + h * stride_dkh, k_rows, stride_dks, offs_d, stride_dkd,
+                        d_ok, dk)
+            _store_rows(DV + b * stride_dvb + h * stride_dvh, k_rows, stride_dvs, offs_d, stride_dvd,
+                        d_ok, dv)
         else:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+            dk_ptrs = DK + b * stride_dkb + h * stride_dkh + row_n * stride_dks + offs_d[None, :] * stride_dkd
+            dv_ptrs = DV + b * stride_dvb + h * stride_dvh + row_n * stride_dvs + offs_d[None, :] * stride_dvd
+            if EVEN_D:
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
+            else:
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
     @triton.jit
     def _bsa_bwd_dq_kernel(
-        Q, K, V, DO, DQ, Lse, Delta, KVPtr, KVCols, TokValid, QSeg, KSeg,
+        Q, K, V, DO, DQ, Lse, Delta, KVPtr, KVCols, TokValid, QSeg, KSeg, TokIdx,
         stride_qb, stride_qs, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
@@ -275,7 +363,7 @@ if HAS_TRITON:
         stride_tb,
         H, S_Q, qk_scale, sm_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr,
+        HAS_TOKEN_VALID: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_INDEX: tl.constexpr,
         UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -290,18 +378,29 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
 
-        row_m = start_m.to(tl.int64) + offs_m[:, None]
-        q = _load(Q + b * stride_qb + h * stride_qh + row_m * stride_qs + offs_d[None, :] * stride_qd,
-                  d_ok[None, :], EVEN_D, UPCAST)
-        do = _load(DO + b * stride_db + h * stride_dh + row_m * stride_ds + offs_d[None, :] * stride_dd,
-                   d_ok[None, :], EVEN_D, UPCAST)
+        if HAS_INDEX:
+            q_rows = tl.load(TokIdx + start_m + offs_m)
+            q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qs, offs_d, stride_qd, True,
+                           d_ok, UPCAST)
+            do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_ds, offs_d, stride_dd, True,
+                            d_ok, UPCAST)
+        else:
+            row_m = start_m.to(tl.int64) + offs_m[:, None]
+            q = _load(Q + b * stride_qb + h * stride_qh + row_m * stride_qs + offs_d[None, :] * stride_qd,
+                      d_ok[None, :], EVEN_D, UPCAST)
+            do = _load(DO + b * stride_db + h * stride_dh + row_m * stride_ds + offs_d[None, :] * stride_dd,
+                       d_ok[None, :], EVEN_D, UPCAST)
         lse = tl.load(Lse + (b * H + h) * S_Q + start_m + offs_m)
         lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta + (b * H + h) * S_Q + start_m + offs_m)
-        kt_base = (K + b * stride_kb + h * stride_kh
-                   + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
-        vt_base = (V + b * stride_vb + h * stride_vh
-                   + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd)
+        if HAS_INDEX:
+            k_head = K + b * stride_kb + h * stride_kh
+            v_head = V + b * stride_vb + h * stride_vh
+        else:
+            kt_base = (K + b * stride_kb + h * stride_kh
+                       + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd)
+            vt_base = (V + b * stride_vb + h * stride_vh
+                       + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd)
         if IS_VARLEN:
             qseg = tl.load(QSeg + start_m + offs_m)
 
@@ -316,8 +415,13 @@ if HAS_TRITON:
         for it in range(0, num_kv * sub):
             kb = tl.load(idx_ptr + (it // sub)).to(tl.int32)
             start_n = kb * BLOCK_SIZE + (it % sub) * BLOCK_N
-            kt = _load(kt_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
-            vt = _load(vt_base + start_n.to(tl.int64) * stride_vs, d_ok[:, None], EVEN_D, UPCAST)
+            if HAS_INDEX:
+                k_rows = tl.load(TokIdx + start_n + offs_n)
+                kt = _load_rows(k_head, k_rows, stride_ks, offs_d, stride_kd, False, d_ok, UPCAST)
+                vt = _load_rows(v_head, k_rows, stride_vs, offs_d, stride_vd, False, d_ok, UPCAST)
+            else:
+                kt = _load(kt_base + start_n.to(tl.int64) * stride_ks, d_ok[:, None], EVEN_D, UPCAST)
+                vt = _load(vt_base + start_n.to(tl.int64) * stride_vs, d_ok[:, None], EVEN_D, UPCAST)
             p = tl.math.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])
             if HAS_TOKEN_VALID:
                 tv = tl.load(TokValid + b * stride_tb + start_n + offs_n)
@@ -330,11 +434,15 @@ if HAS_TRITON:
             dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
 
         dq = dq * sm_scale
-        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_m * stride_dqs + offs_d[None, :] * stride_dqd
-        if EVEN_D:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+        if HAS_INDEX:
+            _store_rows(DQ + b * stride_dqb + h * stride_dqh, q_rows, stride_dqs, offs_d, stride_dqd,
+                        d_ok, dq)
         else:
-            tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
+            dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + row_m * stride_dqs + offs_d[None, :] * stride_dqd
+            if EVEN_D:
+                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+            else:
+                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
     # ----------------------------------------------------------------------------------- autotune
     def _configs(shapes):
@@ -360,7 +468,7 @@ if HAS_TRITON:
         t = min(64, bs)
         return kept or [triton.Config({"BLOCK_M": t, "BLOCK_N": t}, num_warps=4, num_stages=1)]
 
-    _KEY = ["D", "BLOCK_SIZE", "HAS_TOKEN_VALID", "IS_VARLEN"]
+    _KEY = ["D", "BLOCK_SIZE", "HAS_TOKEN_VALID", "IS_VARLEN", "HAS_INDEX"]
     _PRUNE = {"early_config_prune": _prune}
     # (BLOCK_M, BLOCK_N, warps, stages); tiles that do not divide block_size are pruned, so 64-token
     # masks tune 4 or 5 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
@@ -434,14 +542,60 @@ def _mask_strides(ptr: torch.Tensor, cols: torch.Tensor, b: int, h: int, rows: i
     return ptr.expand(b, h, -1).stride()[:2]
 
 
-def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens):
-    """Validate the shared arguments; return launch facts and the (token_valid, qseg, kseg) tensors."""
+def check_token_index(token_index: torch.Tensor, rows: int, block_size: int, device) -> bool:
+    """Validate ``token_index`` (see the module doc of the launchers): int64 (Sf,) on ``device``, Sf a
+    multiple of ``block_size``, values in [-1, rows), every row 0..rows-1 exactly once. O(Sf), one host
+    sync. Returns whether it holds padding positions (-1). Raises ValueError naming token_index."""
+    is_tensor = isinstance(token_index, torch.Tensor)
+    if not is_tensor or token_index.dtype != torch.int64 or token_index.dim() != 1:
+        what = (f"{token_index.dtype} of shape {tuple(token_index.shape)}" if is_tensor
+                else type(token_index).__name__)
+        raise ValueError(f"token_index must be a 1-D int64 tensor (Sf,), got {what}")
+    if token_index.device != torch.device(device):
+        raise ValueError(f"token_index on {token_index.device} but q on {device}")
+    sf = token_index.numel()
+    if sf % block_size:
+        raise ValueError(f"token_index has {sf} positions, not a multiple of block_size={block_size}")
+    if sf < rows:
+        raise ValueError(f"token_index has {sf} positions, fewer than the {rows} rows of q it must cover")
+    if sf == 0:
+        return False
+    pads = token_index < 0
+    real = token_index.masked_fill(pads, 0)
+    seen = torch.zeros(max(rows, 1), dtype=torch.int32, device=token_index.device)
+    seen.index_add_(0, real.clamp(0, max(rows - 1, 0)), (~pads).to(torch.int32))
+    lo, hi, n_pad, n_rows_seen = torch.stack([
+        token_index.min(), token_index.max(), pads.sum(), (seen[:rows] == 1).sum()]).tolist()
+    if lo < -1 or hi >= rows:
+        raise ValueError(f"token_index values must lie in [-1, {rows}) (-1 = padding, else a row of q), "
+                         f"found values in [{lo}, {hi}]")
+    if n_rows_seen != rows or sf - n_pad != rows:
+        raise ValueError(f"token_index must name every row 0..{rows - 1} of q exactly once, found "
+                         f"{sf - n_pad} non-padding positions of which {rows - n_rows_seen} rows are missing "
+                         f"or repeated")
+    return n_pad > 0
+
+
+def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=None):
+    """Validate the shared arguments; return launch facts and the (token_valid, qseg, kseg, index)
+    tensors. With ``token_index`` the sequence lengths returned are positions (Sf), and -1 positions are
+    AND-ed into token_valid as pad keys."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not importable")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, S, H, D)")
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
+    has_pads = False
+    if token_index is not None:
+        if s_k != s_q:
+            raise ValueError(f"token_index needs self-attention (k.size(1) == q.size(1)), got q "
+                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+        # (a block_size outside the supported ones is named by the check below)
+        bs_ok = block_size if block_size in _BLOCK_SIZES else 1
+        has_pads = check_token_index(token_index, s_q, bs_ok, q.device)
+        token_index = token_index.contiguous()
+        s_q = s_k = token_index.numel()  # from here on: positions
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in B, H or D")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
@@ -468,7 +622,12 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens):
         tv = token_valid.reshape(-1, s_k)
         if tv.shape[0] not in (1, b):
             raise ValueError(f"token_valid batch {tv.shape[0]} must be 1 or {b}")
-        tv = tv.to(dev).contiguous().view(torch.uint8)
+        tv = tv.to(dev)
+    if has_pads:  # padding positions are pad keys whatever token_valid says
+        real = (token_index >= 0).unsqueeze(0)
+        tv = real if tv is None else tv & real
+    if tv is not None:
+        tv = tv.contiguous().view(torch.uint8)
     qseg = kseg = None
     if cu_seqlens is not None:
         # (n+1,): queries and keys packed alike (Sq == Sk); (2, n+1): query offsets, key offsets
@@ -493,6 +652,7 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens):
     meta = dict(
         D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), EVEN_D=triton.next_power_of_2(d) == d,
         BLOCK_SIZE=block_size, HAS_TOKEN_VALID=tv is not None, IS_VARLEN=qseg is not None,
+        HAS_INDEX=token_index is not None,
         UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
     )
     dummy = kv_ptr  # never read when the matching flag is off
@@ -500,6 +660,7 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens):
         tv if tv is not None else dummy,
         qseg if qseg is not None else dummy,
         kseg if kseg is not None else dummy,
+        token_index if token_index is not None else dummy,
     )
     stride_tb = 0 if tv is None or tv.shape[0] == 1 else tv.stride(0)
     return (b, s_q, s_k, h, d), meta, tensors, stride_tb
@@ -509,22 +670,28 @@ def _scale(scale, d):
     return 1.0 / math.sqrt(d) if scale is None else float(scale)
 
 
-def bsa_forward_triton(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens):
+def bsa_forward_triton(q, k, v, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens,
+                       token_index=None):
     """Block-sparse attention forward. q, k, v: (B, S, H, D), any strides, fp32/fp16/bf16.
 
     The mask in compressed rows (:class:`kandinsky_kernels.BlockSparseMask`): ``kv_ptr`` int64
     (Bm, Hm, Nq + 1), ``kv_cols`` int16 / int32 (nnz,), with Bm in {1, B}, Hm in {1, H}; ``token_valid`` bool (S,) / (B or 1, S) marks real keys; ``cu_seqlens`` int32 (n+1,)
     packs segments along S (B == 1). Returns ``out`` (B, S, H, D) in q.dtype and ``lse`` fp32 (B, H, S):
     the natural-log logsumexp of the scaled logits, -inf (with out = 0) for rows that see no key.
+
+    ``token_index`` int64 (Sf,) or None: position p of the sequence reads raster row ``token_index[p]`` of
+    q, k, v and writes it in ``out`` (-1: a padding position, zeros in, a pad key, written nowhere; every
+    row exactly once). Then q, k, v, out are (B, Sr, H, D) raster tensors and everything else (mask,
+    token_valid, cu_seqlens, lse (B, H, Sf)) is in positions.
     """
-    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens)
-    out = torch.empty((b, s_q, h, d), dtype=q.dtype, device=q.device)
+    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg, idx), stride_tb = _common(
+        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index)
+    out = torch.empty(q.shape if token_index is not None else (b, s_q, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    if out.numel() == 0 or lse.numel() == 0:
         return out, lse.fill_(float("-inf"))
     args = (
-        q, k, v, out, lse, kv_ptr, kv_cols, tv, qseg, kseg,
+        q, k, v, out, lse, kv_ptr, kv_cols, tv, qseg, kseg, idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_mask_strides(kv_ptr, kv_cols, b, h, s_q // block_size), stride_tb,
         h, s_q, _scale(scale, d) * _LOG2E,
@@ -554,18 +721,20 @@ def triton_backward_scheme(scheme: Optional[str] = None) -> str:
 
 
 def bsa_backward_triton(do, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
-                        block_size, scale, token_valid, cu_seqlens, scheme=None, dlse=None):
+                        block_size, scale, token_valid, cu_seqlens, scheme=None, dlse=None, token_index=None):
     """Gradients (dq, dk, dv) of :func:`bsa_forward_triton`, each (B, S, H, D) in q.dtype.
 
     ``q_ptr`` int64 (Bm, Hm, Nk + 1) / ``q_cols`` (nnz,): the transposed mask in compressed rows
     (``BlockSparseMask.transpose_csr()``), walked by the dK/dV kernel. ``out`` and ``lse`` come from the
     forward. Rows with lse = -inf contribute nothing. ``scheme``: see :func:`triton_backward_scheme`.
     ``dlse`` (B, H, S) fp32 or None: the gradient of lse, folded into Delta (dS = P * (dP - (Delta -
-    dlse))), so the kernels are unchanged.
+    dlse))), so the kernels are unchanged. ``token_index``: as in :func:`bsa_forward_triton` (do, out, dq,
+    dk, dv raster; lse and dlse (B, H, Sf)); the gradients of rows are written exactly once.
     """
     scheme = triton_backward_scheme(scheme)
-    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg), stride_tb = _common(
-        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens)
+    (b, s_q, s_k, h, d), meta, (tv, qseg, kseg, idx), stride_tb = _common(
+        q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index)
+    rows_q, rows_k = q.shape[1], k.shape[1]  # raster rows (== s_q, s_k without an index)
     if do.shape != q.shape or out.shape != q.shape or lse.shape != (b, h, s_q):
         raise ValueError(f"do {tuple(do.shape)} / out {tuple(out.shape)} must be {tuple(q.shape)} and lse "
                          f"{tuple(lse.shape)} must be {(b, h, s_q)}")
@@ -576,23 +745,23 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
     atomic = scheme == "atomic"
     # atomic: dQ accumulates in fp32, (B, S, H, D) so that the final cast is one contiguous copy
     dq = (torch.zeros if atomic else torch.empty)(
-        (b, s_q, h, d), dtype=torch.float32 if atomic else q.dtype, device=q.device)
-    dk = torch.empty((b, s_k, h, d), dtype=k.dtype, device=q.device)
-    dv = torch.empty((b, s_k, h, d), dtype=v.dtype, device=q.device)
-    if dq.numel() == 0 or dk.numel() == 0:
+        (b, rows_q, h, d), dtype=torch.float32 if atomic else q.dtype, device=q.device)
+    dk = torch.empty((b, rows_k, h, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, rows_k, h, d), dtype=v.dtype, device=q.device)
+    if dq.numel() == 0 or dk.numel() == 0 or lse.numel() == 0:
         return dq.to(q.dtype).zero_(), dk.zero_(), dv.zero_()
     sm_scale = _scale(scale, d)
     delta = torch.empty_like(lse)
     pre_m = min(64, meta["BLOCK_SIZE"])  # divides Sq (a multiple of the block)
     _bsa_bwd_preprocess_kernel[(s_q // pre_m, b * h)](
-        out, do, delta, *out.stride(), *do.stride(), h, s_q,
-        D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m,
+        out, do, delta, idx, *out.stride(), *do.stride(), h, s_q,
+        D=d, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=pre_m, HAS_INDEX=meta["HAS_INDEX"],
     )
     if dlse is not None:
         delta -= dlse
     common_tail = (stride_tb, h, s_q, sm_scale * _LOG2E, sm_scale)
     dkdv_args = (
-        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_ptr, q_cols, tv, qseg, kseg,
+        q, k, v, do, dk, dv, dq if atomic else dk, lse, delta, q_ptr, q_cols, tv, qseg, kseg, idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *(dq.stride() if atomic else (0, 0, 0, 0)),
         *_mask_strides(q_ptr, q_cols, b, h, s_k // block_size), *common_tail,
@@ -602,7 +771,7 @@ def bsa_backward_triton(do, q, k, v, out, lse, kv_ptr, kv_cols, q_ptr, q_cols,
     if atomic:
         return dq.to(q.dtype), dk, dv
     dq_args = (
-        q, k, v, do, dq, lse, delta, kv_ptr, kv_cols, tv, qseg, kseg,
+        q, k, v, do, dq, lse, delta, kv_ptr, kv_cols, tv, qseg, kseg, idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *_mask_strides(kv_ptr, kv_cols, b, h, s_q // block_size), *common_tail,
     )

@@ -66,6 +66,7 @@ if HAS_TRITON:
         x_ptr,  # (B, S, H, D), any strides
         valid_ptr,  # uint8 (B, S)
         out_ptr,  # fp32, element (b, h, n, d) at b*stride_ob + h*stride_oh + n*stride_on + d*stride_od
+        index_ptr,  # int64 (S,): the raster row of x of each position, -1 = padding (HAS_INDEX)
         N,
         H,
         D,
@@ -82,6 +83,7 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BLOCK_HD: tl.constexpr,
         HAS_VALID: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
     ):
         # One program: one block of tokens x a chunk of the flattened (head, dim) axis.
         pid = tl.program_id(0).to(tl.int64)  # b * N + n
@@ -95,8 +97,14 @@ if HAS_TRITON:
         mask_hd = offs_hd < H * D
         tokens = n * BLOCK_SIZE + offs_t
         cols = h * stride_xh + d * stride_xd
-        x_ptrs = x_ptr + b * stride_xb + tokens[:, None] * stride_xs + cols[None, :]
-        x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_hd[None, :], other=0.0).to(tl.float32)
+        if HAS_INDEX:
+            # position -> raster row; -1 positions read zeros (the launcher also marks them not valid)
+            rows = tl.load(index_ptr + tokens, mask=mask_t, other=-1)
+            x_ptrs = x_ptr + b * stride_xb + tl.maximum(rows, 0)[:, None] * stride_xs + cols[None, :]
+            x = tl.load(x_ptrs, mask=(rows >= 0)[:, None] & mask_hd[None, :], other=0.0).to(tl.float32)
+        else:
+            x_ptrs = x_ptr + b * stride_xb + tokens[:, None] * stride_xs + cols[None, :]
+            x = tl.load(x_ptrs, mask=mask_t[:, None] & mask_hd[None, :], other=0.0).to(tl.float32)
         if HAS_VALID:
             valid = tl.load(valid_ptr + b * stride_vb + tokens, mask=mask_t, other=0) != 0
             x = tl.where(valid[:, None], x, 0.0)
@@ -107,19 +115,22 @@ if HAS_TRITON:
         out_ptrs = out_ptr + b * stride_ob + h * stride_oh + n * stride_on + d * stride_od
         tl.store(out_ptrs, pooled, mask=mask_hd)
 
-    @triton.jit
+    # write_cols unspecialised: 0 and 1 would otherwise compile two variants (the passes must agree)
+    @triton.jit(do_not_specialize=["write_cols"])
     def _nabla_mask_fwd_kernel(
         qp_ptr,  # fp32 (B, H, Nq, D) contiguous
         kt_ptr,  # fp32 (B, H, D, Nk) contiguous
         sta_ptr,  # uint8 (Nq, Nk) contiguous
         seg_ptr,  # int32 (N,): video of each block, -1 past the end (HAS_SEG)
-        counts_ptr,  # int32 (B, H, Nq)
-        idx_ptr,  # int32 (B, H, Nq, Nk)
+        counts_ptr,  # int32 (B, H, Nq): written when write_cols == 0
+        ptr_ptr,  # int64 (B, H, Nq + 1): row pointers from the counts (read when write_cols != 0)
+        cols_ptr,  # int16 / int32 (nnz,): the kept key-block ids of each row (written when write_cols != 0)
         Nq,
         Nk,
         D,
         sqrt_d,
         c,  # fp32(1 - threshold)
+        write_cols,  # 0: pass 1 (counts), else pass 2 (ids); a runtime flag, so both passes run one binary
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -196,17 +207,18 @@ if HAS_TRITON:
         if HAS_SEG:
             keep = keep & same
 
-        # Compact slots: actives ascending from 0, inactives ascending from the count.
+        # Compressed rows: pass 1 stores each row's count; pass 2 (the same binary on the same inputs, so
+        # the same keep) stores the kept ids ascending at the row's offset, nothing else.
         active = keep.to(tl.int32)
-        inactive = (mask_n[None, :] & ~keep).to(tl.int32)
-        count = tl.sum(active, axis=1)
-        slot = tl.where(
-            keep, tl.cumsum(active, axis=1) - 1, count[:, None] + tl.cumsum(inactive, axis=1) - 1
-        )
         rows = (bh * Nq + offs_m).to(tl.int64)
-        ids = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32) + offs_n[None, :]
-        tl.store(idx_ptr + rows[:, None] * Nk + slot, ids, mask=mask)
-        tl.store(counts_ptr + rows, tl.where(row_ok, count, -1), mask=mask_m)
+        if write_cols != 0:
+            start = tl.load(ptr_ptr + bh * (Nq + 1) + offs_m, mask=mask_m, other=0)
+            slot = start[:, None] + (tl.cumsum(active, axis=1) - 1).to(tl.int64)
+            ids = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32) + offs_n[None, :]
+            tl.store(cols_ptr + slot, ids.to(cols_ptr.dtype.element_ty), mask=keep & mask_m[:, None])
+        else:
+            count = tl.sum(active, axis=1)
+            tl.store(counts_ptr + rows, tl.where(row_ok, count, -1), mask=mask_m)
 
 
 def _nabla_block_mask_forward(
@@ -217,14 +229,33 @@ def _nabla_block_mask_forward(
     block_size: int,
     token_valid: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher: pool, then the fused mask kernel. Inputs as validated by :func:`nabla_block_mask`
-    (``cu_seqlens`` also by :func:`_check_cu_blocks`)."""
+    """Triton launcher: pool, then the fused mask kernel, twice (counts, then the ids straight into the
+    compressed rows: nothing (N, N) is ever allocated). Inputs as validated by :func:`nabla_block_mask`
+    (``cu_seqlens`` also by :func:`_check_cu_blocks`).
+
+    ``token_index`` int64 (Sf,) or None: block j pools the raster rows ``token_index[p]`` of q and k
+    (B, Sr, H, D) for its positions p; -1 positions are left out like ``token_valid`` False tokens.
+    Then ``token_valid`` (Sf,) / (1 or B, Sf), ``cu_seqlens`` and the blocks are in positions."""
     b, s, h, d = q.shape
+    if token_index is not None:
+        from kandinsky_kernels.ops._bsa_triton import check_token_index
+
+        if k.shape != q.shape:
+            raise ValueError(
+                f"token_index needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
+            )
+        has_pads = check_token_index(token_index, s, block_size, q.device)
+        token_index = token_index.contiguous()
+        s = token_index.numel()  # positions from here on
+        if has_pads:  # -1 positions pool like padding tokens
+            real = (token_index >= 0).unsqueeze(0)
+            token_valid = real if token_valid is None else token_valid.reshape(-1, s) & real
     n = s // block_size
     qp = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
     kt = torch.empty(b, h, d, n, dtype=torch.float32, device=q.device)
-    valid = None if token_valid is None else token_valid.view(torch.uint8)
+    valid = None if token_valid is None else token_valid.reshape(-1, s).contiguous().view(torch.uint8)
     block_t = triton.next_power_of_2(block_size)
     block_hd = min(triton.next_power_of_2(h * d), max(32, 16384 // block_t))
     for x, out, out_strides in (
@@ -235,51 +266,65 @@ def _nabla_block_mask_forward(
             x,
             x if valid is None else valid,
             out,
+            x if token_index is None else token_index,
             n,
             h,
             d,
             *x.stride(),
-            0 if valid is None else valid.stride(0),
+            0 if valid is None or valid.shape[0] == 1 else valid.stride(0),
             *out_strides,
             BLOCK_SIZE=block_size,
             BLOCK_T=block_t,
             BLOCK_HD=block_hd,
             HAS_VALID=valid is not None,
+            HAS_INDEX=token_index is not None,
             num_warps=min(16, max(4, block_t * block_hd // 1024)),
         )
 
     counts = torch.empty(b, h, n, dtype=torch.int32, device=q.device)
-    indices = torch.empty(b, h, n, n, dtype=torch.int32, device=q.device)
     block_n = triton.next_power_of_2(n)
     # Rows per program: share the pooled-key loads while the (BLOCK_M, BLOCK_N) tile stays register-sized.
     block_m = max(1, min(16, triton.next_power_of_2(n), 2048 // block_n))
     block_d = max(1, min(triton.next_power_of_2(d), 8192 // (block_m * block_n)))
     seg = None if cu_seqlens is None else _block_segments(cu_seqlens, n, block_size)
-    _nabla_mask_fwd_kernel[(b * h, triton.cdiv(n, block_m))](
-        qp,
-        kt,
-        counts if sta is None else sta.contiguous().view(torch.uint8),
-        counts if seg is None else seg,
-        counts,
-        indices,
-        n,
-        n,
-        d,
-        math.sqrt(d),
-        _fp32(1.0 - threshold),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        HAS_STA=sta is not None,
-        HAS_SEG=seg is not None,
-        num_warps=min(16, max(4, block_m * block_n // 256)),
-    )
-    bad = (counts < 0).nonzero()
-    if len(bad):
-        _raise_nonfinite(*bad[0].tolist())
-    # The kernel writes the (N, N) table; it lives only until it is compressed here.
-    active = torch.arange(n, device=q.device, dtype=torch.int32) < counts.unsqueeze(-1)
-    return _ptr_from_counts(counts), indices[active].to(_ids_dtype(n))
+    sta_u8 = counts if sta is None else sta.contiguous().view(torch.uint8)
+
+    def launch(ptr, cols, write_cols):
+        _nabla_mask_fwd_kernel[(b * h, triton.cdiv(n, block_m))](
+            qp,
+            kt,
+            sta_u8,
+            counts if seg is None else seg,
+            counts,
+            ptr,
+            cols,
+            n,
+            n,
+            d,
+            math.sqrt(d),
+            _fp32(1.0 - threshold),
+            write_cols,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            HAS_STA=sta is not None,
+            HAS_SEG=seg is not None,
+            num_warps=min(16, max(4, block_m * block_n // 256)),
+        )
+
+    # pass 1: the count of each row (ptr and cols are not read: stand-ins of their dtypes, so that both
+    # passes launch one compiled kernel)
+    ids_dtype = _ids_dtype(n)
+    launch(counts.new_zeros(1, dtype=torch.int64), counts.new_zeros(1, dtype=ids_dtype), 0)
+    ptr = _ptr_from_counts(counts)
+    lowest, nnz = torch.stack([counts.min().to(torch.int64), ptr[-1, -1, -1]]).tolist()  # one host sync
+    if lowest < 0:
+        _raise_nonfinite(*(counts < 0).nonzero()[0].tolist())
+    # pass 2: recompute the rows, write each row's kept ids ascending at its offset
+    cols = torch.empty(nnz, dtype=ids_dtype, device=q.device)
+    if cols.numel():
+        launch(ptr, cols, 1)
+    return ptr, cols
 
 
 def _raise_nonfinite(b: int, h: int, i: int):
