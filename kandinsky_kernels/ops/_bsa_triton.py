@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from kandinsky_kernels._triton import HAS_TRITON, INTERPRET, tl, triton
+from kandinsky_kernels._validation import check_token_index
 
 __all__ = ["bsa_forward_triton", "bsa_backward_triton", "triton_backward_scheme", "fixed_config"]
 
@@ -542,10 +543,11 @@ def _mask_strides(ptr: torch.Tensor, cols: torch.Tensor, b: int, h: int, rows: i
     return ptr.expand(b, h, -1).stride()[:2]
 
 
-def check_token_index(token_index: torch.Tensor, rows: int, block_size: int, device) -> bool:
+def check_token_index_arg(token_index: torch.Tensor, rows: int, block_size: int, device) -> None:
     """Validate ``token_index`` (see the module doc of the launchers): int64 (Sf,) on ``device``, Sf a
-    multiple of ``block_size``, values in [-1, rows), every row 0..rows-1 exactly once. O(Sf), one host
-    sync. Returns whether it holds padding positions (-1). Raises ValueError naming token_index."""
+    multiple of ``block_size``, values in [-1, rows), every row 0..rows-1 exactly once (the value check
+    is :func:`kandinsky_kernels._validation.check_token_index`: one host sync the first time, then
+    cached on the tensor while it is unchanged). Raises ValueError naming token_index."""
     is_tensor = isinstance(token_index, torch.Tensor)
     if not is_tensor or token_index.dtype != torch.int64 or token_index.dim() != 1:
         what = (f"{token_index.dtype} of shape {tuple(token_index.shape)}" if is_tensor
@@ -558,22 +560,7 @@ def check_token_index(token_index: torch.Tensor, rows: int, block_size: int, dev
         raise ValueError(f"token_index has {sf} positions, not a multiple of block_size={block_size}")
     if sf < rows:
         raise ValueError(f"token_index has {sf} positions, fewer than the {rows} rows of q it must cover")
-    if sf == 0:
-        return False
-    pads = token_index < 0
-    real = token_index.masked_fill(pads, 0)
-    seen = torch.zeros(max(rows, 1), dtype=torch.int32, device=token_index.device)
-    seen.index_add_(0, real.clamp(0, max(rows - 1, 0)), (~pads).to(torch.int32))
-    lo, hi, n_pad, n_rows_seen = torch.stack([
-        token_index.min(), token_index.max(), pads.sum(), (seen[:rows] == 1).sum()]).tolist()
-    if lo < -1 or hi >= rows:
-        raise ValueError(f"token_index values must lie in [-1, {rows}) (-1 = padding, else a row of q), "
-                         f"found values in [{lo}, {hi}]")
-    if n_rows_seen != rows or sf - n_pad != rows:
-        raise ValueError(f"token_index must name every row 0..{rows - 1} of q exactly once, found "
-                         f"{sf - n_pad} non-padding positions of which {rows - n_rows_seen} rows are missing "
-                         f"or repeated")
-    return n_pad > 0
+    check_token_index(token_index, rows)
 
 
 def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=None):
@@ -586,14 +573,13 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=No
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, S, H, D)")
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
-    has_pads = False
     if token_index is not None:
         if s_k != s_q:
             raise ValueError(f"token_index needs self-attention (k.size(1) == q.size(1)), got q "
                              f"{tuple(q.shape)}, k {tuple(k.shape)}")
         # (a block_size outside the supported ones is named by the check below)
         bs_ok = block_size if block_size in _BLOCK_SIZES else 1
-        has_pads = check_token_index(token_index, s_q, bs_ok, q.device)
+        check_token_index_arg(token_index, s_q, bs_ok, q.device)
         token_index = token_index.contiguous()
         s_q = s_k = token_index.numel()  # from here on: positions
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
@@ -623,7 +609,9 @@ def _common(q, k, v, kv_ptr, block_size, token_valid, cu_seqlens, token_index=No
         if tv.shape[0] not in (1, b):
             raise ValueError(f"token_valid batch {tv.shape[0]} must be 1 or {b}")
         tv = tv.to(dev)
-    if has_pads:  # padding positions are pad keys whatever token_valid says
+    # Padding positions are pad keys whatever token_valid says. A valid index names each of the rows
+    # once, so it holds Sf - rows of them: known without reading it.
+    if token_index is not None and token_index.numel() > q.shape[1]:
         real = (token_index >= 0).unsqueeze(0)
         tv = real if tv is None else tv & real
     if tv is not None:

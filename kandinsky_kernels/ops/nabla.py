@@ -240,18 +240,18 @@ def _nabla_block_mask_forward(
     Then ``token_valid`` (Sf,) / (1 or B, Sf), ``cu_seqlens`` and the blocks are in positions."""
     b, s, h, d = q.shape
     if token_index is not None:
-        from kandinsky_kernels.ops._bsa_triton import check_token_index
+        from kandinsky_kernels.ops._bsa_triton import check_token_index_arg
 
         if k.shape != q.shape:
             raise ValueError(
                 f"token_index needs q and k of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
             )
-        has_pads = check_token_index(token_index, s, block_size, q.device)
+        check_token_index_arg(token_index, s, block_size, q.device)
         token_index = token_index.contiguous()
-        s = token_index.numel()  # positions from here on
-        if has_pads:  # -1 positions pool like padding tokens
+        if token_index.numel() > s:  # -1 positions (Sf - rows of them) pool like padding tokens
             real = (token_index >= 0).unsqueeze(0)
-            token_valid = real if token_valid is None else token_valid.reshape(-1, s) & real
+            token_valid = real if token_valid is None else token_valid.reshape(-1, token_index.numel()) & real
+        s = token_index.numel()  # positions from here on
     n = s // block_size
     qp = torch.empty(b, h, n, d, dtype=torch.float32, device=q.device)
     kt = torch.empty(b, h, d, n, dtype=torch.float32, device=q.device)
