@@ -5,13 +5,16 @@ indices), argsorts the indices to scatter back and argsorts the final mask to co
 O(B*H*N^2) int64 temporaries per layer and step. Here two kernels do the same exactly:
 
 1. ``_nabla_pool_kernel``: fp32 mean of q and k over each block of ``block_size`` tokens (padding left
-   out), q into (B, H, N, D) and k transposed into (B, H, D, N) so the key axis is contiguous.
+   out), q into (B, H, N, D) and k transposed into (B, H, D, N) so the key axis is contiguous. With a
+   ``token_index`` (raster-order q, k) it reads each position's row through the index.
 2. ``_nabla_mask_fwd_kernel``: a program holds the logits of BLOCK_M query blocks against all key
    blocks, (BLOCK_M, next_pow2(N)), in registers: fp32 logits, softmax, then the CDF rule by bisection
    on the fp32 bit pattern (monotone for p >= 0) with the mass summed in fp64 and rounded to fp32
    before comparing, which is what torch's CPU cumsum (double accumulator) compares; ties at the
    boundary value are resolved by their rank in index order, as a stable sort would. The STA row is
-   OR-ed in and the indices are scattered straight into their compact slots. With ``cu_seqlens``
+   OR-ed in. It runs twice, as one compiled kernel: the first pass writes each row's count (the row
+   pointers are their prefix sums), the second recomputes the row and writes its kept ids, ascending,
+   at the row's offset: compressed rows with no (N, N) table at any point. With ``cu_seqlens``
    (packed videos of whole blocks) a per-block video id masks other videos' logits to -inf before the
    softmax and is AND-ed into the final keep; query blocks past the end keep nothing.
 
