@@ -132,6 +132,8 @@ def _skip_path(isa, dtype):
         pytest.skip(f"{isa} cannot run here")
     if isa == "bf16-conversion" and dtype != torch.bfloat16:
         pytest.skip("the bf16 conversion switch only changes bf16")
+    if isa == "avx512" and dtype != torch.bfloat16 and OPS.cpu_isa() in ("amx", "avx512_bf16"):
+        pytest.skip("fp32 / fp16 run the avx512 kernels on the automatic path here")
 
 
 # --------------------------------------------------------------------------- attention: the contract

@@ -416,26 +416,32 @@ struct Bf16Products {
   at::Tensor buf, gathered;
   float qmul;
 
-  // With a token index (p.tok) the inputs' rows are not equally spaced, so the A operands cannot be read
-  // in place: each input is first gathered, block by block inside the packing loop below, into a
-  // (B, H, Sf, D) copy (zeros at pad positions) that the products then read as A and the B operands
-  // are built from. Without an index nothing of this runs.
+  // With a token index (p.tok) the inputs' rows are not equally spaced, so the operands this mode reads
+  // in place as A (forward: Q; fused backward: K, V; two-pass: all four) get a gathered (B, H, Sf, D)
+  // copy (zeros at pad positions), written block by block inside the packing loop below, and the
+  // others are gathered one block at a time into per-thread staging that only the packing reads.
+  // Without an index none of this runs.
   Bf16Products(const Problem& p_, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& dout, Mode mode)
       : p(p_), qmul(p_.scale * kLog2e) {
     const at::Tensor* xs[4] = {&q, mode == kForward ? &q : &dout, &k, &v};
     const bool indexed = p.tok != nullptr;
-    const int ng = mode == kForward ? 3 : 4;  // inputs to gather: Q, K, V (+ dO); slot of operand x: gslot(x)
-    const auto gslot = [&](int x) { return mode == kForward ? (x == kDO ? 0 : x == kQ ? 0 : x - 1) : x; };
-    at::Tensor gview[4];
+    const int64_t bs = p.bs, D = p.D, nb = std::max(p.nq, p.nk), H = p.H;
+    bool read_a[4] = {mode != kBackwardFused, mode == kBackwardTwoPass, mode != kForward, mode != kForward};
+    int64_t slot[4] = {-1, -1, -1, -1}, ng = 0;
+    for (int x = 0; x < 4; ++x)
+      if (read_a[x]) slot[x] = ng++;
     if (indexed) {
-      gathered = at::empty({ng, p.B, p.H, p.Sq, p.D}, q.options());
-      for (int x = 0; x < 4; ++x) gview[x] = gathered[gslot(x)].permute({0, 2, 1, 3});  // (B, Sf, H, D) view
-    }
-    for (int x = 0; x < 4; ++x) {
-      const at::Tensor& t = indexed ? gview[x] : *xs[x];
-      in[x] = reinterpret_cast<const uint16_t*>(t.data_ptr());
-      sb[x] = t.stride(0), ss[x] = t.stride(1), sh[x] = t.stride(2);
+      gathered = at::empty({ng * p.B * H * p.Sq * D}, q.options());
+      for (int x = 0; x < 4; ++x) {
+        in[x] = reinterpret_cast<const uint16_t*>(gathered.data_ptr()) + std::max<int64_t>(slot[x], 0) * p.B * H * p.Sq * D;
+        sb[x] = H * p.Sq * D, ss[x] = D, sh[x] = p.Sq * D;
+      }
+    } else {
+      for (int x = 0; x < 4; ++x) {
+        in[x] = reinterpret_cast<const uint16_t*>(xs[x]->data_ptr());
+        sb[x] = xs[x]->stride(0), ss[x] = xs[x]->stride(1), sh[x] = xs[x]->stride(2);
+      }
     }
     // (operand, tiles?) pairs each mode reads
     std::vector<std::pair<Operand, bool>> want;
@@ -443,33 +449,35 @@ struct Bf16Products {
     if (mode != kForward) want = {{kQ, true}, {kDO, true}, {kQ, false}, {kDO, false}, {kK, false}};
     if (mode == kBackwardTwoPass) want.insert(want.end(), {{kK, true}, {kV, true}});
     // Q and dO have nq blocks, K and V nk: each operand's plane is (B, H, its blocks, bs * D)
-    const int64_t bs = p.bs, D = p.D, nb = std::max(p.nq, p.nk), H = p.H;
     std::vector<int64_t> start(want.size() + 1, 0);
     for (size_t w = 0; w < want.size(); ++w) start[w + 1] = start[w] + p.B * H * nblocks(want[w].first) * bs * D;
     buf = at::empty({start.back()}, q.options().dtype(at::kBFloat16));
     auto* base = reinterpret_cast<uint16_t*>(buf.data_ptr());
     for (size_t w = 0; w < want.size(); ++w) (want[w].second ? T : I)[want[w].first] = base + start[w];
-    const at::Tensor* srcs[4] = {&q, xs[kDO], &k, &v};
-    if (indexed)
-      for (int x = 0; x < 4; ++x) srcs[x] = &gview[x];
-    const Bshd<at::BFloat16> src[4] = {Bshd<at::BFloat16>(*srcs[0]), Bshd<at::BFloat16>(*srcs[1]),
-                                       Bshd<at::BFloat16>(*srcs[2]), Bshd<at::BFloat16>(*srcs[3])};
-    // the raster inputs through the index, and where each lands (gathered slot)
+    const Bshd<at::BFloat16> src[4] = {Bshd<at::BFloat16>(q), Bshd<at::BFloat16>(*xs[kDO]), Bshd<at::BFloat16>(k),
+                                       Bshd<at::BFloat16>(v)};
+    // indexed: the raster inputs through the index, and which operands the packing reads
     const Bshd<at::BFloat16> raw[4] = {Bshd<at::BFloat16>(q, p.tok), Bshd<at::BFloat16>(*xs[kDO], p.tok),
                                        Bshd<at::BFloat16>(k, p.tok), Bshd<at::BFloat16>(v, p.tok)};
+    bool packed_from[4] = {};
+    for (const auto& w : want) packed_from[w.first] = true;
     at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
+      AVec<uint16_t> stage(indexed ? 4 * bs * D : 0);
+      const uint16_t* blk0[4] = {};  // indexed: block j of each operand, rows of D elements
       for (int64_t task = begin; task < end; ++task) {
         const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H);
-        if (indexed) {  // gather block j of each input first (nq == nk here); the packing below reads it
+        if (indexed) {  // gather block j of each operand read here (nq == nk with an index)
           for (int x = 0; x < 4; ++x) {
-            if (mode == kForward && x == kDO) continue;  // the same slot as Q
+            if (!read_a[x] && !packed_from[x]) continue;
+            uint16_t* d0 = read_a[x] ? const_cast<uint16_t*>(rows(static_cast<Operand>(x), b, h, j * bs))
+                                     : stage.data() + x * bs * D;
+            blk0[x] = d0;
             for (int64_t r = 0; r < bs; ++r) {
               const at::BFloat16* s = raw[x].row(b, j * bs + r, h);
-              at::BFloat16* d = src[x].row(b, j * bs + r, h);
               if (s == nullptr)
-                std::memset(static_cast<void*>(d), 0, D * sizeof(uint16_t));
+                std::memset(static_cast<void*>(d0 + r * D), 0, D * sizeof(uint16_t));
               else
-                std::memcpy(static_cast<void*>(d), s, D * sizeof(uint16_t));
+                std::memcpy(static_cast<void*>(d0 + r * D), s, D * sizeof(uint16_t));
             }
           }
         }
@@ -479,7 +487,13 @@ struct Bf16Products {
           const Bshd<at::BFloat16>& X = src[x];
           uint16_t* dst = base + start[w] + blk(x, b, h, j);
           if (want[w].second) {
-            transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst, bs);
+            if (indexed)
+              transpose32<false>(blk0[x], D / 2, bs, D / 2, 1.f, dst, bs);
+            else
+              transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst, bs);
+          } else if (indexed) {
+            for (int64_t t = 0; t < bs / 2; ++t)
+              interleave_rows(blk0[x] + 2 * t * D, blk0[x] + (2 * t + 1) * D, D, dst + 2 * t * D);
           } else {
             for (int64_t t = 0; t < bs / 2; ++t)
               interleave_rows(reinterpret_cast<const uint16_t*>(X.row(b, j * bs + 2 * t, h)),
