@@ -124,14 +124,16 @@ def _env(isa: str, scheme: str | None = None):
     return mock.patch.dict(os.environ, env)
 
 
-PATHS = ["auto", "avx512", "avx2", "bf16-conversion"]
+PATHS = ["auto", "avx512", "avx2", "baseline", "bf16-conversion"]
 
 
 def _skip_path(isa, dtype):
-    if isa in ("avx512", "avx2") and isa not in ISAS:
+    if isa in ("avx512", "avx2", "baseline") and isa not in ISAS:
         pytest.skip(f"{isa} cannot run here")
     if isa == "bf16-conversion" and dtype != torch.bfloat16:
         pytest.skip("the bf16 conversion switch only changes bf16")
+    if isa == "baseline" and dtype != torch.float32:
+        pytest.skip("the baseline path: fp32 is enough (every dtype runs the same fp32 kernels there)")
     if isa == "avx512" and dtype != torch.bfloat16 and OPS.cpu_isa() in ("amx", "avx512_bf16"):
         pytest.skip("fp32 / fp16 run the avx512 kernels on the automatic path here")
 
