@@ -21,6 +21,11 @@
 // * Masking is per block pair: skip (different videos / all-pad keys), full (no per-element test),
 //   or partial (a block straddling a video boundary or holding pad keys): then the score is kept
 //   only where the query's segment code equals the key's (pad keys get a code no query has).
+// * token_index (raster-order callers, common.h): rows are looked up through the index only where the
+//   inputs are packed (pack(), the Bf16Products constructor) and where rows are loaded / stored
+//   (Bshd, load_rows, store_rows); the products read packed blocks as without it. What the index
+//   path adds is the copies it forces: operands otherwise read in place (fp32 Q in the AVX-512
+//   forward, fp32 V in the backward, the bf16 A operands) are gathered into a packed copy.
 #pragma once
 
 #include "simd.h"
