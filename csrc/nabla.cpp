@@ -11,6 +11,8 @@
 // compact form (actives ascending, then inactives ascending) is written directly.
 // With cu_seqlens (packed videos of whole blocks), key blocks of other videos are masked to -inf before the
 // softmax and AND-ed out at the end, so each video's rows equal that video computed alone.
+// With token_index (raster-order callers, see attention/common.h) q and k are raster (B, Sr, H, D) and the
+// blocks are of positions: block n pools rows token_index[n*bs .. n*bs+bs-1], skipping pads (-1).
 // Scratch is thread-local and O(Nk); nothing O(Nq*Nk) is allocated besides the int32 output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention/common.h"
 #include "registration.h"
 
 namespace {
@@ -47,11 +50,12 @@ KK_CLONES void tile_logits(const float* qrows, const float* kt, int64_t rows, in
 
 // q and k (B, S, H, D), each token's (H, D) row contiguous -> fp32 means over the valid tokens of each
 // block, q into qp (B, H, N, D) and k into kt (B, H, D, N); a block without valid tokens pools to zero.
-// One parallel region over (tensor, b, block) tasks.
+// One parallel region over (tensor, b, block) tasks. With a token index (S positions), position s reads
+// row index[s] of q and k (raster (B, Sr, H, D)); a pad position (-1) is skipped like an invalid token.
 template <typename scalar_t>
-void pool_blocks(const at::Tensor& q, const at::Tensor& k, const bool* valid, int64_t block_size, float* qp,
-                 float* kt) {
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+void pool_blocks(const at::Tensor& q, const at::Tensor& k, const bool* valid, const int64_t* index, int64_t S,
+                 int64_t block_size, float* qp, float* kt) {
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
   const int64_t N = S / block_size, HD = H * D;
   at::parallel_for(0, 2 * B * N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(HD);
@@ -65,8 +69,10 @@ void pool_blocks(const at::Tensor& q, const at::Tensor& k, const bool* valid, in
       for (int64_t t = 0; t < block_size; ++t) {
         const int64_t s = n * block_size + t;
         if (valid != nullptr && !valid[b * S + s]) continue;
+        const int64_t src = index != nullptr ? index[s] : s;
+        if (src < 0) continue;
         ++count;
-        const scalar_t* row = xb + s * x.stride(1);
+        const scalar_t* row = xb + src * x.stride(1);
         float* a = acc.data();
         for (int64_t i = 0; i < HD; ++i) a[i] += static_cast<float>(row[i]);
       }
@@ -158,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
                                                         const c10::optional<at::Tensor>& sta,
                                                         int64_t block_size,
                                                         const c10::optional<at::Tensor>& token_valid,
-                                                        const c10::optional<at::Tensor>& cu_seqlens) {
+                                                        const c10::optional<at::Tensor>& cu_seqlens,
+                                                        const c10::optional<at::Tensor>& token_index) {
   KK_CHECK_CPU(q_in);
   KK_CHECK_CPU(k_in);
   KK_CHECK_DIM(q_in, 4);
@@ -170,7 +177,13 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
   KK_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
            "q and k must be float32, float16 or bfloat16, got ", dtype);
   KK_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
-  const int64_t B = q_in.size(0), S = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t B = q_in.size(0), H = q_in.size(2), D = q_in.size(3);
+  // S: the positions pooled into blocks (with token_index its length Sf; q and k then hold Sr raster rows)
+  const bool has_index = token_index.has_value() && token_index->defined();
+  const int64_t* index = has_index ? kk::attn::checked_token_index(*token_index, q_in.size(1), block_size,
+                                                                    q_in.device(), "nabla_block_mask")
+                                   : nullptr;
+  const int64_t S = has_index ? token_index->numel() : q_in.size(1);
   KK_CHECK(S % block_size == 0, "sequence length S=", S, " must be a multiple of block_size=", block_size);
   KK_CHECK(B > 0 && S > 0 && H > 0 && D > 0, "q and k must be non-empty, got shape ", q_in.sizes());
   KK_CHECK(threshold > 0.0 && threshold <= 1.0, "threshold must lie in (0, 1], got ", threshold);
@@ -220,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
   at::Tensor kt = at::empty({B, H, D, N}, f32);
   const bool* valid = valid_c.defined() ? valid_c.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nabla_pool", [&] {
-    pool_blocks<scalar_t>(q, k, valid, block_size, qp.data_ptr<float>(), kt.data_ptr<float>());
+    pool_blocks<scalar_t>(q, k, valid, index, S, block_size, qp.data_ptr<float>(), kt.data_ptr<float>());
   });
 
   kk::checked_product("nabla_block_mask: mask size B * H * N * N", {B, H, N, N});
@@ -330,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor> nabla_block_mask_cpu(const at::Tensor& q_in, 
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def(
       "nabla_block_mask(Tensor q, Tensor k, float threshold, Tensor? sta, int block_size, "
-      "Tensor? token_valid, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
+      "Tensor? token_valid, Tensor? cu_seqlens=None, Tensor? token_index=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) { m.impl("nabla_block_mask", &nabla_block_mask_cpu); }

@@ -6,6 +6,11 @@
 // kv_ptr[bm, hm, i + 1]) of kv_cols int16 or int32 (nnz,), with Bm in {1, B}, Hm in {1, H} (broadcast);
 // the backward also takes its transpose (q_ptr (Bm, Hm, Nk + 1), q_cols: query-block ids). Optional token_valid
 // (Bt, S) bool with Bt in {1, B} (False = pad key) and cu_seqlens int32 (n+1,) (packed videos, B == 1).
+// Optional token_index int64 (Sf,) (raster-order callers): position s of the sequence the kernels walk
+// reads row token_index[s] of q, k, v (dout, out) and writes out (dq, dk, dv) there; -1 is a pad position
+// (reads zeros, written nowhere, a pad key). Then q, k, v, out, ... are raster (B, Sr, H, D) and every
+// other argument (mask, token_valid, cu_seqlens, lse) is in positions: S = Sf. Rows are looked up in
+// Bshd (kernels.h), so only the packing copies see the index; the kernels read packed blocks.
 //
 // Files: common.h / problem.cpp (this: the problem, its checks, the schedules), dispatch.cpp (the ops
 // and the choice of ISA path), kernels.h (forward and backward over a product policy), simd.h (vector
@@ -42,6 +47,9 @@ enum PairMode : int8_t { kSkip = 0, kFull = 1, kPartial = 2 };
 // Everything about the problem except the data pointers.
 struct Problem {
   int64_t B, Sq, Sk, H, D, bs, nq, nk;  // query / key tokens and blocks (Sq = nq * bs, Sk = nk * bs)
+  // token_index (checked, Sq = Sk = Sf entries) or null; Sr: the raster rows of q, k, v (= Sq without it)
+  const int64_t* tok = nullptr;
+  int64_t Sr = 0;
   int64_t Bm, Hm, Bt;          // mask batch/heads and token_valid batch (1 = broadcast)
   float scale;
   // The mask, compressed rows (checked by make_problem): row r = mask_row(b, h, i) spans
@@ -91,7 +99,14 @@ struct Problem {
 // cu_seqlens: int32 (n+1,) offsets of both sides (Sq == Sk), or (2, n+1): query offsets, key offsets.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_ptr,
                      const at::Tensor& kv_cols, int64_t block_size, double scale,
-                     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens);
+                     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
+                     const std::optional<at::Tensor>& token_index = std::nullopt);
+
+// token_index checked against Sr raster rows (int64 (Sf,) contiguous on `device`, Sf % block_size == 0,
+// values in [-1, Sr), every row 0..Sr-1 exactly once; O(Sf)); raises naming token_index otherwise.
+// `op` prefixes the messages. Shared with nabla_block_mask.
+const int64_t* checked_token_index(const at::Tensor& token_index, int64_t Sr, int64_t block_size,
+                                   const at::Device& device, const char* op);
 
 // Checks the transposed mask (what bsa_mask_transpose returns for the problem's mask) and points p at it.
 void set_transposed(Problem& p, const at::Tensor& q_ptr, const at::Tensor& q_cols);
@@ -106,8 +121,9 @@ void check_csr(const at::Tensor& ptr, const at::Tensor& cols, int64_t rows, int6
 // row's ids ascending; cols int16 where rows <= 32767.
 std::tuple<at::Tensor, at::Tensor> csr_transpose(const at::Tensor& ptr, const at::Tensor& cols, int64_t ncols);
 
-// q (B, Sq, H, D), k and v (B, Sk, H, D): CPU, 4-D, one dtype, unit stride on D.
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// q (B, Sq, H, D), k and v (B, Sk, H, D): CPU, 4-D, one dtype, unit stride on D. With a token index
+// (`raster`), self-attention on raster rows: Sk == Sq (= Sr).
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool raster = false);
 // t (dout, out) exactly like q.
 void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name);
 

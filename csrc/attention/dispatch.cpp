@@ -151,9 +151,10 @@ std::tuple<at::Tensor, at::Tensor> bsa_fwd(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& kv_ptr, const at::Tensor& kv_cols,
                                            int64_t block_size, double scale,
                                            const std::optional<at::Tensor>& token_valid,
-                                           const std::optional<at::Tensor>& cu_seqlens) {
-  check_qkv(q, k, v);
-  const Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens);
+                                           const std::optional<at::Tensor>& cu_seqlens,
+                                           const std::optional<at::Tensor>& token_index) {
+  check_qkv(q, k, v, token_index.has_value());
+  const Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, token_index);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   KK_ON_PATH(forward(p, q, k, v, out, lse))
@@ -165,15 +166,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bsa_bwd(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_ptr, const at::Tensor& kv_cols,
     const at::Tensor& q_ptr, const at::Tensor& q_cols, int64_t block_size, double scale,
     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
-    const std::optional<at::Tensor>& dlse) {
-  check_qkv(q, k, v);
+    const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& token_index) {
+  check_qkv(q, k, v, token_index.has_value());
   check_like_q(q, dout, "dout");
   check_like_q(q, out, "out");
-  Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens);
+  Problem p = make_problem(q, k, kv_ptr, kv_cols, block_size, scale, token_valid, cu_seqlens, token_index);
   set_transposed(p, q_ptr, q_cols);
   KK_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef({p.B, p.H, p.Sq}) &&
                lse.is_contiguous(),
-           "lse must be contiguous fp32 (B, H, Sq), got ", lse.scalar_type(), " ", lse.sizes());
+           "lse must be contiguous fp32 (B, H, Sq) (Sq: positions with token_index), got ", lse.scalar_type(), " ", lse.sizes());
   if (dlse.has_value()) {
     KK_CHECK_CPU(*dlse);
     KK_CHECK(dlse->scalar_type() == at::kFloat && dlse->sizes() == lse.sizes() && dlse->is_contiguous(),
@@ -216,12 +217,12 @@ std::vector<std::string> cpu_isa_report() {
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def(
       "bsa_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_ptr, Tensor kv_cols, int block_size, "
-      "float scale, Tensor? token_valid, Tensor? cu_seqlens) -> (Tensor, Tensor)");
+      "float scale, Tensor? token_valid, Tensor? cu_seqlens, Tensor? token_index=None) -> (Tensor, Tensor)");
   m.def(
       "bsa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_ptr, "
       "Tensor kv_cols, Tensor q_ptr, Tensor q_cols, int block_size, float scale, Tensor? token_valid, "
       "Tensor? cu_seqlens, "
-      "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dlse=None, Tensor? token_index=None) -> (Tensor, Tensor, Tensor)");
   m.def("bsa_mask_transpose(Tensor kv_ptr, Tensor kv_cols, int num_kv_blocks) -> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &kk::attn::cpu_isa);
   m.def("cpu_isas() -> str[]", &kk::attn::cpu_isas);

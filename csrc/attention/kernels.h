@@ -21,6 +21,11 @@
 // * Masking is per block pair: skip (different videos / all-pad keys), full (no per-element test),
 //   or partial (a block straddling a video boundary or holding pad keys): then the score is kept
 //   only where the query's segment code equals the key's (pad keys get a code no query has).
+// * token_index (raster-order callers, common.h): rows are looked up through the index only where the
+//   inputs are packed (pack(), the Bf16Products constructor) and where rows are loaded / stored
+//   (Bshd, load_rows, store_rows); the products read packed blocks as without it. What the index
+//   path adds is the copies it forces: operands otherwise read in place (fp32 Q in the AVX-512
+//   forward, fp32 V in the backward, the bf16 A operands) are gathered into a packed copy.
 #pragma once
 
 #include "simd.h"
@@ -29,14 +34,25 @@
 #include "amx_gemm.h"
 #endif
 
-// A (B, S, H, D) tensor seen through its strides.
+// A (B, S, H, D) tensor seen through its strides. With a token index (Problem::tok), s is a position
+// and row(b, s, h) is raster row idx[s], or null for a pad position (idx[s] == -1): load_rows reads
+// it as zeros, store_rows skips it. Rows of a block are then not equally spaced: whoever reads a
+// block at a fixed row stride (row(b, s0, h) + r * ss) must not have an index (`indexed()`).
 template <typename T>
 struct Bshd {
   T* p;
   int64_t sb, ss, sh;
-  explicit Bshd(const at::Tensor& t)
-      : p(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), ss(t.stride(1)), sh(t.stride(2)) {}
-  T* row(int64_t b, int64_t s, int64_t h) const { return p + b * sb + s * ss + h * sh; }
+  const int64_t* idx;
+  explicit Bshd(const at::Tensor& t, const int64_t* index = nullptr)
+      : p(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), ss(t.stride(1)), sh(t.stride(2)), idx(index) {}
+  bool indexed() const { return idx != nullptr; }
+  T* row(int64_t b, int64_t s, int64_t h) const {
+    if (idx != nullptr) {
+      s = idx[s];
+      if (s < 0) return nullptr;
+    }
+    return p + b * sb + s * ss + h * sh;
+  }
 };
 
 // Copies `rows` rows starting at token s0 into dst (rows x D, fp32), times mul.
@@ -47,6 +63,10 @@ inline void load_rows(const Bshd<T>& x, int64_t b, int64_t h, int64_t s0, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const T* src = x.row(b, s0 + r, h);
     float* d = dst + r * ldd;
+    if (src == nullptr) {  // pad position of a token index
+      std::fill(d, d + D, 0.f);
+      continue;
+    }
     for (int64_t c = 0; c < D; ++c) d[c] = static_cast<float>(src[c]) * mul;
   }
 }
@@ -56,6 +76,7 @@ inline void store_rows(const Bshd<T>& x, int64_t b, int64_t h, int64_t s0, int64
                        float mul, const float* src) {
   for (int64_t r = 0; r < rows; ++r) {
     T* d = x.row(b, s0 + r, h);
+    if (d == nullptr) continue;  // pad position of a token index: written nowhere
     const float* s = src + r * D;
     for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(s[c] * mul);
   }
@@ -155,16 +176,18 @@ inline at::Tensor panel_buffer(at::IntArrayRef sizes, const at::TensorOptions& o
 // read in place), or also as a B operand (always a packed copy at padded_ld).
 enum RowUse : int { kNoRows = 0, kRowsA = 1, kRowsB = 2 };
 
+// With a token index (p.tok) the rows are gathered: always copied, and tiles built from the copy.
 template <typename T>
 Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles, float tile_mul = 1.f) {
   Packed pk;
-  const int64_t S = x.size(1), nblk = S / p.bs;  // q-side (Sq) or k-side (Sk) input
+  const bool indexed = p.tok != nullptr;
+  const int64_t S = indexed ? p.Sq : x.size(1), nblk = S / p.bs;  // q-side (Sq) or k-side (Sk) input
   pk.H = p.H;
   pk.nb = nblk;
   pk.tile_size = p.D * p.bs;
   const auto opts = x.options().dtype(at::kFloat);
   const bool want_rows = rows != kNoRows;
-  const bool copy_rows = rows == kRowsB || (want_rows && !std::is_same_v<T, float>);
+  const bool copy_rows = rows == kRowsB || (want_rows && (!std::is_same_v<T, float> || indexed));
   if (want_rows && !copy_rows) {
     pk.rows = reinterpret_cast<const float*>(x.data_ptr());
     pk.rb = x.stride(0);
@@ -182,7 +205,7 @@ Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles,
     pk.tiles = pk.tiles_t.data_ptr<float>();
   }
   if (!copy_rows && !want_tiles) return pk;
-  const Bshd<T> X(x);
+  const Bshd<T> X(x, p.tok);
   const int64_t bs = p.bs, D = p.D;
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     AVec<float> buf(bs * D);
@@ -190,7 +213,7 @@ Packed pack(const at::Tensor& x, const Problem& p, RowUse rows, bool want_tiles,
       const int64_t j = task % nblk, h = (task / nblk) % p.H, b = task / (nblk * p.H);
       float* t = want_tiles ? pk.tiles + ((b * p.H + h) * nblk + j) * D * bs : nullptr;
       if constexpr (std::is_same_v<T, float>) {
-        if (!copy_rows) {  // fp32 tiles straight from the strided input: one pass, no staging copy
+        if (!copy_rows && !indexed) {  // fp32 tiles straight from the strided input: one pass, no staging copy
           transpose32<true>(X.row(b, j * bs, h), X.ss, bs, D, tile_mul, t, bs);
           continue;
         }
@@ -216,7 +239,7 @@ enum Operand : int { kQ = 0, kDO = 1, kK = 2, kV = 3 };
 template <typename T, typename Ops>
 void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor& lse) {
   const int64_t bs = p.bs, D = p.D, nb = p.nq;
-  const Bshd<T> O(out);
+  const Bshd<T> O(out, p.tok);
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
   over_query_blocks(p, [&](int64_t begin, int64_t end) {
@@ -395,16 +418,35 @@ struct Bf16Products {
   const uint16_t* in[4];      // the inputs, by Operand
   int64_t sb[4], ss[4], sh[4];  // their strides (elements)
   const uint16_t *T[4] = {}, *I[4] = {};
-  at::Tensor buf;
+  at::Tensor buf, gathered;
   float qmul;
 
+  // With a token index (p.tok) the inputs' rows are not equally spaced, so the operands this mode reads
+  // in place as A (forward: Q; fused backward: K, V; two-pass: all four) get a gathered (B, H, Sf, D)
+  // copy (zeros at pad positions), written block by block inside the packing loop below, and the
+  // others are gathered one block at a time into per-thread staging that only the packing reads.
+  // Without an index none of this runs.
   Bf16Products(const Problem& p_, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& dout, Mode mode)
       : p(p_), qmul(p_.scale * kLog2e) {
     const at::Tensor* xs[4] = {&q, mode == kForward ? &q : &dout, &k, &v};
-    for (int x = 0; x < 4; ++x) {
-      in[x] = reinterpret_cast<const uint16_t*>(xs[x]->data_ptr());
-      sb[x] = xs[x]->stride(0), ss[x] = xs[x]->stride(1), sh[x] = xs[x]->stride(2);
+    const bool indexed = p.tok != nullptr;
+    const int64_t bs = p.bs, D = p.D, nb = std::max(p.nq, p.nk), H = p.H;
+    bool read_a[4] = {mode != kBackwardFused, mode == kBackwardTwoPass, mode != kForward, mode != kForward};
+    int64_t slot[4] = {-1, -1, -1, -1}, ng = 0;
+    for (int x = 0; x < 4; ++x)
+      if (read_a[x]) slot[x] = ng++;
+    if (indexed) {
+      gathered = at::empty({ng * p.B * H * p.Sq * D}, q.options());
+      for (int x = 0; x < 4; ++x) {
+        in[x] = reinterpret_cast<const uint16_t*>(gathered.data_ptr()) + std::max<int64_t>(slot[x], 0) * p.B * H * p.Sq * D;
+        sb[x] = H * p.Sq * D, ss[x] = D, sh[x] = p.Sq * D;
+      }
+    } else {
+      for (int x = 0; x < 4; ++x) {
+        in[x] = reinterpret_cast<const uint16_t*>(xs[x]->data_ptr());
+        sb[x] = xs[x]->stride(0), ss[x] = xs[x]->stride(1), sh[x] = xs[x]->stride(2);
+      }
     }
     // (operand, tiles?) pairs each mode reads
     std::vector<std::pair<Operand, bool>> want;
@@ -412,7 +454,6 @@ struct Bf16Products {
     if (mode != kForward) want = {{kQ, true}, {kDO, true}, {kQ, false}, {kDO, false}, {kK, false}};
     if (mode == kBackwardTwoPass) want.insert(want.end(), {{kK, true}, {kV, true}});
     // Q and dO have nq blocks, K and V nk: each operand's plane is (B, H, its blocks, bs * D)
-    const int64_t bs = p.bs, D = p.D, nb = std::max(p.nq, p.nk), H = p.H;
     std::vector<int64_t> start(want.size() + 1, 0);
     for (size_t w = 0; w < want.size(); ++w) start[w + 1] = start[w] + p.B * H * nblocks(want[w].first) * bs * D;
     buf = at::empty({start.back()}, q.options().dtype(at::kBFloat16));
@@ -420,16 +461,44 @@ struct Bf16Products {
     for (size_t w = 0; w < want.size(); ++w) (want[w].second ? T : I)[want[w].first] = base + start[w];
     const Bshd<at::BFloat16> src[4] = {Bshd<at::BFloat16>(q), Bshd<at::BFloat16>(*xs[kDO]), Bshd<at::BFloat16>(k),
                                        Bshd<at::BFloat16>(v)};
+    // indexed: the raster inputs through the index, and which operands the packing reads
+    const Bshd<at::BFloat16> raw[4] = {Bshd<at::BFloat16>(q, p.tok), Bshd<at::BFloat16>(*xs[kDO], p.tok),
+                                       Bshd<at::BFloat16>(k, p.tok), Bshd<at::BFloat16>(v, p.tok)};
+    bool packed_from[4] = {};
+    for (const auto& w : want) packed_from[w.first] = true;
     at::parallel_for(0, p.B * H * nb, 1, [&](int64_t begin, int64_t end) {
+      AVec<uint16_t> stage(indexed ? 4 * bs * D : 0);
+      const uint16_t* blk0[4] = {};  // indexed: block j of each operand, rows of D elements
       for (int64_t task = begin; task < end; ++task) {
         const int64_t j = task % nb, h = (task / nb) % H, b = task / (nb * H);
+        if (indexed) {  // gather block j of each operand read here (nq == nk with an index)
+          for (int x = 0; x < 4; ++x) {
+            if (!read_a[x] && !packed_from[x]) continue;
+            uint16_t* d0 = read_a[x] ? const_cast<uint16_t*>(rows(static_cast<Operand>(x), b, h, j * bs))
+                                     : stage.data() + x * bs * D;
+            blk0[x] = d0;
+            for (int64_t r = 0; r < bs; ++r) {
+              const at::BFloat16* s = raw[x].row(b, j * bs + r, h);
+              if (s == nullptr)
+                std::memset(static_cast<void*>(d0 + r * D), 0, D * sizeof(uint16_t));
+              else
+                std::memcpy(static_cast<void*>(d0 + r * D), s, D * sizeof(uint16_t));
+            }
+          }
+        }
         for (size_t w = 0; w < want.size(); ++w) {
           const Operand x = want[w].first;
           if (j >= nblocks(x)) continue;
           const Bshd<at::BFloat16>& X = src[x];
           uint16_t* dst = base + start[w] + blk(x, b, h, j);
           if (want[w].second) {
-            transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst, bs);
+            if (indexed)
+              transpose32<false>(blk0[x], D / 2, bs, D / 2, 1.f, dst, bs);
+            else
+              transpose32<false>(X.row(b, j * bs, h), X.ss / 2, bs, D / 2, 1.f, dst, bs);
+          } else if (indexed) {
+            for (int64_t t = 0; t < bs / 2; ++t)
+              interleave_rows(blk0[x] + 2 * t * D, blk0[x] + (2 * t + 1) * D, D, dst + 2 * t * D);
           } else {
             for (int64_t t = 0; t < bs / 2; ++t)
               interleave_rows(reinterpret_cast<const uint16_t*>(X.row(b, j * bs + 2 * t, h)),
@@ -572,7 +641,7 @@ void backward_with(const Problem& p, const at::Tensor& dout, const at::Tensor& q
   const int64_t bs = p.bs, D = p.D, nb = p.nq, S = p.Sq;
   const bool fused = use_fused_backward(p);
   const Prod prod(p, q, k, v, dout, fused ? kBackwardFused : kBackwardTwoPass);
-  const Bshd<T> O(out), dO(dout), dQ(dq), dK(dk), dV(dv);
+  const Bshd<T> O(out, p.tok), dO(dout, p.tok), dQ(dq, p.tok), dK(dk, p.tok), dV(dv, p.tok);
   // Per query row: lse in the log2 domain as hi + lo, and Delta = rowsum(dO * O).
   std::vector<float> lse2(p.B * p.H * S), lse2lo(p.B * p.H * S), delta(p.B * p.H * S);
   row_stats(p, O, dO, lse.data_ptr<float>(), lse2, lse2lo, delta);

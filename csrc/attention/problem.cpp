@@ -109,11 +109,21 @@ std::tuple<at::Tensor, at::Tensor> csr_transpose(const at::Tensor& ptr, const at
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kv_ptr,
                      const at::Tensor& kv_cols, int64_t block_size, double scale,
-                     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens) {
+                     const std::optional<at::Tensor>& token_valid, const std::optional<at::Tensor>& cu_seqlens,
+                     const std::optional<at::Tensor>& token_index) {
   Problem p;
   p.B = q.size(0);
   p.Sq = q.size(1);
   p.Sk = k.size(1);
+  p.Sr = p.Sq;
+  const bool has_index = token_index.has_value() && token_index->defined();
+  int64_t index_pads = 0;
+  if (has_index) {  // raster rows (Sr) read through the index: the kernels see Sf positions on both sides
+    KK_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+    p.tok = checked_token_index(*token_index, p.Sr, block_size, q.device(), "bsa");
+    p.Sq = p.Sk = token_index->numel();
+    index_pads = p.Sq - p.Sr;
+  }
   p.H = q.size(2);
   p.D = q.size(3);
   p.bs = block_size;
@@ -140,7 +150,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
   const bool has_tv = token_valid.has_value() && token_valid->defined();
   const bool has_cu = cu_seqlens.has_value() && cu_seqlens->defined();
-  p.per_element = has_tv || has_cu;
+  // pad positions of the index are pad keys: per-element tests, as with token_valid
+  p.per_element = has_tv || has_cu || index_pads > 0;
   const at::Tensor tv = has_tv ? token_valid->contiguous() : at::Tensor();
   if (has_tv) {
     KK_CHECK(tv.scalar_type() == at::kBool && tv.dim() == 2 && tv.size(1) == p.Sk &&
@@ -173,7 +184,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     const bool* v = has_tv ? tv.data_ptr<bool>() + b * p.Sk : nullptr;
     for (int64_t t = 0; t < p.Sk; ++t) {
       const int32_t c = kseg[t];
-      p.kcode[b * p.Sk + t] = (c < 0 || (v && !v[t])) ? -3 : c;
+      p.kcode[b * p.Sk + t] = (c < 0 || (v && !v[t]) || (p.tok && p.tok[t] < 0)) ? -3 : c;
     }
   }
   auto block_code = [&](const int32_t* codes, int64_t j) {
@@ -190,7 +201,37 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+const int64_t* checked_token_index(const at::Tensor& idx, int64_t Sr, int64_t block_size, const at::Device& device,
+                                   const char* op) {
+  KK_CHECK(idx.device() == device, op, ": token_index must be on q's device ", device, ", got ", idx.device());
+  KK_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous(), op,
+           ": token_index must be a contiguous int64 (Sf,) tensor, got ", idx.scalar_type(), " ", idx.sizes(),
+           idx.is_contiguous() ? "" : " (not contiguous)");
+  const int64_t Sf = idx.numel();
+  KK_CHECK(Sf % block_size == 0 && Sf >= Sr, op, ": token_index has ", Sf, " positions; expected a multiple of "
+           "block_size=", block_size, " holding every one of the ", Sr, " rows of q");
+  const int64_t* t = idx.data_ptr<int64_t>();
+  std::vector<int64_t> at_pos(Sr, -1);  // the position holding each row
+  int64_t rows = 0;
+  for (int64_t s = 0; s < Sf; ++s) {
+    const int64_t r = t[s];
+    if (r == -1) continue;
+    KK_CHECK(r >= 0 && r < Sr, op, ": token_index[", s, "]=", r, " is out of range; expected -1 (pad) or a row "
+             "in [0, ", Sr, ")");
+    KK_CHECK(at_pos[r] < 0, op, ": token_index holds row ", r, " twice (positions ", at_pos[r], " and ", s,
+             "); expected every row of q exactly once");
+    at_pos[r] = s;
+    ++rows;
+  }
+  if (rows != Sr) {
+    const int64_t missing = std::find(at_pos.begin(), at_pos.end(), int64_t{-1}) - at_pos.begin();
+    KK_CHECK(false, op, ": token_index misses row ", missing, " (", Sr - rows, " of the ", Sr,
+             " rows of q missing); expected every row exactly once");
+  }
+  return t;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool raster) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     KK_CHECK_CPU(*t);
     KK_CHECK_DIM(*t, 4);
@@ -199,6 +240,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   }
   KK_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3),
            "q must be (B, Sq, H, D) and k, v (B, Sk, H, D), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  KK_CHECK(!raster || k.size(1) == q.size(1), "with token_index (self-attention on raster rows) q, k, v must "
+           "have the same number of rows Sr, got q ", q.sizes(), " and k, v ", k.sizes());
 }
 
 void check_like_q(const at::Tensor& q, const at::Tensor& t, const char* name) {
