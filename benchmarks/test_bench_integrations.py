@@ -6,8 +6,8 @@ block, output layer) of small random models: width 256 (4 heads of 64), FFN 1024
 
 - ``sdpa``: the model as diffusers ships it (its processors, torch SDPA), the baseline;
 - ``nabla``: after ``kandinsky_kernels.integrations.diffusers.enable_nabla``, called plainly: raster
-  tokens gathered into fractal order and scattered back around every self-attention, NABLA mask and
-  block-sparse attention inside the timed call;
+  tokens read and written by the kernels through the fractal index (``order="raster"``), NABLA mask
+  and block-sparse attention inside the timed call;
 - ``nabla-fractal`` (Kandinsky 5 only): the same model called as its pipeline calls a NABLA model
   (``sparse_params``, tokens already in fractal order: no gather), same threshold and window.
 

@@ -93,7 +93,8 @@ grep -h '"notes"\|"issue_rows"' "$OUT/vae.log" | tail -n 8 | tee -a "$SUMMARY"
 # kernels' autotuning was covered above, so here they take the fixed tile (autotuning every dtype/head-dim/
 # flag key of test_bsa_triton.py would compile ~10 configs per key); the sm_90 AOT compile test is moot.
 LIMIT=$(( $(left) - 45 - OFFLOAD_S )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
-REST="tests/test_nabla.py tests/test_fractal.py tests/test_block_sparse_attention.py tests/test_bsa_triton.py"
+REST="tests/test_nabla.py tests/test_fractal.py tests/test_block_sparse_attention.py tests/test_bsa_triton.py \
+tests/test_token_index_triton.py tests/test_raster_order.py"
 for f in tests/test_*.py; do  # then every other test file, in name order
   case " $REST tests/test_bsa_triton_gpu.py " in *" $f "*) ;; *) REST="$REST $f" ;; esac
 done
