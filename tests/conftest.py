@@ -104,3 +104,15 @@ def triton_device() -> str:
     if not _triton.triton_runs_on(TRITON_DEVICE):
         pytest.skip(_triton.why_not(TRITON_DEVICE))
     return TRITON_DEVICE
+
+
+def backend_and_device(request, cpp_op: str) -> tuple[str, str]:
+    """For a fixture parametrized over backends ("reference", "cpu", "triton"): (backend name, device its
+    tensors live on), skipping with the reason where it cannot run (``cpp_op``: the compiled op the
+    ``cpu`` backend needs)."""
+    from kandinsky_kernels import _ext
+
+    name = request.param
+    if name == "cpu" and _ext.cpp_op(cpp_op) is None:
+        pytest.skip(f"compiled {cpp_op} not available ({_ext.EXT_ERROR})")
+    return name, (request.getfixturevalue("triton_device") if name == "triton" else "cpu")

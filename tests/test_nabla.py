@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_exact
+from conftest import HAS_CUDA, assert_exact, backend_and_device
 
 from kandinsky_kernels import BlockSparseMask, _ext, nabla_block_mask, sta_block_mask, use_backend
 from kandinsky_kernels.reference.nabla import (
@@ -33,11 +33,7 @@ AMBIGUOUS_REL = 1e-6  # relative gap below which the boundary pair of probabilit
 @pytest.fixture(params=["reference", "cpu", "triton"])
 def backend(request):
     """(backend name, device) for every backend that can run here."""
-    name = request.param
-    if name == "cpu" and _ext.cpp_op("nabla_block_mask") is None:
-        pytest.skip(f"compiled nabla_block_mask not available ({_ext.EXT_ERROR})")
-    device = request.getfixturevalue("triton_device") if name == "triton" else "cpu"
-    return name, device
+    return backend_and_device(request, "nabla_block_mask")
 
 
 def _run(backend, q, k, thr, sta=None, block_size=64, token_valid=None) -> BlockSparseMask:

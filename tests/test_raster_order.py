@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_exact
+from conftest import backend_and_device, assert_exact
 
 from kandinsky_kernels import (
     BlockSparseMask,
@@ -28,11 +28,7 @@ from kandinsky_kernels import (
 @pytest.fixture(params=["reference", "cpu", "triton"])
 def backend(request):
     """(backend name, device) for every backend that can run here."""
-    name = request.param
-    if name == "cpu" and _ext.cpp_op("bsa_fwd") is None:
-        pytest.skip(f"compiled kernels not available ({_ext.EXT_ERROR})")
-    device = request.getfixturevalue("triton_device") if name == "triton" else "cpu"
-    return name, device
+    return backend_and_device(request, "bsa_fwd")
 
 
 def _raster_qkv(b, grid, h, d, dtype=torch.float32, device="cpu"):
