@@ -88,7 +88,7 @@ struct Bf16Dot {
 template <class Dot, int R, int NV>
 void micro_kernel(int64_t nblk, int64_t kb, float alpha, const typename Dot::Elem* A, int64_t lda,
                   const typename Dot::Elem* const* Bblk, int64_t boff, int64_t ldb, bool accumulate, float* C,
-                  int64_t ldc) {
+                  int64_t ldc, float* rmax) {
   constexpr int W = Vec::W;
   typename Vec::V acc[R][NV];
 #pragma GCC unroll 8
@@ -117,18 +117,30 @@ void micro_kernel(int64_t nblk, int64_t kb, float alpha, const typename Dot::Ele
     for (int v = 0; v < NV; ++v) {
       float* c = C + r * ldc + W * v;
       const typename Vec::V x = alpha == 1.f ? acc[r][v] : Vec::mul(acc[r][v], va);
-      Vec::store(c, accumulate ? Vec::add(x, Vec::load(c)) : x);
+      acc[r][v] = accumulate ? Vec::add(x, Vec::load(c)) : x;
+      Vec::store(c, acc[r][v]);
     }
+  if (rmax) {  // rmax[r * W + lane] = max(itself, C's row r over the lanes' columns)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      typename Vec::V mx = Vec::load(rmax + r * W);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) mx = Vec::max(mx, acc[r][v]);
+      Vec::store(rmax + r * W, mx);
+    }
+  }
 }
 
 // C(MxN) = alpha * sum over blk of A[:, blk-th kb steps] @ Bblk[blk] (+ C), each Bblk[blk] kb x N
-// words with row stride ldb; A row-major (row stride lda elements), N a multiple of 16.
+// words with row stride ldb; A row-major (row stride lda elements), N a multiple of 16. With rmax
+// (M x Vec::W floats): rmax[m * W + w] = max(itself, C[m][n] over the columns n = w mod W), which saves the
+// forward's softmax a pass over its score rows for their maxima.
 template <class Dot>
 void gemm_blocks(int64_t M, int64_t N, int64_t nblk, int64_t kb, float alpha, const typename Dot::Elem* A,
                  int64_t lda, const typename Dot::Elem* const* Bblk, int64_t ldb, bool accumulate, float* C,
-                 int64_t ldc, const Prefetch* pf = nullptr) {
+                 int64_t ldc, const Prefetch* pf = nullptr, float* rmax = nullptr) {
   using Fn = void (*)(int64_t, int64_t, float, const typename Dot::Elem*, int64_t, const typename Dot::Elem* const*,
-                      int64_t, int64_t, bool, float*, int64_t);
+                      int64_t, int64_t, bool, float*, int64_t, float*);
 #if KK_VEC_BITS == 512
 #define KK_ROW(R) {micro_kernel<Dot, R, 1>, micro_kernel<Dot, R, 2>, micro_kernel<Dot, R, 3>, micro_kernel<Dot, R, 4>}
 #else
@@ -145,7 +157,7 @@ void gemm_blocks(int64_t M, int64_t N, int64_t nblk, int64_t kb, float alpha, co
       const int r = static_cast<int>(std::min<int64_t>(kMR, M - m0));
       cur.step(per);
       kMicro[r - 1][nv - 1](nblk, kb, alpha, A + m0 * lda, lda, Bblk, Dot::kWord * n0, ldb, accumulate,
-                            C + m0 * ldc + n0, ldc);
+                            C + m0 * ldc + n0, ldc, rmax ? rmax + m0 * Vec::W : nullptr);
     }
   }
 }
@@ -155,20 +167,21 @@ void gemm_blocks(int64_t M, int64_t N, int64_t nblk, int64_t kb, float alpha, co
 template <class Dot>
 void gemm_tiles(int64_t M, int64_t N, int64_t K, float alpha, const typename Dot::Elem* A, int64_t lda,
                 const typename Dot::Elem* B, int64_t ldb, bool accumulate, float* C, int64_t ldc,
-                const Prefetch* pf = nullptr) {
+                const Prefetch* pf = nullptr, float* rmax = nullptr) {
   // K in slices of 128 steps so a panel of B (<= 32 KiB) stays near L1 across the row tiles
   // (measured at D = 128 fp32: unsliced 4 % faster than slices of 64; D = 256 is sliced in two).
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
     const int64_t kc = std::min<int64_t>(128, K - k0);
     const typename Dot::Elem* Bk = B + Dot::kWord * k0 * ldb;
     gemm_blocks<Dot>(M, N, 1, kc, alpha, A + Dot::kA * k0, lda, &Bk, ldb, accumulate || k0 > 0, C, ldc,
-                     k0 == 0 ? pf : nullptr);
+                     k0 == 0 ? pf : nullptr, k0 + kc >= K ? rmax : nullptr);  // rmax: the final C
   }
 }
 
 inline void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                 int64_t ldb, bool accumulate, float* C, int64_t ldc, const Prefetch* pf = nullptr) {
-  gemm_tiles<Fp32Dot>(M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc, pf);
+                 int64_t ldb, bool accumulate, float* C, int64_t ldc, const Prefetch* pf = nullptr,
+                 float* rmax = nullptr) {
+  gemm_tiles<Fp32Dot>(M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc, pf, rmax);
 }
 
 // C(MxN) = alpha * A @ [Bblk[0]; Bblk[1]; ...] (+ C) for nblk row blocks of kb rows each (fp32).
@@ -183,7 +196,8 @@ inline void gemm_multi(int64_t M, int64_t N, int64_t nblk, int64_t kb, float alp
 // sum in fp32 made dQ at input scale 16 ~3.5x less accurate than torch (which uses FMAs), beyond the
 // tolerance policy; this path is the fallback for old or other CPUs, so accuracy comes before speed.
 inline void gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-                 int64_t ldb, bool accumulate, float* C, int64_t ldc, const Prefetch* = nullptr) {
+                 int64_t ldb, bool accumulate, float* C, int64_t ldc, const Prefetch* = nullptr,
+                 float* = nullptr) {  // no row maxima here (forward_loop does not ask on this path)
   thread_local std::vector<double> acc;
   acc.resize(N);
   for (int64_t m = 0; m < M; ++m) {

@@ -225,16 +225,25 @@ struct TakesPrefetch<Ops, std::void_t<decltype(&Ops::scores_pf)>> : std::true_ty
 // next task's first one after the last) and the V rows of block j, the P V product of a task's last
 // chunk the next task's query rows: the blocks of the next task are listed one task ahead for that.
 // Measured on the AVX2 path at S = 8192, H = 4, 10 %: the K^T tiles and V blocks otherwise come from
-// L3 and the products ran ~15-20 % below their rate on cached blocks.
+// L3 and the products ran ~15-20 % below their rate on cached blocks. Such a policy's scores also
+// leave each row's lane-wise maxima in rmax (vector paths), so a chunk without partial blocks takes
+// its row maxima from there instead of a pass over its score rows.
 template <typename T, typename Ops>
 void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor& lse) {
   constexpr bool kPf = TakesPrefetch<Ops>::value;
+#if KK_VEC_BITS
+  constexpr bool kMaxFused = kPf;
+  constexpr int64_t kW = Vec::W;
+#else
+  constexpr bool kMaxFused = false;
+  constexpr int64_t kW = 1;
+#endif
   const int64_t bs = p.bs, D = p.D, nb = p.nq;
   const Bshd<T> O(out);
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
   over_query_blocks(p, [&](int64_t begin, int64_t end) {
-    AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs);
+    AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs), rmax(kMaxFused ? bs * kW : 0);
     std::vector<int32_t> blocks, next_blocks;
     std::vector<int8_t> modes, next_modes;
     int64_t next_n = -1;  // next_blocks holds task + 1's list when >= 0
@@ -258,6 +267,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t nc = std::min(chunk, n - c0), cols = nc * bs;
+        bool partial = false;  // a masked tile: its maxima in rmax predate the mask
+        if constexpr (kMaxFused) std::fill(rmax.begin(), rmax.end(), -kInf);
         for (int64_t c = 0; c < nc; ++c) {
           if constexpr (kPf) {
             Prefetch pf;
@@ -266,17 +277,19 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
             else if (next_n > 0)
               ops.pf_tile(pf, kK, bn, hn, next_blocks[0]);
             ops.pf_rows(pf, kV, b, h, blocks[c0 + c] * bs);
-            ops.scores_pf(b, h, i, blocks[c0 + c], st.data() + c * bs, cols, pf);
+            ops.scores_pf(b, h, i, blocks[c0 + c], st.data() + c * bs, cols, pf, kMaxFused ? rmax.data() : nullptr);
           } else {
             ops.scores(b, h, i, blocks[c0 + c], st.data() + c * bs, cols);
           }
-          if (modes[c0 + c] == kPartial)
+          if (modes[c0 + c] == kPartial) {
+            partial = true;
             mask_tile(st.data() + c * bs, cols, bs, bs, p.qcode.data() + s0,
                       p.kcode_of(b) + blocks[c0 + c] * bs);
+          }
         }
         for (int64_t r = 0; r < bs; ++r) {
           float* sr = st.data() + r * cols;
-          const float mx = row_max(sr, cols, m[r]);
+          const float mx = kMaxFused && !partial ? row_max(rmax.data() + r * kW, kW, m[r]) : row_max(sr, cols, m[r]);
           if (mx == -kInf) {  // nothing visible yet: contribute zeros, keep the state
             std::fill(sr, sr + cols, 0.f);
             continue;
@@ -390,8 +403,11 @@ struct Fp32Products {
   }
 
   // The same products, bringing pf's ranges into L2 meanwhile (forward_loop).
-  void scores_pf(int64_t b, int64_t h, int64_t i, int64_t j, float* st, int64_t ld, const Prefetch& pf) const {
-    gemm(p.bs, p.bs, p.D, 1.f, X[kQ].row(b, h, i * p.bs), X[kQ].ld, X[kK].tile(b, h, j), p.bs, false, st, ld, &pf);
+  // rmax: see gemm_blocks (vector paths; nullptr on the baseline path)
+  void scores_pf(int64_t b, int64_t h, int64_t i, int64_t j, float* st, int64_t ld, const Prefetch& pf,
+                 float* rmax) const {
+    gemm(p.bs, p.bs, p.D, 1.f, X[kQ].row(b, h, i * p.bs), X[kQ].ld, X[kK].tile(b, h, j), p.bs, false, st, ld, &pf,
+         rmax);
   }
   void acc_rows_pf(Operand x, int64_t b, int64_t h, const int32_t* js, int64_t n, float alpha, const float* A,
                    int64_t lda, float* acc, const Prefetch& pf) const {
