@@ -57,6 +57,7 @@ struct Vec {
     for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = fmadd(p, f, set1(c));
     return _mm512_mask_mov_ps(_mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n)), nan, x);
   }
+  static V exp2_nonpos(V x) { return exp2(x); }
 };
 #elif KK_VEC_BITS == 256
 struct Vec {
@@ -101,6 +102,17 @@ struct Vec {
       p = fmadd(p, f, set1(c));
     return mul(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
   }
+  // exp2 for x <= 0 or NaN (x - the row max in the forward's softmax): no clamp at 128 needed.
+  static V exp2_nonpos(V x) {
+    const V shift = set1(12582912.f + 127.f);
+    const V xc = _mm256_max_ps(set1(-127.f), x);
+    const V t = add(xc, shift);
+    const V f = sub(xc, sub(t, shift));
+    V p = set1(1.5345811e-4f);
+    for (const float c : {1.3399931e-3f, 9.6184891e-3f, 5.5503286e-2f, 2.4022646e-1f, 6.9314718e-1f, 1.f})
+      p = fmadd(p, f, set1(c));
+    return mul(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  }
 };
 #endif
 
@@ -116,19 +128,28 @@ inline float row_max(const float* x, int64_t n, float init) {
   return mx;
 }
 
-// x = 2^(x - sub); returns the sum.
+// x = 2^(x - sub); returns the sum. sub >= every x (the row max of the forward's softmax), or NaN.
 inline float row_exp2_sum(float* x, int64_t n, float sub) {
   int64_t c = 0;
   float sum = 0.f;
 #if KK_VEC_BITS
-  const typename Vec::V vs = Vec::set1(sub);
-  typename Vec::V acc = Vec::zero();
-  for (; c + Vec::W <= n; c += Vec::W) {
-    const typename Vec::V e = Vec::exp2(Vec::sub(Vec::load(x + c), vs));
-    Vec::store(x + c, e);
-    acc = Vec::add(acc, e);
+  using V = typename Vec::V;
+  const V vs = Vec::set1(sub);
+  V acc0 = Vec::zero(), acc1 = Vec::zero();  // two sums: one add chain bounds the pass
+  for (; c + 2 * Vec::W <= n; c += 2 * Vec::W) {
+    const V e0 = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c), vs));
+    const V e1 = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c + Vec::W), vs));
+    Vec::store(x + c, e0);
+    Vec::store(x + c + Vec::W, e1);
+    acc0 = Vec::add(acc0, e0);
+    acc1 = Vec::add(acc1, e1);
   }
-  sum = Vec::hsum(acc);
+  for (; c + Vec::W <= n; c += Vec::W) {
+    const V e = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c), vs));
+    Vec::store(x + c, e);
+    acc0 = Vec::add(acc0, e);
+  }
+  sum = Vec::hsum(Vec::add(acc0, acc1));
 #endif
   for (; c < n; ++c) {
     x[c] = exp2f_fast(x[c] - sub);
