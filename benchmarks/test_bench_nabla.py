@@ -81,7 +81,7 @@ def test_nabla_block_mask(benchmark, case):
 # ~25 s of the default profile (at 8x32x32 unpadded the index measured 1.12x forward, 1.04x fwd+bwd).
 RASTER_GRIDS = by_profile(smoke=[(2, 9, 10)], quick=[(2, 30, 34)], default=[(8, 30, 34)])
 RASTER_HEADS = by_profile(smoke=2, quick=4, default=4)
-RASTER_ROUNDS = by_profile(smoke=1, quick=3, default=7)
+RASTER_ROUNDS = by_profile(smoke=1, quick=3, default=5)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
