@@ -25,8 +25,8 @@ def _drive(out: Path, keyword: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
-    a = _drive(base / "a", "fractal or nabla")
-    b = _drive(base / "b", "nabla")
+    a = _drive(base / "a", "fractal or nabla_block_mask")
+    b = _drive(base / "b", "nabla_block_mask")
     return (base / "a", a), (base / "b", b)
 
 
