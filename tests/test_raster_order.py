@@ -141,6 +141,22 @@ def test_token_index_lse_gradient_matches(backend):
         assert_exact(a, b, f"d{n}")
 
 
+def test_raster_index_cached_in_inference_mode_serves_training():
+    """The per-layout index is cached: one first built under inference_mode must still be savable for a
+    backward (an inference tensor is not)."""
+    from kandinsky_kernels.ops.nabla import _cached_token_index
+
+    _cached_token_index.cache_clear()
+    grid = (2, 9, 11)
+    q, k, v = _raster_qkv(1, grid, 2, 32)
+    with torch.inference_mode():
+        nabla_attention(q, k, v, 0.7, (1, 3, 3), grid=grid, order="raster")
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = nabla_attention(*x, 0.7, (1, 3, 3), grid=grid, order="raster")
+    out.sum().backward()
+    assert all(t.grad is not None for t in x)
+
+
 def test_raster_nabla_attention_compiles_without_graph_breaks():
     import torch._dynamo.testing
     from torch._dynamo.utils import counters

@@ -905,7 +905,9 @@ def _raster_token_index(layout: FractalLayout, device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _cached_token_index(layout: FractalLayout, device: torch.device) -> Tensor:
-    """One index per (layout, device), shared by the layers of a model and built valid (never checked)."""
-    index = layout.token_index(device)
+    """One index per (layout, device), shared by the layers of a model and built valid (never checked).
+    Built outside inference mode: an inference tensor could not be saved for a later backward."""
+    with torch.inference_mode(False):
+        index = layout.token_index(device)
     mark_token_index_checked(index, layout.t * layout.h * layout.w)
     return index
