@@ -35,6 +35,11 @@
 //   (16 rows x 16 steps) and a full B tile (16 steps x 16 words), tmm6 / tmm7 their half-K versions for
 //   the K tail; the 2 x 2 block reuses tmm4 / tmm5 (5 tile loads per 4 tdpbf16ps), measured as fast as
 //   two A plus two B registers (and the single configuration never needs reloading between shapes).
+//   Tried and not kept (paired runs of the forward at S = 8192, H = 4, D = 128, 10 %, one thread): the
+//   fp32 paths' L2 prefetch of the next K^T tile and the V blocks, spread over the K steps, made it
+//   16-45 % slower (at AMX speed the prefetches crowd the tile loads' line fill buffers; the hardware
+//   streamer already follows each contiguous tile), and the row maxima from the tiles' epilogue, without
+//   prefetch, 8-16 % slower. The same pairs with hot key blocks run ~20 % faster: that is the L3 cost.
 // Tile configuration: each call reads the thread's current one (sttilecfg, ~20 cycles, compared as one
 //   zmm) and runs ldtilecfg (~300 cycles; it also zeroes the tiles) only when it differs. sttilecfg
 //   reads zeros in the INIT state (never configured, or after tilerelease), so a foreign ldtilecfg or
