@@ -16,6 +16,8 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
   statistics, optionally writing the next causal conv's replicate-padded input directly.
 - :func:`causal_conv3d`, :func:`causal_pad3d`: causal Conv3d with the replicate time padding (and the
   VAE's nearest upsampling) done by index arithmetic; the conv itself on oneDNN / cuDNN.
+- :func:`scale_shift_layer_norm`, :func:`gated_residual`: the DiT's adaptive LayerNorm
+  ``LN(x) * (1 + scale) + shift`` and gated residual ``x + gate * out``, fp32 math, one write each.
 - :func:`tile_blend_`: the tiled VAE's linear-ramp overlap blend in one pass, in place.
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from kandinsky_kernels.ops.causal_conv3d import causal_pad3d as causal_pad3d
     from kandinsky_kernels.ops.fractal import FractalLayout as FractalLayout
     from kandinsky_kernels.ops.fractal import fractal_flatten as fractal_flatten
+    from kandinsky_kernels.ops.adaln import gated_residual as gated_residual
+    from kandinsky_kernels.ops.adaln import scale_shift_layer_norm as scale_shift_layer_norm
     from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
     from kandinsky_kernels.ops.group_norm_silu import group_norm as group_norm
     from kandinsky_kernels.ops.group_norm_silu import group_norm_silu as group_norm_silu
@@ -62,6 +66,8 @@ _EXPORTS = {
     "causal_conv3d": "kandinsky_kernels.ops.causal_conv3d",
     "causal_pad3d": "kandinsky_kernels.ops.causal_conv3d",
     "tile_blend_": "kandinsky_kernels.ops.tile_blend",
+    "scale_shift_layer_norm": "kandinsky_kernels.ops.adaln",
+    "gated_residual": "kandinsky_kernels.ops.adaln",
     "use_backend": "kandinsky_kernels.backends",
     "BackendUnavailableError": "kandinsky_kernels.backends",
 }
@@ -77,11 +83,13 @@ __all__ = [
     "causal_pad3d",
     "fractal_flatten",
     "fractal_unflatten",
+    "gated_residual",
     "group_norm",
     "group_norm_silu",
     "merge_attention",
     "nabla_attention",
     "nabla_block_mask",
+    "scale_shift_layer_norm",
     "sta_block_mask",
     "tile_blend_",
     "use_backend",

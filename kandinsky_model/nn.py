@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
+
 from .attention import AttentionContext, cross_attention, self_attention, text_attention
 from .rope import apply_rope
 
@@ -116,14 +118,15 @@ def _by_frame(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
 
 def scale_shift_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype.
-    x (B, S, D); shift, scale (B, 1, D), or per frame (B, T', 1, D)."""
-    h = F.layer_norm(_by_frame(x, shift).float(), (x.shape[-1],), eps=LN_EPS)
-    return torch.addcmul(shift, h, 1.0 + scale).to(x.dtype).view(x.shape)  # one pass instead of two
+    x (B, S, D); shift, scale (B, 1, D), or per frame (B, T', 1, D). One fused pass
+    (:func:`kandinsky_kernels.ops.adaln.scale_shift_layer_norm`; the torch reference under autograd)."""
+    return scale_shift_layer_norm(_by_frame(x, shift), shift, scale, LN_EPS).view(x.shape)
 
 
 def gate_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Gated residual ``x + gate * out`` in fp32, cast to x.dtype; gate as ``shift`` above."""
-    return torch.addcmul(_by_frame(x, gate).float(), gate, _by_frame(out, gate).float()).to(x.dtype).view(x.shape)
+    """Gated residual ``x + gate * out`` in fp32, cast to x.dtype; gate as ``shift`` above. One fused
+    pass (:func:`kandinsky_kernels.ops.adaln.gated_residual`)."""
+    return gated_residual(_by_frame(x, gate), _by_frame(out, gate), gate).view(x.shape)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,233 @@
+// CPU kernels of the DiT's adaptive LayerNorm "fp32 islands" (kandinsky_model/nn.py scale_shift_norm and
+// gate_sum), one read of each input and one write of the output instead of several full fp32 copies.
+//
+// scale_shift_layer_norm: x (N, R, D) with shift, scale (N, D) (the modulation of the R rows of group n):
+//   y = LN(x) * (1 + scale) + shift, non-affine LayerNorm over D, all in fp32, one write in x's dtype.
+//   Per row: the row is widened once into an fp32 buffer (L1-resident), then two passes over it for the
+//   statistics: the mean from fp32 lanes of (x - x[0]) summed in double; the variance from fp32 lanes of
+//   d^2, d = (x - mean_hi) - mean_lo, where mean_hi + mean_lo is the double mean split into two floats
+//   (so a large common offset neither cancels the variance nor leaks its rounding into d), summed in
+//   double; rstd = 1 / sqrt(var + eps) in double. A third pass writes d * rstd * (1 + scale) + shift.
+//   (1 + scale) is formed in scale's dtype, as the reference's `1.0 + scale` does.
+// gated_residual: y = x + gate * out in fp32 per element, one write in x's dtype (gate (N, D), fp32).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "registration.h"
+
+namespace {
+
+// Work below this many elements runs on the calling thread (see vae.cpp: a parallel region on a loaded
+// host costs up to a scheduler slice). grain_for(elements per row): rows per task reaching that size.
+constexpr int64_t kSerialElems = 1 << 16;
+inline int64_t grain_for(int64_t per_row) { return std::max<int64_t>(1, kSerialElems / std::max<int64_t>(per_row, 1)); }
+
+// fp32 reductions with GCC vector types (no -ffast-math: a plain reduction loop would stay scalar).
+typedef float v8f __attribute__((vector_size(32)));
+
+// Sum of (x[i] - pivot) over n floats, fp32 lanes, returned in double.
+KK_CLONES double shifted_sum(const float* x, int64_t n, float pivot) {
+  v8f s0 = {}, s1 = {};
+  const v8f pv = v8f{} + pivot;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    s0 += a - pv;
+    s1 += b - pv;
+  }
+  double s = 0.0;
+  for (; i < n; ++i) s += static_cast<double>(x[i] - pivot);
+  for (int j = 0; j < 8; ++j) s += static_cast<double>(s0[j]) + static_cast<double>(s1[j]);
+  return s;
+}
+
+// Sum of ((x[i] - hi) - lo)^2 over n floats, fp32 lanes, returned in double.
+KK_CLONES double centered_sq_sum(const float* x, int64_t n, float hi, float lo) {
+  v8f q0 = {}, q1 = {};
+  const v8f h = v8f{} + hi, l = v8f{} + lo;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof(a));
+    std::memcpy(&b, x + i + 8, sizeof(b));
+    a = (a - h) - l;
+    b = (b - h) - l;
+    q0 += a * a;
+    q1 += b * b;
+  }
+  double q = 0.0;
+  for (; i < n; ++i) {
+    const float d = (x[i] - hi) - lo;
+    q += static_cast<double>(d * d);
+  }
+  for (int j = 0; j < 8; ++j) q += static_cast<double>(q0[j]) + static_cast<double>(q1[j]);
+  return q;
+}
+
+// y = ((x - hi) - lo) * rstd * s1 + shift
+KK_CLONES void norm_modulate_row(const float* x, int64_t n, float hi, float lo, float rstd, const float* s1,
+                                 const float* shift, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = (((x[i] - hi) - lo) * rstd) * s1[i] + shift[i];
+}
+
+// y = x + g * o
+KK_CLONES void gated_row(const float* x, const float* o, const float* g, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] + g[i] * o[i];
+}
+
+// bf16 <-> fp32 on the bits so that the loops vectorise (as in vae.cpp): widening is a shift; narrowing
+// rounds to nearest even and maps NaN to 0x7FC0, as c10 does.
+KK_CLONES void bf16_to_f32(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+KK_CLONES void f32_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
+template <typename T>
+inline void load_f32(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(src), n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+template <typename T>
+inline void store_from_f32(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    f32_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+template <typename E>
+void scale_shift_ln_kernel(const E* xp, const float* shift, const float* s1, int64_t N, int64_t R, int64_t D,
+                           double eps, E* yp) {
+  constexpr bool kF32 = std::is_same<E, float>::value;
+  at::parallel_for(0, N * R, grain_for(D), [&](int64_t begin, int64_t end) {
+    std::vector<float> in(kF32 ? 0 : D), out(kF32 ? 0 : D);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / R;
+      const float* f;
+      if constexpr (kF32) {
+        f = xp + row * D;
+      } else {
+        load_f32(xp + row * D, D, in.data());
+        f = in.data();
+      }
+      const float pivot = f[0];
+      const double mean = pivot + shifted_sum(f, D, pivot) / D;
+      const float hi = static_cast<float>(mean);
+      const float lo = static_cast<float>(mean - hi);
+      const double var = centered_sq_sum(f, D, hi, lo) / D;
+      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      float* dst = kF32 ? reinterpret_cast<float*>(yp + row * D) : out.data();
+      norm_modulate_row(f, D, hi, lo, rstd, s1 + n * D, shift + n * D, dst);
+      if constexpr (!kF32) store_from_f32(out.data(), D, yp + row * D);
+    }
+  });
+}
+
+template <typename E>
+void gated_residual_kernel(const E* xp, const E* op, const float* gate, int64_t N, int64_t R, int64_t D, E* yp) {
+  constexpr bool kF32 = std::is_same<E, float>::value;
+  at::parallel_for(0, N * R, grain_for(D), [&](int64_t begin, int64_t end) {
+    std::vector<float> xb(kF32 ? 0 : D), ob(kF32 ? 0 : D), yb(kF32 ? 0 : D);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* g = gate + (row / R) * D;
+      if constexpr (kF32) {
+        gated_row(xp + row * D, op + row * D, g, D, yp + row * D);
+      } else {
+        load_f32(xp + row * D, D, xb.data());
+        load_f32(op + row * D, D, ob.data());
+        gated_row(xb.data(), ob.data(), g, D, yb.data());
+        store_from_f32(yb.data(), D, yp + row * D);
+      }
+    }
+  });
+}
+
+void check_x(const at::Tensor& x) {
+  KK_CHECK_CPU(x);
+  KK_CHECK(x.dim() >= 2, "x must be (..., R, D), got shape ", x.sizes());
+  KK_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+           "x must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+// A modulation (..., 1, D) with x's leading dims, as a contiguous fp32 (N, D) tensor.
+at::Tensor mod_f32(const char* name, const at::Tensor& m, const at::Tensor& x) {
+  KK_CHECK_CPU(m);
+  std::vector<int64_t> want = x.sizes().vec();
+  want[want.size() - 2] = 1;
+  KK_CHECK(m.sizes().vec() == want, name, " must have shape ", at::IntArrayRef(want), " (x's leading dims, 1, D), got ",
+           m.sizes());
+  KK_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == x.scalar_type(), name,
+           " must be float32 or x's dtype, got ", m.scalar_type());
+  return m.to(at::kFloat).contiguous();
+}
+
+at::Tensor scale_shift_layer_norm_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                                      double eps) {
+  check_x(x);
+  KK_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  const at::Tensor sh = mod_f32("shift", shift, x);
+  mod_f32("scale", scale, x);
+  const at::Tensor s1 = (scale + 1).to(at::kFloat).contiguous();  // 1 + scale in scale's dtype, as the reference
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), xc.options());
+  if (xc.numel() == 0) return y;
+  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "scale_shift_layer_norm", [&] {
+    scale_shift_ln_kernel<scalar_t>(xc.data_ptr<scalar_t>(), sh.data_ptr<float>(), s1.data_ptr<float>(), N, R, D,
+                                    eps, y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& gate) {
+  check_x(x);
+  KK_CHECK_CPU(out);
+  KK_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "out must match x ", x.sizes(), " ",
+           x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
+  const at::Tensor g = mod_f32("gate", gate, x);
+  const at::Tensor xc = x.contiguous(), oc = out.contiguous();
+  at::Tensor y = at::empty(x.sizes(), xc.options());
+  if (xc.numel() == 0) return y;
+  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "gated_residual", [&] {
+    gated_residual_kernel<scalar_t>(xc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(), g.data_ptr<float>(), N, R, D,
+                                    y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
+  m.def("scale_shift_layer_norm(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor");
+  m.def("gated_residual(Tensor x, Tensor out, Tensor gate) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) {
+  m.impl("scale_shift_layer_norm", &scale_shift_layer_norm_cpu);
+  m.impl("gated_residual", &gated_residual_cpu);
+}
