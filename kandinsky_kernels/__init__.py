@@ -17,6 +17,7 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
 - :func:`causal_conv3d`, :func:`causal_pad3d`: causal Conv3d with the replicate time padding (and the
   VAE's nearest upsampling) done by index arithmetic; the conv itself on oneDNN / cuDNN.
 - :func:`tile_blend_`: the tiled VAE's linear-ramp overlap blend in one pass, in place.
+- :func:`rms_norm_rope`: the attention's per-head q/k RMSNorm + rotary embedding in fp32, one pass.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
     from kandinsky_kernels.ops.group_norm_silu import group_norm as group_norm
     from kandinsky_kernels.ops.group_norm_silu import group_norm_silu as group_norm_silu
+    from kandinsky_kernels.ops.qk_norm import rms_norm_rope as rms_norm_rope
     from kandinsky_kernels.ops.nabla import nabla_attention as nabla_attention
     from kandinsky_kernels.ops.nabla import nabla_block_mask as nabla_block_mask
     from kandinsky_kernels.ops.sta import sta_block_mask as sta_block_mask
@@ -59,6 +61,7 @@ _EXPORTS = {
     "merge_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "group_norm_silu": "kandinsky_kernels.ops.group_norm_silu",
     "group_norm": "kandinsky_kernels.ops.group_norm_silu",
+    "rms_norm_rope": "kandinsky_kernels.ops.qk_norm",
     "causal_conv3d": "kandinsky_kernels.ops.causal_conv3d",
     "causal_pad3d": "kandinsky_kernels.ops.causal_conv3d",
     "tile_blend_": "kandinsky_kernels.ops.tile_blend",
@@ -82,6 +85,7 @@ __all__ = [
     "merge_attention",
     "nabla_attention",
     "nabla_block_mask",
+    "rms_norm_rope",
     "sta_block_mask",
     "tile_blend_",
     "use_backend",
