@@ -19,6 +19,7 @@ C++ CPU kernels, chosen by :mod:`kandinsky_kernels.backends`):
 - :func:`scale_shift_layer_norm`, :func:`gated_residual`: the DiT's adaptive LayerNorm
   ``LN(x) * (1 + scale) + shift`` and gated residual ``x + gate * out``, fp32 math, one write each.
 - :func:`tile_blend_`: the tiled VAE's linear-ramp overlap blend in one pass, in place.
+- :func:`rms_norm_rope`: the attention's per-head q/k RMSNorm + rotary embedding in fp32, one pass.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from kandinsky_kernels.ops.fractal import fractal_unflatten as fractal_unflatten
     from kandinsky_kernels.ops.group_norm_silu import group_norm as group_norm
     from kandinsky_kernels.ops.group_norm_silu import group_norm_silu as group_norm_silu
+    from kandinsky_kernels.ops.qk_norm import rms_norm_rope as rms_norm_rope
     from kandinsky_kernels.ops.nabla import nabla_attention as nabla_attention
     from kandinsky_kernels.ops.nabla import nabla_block_mask as nabla_block_mask
     from kandinsky_kernels.ops.sta import sta_block_mask as sta_block_mask
@@ -63,6 +65,7 @@ _EXPORTS = {
     "merge_attention": "kandinsky_kernels.ops.block_sparse_attention",
     "group_norm_silu": "kandinsky_kernels.ops.group_norm_silu",
     "group_norm": "kandinsky_kernels.ops.group_norm_silu",
+    "rms_norm_rope": "kandinsky_kernels.ops.qk_norm",
     "causal_conv3d": "kandinsky_kernels.ops.causal_conv3d",
     "causal_pad3d": "kandinsky_kernels.ops.causal_conv3d",
     "tile_blend_": "kandinsky_kernels.ops.tile_blend",
@@ -89,6 +92,7 @@ __all__ = [
     "merge_attention",
     "nabla_attention",
     "nabla_block_mask",
+    "rms_norm_rope",
     "scale_shift_layer_norm",
     "sta_block_mask",
     "tile_blend_",

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
+from kandinsky_kernels.ops.qk_norm import rms_norm_rope
 
 from .attention import AttentionContext, cross_attention, self_attention, text_attention
-from .rope import apply_rope
 
 LN_EPS = 1e-5
 
@@ -141,6 +141,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
+    def norm_rope(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype):
+        """``apply_rope(self(x), *rope).to(dtype)`` (no rotation for ``rope=None``) in one pass
+        (kandinsky_kernels.rms_norm_rope): x (B, S, H, Dh), rope (cos, sin) (1|B, S, 1, Dh/2)."""
+        cos, sin = rope if rope is not None else (None, None)
+        return rms_norm_rope(x, self.weight, cos, sin, self.eps).to(dtype)
+
 
 class _Attention(nn.Module):
     """q, k, v projections (with bias), per-head fp32 RMSNorm on q and k, output projection."""
@@ -163,9 +169,8 @@ class SelfAttention(_Attention):
     """Self-attention with RoPE: x (B, S, D), rope (cos, sin) fp32 (1|B, S, 1, Dh/2) -> (B, S, D)."""
 
     def forward(self, x, rope, ctx: AttentionContext, text: bool = False):
-        cos, sin = rope
-        q = apply_rope(self.query_norm(self._heads(self.to_query(x))), cos, sin).to(x.dtype)
-        k = apply_rope(self.key_norm(self._heads(self.to_key(x))), cos, sin).to(x.dtype)
+        q = self.query_norm.norm_rope(self._heads(self.to_query(x)), rope, x.dtype)
+        k = self.key_norm.norm_rope(self._heads(self.to_key(x)), rope, x.dtype)
         v = self._heads(self.to_value(x))
         out = text_attention(q, k, v, ctx) if text else self_attention(q, k, v, ctx)
         return self.out_layer(out.flatten(-2))
@@ -176,8 +181,8 @@ class CrossAttention(_Attention):
     q and k RMSNorm-ed, no RoPE."""
 
     def forward(self, x, text, ctx: AttentionContext):
-        q = self.query_norm(self._heads(self.to_query(x))).to(x.dtype)
-        k = self.key_norm(self._heads(self.to_key(text))).to(x.dtype)
+        q = self.query_norm.norm_rope(self._heads(self.to_query(x)), None, x.dtype)
+        k = self.key_norm.norm_rope(self._heads(self.to_key(text)), None, x.dtype)
         v = self._heads(self.to_value(text))
         return self.out_layer(cross_attention(q, k, v, ctx).flatten(-2))
 

@@ -402,7 +402,7 @@ _PUBLIC_MODULES = ("kandinsky_kernels.mask", "kandinsky_kernels.backends", "kand
                    "kandinsky_kernels.ops.nabla", "kandinsky_kernels.ops.sta",
                    "kandinsky_kernels.ops.block_sparse_attention", "kandinsky_kernels.ops.group_norm_silu",
                    "kandinsky_kernels.ops.causal_conv3d", "kandinsky_kernels.ops.tile_blend",
-                   "kandinsky_kernels.ops.adaln")
+                   "kandinsky_kernels.ops.adaln", "kandinsky_kernels.ops.qk_norm")
 
 
 def test_package_ships_py_typed():
