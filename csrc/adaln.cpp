@@ -85,39 +85,7 @@ KK_CLONES void gated_row(const float* x, const float* o, const float* g, int64_t
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] + g[i] * o[i];
 }
 
-// bf16 <-> fp32 on the bits so that the loops vectorise (as in vae.cpp): widening is a shift; narrowing
-// rounds to nearest even and maps NaN to 0x7FC0, as c10 does.
-KK_CLONES void bf16_to_f32(const uint16_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &u, sizeof(u));
-  }
-}
-KK_CLONES void f32_to_bf16(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    dst[i] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
-}
-
-template <typename T>
-inline void load_f32(const T* src, int64_t n, float* dst) {
-  if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    bf16_to_f32(reinterpret_cast<const uint16_t*>(src), n, dst);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  }
-}
-template <typename T>
-inline void store_from_f32(const float* src, int64_t n, T* dst) {
-  if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    f32_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  }
-}
+#include "f32_rows.h"  // inside the anonymous namespace: this file's own clones
 
 template <typename E>
 void scale_shift_ln_kernel(const E* xp, const float* shift, const float* s1, int64_t N, int64_t R, int64_t D,

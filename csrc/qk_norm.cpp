@@ -8,11 +8,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "registration.h"
 
 namespace {
+
+#include "f32_rows.h"  // inside the anonymous namespace: this file's own clones
 
 // One row in fp32: out = v * rsqrt(mean(v^2) + eps) * w, then (with c) each pair rotated by (c[j], s[j]).
 KK_CLONES void norm_rope_row(const float* v, const float* w, const float* c, const float* s, int64_t Dh, float eps,
@@ -42,7 +47,7 @@ void rows_kernel(const T* x, const float* w, const float* cs, const float* sn, i
   const int64_t half = Dh / 2;
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * Dh;
-    for (int64_t d = 0; d < Dh; ++d) v[d] = static_cast<float>(xr[d]);
+    load_f32(xr, Dh, v.data());
     const float *c = nullptr, *si = nullptr;
     if (cs != nullptr) {
       const int64_t s = (r / H) % S, b = r / (S * H);
@@ -50,8 +55,7 @@ void rows_kernel(const T* x, const float* w, const float* cs, const float* sn, i
       si = sn + ((b % cos_b) * S + s) * half;
     }
     norm_rope_row(v.data(), w, c, si, Dh, eps, o.data());
-    T* yr = y + r * Dh;
-    for (int64_t d = 0; d < Dh; ++d) yr[d] = static_cast<T>(o[d]);
+    store_from_f32(o.data(), Dh, y + r * Dh);
   }
 }
 
