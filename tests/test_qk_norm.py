@@ -150,6 +150,8 @@ def test_compile_fullgraph():
      r"cos must be \(1 or 2, 3, 1, 4\)"),
     (lambda: (torch.randn(1, 3, 2, 8), torch.rand(8), torch.rand(1, 3, 1, 8), torch.rand(1, 3, 1, 8)),
      r"cos must be \(1 or 1, 3, 1, 4\)"),
+    (lambda: (torch.randn(1, 3, 2, 8), torch.rand(8), torch.rand(1, 3, 1, 4, device="meta"),
+              torch.rand(1, 3, 1, 4, device="meta")), "one device"),
 ])
 def test_errors(args, match):
     with pytest.raises(ValueError, match=match):

@@ -21,7 +21,7 @@ import torch
 
 from kandinsky_kernels._ext import cpp_op
 from kandinsky_kernels._triton import HAS_TRITON, tl, triton
-from kandinsky_kernels._validation import check_tensor
+from kandinsky_kernels._validation import check_finite_number, check_same_device, check_tensor
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.ops._eager import eager
 from kandinsky_kernels.reference.qk_norm import rms_norm_rope_ref
@@ -125,9 +125,9 @@ def _check(x, weight, cos, sin, eps) -> None:
     check_tensor("x", x, ndim=4, dtypes=_DTYPES)
     b, s, _, dh = x.shape
     check_tensor("weight", weight, ndim=1, dtypes=_DTYPES)
-    if weight.shape[0] != dh or weight.device != x.device:
-        raise ValueError(f"weight must be ({dh},) on {x.device} (the head dim of x (B, S, H, Dh) = "
-                         f"{tuple(x.shape)}), got {tuple(weight.shape)} on {weight.device}")
+    if weight.shape[0] != dh:
+        raise ValueError(f"weight must be ({dh},) (the head dim of x (B, S, H, Dh) = {tuple(x.shape)}), "
+                         f"got {tuple(weight.shape)}")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together (both None: no rotation)")
     if cos is not None:
@@ -135,13 +135,14 @@ def _check(x, weight, cos, sin, eps) -> None:
             raise ValueError(f"the rotation pairs adjacent elements, so the head dim must be even, got Dh={dh}")
         for name, t in (("cos", cos), ("sin", sin)):
             check_tensor(name, t, ndim=4, dtypes=_DTYPES)
-            if t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (s, 1, dh // 2) or t.device != x.device:
-                raise ValueError(f"{name} must be (1 or {b}, {s}, 1, {dh // 2}) on {x.device} for x (B, S, H, Dh) = "
-                                 f"{tuple(x.shape)}, got {tuple(t.shape)} on {t.device}")
+            if t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (s, 1, dh // 2):
+                raise ValueError(f"{name} must be (1 or {b}, {s}, 1, {dh // 2}) for x (B, S, H, Dh) = "
+                                 f"{tuple(x.shape)}, got {tuple(t.shape)}")
         if cos.shape != sin.shape:
             raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    check_same_device(x=x, weight=weight, cos=cos, sin=sin)
+    if check_finite_number("eps", eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
 
 
 def rms_norm_rope(
