@@ -32,8 +32,8 @@ from benchmarks._util import Provider, by_profile, run_case, skip_cpu_suite_in_g
 skip_cpu_suite_in_gpu_profile()
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = by_profile(smoke=3, quick=6, default=12)
-ROUNDS = by_profile(smoke=1, quick=1, default=2)  # ~14 s a run: 3 rounds cost 40 s of make bench
+STEPS = by_profile(smoke=3, quick=6, default=8)
+ROUNDS = by_profile(smoke=1, quick=1, default=2)  # ~14 s a run (8 steps: ~8 s of it start-up): 3 rounds cost 40 s
 TIMEOUT_S = 300
 
 
