@@ -108,6 +108,38 @@ inline void to_bf16(const float* x, int64_t n, uint16_t* y) {
   for (; c < n; ++c) y[c] = c10::BFloat16(x[c]).x;
 }
 
+// row_exp2_sum (simd.h) for the bf16 products: y = bf16(2^(x - sub)) rounded as to_bf16, the fp32 sum of
+// the unrounded values returned (the same sum, in the same order, as row_exp2_sum). P goes straight into
+// the bf16 A operand of P V instead of an fp32 row that to_bf16 reads back: measured on the AMX path
+// (S = 8192, H = 4, D = 64, 10 %) that conversion pass was ~15 % of the forward loop's own time.
+inline float row_exp2_sum_bf16(const float* x, int64_t n, float sub, uint16_t* y) {
+  static_assert(Vec::W == 16, "the bf16 products run on AVX-512 vectors");
+  using V = typename Vec::V;
+  int64_t c = 0;
+  const V vs = Vec::set1(sub);
+  V acc0 = Vec::zero(), acc1 = Vec::zero();
+  for (; c + 2 * Vec::W <= n; c += 2 * Vec::W) {
+    const V e0 = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c), vs));
+    const V e1 = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c + Vec::W), vs));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c), (__m256i)_mm512_cvtneps_pbh(e0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c + Vec::W), (__m256i)_mm512_cvtneps_pbh(e1));
+    acc0 = Vec::add(acc0, e0);
+    acc1 = Vec::add(acc1, e1);
+  }
+  for (; c + Vec::W <= n; c += Vec::W) {
+    const V e = Vec::exp2_nonpos(Vec::sub(Vec::load(x + c), vs));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c), (__m256i)_mm512_cvtneps_pbh(e));
+    acc0 = Vec::add(acc0, e);
+  }
+  float sum = Vec::hsum(Vec::add(acc0, acc1));
+  for (; c < n; ++c) {
+    const float e = exp2f_fast(x[c] - sub);
+    y[c] = c10::BFloat16(e).x;
+    sum += e;
+  }
+  return sum;
+}
+
 // dst (2n bf16) = r0[0], r1[0], r0[1], r1[1], ...: two rows of V as one row of pair words.
 inline void interleave_rows(const uint16_t* r0, const uint16_t* r1, int64_t n, uint16_t* dst) {
   alignas(64) int16_t idx_arr[32];
@@ -238,6 +270,13 @@ struct TakesPrefetch : std::false_type {};
 template <class Ops>
 struct TakesPrefetch<Ops, std::void_t<decltype(&Ops::scores_pf)>> : std::true_type {};
 
+// Whether a product policy multiplies P in bf16 (Bf16Products): the forward's exp pass then writes P as
+// bf16 (ops.exp2_sum_bf16, i.e. row_exp2_sum_bf16) and hands it to acc_rows_bf16, with no fp32 copy of P converted afterwards.
+template <class Ops, class = void>
+struct TakesBf16P : std::false_type {};
+template <class Ops>
+struct TakesBf16P<Ops, std::void_t<decltype(&Ops::acc_rows_bf16)>> : std::true_type {};
+
 // The forward's walk over (b, h, query block) with an online softmax over chunks of active key
 // blocks. The two products come from the product policy `ops`:
 //   ops.scores(b, h, i, j, st, ld): st (bs x bs, row stride ld) = scores of query block i against key
@@ -254,6 +293,7 @@ struct TakesPrefetch<Ops, std::void_t<decltype(&Ops::scores_pf)>> : std::true_ty
 template <typename T, typename Ops>
 void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor& lse) {
   constexpr bool kPf = TakesPrefetch<Ops>::value;
+  constexpr bool kP16 = TakesBf16P<Ops>::value;
 #if KK_VEC_BITS
   constexpr bool kMaxFused = kPf;
   constexpr int64_t kW = Vec::W;
@@ -267,6 +307,7 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
   const int64_t chunk = chunk_blocks(bs);
   over_query_blocks(p, [&](int64_t begin, int64_t end) {
     AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs), rmax(kMaxFused ? bs * kW : 0);
+    AVec<uint16_t> p16(kP16 ? bs * chunk * bs : 0);
     std::vector<int32_t> blocks, next_blocks;
     std::vector<int8_t> modes, next_modes;
     int64_t next_n = -1;  // next_blocks holds task + 1's list when >= 0
@@ -314,11 +355,18 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
           float* sr = st.data() + r * cols;
           const float mx = kMaxFused && !partial ? row_max(rmax.data() + r * kW, kW, m[r]) : row_max(sr, cols, m[r]);
           if (mx == -kInf) {  // nothing visible yet: contribute zeros, keep the state
-            std::fill(sr, sr + cols, 0.f);
+            if constexpr (kP16)
+              std::fill(p16.data() + r * cols, p16.data() + (r + 1) * cols, uint16_t(0));
+            else
+              std::fill(sr, sr + cols, 0.f);
             continue;
           }
           const float alpha = exp2f_fast(m[r] - mx);
-          const float sum = row_exp2_sum(sr, cols, mx);
+          float sum;
+          if constexpr (kP16)
+            sum = ops.exp2_sum_bf16(sr, cols, mx, p16.data() + r * cols);
+          else
+            sum = row_exp2_sum(sr, cols, mx);
           if (alpha != 1.f) {
             float* ar = acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
@@ -330,6 +378,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
           Prefetch pf;
           if (c0 + chunk >= n && next_n >= 0) ops.pf_rows(pf, kQ, bn, hn, in * bs);
           ops.acc_rows_pf(kV, b, h, blocks.data() + c0, nc, 1.f, st.data(), cols, acc.data(), pf);
+        } else if constexpr (kP16) {
+          ops.acc_rows_bf16(kV, b, h, blocks.data() + c0, nc, 1.f, p16.data(), cols, acc.data());
         } else {
           ops.acc_rows(kV, b, h, blocks.data() + c0, nc, 1.f, st.data(), cols, acc.data());
         }
@@ -605,9 +655,17 @@ struct Bf16Products {
     thread_local AVec<uint16_t> a16;
     a16.resize(p.bs * lda);
     for (int64_t r = 0; r < p.bs; ++r) to_bf16(A + r * lda, n * p.bs, a16.data() + r * lda);
+    acc_rows_bf16(x, b, h, js, n, alpha, a16.data(), lda, acc);
+  }
+  static float exp2_sum_bf16(const float* x, int64_t n, float sub, uint16_t* y) {
+    return row_exp2_sum_bf16(x, n, sub, y);
+  }
+  // acc_rows with A already in bf16 (the forward's P, see TakesBf16P).
+  void acc_rows_bf16(Operand x, int64_t b, int64_t h, const int32_t* js, int64_t n, float alpha, const uint16_t* A16,
+                     int64_t lda, float* acc) const {
     const uint16_t* rws[kMaxChunk];
     for (int64_t c = 0; c < n; ++c) rws[c] = I[x] + blk(x, b, h, js[c]);
-    Engine::blocks(p.bs, p.D, n, p.bs / 2, alpha, a16.data(), lda, rws, p.D, true, acc, p.D);
+    Engine::blocks(p.bs, p.D, n, p.bs / 2, alpha, A16, lda, rws, p.D, true, acc, p.D);
   }
 
   struct KeyScratch {};
