@@ -44,7 +44,8 @@ def _one_side(side: str, reps: int) -> dict[str, float]:
     dq = torch.randn(1, 8192, 28, 64).bfloat16()
     eps = torch.finfo(torch.float32).eps
     cases = {
-        "scale_shift_layer_norm": lambda: torch.autograd.grad(ln(x, mods[0], mods[1], 1e-5), (x, mods[0], mods[1]), dy),
+        "scale_shift_layer_norm":
+            lambda: torch.autograd.grad(ln(x, mods[0], mods[1], 1e-5), (x, mods[0], mods[1]), dy),
         "gated_residual": lambda: torch.autograd.grad(gate(x, o, mods[2]), (x, o, mods[2]), dy),
         "rms_norm_rope": lambda: torch.autograd.grad(rope(q, w, cos, sin, eps), (q, w), dq),
     }
@@ -75,10 +76,11 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--side", side, "--reps", str(a.reps)],
                                  capture_output=True, text=True, check=True, env=os.environ)
             runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"pair {i + 1} {side:5s} " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in runs[side][-1].items()),
-                  flush=True)
+            times = "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in runs[side][-1].items())
+            print(f"pair {i + 1} {side:5s} {times}", flush=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.pairs} pairs x best of {a.reps}")
-    print(f"{'forward + backward':24s} {'ref min':>9s} {'ref med':>9s} {'fused min':>10s} {'fused med':>10s} {'speedup (med)':>14s}")
+    print(f"{'forward + backward':24s} {'ref min':>9s} {'ref med':>9s} {'fused min':>10s} {'fused med':>10s} "
+          f"{'speedup (med)':>14s}")
     for name in runs["ref"][0]:
         r = [d[name] * 1e3 for d in runs["ref"]]
         f = [d[name] * 1e3 for d in runs["fused"]]

@@ -427,7 +427,8 @@ def test_backward_deterministic_across_threads():
     try:
         for n in (1, max(2, threads)):
             torch.set_num_threads(n)
-            runs.append(_grads(scale_shift_layer_norm, (x, shift, scale), dy) + _grads(gated_residual, (x, x, shift), dy))
+            runs.append(_grads(scale_shift_layer_norm, (x, shift, scale), dy)
+                        + _grads(gated_residual, (x, x, shift), dy))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*runs):
@@ -445,7 +446,8 @@ def test_backward_ops_opcheck():
     # the forward ops with inputs that require grad: opcheck's autograd-registration check
     xr, mr = x.clone().requires_grad_(), m.clone().requires_grad_()
     torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm.default, (xr, mr, mr, 1e-5))
-    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (xr, x.clone().requires_grad_(), mr))
+    xr2 = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (xr, xr2, mr))
 
 
 def test_compile_fullgraph_backward():

@@ -318,7 +318,8 @@ def test_backward_opcheck():
     w = torch.rand(8)
     cos, sin = _angles(1, 5, 4, "cpu")
     op = torch.ops.kandinsky_kernels.rms_norm_rope_backward.default
-    for args in ((dy, x, w, cos, sin, EPS), (dy, x, w, None, None, 1e-6), (dy.bfloat16(), x.bfloat16(), w, cos, sin, EPS)):
+    for args in ((dy, x, w, cos, sin, EPS), (dy, x, w, None, None, 1e-6),
+                 (dy.bfloat16(), x.bfloat16(), w, cos, sin, EPS)):
         torch.library.opcheck(op, args)
     # the forward op with inputs that require grad: opcheck's autograd-registration check
     torch.library.opcheck(torch.ops.kandinsky_kernels.rms_norm_rope.default,

@@ -207,7 +207,9 @@ def _(dy, x, scale, eps):
 
 
 @torch.library.custom_op("kandinsky_kernels::gated_residual_backward", mutates_args=())
-def _gated_residual_bwd_op(dy: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gated_residual_bwd_op(
+    dy: torch.Tensor, out: torch.Tensor, gate: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _gated_residual_bwd_impl(dy, out, gate)
 
 
@@ -244,7 +246,8 @@ def _gated_residual_backward(ctx, dy):
     need_x, need_out, need_gate = ctx.needs_input_grad
     dout = dgate = None
     if need_out or need_gate:
-        dout, dgate = _gated_residual_bwd_impl(dy, out, gate) if eager(dy) else _gated_residual_bwd_op(dy, out, gate)
+        bwd = _gated_residual_bwd_impl if eager(dy) else _gated_residual_bwd_op
+        dout, dgate = bwd(dy, out, gate)
     return (dy if need_x else None, dout if need_out else None,
             dgate.to(gate.dtype) if need_gate else None)
 

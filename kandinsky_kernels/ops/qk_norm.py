@@ -169,7 +169,8 @@ def _rms_norm_rope_bwd_op(
 
 @_rms_norm_rope_bwd_op.register_fake
 def _(dz, x, weight, cos, sin, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[-1],), dtype=torch.float32)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty((x.shape[-1],), dtype=torch.float32)
 
 
 def _angle_grads(dz, x, weight, cos, sin, eps):
@@ -244,7 +245,8 @@ def rms_norm_rope(
     (y[2j], y[2j + 1]) -> (y0 cos - y1 sin, y0 sin + y1 cos). Differentiable (the fused backward: see the
     module doc)."""
     _check(x, weight, cos, sin, eps)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, cos, sin))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, cos, sin))
     if eager(x) and not needs_grad:
         return _rms_norm_rope_impl(x, weight, cos, sin, float(eps))
     return _rms_norm_rope_op(x, weight, cos, sin, float(eps))
