@@ -10,6 +10,11 @@
 //   double; rstd = 1 / sqrt(var + eps) in double. A third pass writes d * rstd * (1 + scale) + shift.
 //   (1 + scale) is formed in scale's dtype, as the reference's `1.0 + scale` does.
 // gated_residual: y = x + gate * out in fp32 per element, one write in x's dtype (gate (N, D), fp32).
+//
+// Backward (the custom ops' autograd, kandinsky_kernels/ops/adaln.py): the LayerNorm statistics are
+// recomputed from x per row (the row is already in L1 for dx, and saving them would cost a tensor per
+// call for a few flops), dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * (1 + scale);
+// dshift, dscale, dgate are sums over the R rows, by fixed row blocks (deterministic, see reduce_blocks).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -87,6 +93,74 @@ KK_CLONES void gated_row(const float* x, const float* o, const float* g, int64_t
 
 #include "f32_rows.h"  // inside the anonymous namespace: this file's own clones
 
+// The row's LayerNorm statistics (see the file comment). The backward recomputes them with this same
+// function, so its x_hat is bit-for-bit the forward's.
+struct RowStats {
+  float hi, lo, rstd;
+};
+inline RowStats row_stats(const float* f, int64_t D, double eps) {
+  const float pivot = f[0];
+  const double mean = pivot + shifted_sum(f, D, pivot) / D;
+  const float hi = static_cast<float>(mean);
+  const float lo = static_cast<float>(mean - hi);
+  const double var = centered_sq_sum(f, D, hi, lo) / D;
+  return {hi, lo, static_cast<float>(1.0 / std::sqrt(var + eps))};
+}
+
+// ---- backward ----------------------------------------------------------------------------------------
+// The modulation gradients are sums over the R rows of a group. Rows are cut into blocks whose size depends
+// on the shapes only; each block sums its rows in fp32 into its own partial vector and the partials are
+// added in block order in double: the same bits for any thread count, no atomics.
+inline int64_t rows_per_block(int64_t R, int64_t D) { return std::min<int64_t>(std::max<int64_t>(R, 1), grain_for(D)); }
+
+// ln backward, first pass over one row: x_hat and g = dy * s1 into buffers, dy and dy * x_hat added to the
+// block's partials; returns sum(g) and sum(g * x_hat).
+KK_CLONES void ln_bwd_row(const float* x, const float* dy, const float* s1, int64_t n, float hi, float lo, float rstd,
+                          float* xhat, float* g, float* p_shift, float* p_scale, float* sum_g, float* sum_gx) {
+  float a = 0.f, b = 0.f;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < n; ++i) {
+    const float xh = ((x[i] - hi) - lo) * rstd;
+    const float gi = dy[i] * s1[i];
+    xhat[i] = xh;
+    g[i] = gi;
+    p_shift[i] += dy[i];
+    p_scale[i] += dy[i] * xh;
+    a += gi;
+    b += gi * xh;
+  }
+  *sum_g = a;
+  *sum_gx = b;
+}
+
+// dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
+KK_CLONES void ln_dx_row(const float* xhat, const float* g, int64_t n, float rstd, float mg, float mgx, float* dx) {
+  for (int64_t i = 0; i < n; ++i) dx[i] = rstd * ((g[i] - mg) - xhat[i] * mgx);
+}
+
+// dout = dy * gate; the block's partial of dgate += dy * out.
+KK_CLONES void gated_bwd_row(const float* dy, const float* o, const float* g, int64_t n, float* dout, float* p_gate) {
+  for (int64_t i = 0; i < n; ++i) {
+    dout[i] = dy[i] * g[i];
+    p_gate[i] += dy[i] * o[i];
+  }
+}
+
+// out[n, :] = sum over blocks b of part[n, b, :] in double, in block order.
+void reduce_blocks(const float* part, int64_t N, int64_t nblk, int64_t D, float* out) {
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<double> acc(D);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t b = 0; b < nblk; ++b) {
+        const float* p = part + (n * nblk + b) * D;
+        for (int64_t i = 0; i < D; ++i) acc[i] += p[i];
+      }
+      for (int64_t i = 0; i < D; ++i) out[n * D + i] = static_cast<float>(acc[i]);
+    }
+  });
+}
+
 template <typename E>
 void scale_shift_ln_kernel(const E* xp, const float* shift, const float* s1, int64_t N, int64_t R, int64_t D,
                            double eps, E* yp) {
@@ -102,14 +176,9 @@ void scale_shift_ln_kernel(const E* xp, const float* shift, const float* s1, int
         load_f32(xp + row * D, D, in.data());
         f = in.data();
       }
-      const float pivot = f[0];
-      const double mean = pivot + shifted_sum(f, D, pivot) / D;
-      const float hi = static_cast<float>(mean);
-      const float lo = static_cast<float>(mean - hi);
-      const double var = centered_sq_sum(f, D, hi, lo) / D;
-      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      const RowStats st = row_stats(f, D, eps);
       float* dst = kF32 ? reinterpret_cast<float*>(yp + row * D) : out.data();
-      norm_modulate_row(f, D, hi, lo, rstd, s1 + n * D, shift + n * D, dst);
+      norm_modulate_row(f, D, st.hi, st.lo, st.rstd, s1 + n * D, shift + n * D, dst);
       if constexpr (!kF32) store_from_f32(out.data(), D, yp + row * D);
     }
   });
@@ -129,6 +198,55 @@ void gated_residual_kernel(const E* xp, const E* op, const float* gate, int64_t 
         load_f32(op + row * D, D, ob.data());
         gated_row(xb.data(), ob.data(), g, D, yb.data());
         store_from_f32(yb.data(), D, yp + row * D);
+      }
+    }
+  });
+}
+
+template <typename E>
+void scale_shift_ln_bwd_kernel(const E* dyp, const E* xp, const float* s1, int64_t N, int64_t R, int64_t D,
+                               double eps, E* dxp, float* part_shift, float* part_scale, int64_t rpb, int64_t nblk) {
+  const int64_t tasks = N * nblk;
+  at::parallel_for(0, tasks, std::max<int64_t>(1, grain_for(D) / rpb), [&](int64_t begin, int64_t end) {
+    std::vector<float> xb(D), dyb(D), xhat(D), g(D), dxb(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nblk, r0 = (t % nblk) * rpb, r1 = std::min(R, r0 + rpb);
+      float* psh = part_shift + t * D;
+      float* psc = part_scale + t * D;
+      std::fill(psh, psh + D, 0.f);
+      std::fill(psc, psc + D, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = n * R + r;
+        load_f32(xp + row * D, D, xb.data());
+        load_f32(dyp + row * D, D, dyb.data());
+        const RowStats st = row_stats(xb.data(), D, eps);
+        float sg, sgx;
+        ln_bwd_row(xb.data(), dyb.data(), s1 + n * D, D, st.hi, st.lo, st.rstd, xhat.data(), g.data(), psh, psc, &sg,
+                   &sgx);
+        const float mg = sg / static_cast<float>(D), mgx = sgx / static_cast<float>(D);
+        ln_dx_row(xhat.data(), g.data(), D, st.rstd, mg, mgx, dxb.data());
+        store_from_f32(dxb.data(), D, dxp + row * D);
+      }
+    }
+  });
+}
+
+template <typename E>
+void gated_residual_bwd_kernel(const E* dyp, const E* op, const float* gate, int64_t N, int64_t R, int64_t D, E* doutp,
+                               float* part_gate, int64_t rpb, int64_t nblk) {
+  const int64_t tasks = N * nblk;
+  at::parallel_for(0, tasks, std::max<int64_t>(1, grain_for(D) / rpb), [&](int64_t begin, int64_t end) {
+    std::vector<float> dyb(D), ob(D), db(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nblk, r0 = (t % nblk) * rpb, r1 = std::min(R, r0 + rpb);
+      float* pg = part_gate + t * D;
+      std::fill(pg, pg + D, 0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t row = n * R + r;
+        load_f32(dyp + row * D, D, dyb.data());
+        load_f32(op + row * D, D, ob.data());
+        gated_bwd_row(dyb.data(), ob.data(), gate + n * D, D, db.data(), pg);
+        store_from_f32(db.data(), D, doutp + row * D);
       }
     }
   });
@@ -188,14 +306,81 @@ at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& out, const 
   return y;
 }
 
+// The shape of a modulation of x: (..., 1, D).
+std::vector<int64_t> mod_shape(const at::Tensor& x) {
+  std::vector<int64_t> want = x.sizes().vec();
+  want[want.size() - 2] = 1;
+  return want;
+}
+
+void check_grad(const at::Tensor& dy, const at::Tensor& x) {
+  KK_CHECK_CPU(dy);
+  KK_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "dy must match x ", x.sizes(), " ",
+           x.scalar_type(), ", got ", dy.sizes(), " ", dy.scalar_type());
+}
+
+// Returns (dx in x's dtype, dshift, dscale as fp32 (..., 1, D)); the caller casts them to the modulations' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_layer_norm_backward_cpu(const at::Tensor& dy,
+                                                                                    const at::Tensor& x,
+                                                                                    const at::Tensor& scale,
+                                                                                    double eps) {
+  check_x(x);
+  check_grad(dy, x);
+  KK_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  mod_f32("scale", scale, x);
+  const at::Tensor s1 = (scale + 1).to(at::kFloat).contiguous();  // as the forward
+  const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), xc.options());
+  const auto fopt = xc.options().dtype(at::kFloat);
+  at::Tensor dshift = at::zeros(mod_shape(x), fopt), dscale = at::zeros(mod_shape(x), fopt);
+  if (xc.numel() == 0) return {dx, dshift, dscale};
+  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  const int64_t rpb = rows_per_block(R, D), nblk = (R + rpb - 1) / rpb;
+  at::Tensor part = at::empty({2, N * nblk, D}, fopt);
+  float* p_shift = part.data_ptr<float>();
+  float* p_scale = p_shift + N * nblk * D;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "scale_shift_layer_norm_backward", [&] {
+    scale_shift_ln_bwd_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), s1.data_ptr<float>(), N, R,
+                                        D, eps, dx.data_ptr<scalar_t>(), p_shift, p_scale, rpb, nblk);
+  });
+  reduce_blocks(p_shift, N, nblk, D, dshift.data_ptr<float>());
+  reduce_blocks(p_scale, N, nblk, D, dscale.data_ptr<float>());
+  return {dx, dshift, dscale};
+}
+
+// Returns (dout in x's dtype, dgate as fp32 (..., 1, D)); dx is dy itself, which the caller passes on.
+std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor& dy, const at::Tensor& out,
+                                                               const at::Tensor& gate) {
+  check_x(out);
+  check_grad(dy, out);
+  const at::Tensor g = mod_f32("gate", gate, out);
+  const at::Tensor oc = out.contiguous(), dyc = dy.contiguous();
+  at::Tensor dout = at::empty(out.sizes(), oc.options());
+  at::Tensor dgate = at::zeros(mod_shape(out), oc.options().dtype(at::kFloat));
+  if (oc.numel() == 0) return {dout, dgate};
+  const int64_t D = out.size(-1), R = out.size(-2), N = oc.numel() / (D * R);
+  const int64_t rpb = rows_per_block(R, D), nblk = (R + rpb - 1) / rpb;
+  at::Tensor part = at::empty({N * nblk, D}, oc.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, oc.scalar_type(), "gated_residual_backward", [&] {
+    gated_residual_bwd_kernel<scalar_t>(dyc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(), g.data_ptr<float>(), N, R,
+                                        D, dout.data_ptr<scalar_t>(), part.data_ptr<float>(), rpb, nblk);
+  });
+  reduce_blocks(part.data_ptr<float>(), N, nblk, D, dgate.data_ptr<float>());
+  return {dout, dgate};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kandinsky_kernels_C, m) {
   m.def("scale_shift_layer_norm(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor");
   m.def("gated_residual(Tensor x, Tensor out, Tensor gate) -> Tensor");
+  m.def("scale_shift_layer_norm_backward(Tensor dy, Tensor x, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("gated_residual_backward(Tensor dy, Tensor out, Tensor gate) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kandinsky_kernels_C, CPU, m) {
   m.impl("scale_shift_layer_norm", &scale_shift_layer_norm_cpu);
   m.impl("gated_residual", &gated_residual_cpu);
+  m.impl("scale_shift_layer_norm_backward", &scale_shift_layer_norm_backward_cpu);
+  m.impl("gated_residual_backward", &gated_residual_backward_cpu);
 }

@@ -119,7 +119,7 @@ def _by_frame(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
 def scale_shift_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype.
     x (B, S, D); shift, scale (B, 1, D), or per frame (B, T', 1, D). One fused pass
-    (:func:`kandinsky_kernels.ops.adaln.scale_shift_layer_norm`; the torch reference under autograd)."""
+    (:func:`kandinsky_kernels.ops.adaln.scale_shift_layer_norm`, fused backward too)."""
     return scale_shift_layer_norm(_by_frame(x, shift), shift, scale, LN_EPS).view(x.shape)
 
 

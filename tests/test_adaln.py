@@ -1,8 +1,9 @@
 """The DiT's adaptive-LayerNorm kernels (kandinsky_kernels.ops.adaln): every backend against the fp64
 reference under the project's tolerance rule (conftest.py), plain torch at the input dtype (the model's
 former fp32-island code) as the baseline; odd D, odd row counts, per-frame modulation, input scales and
-rows with large means; the autograd path, boundary validation, the custom ops under opcheck and
-torch.compile(fullgraph=True).
+rows with large means; the fused backward (every gradient against the fp64 reference's autograd, mixed
+modulation dtypes, a finite-difference check, determinism, torch.compile of forward + backward), boundary
+validation, the custom ops under opcheck and torch.compile(fullgraph=True).
 
 Triton runs on CUDA when present, else through the interpreter on CPU tensors, there in fp32 and fp16
 only: the interpreter rounds fp32 -> bf16 by truncation (measured: every bf16 store equals the truncated
@@ -151,9 +152,9 @@ def test_model_numerics_are_the_reference():
     assert torch.equal(gated_residual_ref(x, o, shift), former_gate)
 
 
-def test_autograd_takes_the_differentiable_reference():
-    """With inputs that require grad the public functions return a graph whose gradients equal the
-    plain-torch formula's (the custom ops have no backward: reaching them would raise on backward)."""
+def test_autograd_matches_the_formula():
+    """With inputs that require grad the public functions return a graph (the fused backward) whose
+    gradients equal the plain-torch formula's."""
     x = torch.randn(2, 7, 24, requires_grad=True)
     o = torch.randn(2, 7, 24, requires_grad=True)
     shift = torch.randn(2, 1, 24, requires_grad=True)
@@ -257,3 +258,233 @@ def test_compile_fullgraph_no_graph_breaks():
     assert len(graphs) == 1
     assert "kandinsky_kernels.scale_shift_layer_norm" in graphs[0] and "kandinsky_kernels.gated_residual" in graphs[0]
     assert torch.equal(got, want)
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+GRAD_CASES = [  # (x shape, modulation shape)
+    ((1, 1, 40), (1, 1, 40)),  # R = 1
+    ((2, 7, 37), (2, 1, 37)),  # odd D and rows, batch 2
+    ((1, 64, 1792), (1, 1, 1792)),  # the model's D; the cpu backward sums these rows in two blocks
+    ((1, 2100, 40), (1, 1, 40)),  # two row blocks of a narrow row
+    ((2, 3, 5, 96), (2, 3, 1, 96)),  # per frame: (B, T', S / T', D) with (B, T', 1, D)
+    ((2, 2, 3, 4, 24), (2, 2, 3, 1, 24)),  # several leading dims
+    ((11, 33), (1, 33)),  # no leading dims
+]
+
+
+def _grads(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, dy)
+
+
+def _check_grads(fn, ref, inputs, dy, names):
+    """Every input's gradient through ``fn`` against the fp64 reference's autograd (the baseline: the fp32
+    reference's autograd at the inputs' dtypes)."""
+    got = _grads(fn, inputs, dy)
+    want = _grads(ref, [t.double() for t in inputs], dy.double())
+    base = _grads(ref, inputs, dy)
+    for name, g, w, b, t in zip(names, got, want, base, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape, (name, g.dtype, g.shape)
+        assert_close_to_reference(g, w, b, grad=True, name=f"grad of {name}")
+
+
+def _ln_ref(x, shift, scale):
+    return scale_shift_layer_norm_ref(x, shift, scale, 1e-5)
+
+
+def _check_ln_grads(x, shift, scale):
+    dy = torch.randn(x.shape).to(x)
+    _check_grads(scale_shift_layer_norm, _ln_ref, (x, shift, scale), dy, ("x", "shift", "scale"))
+
+
+def _check_gate_grads(x, o, gate):
+    dy = torch.randn(x.shape).to(x)
+    _check_grads(gated_residual, gated_residual_ref, (x, o, gate), dy, ("x", "out", "gate"))
+
+
+@pytest.mark.parametrize("case", range(len(GRAD_CASES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(backend, dtype, case):
+    """bf16 / fp16 x here come with fp32 modulations (the model's mixed case)."""
+    name, device = backend
+    if name == "triton":
+        _skip_interpreted_bf16(device, dtype)
+    xs, ms = GRAD_CASES[case]
+    x, o = _x(xs, 1.0, 0.0, dtype, device), _x(xs, 1.0, 0.0, dtype, device)
+    shift, scale = _mods(ms, device)
+    with use_backend(name):  # around the backward too: it chooses its backend when it runs
+        _check_ln_grads(x, shift, scale)
+        _check_gate_grads(x, o, shift)
+
+
+@pytest.mark.parametrize("scales", SCALES, ids=["1e-3", "1", "1e3", "mean1e3"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_input_scales(dtype, scales):
+    x, o = _x((2, 9, 96), *scales, dtype, "cpu"), _x((2, 9, 96), *scales, dtype, "cpu")
+    shift, scale = _mods((2, 1, 96), "cpu")
+    _check_ln_grads(x, shift, scale)
+    _check_gate_grads(x, o, scale)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_backward_modulation_in_x_dtype(backend, dtype):
+    name, device = backend
+    if name == "triton":
+        _skip_interpreted_bf16(device, dtype)
+    x, o = _x((2, 3, 5, 96), 1.0, 0.0, dtype, device), _x((2, 3, 5, 96), 1.0, 0.0, dtype, device)
+    shift, scale = _mods((2, 3, 1, 96), device, dtype)
+    with use_backend(name):
+        _check_ln_grads(x, shift, scale)
+        _check_gate_grads(x, o, scale)
+
+
+def test_backward_partial_requires_grad(backend):
+    """Inputs that need no gradient get None; the others are unchanged by which ones are asked for."""
+    name, device = backend
+    x, o = _x((2, 5, 24), 1.0, 0.0, torch.float32, device), _x((2, 5, 24), 1.0, 0.0, torch.float32, device)
+    shift, scale = _mods((2, 1, 24), device)
+    dy = torch.randn(2, 5, 24).to(device)
+    with use_backend(name):
+        full = _grads(scale_shift_layer_norm, (x, shift, scale), dy)
+        for i in range(3):
+            leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate((x, shift, scale))]
+            y = scale_shift_layer_norm(*leaves)
+            y.backward(dy)
+            for j, t in enumerate(leaves):
+                assert (t.grad is None) == (j != i)
+            torch.testing.assert_close(leaves[i].grad, full[i], rtol=0, atol=0)
+        full = _grads(gated_residual, (x, o, shift), dy)
+        for i in range(3):
+            leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate((x, o, shift))]
+            gated_residual(*leaves).backward(dy)
+            for j, t in enumerate(leaves):
+                assert (t.grad is None) == (j != i)
+            torch.testing.assert_close(leaves[i].grad, full[i], rtol=0, atol=0)
+
+
+def test_backward_reference_backend_matches_cpu():
+    """The reference backend's backward (the torch formula) and the cpu kernel give the same gradients to
+    fp32 rounding, bf16 x with fp32 modulations."""
+    if _ext_op("scale_shift_layer_norm_backward") is None:
+        pytest.skip("compiled backward not available")
+    x, o = _x((2, 3, 5, 96), 1.0, 2.0, torch.bfloat16, "cpu"), _x((2, 3, 5, 96), 1.0, 0.0, torch.bfloat16, "cpu")
+    shift, scale = _mods((2, 3, 1, 96), "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    out = {}
+    for name in ("cpu", "reference"):
+        with use_backend(name):
+            out[name] = (_grads(scale_shift_layer_norm, (x, shift, scale), dy)
+                         + _grads(gated_residual, (x, o, shift), dy))
+    for a, b in zip(out["cpu"], out["reference"]):
+        assert a.dtype == b.dtype
+        if a.dtype == torch.bfloat16:  # at most one bf16 rounding step apart
+            assert ((a.float() - b.float()).abs() <= b.float().abs() * 2**-7 + 1e-6).all()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _ext_op(name):
+    from kandinsky_kernels import _ext
+
+    return _ext.cpp_op(name)
+
+
+def test_backward_finite_differences():
+    """The fused gradients predict the fused forward's change along a random direction (fp32, central
+    differences): a wrong backward fails here whatever the reference says."""
+    x, o = torch.randn(2, 6, 40), torch.randn(2, 6, 40)
+    shift, scale = _mods((2, 1, 40), "cpu")
+    w = torch.randn(2, 6, 40)
+    for fn, inputs in ((scale_shift_layer_norm, (x, shift, scale)), (gated_residual, (x, o, shift))):
+        grads = _grads(fn, inputs, w)
+        for i, (t, g) in enumerate(zip(inputs, grads)):
+            v = torch.randn_like(t)
+            h = 1e-2
+
+            def loss(d, i=i, inputs=inputs, v=v):
+                args = [a.double() for a in inputs]
+                args[i] = args[i] + d * v.double()
+                ref = _ln_ref if fn is scale_shift_layer_norm else gated_residual_ref
+                return (ref(*args) * w.double()).sum().item()
+
+            fd = (loss(h) - loss(-h)) / (2 * h)
+            with torch.no_grad():
+                fd32 = ((fn(*[a + h * v if j == i else a for j, a in enumerate(inputs)]) * w).double().sum()
+                        - (fn(*[a - h * v if j == i else a for j, a in enumerate(inputs)]) * w).double().sum()
+                        ).item() / (2 * h)
+            directional = (g.double() * v.double()).sum().item()
+            assert abs(directional - fd) <= 1e-3 * max(1.0, abs(fd)), (fn.__name__, i, directional, fd)
+            assert abs(directional - fd32) <= 2e-2 * max(1.0, abs(fd)), (fn.__name__, i, directional, fd32)
+
+
+def test_backward_deterministic_across_threads():
+    """The modulation gradients are reduced in a fixed order: the same bits with 1 and 2 threads."""
+    x = _x((1, 300, 1792), 1.0, 0.0, torch.bfloat16, "cpu")
+    shift, scale = _mods((1, 1, 1792), "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            runs.append(_grads(scale_shift_layer_norm, (x, shift, scale), dy)
+                        + _grads(gated_residual, (x, x, shift), dy))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_backward_ops_opcheck():
+    x, dy = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
+    m = torch.randn(2, 3, 1, 16)
+    torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm_backward.default, (dy, x, m, 1e-5))
+    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual_backward.default, (dy, x, m))
+    xb, dyb = x.bfloat16(), dy.bfloat16()
+    torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm_backward.default, (dyb, xb, m, 1e-5))
+    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual_backward.default, (dyb, xb, m))
+    # the forward ops with inputs that require grad: opcheck's autograd-registration check
+    xr, mr = x.clone().requires_grad_(), m.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm.default, (xr, mr, mr, 1e-5))
+    xr2 = x.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (xr, xr2, mr))
+
+
+def test_compile_fullgraph_backward():
+    """Forward + backward of a block using both ops compile with 0 graph breaks; the forward graph holds
+    the forward custom ops, the backward graph the backward custom ops, and the gradients equal eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    graphs = {"fw": [], "bw": []}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def block(x, h, shift, scale, gate):
+        y = scale_shift_layer_norm(x, shift, scale)
+        return gated_residual(x, y * h, gate)
+
+    x, h = torch.randn(2, 9, 32).bfloat16(), torch.randn(2, 9, 32).bfloat16()
+    shift, scale = _mods((2, 1, 32), "cpu")
+    gate = torch.randn(2, 1, 32)
+    dy = torch.randn(2, 9, 32).bfloat16()
+    inputs = (x, h, shift, scale, gate)
+    want = _grads(block, inputs, dy)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")),
+                             fullgraph=True)
+    got = _grads(compiled, inputs, dy)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1
+    assert "kandinsky_kernels.scale_shift_layer_norm.default" in graphs["fw"][0]
+    assert "kandinsky_kernels.gated_residual.default" in graphs["fw"][0]
+    assert "kandinsky_kernels.scale_shift_layer_norm_backward" in graphs["bw"][0]
+    assert "kandinsky_kernels.gated_residual_backward" in graphs["bw"][0]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

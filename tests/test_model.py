@@ -655,7 +655,13 @@ def test_packed_videos_equal_one_by_one_with_grads(backend, grid):
         o.square().sum().backward()
         singles.append(o.detach()), grads.append(xi.grad)
     torch.testing.assert_close(out.detach(), torch.cat(singles, dim=1), rtol=2e-5, atol=2e-6)
-    torch.testing.assert_close(x.grad, torch.cat(grads, dim=1), rtol=2e-5, atol=2e-6)
+    # atol scaled to the gradient (about 8 fp32 steps of its largest element): packing changes the fp32
+    # rounding of the forward (attention, per-frame modulation), and the backward carries that noise to
+    # every element; a fixed 2e-6 was within 1e-7 of failing at grads up to ~12 (measured for the torch
+    # references under autograd as for the fused backward, whose largest deviation is the smaller one)
+    want_grad = torch.cat(grads, dim=1)
+    atol = max(2e-6, 1e-6 * want_grad.abs().max().item())
+    torch.testing.assert_close(x.grad, want_grad, rtol=2e-5, atol=atol)
     # cu_frames as a tensor is the same call
     out2 = model(x.detach(), text, torch.cat(pooleds), torch.cat(tss), mask, attention_backend=backend,
                  cu_frames=torch.tensor(cu))

@@ -1,8 +1,9 @@
 """kandinsky_kernels.ops.qk_norm (rms_norm_rope: per-head RMSNorm + rotary embedding in one pass): every
 backend against a float64 evaluation of the same math under the project's tolerance rule (conftest.py),
 with plain torch at the input's dtype (the model's unfused code) as the yardstick; odd head dims and row
-counts, per-batch and broadcast angles, large and small input scales; the autograd path; the custom op
-under opcheck and torch.compile; the boundary's errors.
+counts, per-batch and broadcast angles, large and small input scales; the fused backward (every gradient
+against the fp64 reference's autograd, a finite-difference check, determinism, torch.compile of forward +
+backward); the custom op under opcheck and torch.compile; the boundary's errors.
 
 Triton runs on CUDA when present, else through the interpreter on CPU tensors (fp32 only there); the
 ``gpu`` test runs every dtype on CUDA."""
@@ -107,7 +108,7 @@ def test_model_numerics_cpu():
     assert (diff <= ulp).all(), f"more than one bf16 step apart: {(diff / ulp).max():.2f} steps"
 
 
-def test_autograd_takes_the_reference():
+def test_autograd_matches_the_reference():
     x = torch.randn(1, 4, 2, 8, requires_grad=True)
     w = torch.rand(8, requires_grad=True)
     cos, sin = _angles(1, 4, 4, "cpu")
@@ -171,3 +172,189 @@ def test_triton_gpu(case, dtype):
     with use_backend("triton"):
         _check("cuda", dtype, CASES[case])
         _check("cuda", dtype, (2, 4096, 28, 64, 1))  # Video Lite's q: many row blocks
+
+
+# ---- backward ---------------------------------------------------------------------------------------
+GRAD_CASES = [  # (B, S, H, Dh, cos batch or None for no rotation)
+    (1, 1, 1, 64, 1),  # one row
+    (2, 7, 3, 128, 2),  # per-batch angles
+    (2, 5, 3, 10, 1),  # Dh not a multiple of 16, angles shared by the batch
+    (1, 4, 2, 7, None),  # odd head dim: RMSNorm only
+    (1, 33, 28, 64, 1),  # the model's heads; the cpu backward sums dweight over several row blocks
+]
+
+
+def _grads(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, dy)
+
+
+def _grad_inputs(case, dtype, device, scale=1.0, mean=0.0, w_dtype=torch.float32):
+    b, s, h, dh, cb = case
+    x = (torch.randn(b, s, h, dh) * scale + mean).to(device=device, dtype=dtype)
+    w = (torch.rand(dh) + 0.5).to(device=device, dtype=w_dtype)
+    return (x, w, *(_angles(cb, s, dh // 2, device) if cb else (None, None)))
+
+
+def _check_grads(x, w, cos, sin, eps=EPS):
+    """x's and weight's gradients (and cos / sin's, when rotating) against the fp64 reference's autograd;
+    the baseline is the fp32 reference's autograd at the inputs' dtypes."""
+    dy = torch.randn(x.shape).to(x)
+    rope = cos is not None
+    inputs = (x, w, cos, sin) if rope else (x, w)
+
+    def fused(x, w, c=None, s=None):
+        return rms_norm_rope(x, w, c, s, eps)
+
+    def ref(x, w, c=None, s=None):
+        return rms_norm_rope_ref(x, w, c, s, eps)
+
+    def ref64(x, w, c=None, s=None):
+        return _double(x, w, c, s, eps)
+
+    got = _grads(fused, inputs, dy)
+    want = _grads(ref64, [t.double() for t in inputs], dy.double())
+    base = _grads(ref, inputs, dy)
+    for name, g, wt, b, t in zip(("x", "weight", "cos", "sin"), got, want, base, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape, (name, g.dtype, g.shape)
+        assert_close_to_reference(g, wt, b, grad=True, name=f"grad of {name}")
+
+
+@pytest.mark.parametrize("case", range(len(GRAD_CASES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward(backend_device, case, dtype):
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter's half arithmetic is not trusted; bf16/fp16 on a GPU")
+    with use_backend(backend):  # around the backward too: it chooses its backend when it runs
+        _check_grads(*_grad_inputs(GRAD_CASES[case], dtype, device))
+
+
+@pytest.mark.parametrize("scale,mean", [(1e-3, 0.0), (1e3, 0.0), (1.0, 300.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_input_scales(dtype, scale, mean):
+    _check_grads(*_grad_inputs((1, 6, 2, 64, 1), dtype, "cpu", scale, mean))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_backward_weight_in_x_dtype(dtype):
+    _check_grads(*_grad_inputs((2, 5, 3, 64, 1), dtype, "cpu", w_dtype=dtype))
+
+
+def test_backward_strided_input_and_eps():
+    x = torch.randn(1, 5, 6, 64)[:, :, ::2]
+    w = torch.rand(64) + 0.5
+    cos, sin = _angles(1, 5, 32, "cpu")
+    _check_grads(x, w, cos, sin, eps=0.5)
+
+
+def test_backward_only_some_inputs():
+    """Inputs that need no gradient get None (the model's angles are buffers); the others are unchanged."""
+    x, w, cos, sin = _grad_inputs((1, 6, 2, 16, 1), torch.bfloat16, "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    full = _grads(lambda *a: rms_norm_rope(*a), (x, w, cos, sin), dy)
+    for i in range(4):
+        leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate((x, w, cos, sin))]
+        rms_norm_rope(*leaves).backward(dy)
+        for j, t in enumerate(leaves):
+            assert (t.grad is None) == (j != i)
+        assert torch.equal(leaves[i].grad, full[i])
+
+
+def test_backward_reference_backend_matches_cpu():
+    from kandinsky_kernels import _ext
+
+    if _ext.cpp_op("rms_norm_rope_backward") is None:
+        pytest.skip("compiled backward not available")
+    x, w, cos, sin = _grad_inputs((2, 9, 4, 64, 1), torch.bfloat16, "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    out = {}
+    for name in ("cpu", "reference"):
+        with use_backend(name):
+            out[name] = _grads(lambda a, b: rms_norm_rope(a, b, cos, sin), (x, w), dy)
+    (ax, aw), (bx, bw) = out["cpu"], out["reference"]
+    assert ((ax.float() - bx.float()).abs() <= bx.float().abs() * 2**-7 + 1e-6).all()  # one bf16 step
+    torch.testing.assert_close(aw, bw, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_finite_differences():
+    """The fused gradients predict the fused forward's change along a random direction (central
+    differences in fp32): a wrong backward fails here whatever the reference says."""
+    x, w, cos, sin = _grad_inputs((1, 5, 3, 16, 1), torch.float32, "cpu")
+    dy = torch.randn(x.shape)
+    inputs = (x, w, cos, sin)
+    grads = _grads(lambda *a: rms_norm_rope(*a), inputs, dy)
+    h = 1e-2
+    for i, (t, g) in enumerate(zip(inputs, grads)):
+        v = torch.randn_like(t)
+
+        def loss(d, i=i, v=v):
+            args = [a + d * v if j == i else a for j, a in enumerate(inputs)]
+            with torch.no_grad():
+                return (rms_norm_rope(*args) * dy).double().sum().item()
+
+        fd = (loss(h) - loss(-h)) / (2 * h)
+        directional = (g.double() * v.double()).sum().item()
+        assert abs(directional - fd) <= 2e-2 * max(1.0, abs(fd)), (i, directional, fd)
+
+
+def test_backward_deterministic_across_threads():
+    x, w, cos, sin = _grad_inputs((1, 64, 28, 64, 1), torch.bfloat16, "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            runs.append(_grads(lambda a, b: rms_norm_rope(a, b, cos, sin), (x, w), dy))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_backward_opcheck():
+    x, dy = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    w = torch.rand(8)
+    cos, sin = _angles(1, 5, 4, "cpu")
+    op = torch.ops.kandinsky_kernels.rms_norm_rope_backward.default
+    for args in ((dy, x, w, cos, sin, EPS), (dy, x, w, None, None, 1e-6),
+                 (dy.bfloat16(), x.bfloat16(), w, cos, sin, EPS)):
+        torch.library.opcheck(op, args)
+    # the forward op with inputs that require grad: opcheck's autograd-registration check
+    torch.library.opcheck(torch.ops.kandinsky_kernels.rms_norm_rope.default,
+                          (x.clone().requires_grad_(), w.clone().requires_grad_(), cos, sin, EPS))
+
+
+def test_compile_fullgraph_backward():
+    """Forward + backward compile with 0 graph breaks, the backward graph holds the backward custom op,
+    and the gradients equal eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    graphs = {"fw": [], "bw": []}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def f(x, w, cos, sin):
+        return rms_norm_rope(x, w, cos, sin) * 2 + rms_norm_rope(x, w)
+
+    x, w, cos, sin = _grad_inputs((1, 6, 2, 16, 1), torch.bfloat16, "cpu")
+    dy = torch.randn(x.shape).bfloat16()
+    want = _grads(lambda a, b: f(a, b, cos, sin), (x, w), dy)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")),
+                             fullgraph=True)
+    got = _grads(lambda a, b: compiled(a, b, cos, sin), (x, w), dy)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1
+    assert "kandinsky_kernels.rms_norm_rope.default" in graphs["fw"][0]
+    assert graphs["bw"][0].count("kandinsky_kernels.rms_norm_rope_backward") == 2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -12,8 +12,19 @@ variance accumulated in double with the mean split hi + lo, one write; OpenMP ov
 (one program per row holding the whole row in registers, upcast to fp32 in the kernel, statistics
 shifted by the row's first element; the gated residual as one elementwise kernel), ``reference`` (torch).
 
-Autograd: the custom ops have no backward. :func:`scale_shift_layer_norm` and :func:`gated_residual` take
-the differentiable reference whenever autograd would record the call, so training still gets gradients.
+Autograd: both custom ops carry a backward (``register_autograd``), itself a custom op with a fake
+implementation, so training runs the fused forward, eagerly and under ``torch.compile(fullgraph=True)``.
+Saved: the inputs only. The LayerNorm backward recomputes the row's statistics from x instead of saving
+per-row mean / rstd: x must be saved anyway (for x_hat), the row is in cache while dx is formed, and the
+recompute (the forward's own statistics code on the cpu backend) costs a few flops per element, while
+saved statistics would be one more tensor per call kept alive until the backward. The gated residual saves
+out and gate; dx is dy itself. The modulation gradients are sums over the R rows, accumulated in fp32 per
+fixed block of rows and the blocks added in order in double (cpu: csrc/adaln.cpp; no atomics, the same bits
+for any thread count), returned in each modulation's dtype. On ``triton`` and ``reference`` the backward is
+the plain-torch formula (:func:`_scale_shift_layer_norm_bwd_torch`, :func:`_gated_residual_bwd_torch`) in
+fp32. The backward custom op chooses its backend again when it runs (it needs nothing the forward's kernel
+produced), so wrap ``backward()`` in the same ``use_backend`` block to force one for both. No double
+backward.
 """
 from __future__ import annotations
 
@@ -33,6 +44,8 @@ __all__ = ["gated_residual", "scale_shift_layer_norm"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CPP_LN = cpp_op("scale_shift_layer_norm")
 _CPP_GATE = cpp_op("gated_residual")
+_CPP_LN_BWD = cpp_op("scale_shift_layer_norm_backward")
+_CPP_GATE_BWD = cpp_op("gated_residual_backward")
 
 if HAS_TRITON:
 
@@ -144,6 +157,110 @@ def _(x, out, gate):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _mod_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-2], 1, x.shape[-1])
+
+
+def _scale_shift_layer_norm_bwd_torch(dy, x, scale, eps):
+    """The LayerNorm backward in plain torch, fp32: (dx in x's dtype, dshift, dscale fp32 (..., 1, D))."""
+    xf, dyf = x.float(), dy.float()
+    var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xf - mean) * rstd
+    g = dyf * (1.0 + scale).float()
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dyf.sum(-2, keepdim=True), (dyf * xhat).sum(-2, keepdim=True)
+
+
+def _gated_residual_bwd_torch(dy, out, gate):
+    """The gated residual's backward in plain torch, fp32: (dout in out's dtype, dgate fp32 (..., 1, D))."""
+    dyf = dy.float()
+    return (dyf * gate.float()).to(out.dtype), (dyf * out.float()).sum(-2, keepdim=True)
+
+
+def _scale_shift_layer_norm_bwd_impl(dy, x, scale, eps):
+    if _backend("scale_shift_layer_norm", x.device, _CPP_LN_BWD) == "cpu":
+        return _CPP_LN_BWD(dy, x, scale, eps)
+    dx, dshift, dscale = _scale_shift_layer_norm_bwd_torch(dy, x, scale, eps)
+    return dx.contiguous(), dshift, dscale
+
+
+def _gated_residual_bwd_impl(dy, out, gate):
+    if _backend("gated_residual", out.device, _CPP_GATE_BWD) == "cpu":
+        return _CPP_GATE_BWD(dy, out, gate)
+    dout, dgate = _gated_residual_bwd_torch(dy, out, gate)
+    return dout.contiguous(), dgate
+
+
+@torch.library.custom_op("kandinsky_kernels::scale_shift_layer_norm_backward", mutates_args=())
+def _scale_shift_layer_norm_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _scale_shift_layer_norm_bwd_impl(dy, x, scale, eps)
+
+
+@_scale_shift_layer_norm_bwd_op.register_fake
+def _(dy, x, scale, eps):
+    m = _mod_shape(x)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("kandinsky_kernels::gated_residual_backward", mutates_args=())
+def _gated_residual_bwd_op(
+    dy: torch.Tensor, out: torch.Tensor, gate: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gated_residual_bwd_impl(dy, out, gate)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dy, out, gate):
+    return torch.empty_like(out, memory_format=torch.contiguous_format), out.new_empty(_mod_shape(out),
+                                                                                        dtype=torch.float32)
+
+
+def _scale_shift_layer_norm_setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, scale)  # the statistics are recomputed from x: see the module doc
+    ctx.eps = eps
+    ctx.shift_dtype = shift.dtype
+
+
+def _scale_shift_layer_norm_backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    need_x, need_shift, need_scale, _ = ctx.needs_input_grad
+    args = (dy, x, scale, ctx.eps)
+    dx, dshift, dscale = (_scale_shift_layer_norm_bwd_impl(*args) if eager(dy)
+                          else _scale_shift_layer_norm_bwd_op(*args))
+    return (dx if need_x else None, dshift.to(ctx.shift_dtype) if need_shift else None,
+            dscale.to(scale.dtype) if need_scale else None, None)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, out, gate = inputs
+    ctx.save_for_backward(out, gate)  # dx is dy: x itself is not needed
+
+
+def _gated_residual_backward(ctx, dy):
+    out, gate = ctx.saved_tensors
+    need_x, need_out, need_gate = ctx.needs_input_grad
+    dout = dgate = None
+    if need_out or need_gate:
+        bwd = _gated_residual_bwd_impl if eager(dy) else _gated_residual_bwd_op
+        dout, dgate = bwd(dy, out, gate)
+    return (dy if need_x else None, dout if need_out else None,
+            dgate.to(gate.dtype) if need_gate else None)
+
+
+_scale_shift_layer_norm_op.register_autograd(_scale_shift_layer_norm_backward,
+                                             setup_context=_scale_shift_layer_norm_setup)
+_gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+
+
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def _check_x(x: torch.Tensor) -> None:
     check_tensor("x", x, min_ndim=2, dtypes=_DTYPES)
 
@@ -164,15 +281,13 @@ def scale_shift_layer_norm(
     x: (..., R, D) float32 / bfloat16 / float16. shift, scale: (..., 1, D) with x's leading dims, float32
     or x's dtype, broadcast over the R rows (``1 + scale`` is formed in scale's dtype). eps > 0.
     Returns a new contiguous tensor (..., R, D) of x's dtype.
-    Differentiable through the torch reference when autograd records the call."""
+    Differentiable (the fused backward: see the module doc)."""
     _check_x(x)
     _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
     check_same_device(x=x, shift=shift, scale=scale)
     eps = check_finite_number("eps", eps, positive=True)
-    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad):
-        return scale_shift_layer_norm_ref(x, shift, scale, eps)
-    if eager(x):
+    if eager(x) and not _needs_grad(x, shift, scale):
         return _scale_shift_layer_norm_impl(x, shift, scale, eps)
     return _scale_shift_layer_norm_op(x, shift, scale, eps)
 
@@ -182,7 +297,7 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
 
     x, out: (..., R, D) of one dtype, float32 / bfloat16 / float16. gate: (..., 1, D) with x's leading
     dims, float32 or x's dtype, broadcast over the R rows. Returns a new contiguous tensor (..., R, D) of
-    x's dtype. Differentiable through the torch reference when autograd records the call."""
+    x's dtype. Differentiable (the fused backward: see the module doc)."""
     _check_x(x)
     check_tensor("out", out)
     if out.shape != x.shape or out.dtype != x.dtype:
@@ -190,8 +305,6 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
                          f"{tuple(out.shape)} {out.dtype}")
     _check_mod("gate", gate, x)
     check_same_device(x=x, out=out, gate=gate)
-    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad or gate.requires_grad):
-        return gated_residual_ref(x, out, gate)
-    if eager(x):
+    if eager(x) and not _needs_grad(x, out, gate):
         return _gated_residual_impl(x, out, gate)
     return _gated_residual_op(x, out, gate)

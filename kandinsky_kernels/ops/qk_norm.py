@@ -10,8 +10,16 @@ Backends: ``cpu`` (csrc/qk_norm.cpp: rows of Dh in fp32, OpenMP over rows, a per
 arithmetic), ``triton`` (a block of rows per program; even and odd elements loaded apart, so the rotation
 is elementwise), ``reference`` (torch in fp32, :func:`kandinsky_kernels.reference.qk_norm.rms_norm_rope_ref`).
 
-Autograd: the custom op has no backward; :func:`rms_norm_rope` takes the differentiable reference when
-autograd would record the call, so training still gets gradients (through the unfused ops).
+Autograd: the custom op carries a backward (``register_autograd``), itself a custom op with a fake
+implementation, so training runs the fused forward, eagerly and under ``torch.compile(fullgraph=True)``.
+Saved: the inputs only; the backward recomputes each row's rstd from x (a sum of Dh squares: cheaper than
+keeping a (B, S, H) fp32 tensor alive from forward to backward, and x is needed anyway for x_hat). dx and
+dweight come from one pass (cpu: csrc/qk_norm.cpp; dweight summed over all B * S * H rows in fp32 per fixed
+block of rows, the blocks added in order in double: deterministic, no atomics), dweight returned in weight's
+dtype. On ``triton`` and ``reference`` the backward is the plain-torch formula in fp32
+(:func:`_rms_norm_rope_bwd_torch`). Gradients of cos / sin (the model's angles are buffers, so rarely
+wanted) are formed in torch when asked for. The backward custom op chooses its backend again when it runs
+(it needs nothing the forward's kernel produced). No double backward.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ __all__ = ["rms_norm_rope"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CPP = cpp_op("rms_norm_rope")
+_CPP_BWD = cpp_op("rms_norm_rope_backward")
 _FP32_EPS = torch.finfo(torch.float32).eps
 
 if HAS_TRITON:
@@ -121,6 +130,84 @@ def _(x, weight, cos, sin, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _unrotate(dz, cos, sin):
+    """The gradient of the rotation's input from its output's: each pair rotated back by the angle."""
+    z0, z1 = dz[..., 0::2], dz[..., 1::2]
+    c, s = cos.float(), sin.float()
+    return torch.stack((z0 * c + z1 * s, z1 * c - z0 * s), -1).flatten(-2)
+
+
+def _rms_norm_rope_bwd_torch(dz, x, weight, cos, sin, eps):
+    """The backward in plain torch, fp32: (dx in x's dtype, dweight fp32 (Dh,))."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    dy = dz.float() if cos is None else _unrotate(dz.float(), cos, sin)
+    g = dy * weight.float()
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), (dy * xhat).sum((0, 1, 2))
+
+
+def _rms_norm_rope_bwd_impl(dz, x, weight, cos, sin, eps):
+    if _backend_bwd(x.device) == "cpu":
+        return _CPP_BWD(dz, x, weight, cos, sin, eps)
+    dx, dw = _rms_norm_rope_bwd_torch(dz, x, weight, cos, sin, eps)
+    return dx.contiguous(), dw
+
+
+def _backend_bwd(device: torch.device) -> str:
+    return select_backend("rms_norm_rope", device, {"triton": HAS_TRITON, "cpu": _CPP_BWD is not None})
+
+
+@torch.library.custom_op("kandinsky_kernels::rms_norm_rope_backward", mutates_args=())
+def _rms_norm_rope_bwd_op(
+    dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_rope_bwd_impl(dz, x, weight, cos, sin, eps)
+
+
+@_rms_norm_rope_bwd_op.register_fake
+def _(dz, x, weight, cos, sin, eps):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+def _angle_grads(dz, x, weight, cos, sin, eps):
+    """d cos, d sin (in their dtypes) from the normalised rows before the rotation, summed over heads (and
+    over the batch for angles shared by it)."""
+    y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps)
+    y0, y1 = y[..., 0::2], y[..., 1::2]
+    z0, z1 = dz.float()[..., 0::2], dz.float()[..., 1::2]
+    dc = (z0 * y0 + z1 * y1).sum(2, keepdim=True)
+    ds = (z1 * y0 - z0 * y1).sum(2, keepdim=True)
+    if cos.shape[0] != x.shape[0]:
+        dc, ds = dc.sum(0, keepdim=True), ds.sum(0, keepdim=True)
+    return dc.to(cos.dtype), ds.to(sin.dtype)
+
+
+def _rms_norm_rope_setup(ctx, inputs, output):
+    x, weight, cos, sin, eps = inputs
+    ctx.save_for_backward(x, weight, cos, sin)  # rstd is recomputed from x: see the module doc
+    ctx.eps = eps
+
+
+def _rms_norm_rope_backward(ctx, dz):
+    x, weight, cos, sin = ctx.saved_tensors
+    need_x, need_w, need_cos, need_sin, _ = ctx.needs_input_grad
+    dx = dw = dcos = dsin = None
+    if need_x or need_w:
+        args = (dz, x, weight, cos, sin, ctx.eps)
+        dx, dw = _rms_norm_rope_bwd_impl(*args) if eager(dz) else _rms_norm_rope_bwd_op(*args)
+    if need_cos or need_sin:
+        dcos, dsin = _angle_grads(dz, x, weight, cos, sin, ctx.eps)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+            dcos if need_cos else None, dsin if need_sin else None, None)
+
+
+_rms_norm_rope_op.register_autograd(_rms_norm_rope_backward, setup_context=_rms_norm_rope_setup)
+
+
 def _check(x, weight, cos, sin, eps) -> None:
     check_tensor("x", x, ndim=4, dtypes=_DTYPES)
     b, s, _, dh = x.shape
@@ -155,11 +242,11 @@ def rms_norm_rope(
     (the angles of each token's pairs; fp32 recommended), or both None for the RMSNorm alone. eps defaults to
     the fp32 machine epsilon (the official module's ``eps=None``). Returns a new contiguous (B, S, H, Dh)
     tensor of x's dtype: ``y = x / sqrt(mean(x^2) + eps) * weight`` over Dh, then each pair
-    (y[2j], y[2j + 1]) -> (y0 cos - y1 sin, y0 sin + y1 cos). Differentiable through the torch reference
-    when autograd records the call."""
+    (y[2j], y[2j + 1]) -> (y0 cos - y1 sin, y0 sin + y1 cos). Differentiable (the fused backward: see the
+    module doc)."""
     _check(x, weight, cos, sin, eps)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, cos, sin)):
-        return rms_norm_rope_ref(x, weight, cos, sin, float(eps))
-    if eager(x):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, cos, sin))
+    if eager(x) and not needs_grad:
         return _rms_norm_rope_impl(x, weight, cos, sin, float(eps))
     return _rms_norm_rope_op(x, weight, cos, sin, float(eps))
