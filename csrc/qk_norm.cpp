@@ -112,6 +112,21 @@ void bwd_rows_kernel(const T* dz, const T* x, const float* w, const float* cs, c
   }
 }
 
+// cos / sin checked ((1 or B), S, 1, Dh / 2, one shape) and widened to contiguous fp32; with their batch size.
+std::tuple<at::Tensor, at::Tensor, int64_t> angles_f32(const at::Tensor& cos, const at::Tensor& sin, int64_t B,
+                                                      int64_t S, int64_t Dh) {
+  KK_CHECK(Dh % 2 == 0, "the rotation needs an even head dim, got ", Dh);
+  for (const at::Tensor* t : {&cos, &sin}) {
+    KK_CHECK_CPU(*t);
+    KK_CHECK(t->dim() == 4 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) == 1 &&
+                 t->size(3) == Dh / 2,
+             "cos and sin must be (1 or ", B, ", ", S, ", 1, ", Dh / 2, "), got shape ", t->sizes());
+  }
+  KK_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have one shape, got ", cos.sizes(), " and ", sin.sizes());
+  at::Tensor c = cos.to(at::kFloat).contiguous();
+  return {c, sin.to(at::kFloat).contiguous(), c.size(0)};
+}
+
 at::Tensor rms_norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& cos,
                              const c10::optional<at::Tensor>& sin, double eps) {
   KK_CHECK_CPU(x);
@@ -125,20 +140,7 @@ at::Tensor rms_norm_rope_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   KK_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
   at::Tensor c, s;
   int64_t cos_b = 1;
-  if (cos.has_value()) {
-    KK_CHECK(Dh % 2 == 0, "the rotation needs an even head dim, got ", Dh);
-    for (const at::Tensor* t : {&*cos, &*sin}) {
-      KK_CHECK_CPU(*t);
-      KK_CHECK(t->dim() == 4 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) == 1 &&
-                   t->size(3) == Dh / 2,
-               "cos and sin must be (1 or ", B, ", ", S, ", 1, ", Dh / 2, "), got shape ", t->sizes());
-    }
-    KK_CHECK(cos->sizes() == sin->sizes(), "cos and sin must have one shape, got ", cos->sizes(), " and ",
-             sin->sizes());
-    c = cos->to(at::kFloat).contiguous();
-    s = sin->to(at::kFloat).contiguous();
-    cos_b = c.size(0);
-  }
+  if (cos.has_value()) std::tie(c, s, cos_b) = angles_f32(*cos, *sin, B, S, Dh);
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor y = at::empty_like(xc);
@@ -178,19 +180,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_rope_backward_cpu(const at::Tensor& 
   KK_CHECK(cos.has_value() == sin.has_value(), "cos and sin must be given together");
   at::Tensor c, s;
   int64_t cos_b = 1;
-  if (cos.has_value()) {
-    KK_CHECK(Dh % 2 == 0, "the rotation needs an even head dim, got ", Dh);
-    for (const at::Tensor* t : {&*cos, &*sin}) {
-      KK_CHECK_CPU(*t);
-      KK_CHECK(t->dim() == 4 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) == 1 &&
-                   t->size(3) == Dh / 2,
-               "cos and sin must be (1 or ", B, ", ", S, ", 1, ", Dh / 2, "), got shape ", t->sizes());
-    }
-    KK_CHECK(cos->sizes() == sin->sizes(), "cos and sin must have one shape");
-    c = cos->to(at::kFloat).contiguous();
-    s = sin->to(at::kFloat).contiguous();
-    cos_b = c.size(0);
-  }
+  if (cos.has_value()) std::tie(c, s, cos_b) = angles_f32(*cos, *sin, B, S, Dh);
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(xc);

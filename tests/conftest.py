@@ -77,6 +77,21 @@ def assert_exact(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> 
         raise AssertionError(f"{name}: {int(diff.sum())} elements differ, first at {where}")
 
 
+def assert_same_bits_across_threads(fn) -> None:
+    """fn() -> a sequence of tensors; equal bit for bit with 1 thread and with 2 (or all) threads, e.g. for
+    a reduction that promises a fixed order."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            runs.append(list(fn()))
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_exact(b, a, f"result {i} with {max(2, threads)} threads vs 1")
+
+
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, assert_close_to_reference, backend_and_device
+from conftest import HAS_CUDA, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
 from kandinsky_kernels.reference.adaln import gated_residual_ref, scale_shift_layer_norm_ref
@@ -422,17 +422,8 @@ def test_backward_deterministic_across_threads():
     x = _x((1, 300, 1792), 1.0, 0.0, torch.bfloat16, "cpu")
     shift, scale = _mods((1, 1, 1792), "cpu")
     dy = torch.randn(x.shape).bfloat16()
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            runs.append(_grads(scale_shift_layer_norm, (x, shift, scale), dy)
-                        + _grads(gated_residual, (x, x, shift), dy))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_same_bits_across_threads(lambda: _grads(scale_shift_layer_norm, (x, shift, scale), dy)
+                                    + _grads(gated_residual, (x, x, shift), dy))
 
 
 def test_backward_ops_opcheck():

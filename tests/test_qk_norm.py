@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, backend_and_device
+from conftest import assert_close_to_reference, assert_same_bits_across_threads, backend_and_device
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
 from kandinsky_kernels.reference.qk_norm import rms_norm_rope_ref
@@ -301,16 +301,7 @@ def test_backward_finite_differences():
 def test_backward_deterministic_across_threads():
     x, w, cos, sin = _grad_inputs((1, 64, 28, 64, 1), torch.bfloat16, "cpu")
     dy = torch.randn(x.shape).bfloat16()
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            runs.append(_grads(lambda a, b: rms_norm_rope(a, b, cos, sin), (x, w), dy))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_same_bits_across_threads(lambda: _grads(lambda a, b: rms_norm_rope(a, b, cos, sin), (x, w), dy))
 
 
 def test_backward_opcheck():
