@@ -267,7 +267,14 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
   const int64_t chunk = chunk_blocks(bs);
   bool stage = false;  // the policy copies each task's query block into qst (Fp32Products::stage_q)
   if constexpr (kPf) stage = ops.stage_q;
-  over_query_blocks(p, [&](int64_t begin, int64_t end) {
+  // AVX2: 32 pieces per thread (not 8): a thread that the host slows down leaves the others at most one
+  // piece to wait for at the end, 1/64 of the work on 2 threads instead of 1/16 (paired runs at S = 8192,
+  // H = 4, 10 %: 2-6 % faster at D = 128, 1-8 % at D = 64). A piece's first task loses the prefetch of
+  // its first K^T tile and query rows; on the AVX-512 path (fp32 on this AMX machine) the same split
+  // read 2-5 % slower in paired runs (noisy), so it keeps 8.
+  const int64_t pieces = KK_VEC_BITS == 256 ? 32 : 8;
+  over_query_blocks(
+      p, [&](int64_t begin, int64_t end) {
     AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs), rmax(kMaxFused ? bs * kW : 0);
     AVec<float> qst(stage ? bs * padded_ld(D) : 0);
     std::vector<int32_t> blocks, next_blocks;
@@ -352,7 +359,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
       }
       store_rows(O, b, h, s0, bs, D, 1.f, acc.data());
     }
-  });
+      },
+      pieces);
 }
 
 
