@@ -157,14 +157,14 @@ inline int64_t active_blocks(const Problem& p, int64_t b, int64_t h, int64_t i, 
 
 // at::parallel_for splits a range evenly by count, but NABLA rows differ a lot in active blocks
 // (dense heads next to sparse ones), and on a shared machine one thread may get less CPU time. So
-// the tasks are cut into 8 contiguous pieces per thread of about equal cost (cost(task) = active
-// blocks + 1; contiguous pieces keep K/V in cache) which the threads take from a shared counter.
+// the tasks are cut into `per_thread` (8) contiguous pieces per thread of about equal cost (cost(task) =
+// active blocks + 1; contiguous pieces keep K/V in cache) which the threads take from a shared counter.
 template <typename Cost, typename Body>
-void parallel_balanced(int64_t n, const Cost& cost, const Body& body) {
+void parallel_balanced(int64_t n, const Cost& cost, const Body& body, int64_t per_thread = 8) {
   std::vector<int64_t> prefix(n + 1, 0);
   for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + cost(t) + 1;
   const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, 8 * threads));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, per_thread * threads));
   auto start = [&](int64_t part) {
     const int64_t target = prefix[n] * part / parts;
     return static_cast<int64_t>(std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin());
@@ -177,12 +177,12 @@ void parallel_balanced(int64_t n, const Cost& cost, const Body& body) {
 
 // parallel_balanced over the (b, h, query block) tasks, each costing its active key blocks.
 template <typename Body>
-void over_query_blocks(const Problem& p, const Body& body) {
+void over_query_blocks(const Problem& p, const Body& body, int64_t per_thread = 8) {
   const int64_t nb = p.nq, H = p.H;
   const auto cost = [&](int64_t task) {
     return p.kv_count(p.mask_row(task / (nb * H), (task / nb) % H, task % nb));
   };
-  parallel_balanced(p.B * H * nb, cost, body);
+  parallel_balanced(p.B * H * nb, cost, body, per_thread);
 }
 
 // One (B, S, H, D) input in the two fp32 layouts gemm() wants, so the inner loops never gather or

@@ -305,9 +305,19 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
   const Bshd<T> O(out, p.tok);
   float* L = lse.data_ptr<float>();
   const int64_t chunk = chunk_blocks(bs);
-  over_query_blocks(p, [&](int64_t begin, int64_t end) {
+  bool stage = false;  // the policy copies each task's query block into qst (Fp32Products::stage_q)
+  if constexpr (kPf) stage = ops.stage_q;
+  // AVX2: 32 pieces per thread (not 8): a thread that the host slows down leaves the others at most one
+  // piece to wait for at the end, 1/64 of the work on 2 threads instead of 1/16 (paired runs at S = 8192,
+  // H = 4, 10 %: 2-6 % faster at D = 128, 1-8 % at D = 64). A piece's first task loses the prefetch of
+  // its first K^T tile and query rows; on the AVX-512 path (fp32 on this AMX machine) the same split
+  // read 2-5 % slower in paired runs (noisy), so it keeps 8.
+  const int64_t pieces = KK_VEC_BITS == 256 ? 32 : 8;
+  over_query_blocks(
+      p, [&](int64_t begin, int64_t end) {
     AVec<float> acc(bs * D), st(bs * chunk * bs), m(bs), l(bs), rmax(kMaxFused ? bs * kW : 0);
     AVec<uint16_t> p16(kP16 ? bs * chunk * bs : 0);
+    AVec<float> qst(stage ? bs * padded_ld(D) : 0);
     std::vector<int32_t> blocks, next_blocks;
     std::vector<int8_t> modes, next_modes;
     int64_t next_n = -1;  // next_blocks holds task + 1's list when >= 0
@@ -326,6 +336,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
       const int64_t tn = task + 1, in = tn % nb, hn = (tn / nb) % p.H, bn = tn / (nb * p.H);
       next_n = -1;
       if (kPf && tn < end) next_n = active_blocks(p, bn, hn, in, next_blocks, next_modes);
+      if constexpr (kPf)
+        if (stage && n > 0) ops.stage(b, h, i, qst.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -kInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -341,7 +353,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
             else if (next_n > 0)
               ops.pf_tile(pf, kK, bn, hn, next_blocks[0]);
             ops.pf_rows(pf, kV, b, h, blocks[c0 + c] * bs);
-            ops.scores_pf(b, h, i, blocks[c0 + c], st.data() + c * bs, cols, pf, kMaxFused ? rmax.data() : nullptr);
+            ops.scores_pf(b, h, i, blocks[c0 + c], st.data() + c * bs, cols, pf, kMaxFused ? rmax.data() : nullptr,
+                          stage ? qst.data() : nullptr);
           } else {
             ops.scores(b, h, i, blocks[c0 + c], st.data() + c * bs, cols);
           }
@@ -376,7 +389,7 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
         }
         if constexpr (kPf) {
           Prefetch pf;
-          if (c0 + chunk >= n && next_n >= 0) ops.pf_rows(pf, kQ, bn, hn, in * bs);
+          if (c0 + chunk >= n && next_n >= 0) ops.pf_query(pf, bn, hn, in);
           ops.acc_rows_pf(kV, b, h, blocks.data() + c0, nc, 1.f, st.data(), cols, acc.data(), pf);
         } else if constexpr (kP16) {
           ops.acc_rows_bf16(kV, b, h, blocks.data() + c0, nc, 1.f, p16.data(), cols, acc.data());
@@ -396,7 +409,8 @@ void forward_loop(const Problem& p, const Ops& ops, at::Tensor& out, at::Tensor&
       }
       store_rows(O, b, h, s0, bs, D, 1.f, acc.data());
     }
-  });
+      },
+      pieces);
 }
 
 
@@ -447,16 +461,20 @@ struct Fp32Products {
   const Problem& p;
   Packed X[4];  // indexed by Operand
   float qmul;
+  Bshd<T> qin;   // the query input, for stage_q
+  // AVX2 forward: each task's query block is copied (stage) into the forward loop's scratch at padded_ld.
+  // Read in place as the A operand of the scores, its rows at the input's power-of-two stride fall into
+  // 16 of the 64 L1 sets, so a query block (32 KiB at D = 128) cannot stay in L1 across the key blocks it
+  // meets. Copied per task rather than packed up front (as it was): no 18 MiB panel to fault in, write
+  // back and read again at S = 8192, H = 4, D = 128; the copy stays in L1/L2 for the task's products.
+  bool stage_q;
 
   Fp32Products(const Problem& p_, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& dout, Mode mode)
-      : p(p_), qmul(p_.scale * kLog2e) {
+      : p(p_), qmul(p_.scale * kLog2e), qin(q, p_.tok), stage_q(mode == kForward && KK_VEC_BITS == 256) {
     const bool bwd = mode != kForward, two = mode == kBackwardTwoPass;
     // B operands of acc_rows: V in the forward; Q (dK), dO (dV) and K (dQ) in the backward.
-    // AVX2 forward: Q copied at padded_ld too. Read in place as the A operand of the scores, its rows at
-    // the input's power-of-two stride fall into 16 of the 64 L1 sets, so a query block (32 KiB at
-    // D = 128) cannot stay in L1 across the key blocks it meets.
-    X[kQ] = pack<T>(q, p, bwd || KK_VEC_BITS == 256 ? kRowsB : kRowsA, bwd);
+    X[kQ] = pack<T>(q, p, bwd ? kRowsB : stage_q ? kNoRows : kRowsA, bwd);
     X[kK] = pack<T>(k, p, bwd ? kRowsB : kNoRows, mode != kBackwardFused, qmul);
     X[kV] = pack<T>(v, p, bwd ? kRowsA : kRowsB, two);
     if (bwd) X[kDO] = pack<T>(dout, p, kRowsB, true);
@@ -477,10 +495,22 @@ struct Fp32Products {
 
   // The same products, bringing pf's ranges into L2 meanwhile (forward_loop).
   // rmax: see gemm_blocks (vector paths; nullptr on the baseline path)
+  // qa: the query block staged by stage() (stage_q), else null
   void scores_pf(int64_t b, int64_t h, int64_t i, int64_t j, float* st, int64_t ld, const Prefetch& pf,
-                 float* rmax) const {
-    gemm(p.bs, p.bs, p.D, 1.f, X[kQ].row(b, h, i * p.bs), X[kQ].ld, X[kK].tile(b, h, j), p.bs, false, st, ld, &pf,
-         rmax);
+                 float* rmax, const float* qa = nullptr) const {
+    gemm(p.bs, p.bs, p.D, 1.f, qa ? qa : X[kQ].row(b, h, i * p.bs), qa ? padded_ld(p.D) : X[kQ].ld,
+         X[kK].tile(b, h, j), p.bs, false, st, ld, &pf, rmax);
+  }
+  // stage_q: query block i of (b, h) into dst (bs rows of padded_ld(D) floats), as fp32
+  void stage(int64_t b, int64_t h, int64_t i, float* dst) const {
+    load_rows(qin, b, h, i * p.bs, p.bs, p.D, 1.f, dst, padded_ld(p.D));
+  }
+  // Adds query block i's rows (those the next stage() or scores read) to pf.
+  void pf_query(Prefetch& pf, int64_t b, int64_t h, int64_t i) const {
+    if (!stage_q)
+      pf_rows(pf, kQ, b, h, i * p.bs);
+    else if (!qin.indexed())
+      pf.add(qin.row(b, i * p.bs, h), p.bs, p.D * sizeof(T), qin.ss * sizeof(T));
   }
   void acc_rows_pf(Operand x, int64_t b, int64_t h, const int32_t* js, int64_t n, float alpha, const float* A,
                    int64_t lda, float* acc, const Prefetch& pf) const {
