@@ -271,7 +271,8 @@ template <class Ops>
 struct TakesPrefetch<Ops, std::void_t<decltype(&Ops::scores_pf)>> : std::true_type {};
 
 // Whether a product policy multiplies P in bf16 (Bf16Products): the forward's exp pass then writes P as
-// bf16 (ops.exp2_sum_bf16, i.e. row_exp2_sum_bf16) and hands it to acc_rows_bf16, with no fp32 copy of P converted afterwards.
+// bf16 (ops.exp2_sum_bf16, i.e. row_exp2_sum_bf16) and hands it to acc_rows_bf16, with no fp32 copy of P
+// converted afterwards.
 template <class Ops, class = void>
 struct TakesBf16P : std::false_type {};
 template <class Ops>
