@@ -92,6 +92,23 @@ def assert_same_bits_across_threads(fn) -> None:
         assert_exact(b, a, f"result {i} with {max(2, threads)} threads vs 1")
 
 
+def capturing_aot_backend():
+    """(backend, graphs): a torch.compile backend running aot_autograd with eager compilers that keep the
+    code of each forward graph in graphs["fw"] and of each backward graph in graphs["bw"]."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")), graphs
+
+
 HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device
+from conftest import (
+    HAS_CUDA, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device, capturing_aot_backend,
+)
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
 from kandinsky_kernels.reference.adaln import gated_residual_ref, scale_shift_layer_norm_ref
@@ -444,17 +446,9 @@ def test_backward_ops_opcheck():
 def test_compile_fullgraph_backward():
     """Forward + backward of a block using both ops compile with 0 graph breaks; the forward graph holds
     the forward custom ops, the backward graph the backward custom ops, and the gradients equal eager's."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
 
-    graphs = {"fw": [], "bw": []}
-
-    def capture(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm.code)
-            return make_boxed_func(gm.forward)
-        return compiler
+    backend, graphs = capturing_aot_backend()
 
     def block(x, h, shift, scale, gate):
         y = scale_shift_layer_norm(x, shift, scale)
@@ -468,8 +462,7 @@ def test_compile_fullgraph_backward():
     want = _grads(block, inputs, dy)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")),
-                             fullgraph=True)
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
     got = _grads(compiled, inputs, dy)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1

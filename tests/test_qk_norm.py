@@ -14,7 +14,9 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close_to_reference, assert_same_bits_across_threads, backend_and_device
+from conftest import (
+    assert_close_to_reference, assert_same_bits_across_threads, backend_and_device, capturing_aot_backend,
+)
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
 from kandinsky_kernels.reference.qk_norm import rms_norm_rope_ref
@@ -320,17 +322,9 @@ def test_backward_opcheck():
 def test_compile_fullgraph_backward():
     """Forward + backward compile with 0 graph breaks, the backward graph holds the backward custom op,
     and the gradients equal eager's."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.utils import counters
 
-    graphs = {"fw": [], "bw": []}
-
-    def capture(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm.code)
-            return make_boxed_func(gm.forward)
-        return compiler
+    backend, graphs = capturing_aot_backend()
 
     def f(x, w, cos, sin):
         return rms_norm_rope(x, w, cos, sin) * 2 + rms_norm_rope(x, w)
@@ -340,8 +334,7 @@ def test_compile_fullgraph_backward():
     want = _grads(lambda a, b: f(a, b, cos, sin), (x, w), dy)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=capture("fw"), bw_compiler=capture("bw")),
-                             fullgraph=True)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
     got = _grads(lambda a, b: compiled(a, b, cos, sin), (x, w), dy)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1
