@@ -3,8 +3,8 @@
 //
 // group_norm_silu: pass 1 reads x once per (b, group) for the statistics (fp32 lanes over chunks of
 // kChunk elements, shifted by the group's first element against cancellation, accumulated in double);
-// pass 2 reads x once more and writes y = silu?(x * a_c + b_c) once, a_c = rstd * gamma_c,
-// b_c = beta_c - mean * a_c (fp32). With pad (pt, ph, pw) the output is (B, C, T + pt, H + 2 ph, W + 2 pw):
+// pass 2 reads x once more and writes y = silu?(x * a_c + b_c) once, a_c = rstd * gamma_c (in double,
+// applied as two floats), b_c = beta_c - mean * a_c (double, rounded once). With pad (pt, ph, pw) the output is (B, C, T + pt, H + 2 ph, W + 2 pw):
 // frame 0 repeated pt times in front, border rows/columns replicated; so the causal conv that follows
 // runs with padding 0 and no padded copy of the activation is ever made.
 // causal_pad3d: the same padded layout from an existing tensor by index arithmetic (one read, one
@@ -33,11 +33,12 @@ constexpr int64_t kChunk = 4096;
 constexpr int64_t kSerialElems = 1 << 18;
 inline int64_t grain_for(int64_t per_task) { return std::max<int64_t>(1, kSerialElems / std::max<int64_t>(per_task, 1)); }
 
-// Sums of (x - pivot) and (x - pivot)^2 over n <= kChunk floats in fp32, written with GCC vector types:
+// Sums of (x - pivot) and (x - pivot)^2 in fp32 lanes, written with GCC vector types:
 // the build has no -ffast-math, so the compiler may not reassociate (vectorise) a plain reduction loop, and
 // an array of independent lanes got outer-loop vectorised with permutes. 32-byte vectors: one ymm on the
 // x86-64-v3/v4 clones, two xmm on the baseline one; two accumulators each hide the add latency.
 typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
 // Adds the 16 floats at x, less the pivots (pa, pb), to the sums (sa, sb) and their squares to (qa, qb).
 inline void add_shifted16(const float* x, v8f pa, v8f pb, v8f& sa, v8f& sb, v8f& qa, v8f& qb) {
   v8f a, b;
@@ -51,23 +52,36 @@ inline void add_shifted16(const float* x, v8f pa, v8f pb, v8f& sa, v8f& sb, v8f&
   qb += b * b;
 }
 
-KK_CLONES void shifted_sums(const float* x, int64_t n, float pivot, float* s_out, float* ss_out) {
-  v8f s0 = {}, s1 = {}, q0 = {}, q1 = {};
-  int64_t i = 0;
+// The fp32 lanes run over kRun vectors at most, then are added into double: each group's mean and
+// variance scale every element of the group, so their error is one every element shares (and the next
+// convolution sums coherently). fp32 runs of 256 floats per lane left ~1e-7 relative error in a group's
+// variance; runs of 16 leave ~1e-9, for 1/8 more adds in a memory-bound pass.
+constexpr int64_t kRun = 16;
+
+// Adds the sums of (x - pivot) and (x - pivot)^2 over n floats to *s_out and *ss_out.
+KK_CLONES void shifted_sums(const float* x, int64_t n, float pivot, double* s_out, double* ss_out) {
   const v8f pv = v8f{} + pivot;
-  for (; i + 16 <= n; i += 16) add_shifted16(x + i, pv, pv, s0, s1, q0, q1);
-  float ts = 0.f, tss = 0.f;
+  v8d ds = {}, dq = {};
+  int64_t i = 0;
+  while (i + 16 <= n) {
+    v8f s0 = {}, s1 = {}, q0 = {}, q1 = {};
+    const int64_t stop = std::min(n - 15, i + 16 * kRun);
+    for (; i < stop; i += 16) add_shifted16(x + i, pv, pv, s0, s1, q0, q1);
+    ds += __builtin_convertvector(s0, v8d) + __builtin_convertvector(s1, v8d);
+    dq += __builtin_convertvector(q0, v8d) + __builtin_convertvector(q1, v8d);
+  }
+  double ts = 0.0, tss = 0.0;
+  for (int j = 0; j < 8; ++j) {
+    ts += ds[j];
+    tss += dq[j];
+  }
   for (; i < n; ++i) {
-    const float d = x[i] - pivot;
+    const double d = x[i] - pivot;
     ts += d;
     tss += d * d;
   }
-  for (int j = 0; j < 8; ++j) {
-    ts += s0[j] + s1[j];
-    tss += q0[j] + q1[j];
-  }
-  *s_out = ts;
-  *ss_out = tss;
+  *s_out += ts;
+  *ss_out += tss;
 }
 
 // exp(x) for the SiLU, branch-free so that it vectorises (Cephes' expf polynomial; ~1 ulp on [-87, 88]).
@@ -91,16 +105,31 @@ static inline float fast_exp(float x) {
   return p * scale;
 }
 
-// y = x * a + b, then SiLU (y / (1 + exp(-y))) when silu.
-KK_CLONES void affine_row(const float* x, int64_t n, float a, float b, bool silu, float* y) {
+// y = x * (a + a_lo) + b, then SiLU (y / (1 + exp(-y))) when silu. The scale is carried as two floats
+// (a + a_lo, from the double rstd * gamma): a scale rounded to one float errs by up to half an ulp for a
+// whole group, an error every element shares, which the next convolution sums coherently (a tiny random
+// VAE ended up 2-4x less accurate than torch's GroupNorm for it on some seeds). One more FMA per element.
+KK_CLONES void affine_row(const float* x, int64_t n, float a, float a_lo, float b, bool silu, float* y) {
   if (silu) {
     for (int64_t i = 0; i < n; ++i) {
-      const float v = x[i] * a + b;
+      const float v = x[i] * a + (x[i] * a_lo + b);
       y[i] = v / (1.f + fast_exp(-v));
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a + b;
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * a + (x[i] * a_lo + b);
   }
+}
+
+// The per-channel affine of a group norm, y = x * scale + shift, from the double statistics: scale as
+// hi + lo floats (see affine_row), shift rounded once.
+struct ChannelAffine {
+  float a, a_lo, b;
+};
+
+inline ChannelAffine channel_affine(double mean, double rstd, const float* gamma, const float* beta, int64_t c) {
+  const double a = rstd * (gamma ? gamma[c] : 1.f);
+  const float hi = static_cast<float>(a);
+  return {hi, static_cast<float>(a - hi), static_cast<float>((beta ? beta[c] : 0.f) - mean * a)};
 }
 
 #include "f32_rows.h"  // inside the anonymous namespace: this file's own clones
@@ -118,7 +147,7 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
   const int64_t To = T + pt, Ho = H + 2 * ph, Wo = W + 2 * pw;
   const E* xp = x.data_ptr<E>();
   E* yp = y.data_ptr<E>();
-  std::vector<float> mean(B * G), rstd(B * G);
+  std::vector<double> mean(B * G), rstd(B * G);
 
   at::parallel_for(0, B * G, grain_for(cpg * S), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same<E, float>::value ? 0 : kChunk);
@@ -136,15 +165,12 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
           load_f32(g + i0, m, buf.data());
           f = buf.data();
         }
-        float cs, css;
-        shifted_sums(f, m, pivot, &cs, &css);
-        s += cs;
-        ss += css;
+        shifted_sums(f, m, pivot, &s, &ss);
       }
       const double mu = s / n;
       const double var = std::max(ss / n - mu * mu, 0.0);
-      mean[bg] = static_cast<float>(mu + pivot);
-      rstd[bg] = static_cast<float>(1.0 / std::sqrt(var + eps));
+      mean[bg] = mu + pivot;
+      rstd[bg] = 1.0 / std::sqrt(var + eps);
     }
   });
 
@@ -154,8 +180,7 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % T, bc = task / T, c = bc % C, b = bc / C;
       const int64_t bg = b * G + c / cpg;
-      const float gm = gamma ? gamma[c] : 1.f, bt = beta ? beta[c] : 0.f;
-      const float a = rstd[bg] * gm, sh = bt - mean[bg] * a;
+      const ChannelAffine af = channel_affine(mean[bg], rstd[bg], gamma, beta, c);
       const E* src = xp + (bc * T + t) * H * W;
       E* frame = yp + (bc * To + t + pt) * Ho * Wo;
       for (int64_t h = 0; h < H; ++h) {
@@ -168,9 +193,9 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
           fin = in.data();
         }
         if constexpr (std::is_same<E, float>::value) {
-          affine_row(fin, W, a, sh, silu, row + pw);
+          affine_row(fin, W, af.a, af.a_lo, af.b, silu, row + pw);
         } else {
-          affine_row(fin, W, a, sh, silu, out.data());
+          affine_row(fin, W, af.a, af.a_lo, af.b, silu, out.data());
           store_from_f32(out.data(), W, row + pw);
         }
         for (int64_t i = 0; i < pw; ++i) {
@@ -190,27 +215,36 @@ void group_norm_silu_kernel(const at::Tensor& x, const float* gamma, const float
 }
 
 // ---- channels-last-3d (B, T, H, W, C in memory): the same ops with the channel vector as the inner unit.
-// Per-channel sums of (x - p_c) and (x - p_c)^2 over n rows of C channels (fp32; independent lanes, so
-// the loop vectorises over c without reassociation).
-KK_CLONES void cl_shifted_sums(const float* x, int64_t n, int64_t C, const float* p, float* s, float* q) {
+// Per-channel sums of (x - p_c) and (x - p_c)^2 over n rows of C channels, into s and q (fp32 lanes over
+// runs of kRun rows, added into double; independent lanes, so the loop vectorises over c without
+// reassociation).
+KK_CLONES void cl_shifted_sums(const float* x, int64_t n, int64_t C, const float* p, double* s, double* q) {
+  for (int64_t c = 0; c < C; ++c) s[c] = q[c] = 0.0;
   int64_t c0 = 0;
   // 16 channels at a time with the accumulators in registers (one zmm, or two ymm / four xmm), rows strided
   for (; c0 + 16 <= C; c0 += 16) {
-    v8f pa, pb, sa = {}, sb = {}, qa = {}, qb = {};
+    v8f pa, pb;
     std::memcpy(&pa, p + c0, sizeof(pa));
     std::memcpy(&pb, p + c0 + 8, sizeof(pb));
-    for (int64_t r = 0; r < n; ++r) add_shifted16(x + r * C + c0, pa, pb, sa, sb, qa, qb);
-    std::memcpy(s + c0, &sa, sizeof(sa));
-    std::memcpy(s + c0 + 8, &sb, sizeof(sb));
-    std::memcpy(q + c0, &qa, sizeof(qa));
-    std::memcpy(q + c0 + 8, &qb, sizeof(qb));
+    v8d dsa = {}, dsb = {}, dqa = {}, dqb = {};
+    for (int64_t r0 = 0; r0 < n; r0 += kRun) {
+      v8f sa = {}, sb = {}, qa = {}, qb = {};
+      for (int64_t r = r0; r < std::min(n, r0 + kRun); ++r) add_shifted16(x + r * C + c0, pa, pb, sa, sb, qa, qb);
+      dsa += __builtin_convertvector(sa, v8d);
+      dsb += __builtin_convertvector(sb, v8d);
+      dqa += __builtin_convertvector(qa, v8d);
+      dqb += __builtin_convertvector(qb, v8d);
+    }
+    std::memcpy(s + c0, &dsa, sizeof(dsa));
+    std::memcpy(s + c0 + 8, &dsb, sizeof(dsb));
+    std::memcpy(q + c0, &dqa, sizeof(dqa));
+    std::memcpy(q + c0 + 8, &dqb, sizeof(dqb));
   }
-  for (int64_t c = c0; c < C; ++c) s[c] = q[c] = 0.f;
   if (c0 < C) {
     for (int64_t r = 0; r < n; ++r) {
       const float* row = x + r * C;
       for (int64_t c = c0; c < C; ++c) {
-        const float d = row[c] - p[c];
+        const double d = row[c] - p[c];
         s[c] += d;
         q[c] += d * d;
       }
@@ -218,18 +252,19 @@ KK_CLONES void cl_shifted_sums(const float* x, int64_t n, int64_t C, const float
   }
 }
 
-// y[w, c] = silu?(x[w, c] * a[c] + b[c]) for n consecutive channel vectors.
-KK_CLONES void cl_affine(const float* x, int64_t n, int64_t C, const float* a, const float* b, bool silu, float* y) {
+// y[w, c] = silu?(x[w, c] * (a[c] + a_lo[c]) + b[c]) for n consecutive channel vectors (see affine_row).
+KK_CLONES void cl_affine(const float* x, int64_t n, int64_t C, const float* a, const float* a_lo, const float* b,
+                         bool silu, float* y) {
   for (int64_t w = 0; w < n; ++w) {
     const float* xr = x + w * C;
     float* yr = y + w * C;
     if (silu) {
       for (int64_t c = 0; c < C; ++c) {
-        const float v = xr[c] * a[c] + b[c];
+        const float v = xr[c] * a[c] + (xr[c] * a_lo[c] + b[c]);
         yr[c] = v / (1.f + fast_exp(-v));
       }
     } else {
-      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * a[c] + b[c];
+      for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * a[c] + (xr[c] * a_lo[c] + b[c]);
     }
   }
 }
@@ -245,14 +280,15 @@ void group_norm_silu_cl_kernel(const at::Tensor& x, const float* gamma, const fl
   const E* xp = x.data_ptr<E>();
   E* yp = y.data_ptr<E>();
   const int64_t nchunk = (S + kClRows - 1) / kClRows;
-  std::vector<float> scale(B * C), shift(B * C);
+  std::vector<float> scale(B * C), scale_lo(B * C), shift(B * C);
   std::vector<double> ps(nchunk * C), pq(nchunk * C);
   std::vector<float> pivot(C);
   for (int64_t b = 0; b < B; ++b) {
     const E* xb = xp + b * S * C;
     for (int64_t c = 0; c < C; ++c) pivot[c] = static_cast<float>(xb[c]);
     at::parallel_for(0, nchunk, grain_for(kClRows * C), [&](int64_t begin, int64_t end) {
-      std::vector<float> s(C), q(C), buf(std::is_same<E, float>::value ? 0 : kClRows * C);
+      std::vector<double> s(C), q(C);
+      std::vector<float> buf(std::is_same<E, float>::value ? 0 : kClRows * C);
       for (int64_t k = begin; k < end; ++k) {
         const int64_t r0 = k * kClRows, n = std::min(kClRows, S - r0);
         const float* f;
@@ -289,13 +325,13 @@ void group_norm_silu_cl_kernel(const at::Tensor& x, const float* gamma, const fl
       double m2 = 0.0;
       for (int64_t j = 0; j < cpg; ++j) m2 += m2c[j] + S * (mc[j] - mg) * (mc[j] - mg);
       const double var = m2 / (static_cast<double>(S) * cpg);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-      const float mean = static_cast<float>(mg);
+      const double rstd = 1.0 / std::sqrt(var + eps);
       for (int64_t j = 0; j < cpg; ++j) {
         const int64_t c = g * cpg + j;
-        const float a = rstd * (gamma ? gamma[c] : 1.f);
-        scale[b * C + c] = a;
-        shift[b * C + c] = (beta ? beta[c] : 0.f) - mean * a;
+        const ChannelAffine af = channel_affine(mg, rstd, gamma, beta, c);
+        scale[b * C + c] = af.a;
+        scale_lo[b * C + c] = af.a_lo;
+        shift[b * C + c] = af.b;
       }
     }
   }
@@ -306,15 +342,16 @@ void group_norm_silu_cl_kernel(const at::Tensor& x, const float* gamma, const fl
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % H, bt = task / H, t = bt % T, b = bt / T;
       const float* a = scale.data() + b * C;
+      const float* a_lo = scale_lo.data() + b * C;
       const float* sh = shift.data() + b * C;
       const E* src = xp + ((b * T + t) * H + h) * W * C;
       E* frame = yp + (b * To + t + pt) * Ho * Wo * C;
       E* row = frame + (h + ph) * Wo * C;
       if constexpr (std::is_same<E, float>::value) {
-        cl_affine(src, W, C, a, sh, silu, row + pw * C);
+        cl_affine(src, W, C, a, a_lo, sh, silu, row + pw * C);
       } else {
         load_f32(src, W * C, in.data());
-        cl_affine(in.data(), W, C, a, sh, silu, out.data());
+        cl_affine(in.data(), W, C, a, a_lo, sh, silu, out.data());
         store_from_f32(out.data(), W * C, row + pw * C);
       }
       for (int64_t i = 0; i < pw; ++i) {
