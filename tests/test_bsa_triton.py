@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_close_to_reference
+from conftest import HAS_CUDA, assert_close_to_reference
 
 from kandinsky_kernels.mask import BlockSparseMask
 from kandinsky_kernels.reference.attention import block_sparse_attention_with_lse
@@ -81,6 +81,23 @@ def _check(q, k, v, mask, *, token_valid=None, cu_seqlens=None, scale=None, grad
 
 
 # --------------------------------------------------------------------------------------------- tests
+def test_interpreter_dot_is_orientation_symmetric():
+    """The premise of the backward tests under the interpreter (see tests/conftest.py): numpy's fp32
+    matmul gives a @ b.T and (b @ a.T).T the same bits, as a GPU's fp32 dot does."""
+    if HAS_CUDA:
+        pytest.skip("the kernels run on the GPU, not through numpy")
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = (rng.standard_normal((64, 64)).astype(np.float32) * 16 for _ in range(2))
+        assert np.array_equal(a @ b.T, (b @ a.T).T), (
+            f"numpy's sgemm (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}) rounds a @ b.T and "
+            "(b @ a.T).T differently; numpy was imported before tests/conftest.py could pin a symmetric kernel")
+
+
 @pytest.mark.parametrize("density", ["one", 0.3, "dense"])
 @SCHEMES
 def test_densities_per_head_masks(triton_device, scheme, density):
