@@ -275,4 +275,14 @@ void for_heads_by_cost(const Problem& p, const Transposed& tr, const Make& make,
 // forces a scheme (tests, A/B measurements).
 bool use_fused_backward(const Problem& p);
 
+// Packed-panel buffers (the K^T tiles and block rows the kernels pack their operands into, tens of MiB
+// at S = 8192), kept for the next call instead of handed back: a fresh buffer is faulted in and zeroed
+// by the OS page by page at its first write, and the allocator hands such sizes back to the OS whenever
+// the heap is trimmed, which the model's other ops between two attention calls do. Buffers are 2 MiB
+// aligned and advised onto transparent huge pages. At most KANDINSKY_CPU_PANEL_CACHE_MB (default 256;
+// 0: no cache) stay cached between calls; a buffer is reused for a request of at least half its size.
+// panel_acquire returns at least `bytes` (its capacity in *capacity); panel_release takes it back.
+void* panel_acquire(size_t bytes, size_t* capacity);
+void panel_release(void* ptr, size_t capacity);
+
 }  // namespace kk::attn

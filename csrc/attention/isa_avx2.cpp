@@ -7,10 +7,6 @@
 #include <initializer_list>
 #include <utility>
 
-#if defined(__linux__)
-#include <sys/mman.h>  // kernels.h: packed panels on transparent huge pages
-#endif
-
 #include "isa.h"
 #include "common.h"
 #if KK_X86

@@ -182,26 +182,20 @@ inline int64_t padded_ld(int64_t D) {
   return ld;
 }
 
-// A buffer for packed panels (fp32), written once right after it is allocated. On 4 KiB pages that
-// first write faults once per page: here a fresh 32 MiB took ~25 ms to fill against ~7 ms on 2 MiB
-// pages, and the forward's K^T tiles and V rows at S = 8192, H = 4, D = 128 are 34 MiB. So where the
-// path's file has included <sys/mman.h> (isa_avx2.cpp), a panel of 4 MiB or more is 2 MiB-aligned and
-// advised onto transparent huge pages (THP "madvise" mode; a no-op where THP is off).
+// A buffer for packed panels (fp32), written once right after it is allocated: from the panel cache
+// (common.h) from 4 MiB up. A fresh buffer is faulted in page by page at that first write: on 4 KiB
+// pages a fresh 32 MiB took ~25 ms to fill against ~7 ms on 2 MiB pages (Intel), and the forward's K^T
+// tiles and V rows at S = 8192, H = 4, D = 128 are 34 MiB; a cached one costs nothing (AMD Zen 5, D = 128
+// forward: ~6 % of its samples were the OS zeroing pages on the THP-only avx2 path, and the avx512
+// path took 62 instead of 52 ms after each dense SDPA call had made the heap shrink).
 inline at::Tensor panel_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-#ifdef MADV_HUGEPAGE
-  constexpr size_t kHuge = size_t(2) << 20;
   int64_t n = 1;
   for (const int64_t s : sizes) n *= s;
   const size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  if (bytes >= 2 * kHuge) {
-    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
-    if (void* ptr = std::aligned_alloc(kHuge, len)) {
-      madvise(ptr, len, MADV_HUGEPAGE);
-      return at::from_blob(ptr, sizes, [](void* q) { std::free(q); }, opts);
-    }
-  }
-#endif
-  return at::empty(sizes, opts);
+  if (bytes < (size_t(4) << 20)) return at::empty(sizes, opts);
+  size_t cap = 0;
+  void* ptr = panel_acquire(bytes, &cap);
+  return at::from_blob(ptr, sizes, [cap](void* q) { panel_release(q, cap); }, opts);
 }
 
 // How a product policy reads an input's block rows: not at all, only as the broadcast A operand (fp32

@@ -3,11 +3,83 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
+#include <new>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../registration.h"
 #include "common.h"
 
 namespace kk::attn {
+
+namespace {
+struct PanelCache {
+  std::mutex mu;
+  std::deque<std::pair<void*, size_t>> free;  // oldest first
+  size_t held = 0;
+  size_t limit = [] {
+    const char* env = std::getenv("KANDINSKY_CPU_PANEL_CACHE_MB");
+    return (env && *env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
+  }();
+};
+
+PanelCache& panel_cache() {
+  static PanelCache* cache = new PanelCache;  // never destroyed: buffers may be released at exit
+  return *cache;
+}
+
+constexpr size_t kHugePage = size_t(2) << 20;
+}  // namespace
+
+void* panel_acquire(size_t bytes, size_t* capacity) {
+  PanelCache& c = panel_cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    auto best = c.free.end();
+    for (auto it = c.free.begin(); it != c.free.end(); ++it)
+      if (it->second >= bytes && it->second / 2 <= bytes && (best == c.free.end() || it->second < best->second))
+        best = it;
+    if (best != c.free.end()) {
+      void* ptr = best->first;
+      *capacity = best->second;
+      c.held -= best->second;
+      c.free.erase(best);
+      return ptr;
+    }
+  }
+  const size_t len = (std::max<size_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
+  void* ptr = std::aligned_alloc(kHugePage, len);
+  if (!ptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(ptr, len, MADV_HUGEPAGE);  // THP "madvise" mode; a no-op where THP is off
+#endif
+  *capacity = len;
+  return ptr;
+}
+
+void panel_release(void* ptr, size_t capacity) {
+  PanelCache& c = panel_cache();
+  std::vector<void*> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (capacity > c.limit) {
+      drop.push_back(ptr);
+    } else {
+      c.free.emplace_back(ptr, capacity);
+      c.held += capacity;
+      while (c.held > c.limit) {
+        drop.push_back(c.free.front().first);
+        c.held -= c.free.front().second;
+        c.free.pop_front();
+      }
+    }
+  }
+  for (void* q : drop) std::free(q);
+}
 
 namespace {
 template <typename T>
