@@ -1,10 +1,11 @@
 // CPU kernels of the causal video VAE: fused GroupNorm (+ SiLU) with an optional causal replicate-padded
 // output, the causal replicate pad (optionally fused with the VAE's nearest upsampling), and the tile blend.
 //
-// group_norm_silu: pass 1 reads x once per (b, group) for the statistics (fp32 lanes over chunks of
-// kChunk elements, shifted by the group's first element against cancellation, accumulated in double);
-// pass 2 reads x once more and writes y = silu?(x * a_c + b_c) once, a_c = rstd * gamma_c (in double,
-// applied as two floats), b_c = beta_c - mean * a_c (double, rounded once). With pad (pt, ph, pw) the output is (B, C, T + pt, H + 2 ph, W + 2 pw):
+// group_norm_silu: pass 1 reads x once per (b, group) for the statistics (fp32 lanes over runs of kRun
+// vectors, shifted by the group's first element against cancellation, added into double); pass 2 reads
+// x once more and writes y = silu?(x * a_c + b_c) once, a_c = rstd * gamma_c (double, applied as two
+// floats), b_c = beta_c - mean * a_c (double, rounded once). With pad (pt, ph, pw) the output is
+// (B, C, T + pt, H + 2 ph, W + 2 pw):
 // frame 0 repeated pt times in front, border rows/columns replicated; so the causal conv that follows
 // runs with padding 0 and no padded copy of the activation is ever made.
 // causal_pad3d: the same padded layout from an existing tensor by index arithmetic (one read, one
@@ -107,8 +108,8 @@ static inline float fast_exp(float x) {
 
 // y = x * (a + a_lo) + b, then SiLU (y / (1 + exp(-y))) when silu. The scale is carried as two floats
 // (a + a_lo, from the double rstd * gamma): a scale rounded to one float errs by up to half an ulp for a
-// whole group, an error every element shares, which the next convolution sums coherently (a tiny random
-// VAE ended up 2-4x less accurate than torch's GroupNorm for it on some seeds). One more FMA per element.
+// whole group, an error every element shares, which the next convolution sums coherently (see
+// shifted_sums). One more FMA per element.
 KK_CLONES void affine_row(const float* x, int64_t n, float a, float a_lo, float b, bool silu, float* y) {
   if (silu) {
     for (int64_t i = 0; i < n; ++i) {

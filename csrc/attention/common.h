@@ -280,7 +280,8 @@ bool use_fused_backward(const Problem& p);
 // by the OS page by page at its first write, and the allocator hands such sizes back to the OS whenever
 // the heap is trimmed, which the model's other ops between two attention calls do. Buffers are 2 MiB
 // aligned and advised onto transparent huge pages. At most KANDINSKY_CPU_PANEL_CACHE_MB (default 256;
-// 0: no cache) stay cached between calls; a buffer is reused for a request of at least half its size.
+// 0: no cache; read at the first call) stay cached between calls, oldest dropped first; a buffer is
+// reused for a request of at least half its size.
 // panel_acquire returns at least `bytes` (its capacity in *capacity); panel_release takes it back.
 void* panel_acquire(size_t bytes, size_t* capacity);
 void panel_release(void* ptr, size_t capacity);

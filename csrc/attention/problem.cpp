@@ -1,5 +1,5 @@
 // The attention problem from the op's arguments, checked before any kernel reads it; the schedule
-// choices every ISA path shares.
+// choices every ISA path shares; the packed-panel buffer cache.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
