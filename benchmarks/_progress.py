@@ -52,6 +52,18 @@ def summarize(info: dict) -> str:
     return f"{info.get('suite', '?')} | {info.get('case', '?')} | {text}"
 
 
+def drop_empty_benchmarks(config) -> int:
+    """Remove the benchmarks of ``config``'s pytest-benchmark session that have no timed round (an
+    interrupted case); returns how many were removed."""
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or not getattr(bs, "benchmarks", None):
+        return 0
+    kept = [b for b in bs.benchmarks if getattr(getattr(b, "stats", None), "data", None)]
+    dropped = len(bs.benchmarks) - len(kept)
+    bs.benchmarks[:] = kept
+    return dropped
+
+
 class Progress:
     """Register with ``pytest.main(args, plugins=[Progress()])``. ``log``: also write the lines there."""
 
@@ -112,6 +124,17 @@ class Progress:
             text = f"{name} {status or 'passed'}"
         width = len(str(self.total))
         self.write(f"[{self.done:>{width}}/{self.total}] {text} ({seconds:.1f} s)")
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        # A run stopped by SIGINT / a timeout (scripts/gpu_check.sh) leaves the interrupted case's stats
+        # registered with no rounds; pytest-benchmark's own sessionfinish then dies on min([]) before it
+        # writes the JSON, losing every finished case. Drop the empty ones first (this wrapper runs
+        # outside pytest-benchmark's).
+        dropped = drop_empty_benchmarks(session.config)
+        if dropped:
+            self.write(f"interrupted: {dropped} case(s) with no finished rounds left out of the results")
+        yield
 
     def write(self, line: str) -> None:
         tr = self._config.pluginmanager.get_plugin("terminalreporter") if self._config else None

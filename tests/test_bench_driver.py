@@ -309,3 +309,35 @@ def test_driver_cpu_isa_runs_one_subprocess_per_path(tmp_path, monkeypatch, caps
     assert calls == [] and "No path ran" in (tmp_path / "c" / "report.md").read_text()
     with pytest.raises(SystemExit):
         driver.main(["--cpu-isa", "all", "--profile", "gpu"])
+
+
+_INTERRUPTED_SUITE = '''
+def test_a(benchmark):
+    benchmark.pedantic(lambda: sum(range(100)), rounds=3)
+
+
+def test_b(benchmark):  # stands for a case hit by the SIGINT of a time limit
+    def interrupted():
+        raise KeyboardInterrupt
+    benchmark.pedantic(interrupted, rounds=3)
+'''
+
+
+def test_an_interrupted_run_keeps_the_finished_cases(tmp_path):
+    # scripts/gpu_check.sh stops the bench with SIGINT at its time limit; pytest-benchmark used to die
+    # on the interrupted case's empty stats (min([])) before writing any JSON, losing every finished case
+    (tmp_path / "test_interrupted.py").write_text(_INTERRUPTED_SUITE)
+    code = (
+        "import sys, pytest\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from benchmarks._progress import Progress\n"
+        "sys.exit(int(pytest.main(['test_interrupted.py', '-q', '-p', 'no:cacheprovider', "
+        "'--benchmark-json=r.json'], plugins=[Progress()])))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # pytest's "interrupted"
+    assert "ValueError" not in proc.stdout + proc.stderr
+    assert "interrupted: 1 case(s) with no finished rounds" in proc.stdout
+    names = [b["name"] for b in json.loads((tmp_path / "r.json").read_text())["benchmarks"]]
+    assert names == ["test_a"]
