@@ -16,12 +16,22 @@
 #   5. python -m benchmarks --profile gpu: the pytest-benchmark GPU suite at Kandinsky shapes (10 % density
 #      first), for the time left; a timed-out run still writes the cases it finished
 # Every stage is time-limited and the next one runs whatever happened; exit codes go to summary.txt.
-# Written under $OUT: env.txt summary.txt build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
+# Written under $OUT: env.txt summary.txt failures.log build.log pytest_bsa.log pytest.log timing.log gpu_timing.json
 # gpu_timing_table.txt vae.log vae_gpu.json offload.log offload_gpu.json bench.log, and the folder bench/
 # (results.json, progress.log, report.md, plots).
 # Whole run: < 9.5 minutes (GPU_CHECK_TOTAL_S, default 540 s, plus the timeouts' kill grace): under the
 # device tool's 10-minute limit per command.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
+# Through the device tool (which brings back at most 8 files from its $OUT), as run on 2026-12-04:
+#   here, once:  echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: \
+#                  --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#                  diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0
+#   run (carry [".whl"], timeout_s 600):
+#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+#     D=$OUT; OUT=/tmp/gc GPU_CHECK_TGZ=$D/gpu_check.tgz bash scripts/gpu_check.sh; cp /tmp/gc/summary.txt $D/
+# GPU_CHECK_TGZ=FILE: a tarball of everything written, refreshed every 25 s, so a run killed at the
+# device's limit still brings back what it had. Each pytest stage appends every failure's traceback to
+# failures.log as it happens (KANDINSKY_TEST_FAILURE_LOG; a killed pytest prints no summary).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,11 +40,18 @@ mkdir -p "$OUT"
 PY="${PY:-python3}"   # the GPU machine's system python; override for a dry run elsewhere
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package is used in place, not installed
 TOTAL_S="${GPU_CHECK_TOTAL_S:-540}"   # planned wall time; the timeouts' kill grace keeps it under 9.5 min
-VAE_S="${GPU_CHECK_VAE_S:-120}"       # at most this for stage 4b (the VAE), reserved out of the timing stage's share
-OFFLOAD_S="${GPU_CHECK_OFFLOAD_S:-70}"  # reserved for stage 4c (the training offload)
+VAE_S="${GPU_CHECK_VAE_S:-80}"        # at most this for stage 4b (the VAE), reserved out of the timing stage's share
+OFFLOAD_S="${GPU_CHECK_OFFLOAD_S:-50}"  # reserved for stage 4c (the training offload)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+export KANDINSKY_TEST_FAILURE_LOG="$OUT/failures.log"
+TGZ="${GPU_CHECK_TGZ:-}"
+TAR_PID=""
+if [ -n "$TGZ" ]; then
+  ( while sleep 25; do tar czf "$TGZ.tmp" -C "$OUT" . 2>/dev/null && mv -f "$TGZ.tmp" "$TGZ"; done ) &
+  TAR_PID=$!
+fi
 
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -70,12 +87,15 @@ LIMIT=$(( $(left) - 290 )); [ $LIMIT -gt 150 ] && LIMIT=150; [ $LIMIT -lt 60 ] &
 stage pytest_bsa $LIMIT "$OUT/pytest_bsa.log" $PY -m pytest -m gpu tests/test_bsa_triton_gpu.py -q -rs \
   -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest_bsa.log" | tee -a "$SUMMARY"
+grep -h "^=== FAILED" "$OUT/failures.log" 2>/dev/null | head -n 30 | tee -a "$SUMMARY"
 wait "$BUILD_PID"
 
 # 3. timing (the issue's goals), before the other ops' tests: it measures the 10 % rows of Lite and Pro
 #    first and stops starting measurements at its budget; timeout is the backstop. It gets all but 110 s
-#    and the VAE and offload stages' reserves (about 100 s even when the tests above take their whole limit).
-LIMIT=$(( $(left) - 110 - VAE_S - OFFLOAD_S )); [ $LIMIT -lt 60 ] && LIMIT=60
+#    and the VAE and offload stages' reserves, at most 130 s (on 2026-12-04 it measured the 10 % rows of
+#    both models, with the gradient checks, in 106 s), so that the bench (stage 5, the same kernels at
+#    every density) keeps about two minutes.
+LIMIT=$(( $(left) - 110 - VAE_S - OFFLOAD_S )); [ $LIMIT -gt 130 ] && LIMIT=130; [ $LIMIT -lt 60 ] && LIMIT=60
 stage timing $LIMIT "$OUT/timing.log" $PY benchmarks/gpu_timing.py --out-dir "$OUT" --budget-s $(( LIMIT - 25 ))
 tail -n 20 "$OUT/timing.log" | tee -a "$SUMMARY"
 
@@ -92,16 +112,25 @@ grep -h '"notes"\|"issue_rows"' "$OUT/vae.log" | tail -n 8 | tee -a "$SUMMARY"
 # here). Files in order of what only this stage covers (NABLA and fractal kernels first). The attention
 # kernels' autotuning was covered above, so here they take the fixed tile (autotuning every dtype/head-dim/
 # flag key of test_bsa_triton.py would compile ~10 configs per key); the sm_90 AOT compile test is moot.
-LIMIT=$(( $(left) - 45 - OFFLOAD_S )); [ $LIMIT -gt 100 ] && LIMIT=100; [ $LIMIT -lt 20 ] && LIMIT=20
+LIMIT=$(( $(left) - 45 - OFFLOAD_S )); [ $LIMIT -gt 130 ] && LIMIT=130; [ $LIMIT -lt 20 ] && LIMIT=20
 REST="tests/test_nabla.py tests/test_fractal.py tests/test_block_sparse_attention.py tests/test_bsa_triton.py \
 tests/test_token_index_triton.py tests/test_raster_order.py"
 for f in tests/test_*.py; do  # then every other test file, in name order
   case " $REST tests/test_bsa_triton_gpu.py " in *" $f "*) ;; *) REST="$REST $f" ;; esac
 done
+# Serially these tests took ~500 s on the H200 (2026-12-04: 30 % done after 155 s), nearly all of it Triton
+# compiling on one CPU core; pytest-xdist (preinstalled there) spreads that over the machine's 16 cores.
+# test_training_s3.py needs s3fs (missing there, and no GPU case in it); a collection error in any other
+# file must not stop the stage again (it did on 2026-12-04), hence --continue-on-collection-errors.
+# test_fuzz.py runs its "triton" cases through the CPU interpreter, never on CUDA (CI covers them).
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
 # shellcheck disable=SC2086
-stage pytest_rest $LIMIT "$OUT/pytest.log" env KANDINSKY_BSA_AUTOTUNE=0 $PY -m pytest $REST -q \
+stage pytest_rest $LIMIT "$OUT/pytest.log" env KANDINSKY_BSA_AUTOTUNE=0 $PY -m pytest $REST -q $XDIST \
+  --ignore=tests/test_training_s3.py --ignore=tests/test_fuzz.py --continue-on-collection-errors \
   -k "(gpu or triton) and not compile_for_hopper" -rs -p no:cacheprovider --durations=10
 tail -n 5 "$OUT/pytest.log" | tee -a "$SUMMARY"
+grep -h "^=== FAILED" "$OUT/failures.log" 2>/dev/null | head -n 60 | tee -a "$SUMMARY"
 
 # 4c. the host offload of checkpointed block inputs (training/offload.py): 4 Video Lite blocks at S = 93,696
 #     (bf16, dense SDPA), peak memory and step time with AC and AC + offload, and the profiler's summary of
@@ -112,9 +141,14 @@ tail -n 8 "$OUT/offload.log" | tee -a "$SUMMARY"
 
 # 5. the bench driver's GPU profile (`python -m benchmarks --profile gpu`): the pytest-benchmark GPU suite at
 #    Kandinsky shapes, cases in order of importance (10 % density first); on the time limit's SIGINT pytest
-#    stops, results.json keeps the finished cases and the driver still writes the report
-LIMIT=$(( $(left) - 5 )); [ $LIMIT -gt 90 ] && LIMIT=90; [ $LIMIT -lt 20 ] && LIMIT=20
+#    stops, results.json keeps the finished cases and the driver still writes the report. It gets what is
+#    left (the whole profile takes about 4 minutes, more than is left here: run it alone to get all of it)
+LIMIT=$(( $(left) - 5 )); [ $LIMIT -lt 20 ] && LIMIT=20
 stage bench $LIMIT "$OUT/bench.log" $PY -m benchmarks --profile gpu --out "$OUT/bench"
 tail -n 5 "$OUT/bench.log" | tee -a "$SUMMARY"
 note "total $(( $(date +%s) - START ))s; files: $(ls "$OUT" | tr '\n' ' ')"
+if [ -n "$TGZ" ]; then
+  kill "$TAR_PID" 2>/dev/null; wait "$TAR_PID" 2>/dev/null
+  tar czf "$TGZ.tmp" -C "$OUT" . && mv -f "$TGZ.tmp" "$TGZ"
+fi
 exit 0

@@ -1,4 +1,4 @@
-"""GPU check of the causal video VAE (stage of scripts/gpu_check.sh; never run on a GPU yet).
+"""GPU check of the causal video VAE (stage of scripts/gpu_check.sh; first run on an H200 on 2026-12-04).
 
 The published HunyuanVideo VAE config with random weights on CUDA, in this order (each step skipped,
 saying so, once ``--budget-s`` is spent):
@@ -10,8 +10,11 @@ saying so, once ``--budget-s`` is spent):
    (``torch.cuda.max_memory_allocated`` above what was allocated before the call). If diffusers' defaults
    run out of memory, the call is repeated with ``enable_tiling()`` and the row says so. The relative
    L2 difference of the outputs is recorded too (informational: both sides tile differently here);
-2. which convolution kernels a causal conv runs (cuDNN, not ``slow_conv_dilated3d``), from the profiler;
-3. the older check: encode + decode of a 17x256x256 clip in fp32 and bf16 (time, peak memory, bf16
+2. parity: ours against diffusers, identical weights, neither side tiling, fp32 with TF32 off, at the
+   small clip's size (relative L2 of latents and frames: the implementation alone, without step 1's
+   tiling differences);
+3. which convolution kernels a causal conv runs (cuDNN, not ``slow_conv_dilated3d``), from the profiler;
+4. the older check: encode + decode of a 17x256x256 clip in fp32 and bf16 (time, peak memory, bf16
    error against fp32) and which SDPA backends accept the mid-block attention's head dim of 512.
 
 Prints one JSON line per measurement and writes ``vae_gpu.json`` into ``--out-dir`` (rewritten after every
@@ -217,6 +220,48 @@ def conv_kernels(rep: Report) -> None:
     rep.add("conv3d_ops", names[:30])
 
 
+def parity(rep: Report, frames: int, height: int, width: int) -> None:
+    """Step 2: ours against diffusers with identical weights and neither side tiling (diffusers' framewise
+    paths off), fp32 with TF32 off: the same outputs are expected up to fp32 rounding. Step 1's difference
+    mixes in the two sides' different tilings; this one is the implementation alone."""
+    try:
+        from diffusers import AutoencoderKLHunyuanVideo
+    except ImportError as e:
+        rep.add("notes", f"parity skipped: diffusers not installed ({e})")
+        return
+    from kandinsky_model import CausalVideoVAE
+
+    dev = DEV
+    torch.manual_seed(0)
+    with dev:
+        ours = CausalVideoVAE().eval()
+        theirs = AutoencoderKLHunyuanVideo().eval()
+    g = torch.Generator(device=dev).manual_seed(1)
+    with torch.no_grad():
+        for _, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, device=dev))
+    theirs.load_state_dict(ours.state_dict())
+    theirs.use_framewise_encoding = theirs.use_framewise_decoding = False
+    theirs.use_tiling = False
+    video = torch.rand(1, 3, frames, height, width, device=dev, generator=g) * 2 - 1
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            z_ours = ours.encode(video, tiling="none")
+            z_theirs = theirs.encode(video).latent_dist.mode()
+            y_ours = ours.decode(z_theirs, tiling="none")
+            y_theirs = theirs.decode(z_theirs).sample
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    rep.add("parity_fp32_untiled", {"clip": [frames, height, width], "device": str(dev),
+                                    "encode_rel_l2": _rel_l2(z_ours, z_theirs),
+                                    "decode_rel_l2": _rel_l2(y_ours, y_theirs)})
+    del ours, theirs
+    _empty_cache()
+
+
 def small_clip(rep: Report, frames: int, size: int) -> None:
     """Step 3: the older 17x256x256 fp32/bf16 check and the SDPA backends at head dim 512."""
     from kandinsky_model import CausalVideoVAE
@@ -271,6 +316,9 @@ def main() -> int:
     ap.add_argument("--dry-run-cpu", action="store_true",
                     help="test this script on the CPU: step 1 only, at the sizes given (e.g. --frames 9 "
                          "--height 64 --width 64); no memory figures")
+    ap.add_argument("--steps", default=None, metavar="NAMES",
+                    help="comma list of the steps to run (issue_rows, parity, conv3d_ops, small_clip); "
+                         "default: all")
     args = ap.parse_args()
     global DEV
     if args.dry_run_cpu:
@@ -282,8 +330,17 @@ def main() -> int:
     rc = 0
     steps = [("issue_rows", lambda: issue_rows(rep, args, args.budget_s))]
     if _cuda():
-        steps += [("conv3d_ops", lambda: conv_kernels(rep)),
+        steps += [("parity", lambda: parity(rep, args.small_frames, args.small_size, args.small_size)),
+                  ("conv3d_ops", lambda: conv_kernels(rep)),
                   ("small_clip", lambda: small_clip(rep, args.small_frames, args.small_size))]
+    if args.dry_run_cpu:
+        steps.append(("parity", lambda: parity(rep, args.frames, args.height, args.width)))
+    if args.steps:
+        wanted = args.steps.split(",")
+        unknown = sorted(set(wanted) - {name for name, _ in steps})
+        if unknown:
+            ap.error(f"--steps: unknown or unavailable here: {', '.join(unknown)}")
+        steps = [(name, step) for name, step in steps if name in wanted]
     for name, step in steps:
         if _elapsed() > args.budget_s:
             rep.add("notes", f"{name}: skipped, budget of {args.budget_s:.0f} s spent")
