@@ -23,12 +23,12 @@
 # device tool's 10-minute limit per command.
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 # Through the device tool (which brings back at most 8 files from its $OUT), as run on 2026-12-04:
-#   here, once:  echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: \
-#                  --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#                  diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0
+#   here, once a session: bash scripts/device_wheels.sh   (diffusers into the git-ignored .whl/)
 #   run (carry [".whl"], timeout_s 600):
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 #     D=$OUT; OUT=/tmp/gc GPU_CHECK_TGZ=$D/gpu_check.tgz bash scripts/gpu_check.sh; cp /tmp/gc/summary.txt $D/
+#   then, at once (the machine stays warm 30 s; a fresh start took ~30 s of the 15-minute budget): the whole
+#   bench profile, which this script has no time for (~4 min): python3 -m benchmarks --profile gpu --out ...
 # GPU_CHECK_TGZ=FILE: a tarball of everything written, refreshed every 25 s, so a run killed at the
 # device's limit still brings back what it had. Each pytest stage appends every failure's traceback to
 # failures.log as it happens (KANDINSKY_TEST_FAILURE_LOG; a killed pytest prints no summary).
