@@ -46,7 +46,11 @@ if HAS_TRITON:
         dst = (o * L + start + i) * inner + k
         blend = m & (i < e)
         old = tl.load(out_ptr + dst, mask=blend, other=0.0).to(ACC)
-        w = tl.math.div_rn(i.to(ACC), tl.full([BLOCK], 1, ACC) * tl.maximum(e, 1))
+        if ACC == tl.float64:
+            # div_rn takes fp32 only; an fp64 `/` already compiles to the IEEE division (div.rn.f64)
+            w = i.to(ACC) / tl.maximum(e, 1).to(ACC)
+        else:
+            w = tl.math.div_rn(i.to(ACC), tl.full([BLOCK], 1, ACC) * tl.maximum(e, 1))
         nw = new.to(ACC)
         lerped = tl.where(w < 0.5, old + w * (nw - old), nw - (nw - old) * (1.0 - w))
         val = tl.where(i < e, lerped.to(out_ptr.dtype.element_ty), new)
