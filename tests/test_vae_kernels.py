@@ -333,6 +333,14 @@ def test_tile_blend_triton(triton_device, case, dtype):
         _check_blend(case, dtype, triton_device)
 
 
+@pytest.mark.parametrize("case", range(len(BLEND_CASES)))
+def test_tile_blend_triton_fp64(triton_device, case):
+    """fp64 tiles blend in fp64 on the Triton path too (its kernel once called fp32-only div_rn there,
+    which neither compiled nor ran)."""
+    with use_backend("triton"):
+        _check_blend(case, torch.float64, triton_device)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(BLEND_CASES)))
