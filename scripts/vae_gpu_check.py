@@ -104,6 +104,17 @@ class Report:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
+def _perturb_vectors(model: torch.nn.Module, dev: torch.device) -> torch.Generator:
+    """Add noise to every 1-D parameter (norm scales, biases; fresh ones are ones and zeros), so that a
+    comparison exercises them. Returns the generator for the inputs that follow."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, device=dev))
+    return g
+
+
 def issue_rows(rep: Report, args, budget_s: float) -> None:
     """Step 1: 121x512x768 bf16 encode and decode, ours vs diffusers (both on the GPU at once: ~1 GiB of
     bf16 weights each)."""
@@ -114,11 +125,7 @@ def issue_rows(rep: Report, args, budget_s: float) -> None:
     torch.manual_seed(0)
     with dev:  # random init on the device: seconds, where 246 M parameters take a minute on a few CPU cores
         ours = CausalVideoVAE().eval()
-    g = torch.Generator(device=dev).manual_seed(1)
-    with torch.no_grad():  # non-trivial norms and biases
-        for _, p in ours.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g, device=dev))
+    _perturb_vectors(ours, dev)
     sides = {}
     try:
         from diffusers import AutoencoderKLHunyuanVideo
@@ -204,7 +211,7 @@ def issue_rows(rep: Report, args, budget_s: float) -> None:
 
 
 def conv_kernels(rep: Report) -> None:
-    """Step 2: which aten/cuDNN ops one causal conv (512 channels, bf16) dispatches to."""
+    """Step 3: which aten/cuDNN ops one causal conv (512 channels, bf16) dispatches to."""
     from torch.profiler import ProfilerActivity, profile
 
     from kandinsky_model.vae import CausalConv3d
@@ -236,11 +243,7 @@ def parity(rep: Report, frames: int, height: int, width: int) -> None:
     with dev:
         ours = CausalVideoVAE().eval()
         theirs = AutoencoderKLHunyuanVideo().eval()
-    g = torch.Generator(device=dev).manual_seed(1)
-    with torch.no_grad():
-        for _, p in ours.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g, device=dev))
+    g = _perturb_vectors(ours, dev)
     theirs.load_state_dict(ours.state_dict())
     theirs.use_framewise_encoding = theirs.use_framewise_decoding = False
     theirs.use_tiling = False
@@ -263,7 +266,7 @@ def parity(rep: Report, frames: int, height: int, width: int) -> None:
 
 
 def small_clip(rep: Report, frames: int, size: int) -> None:
-    """Step 3: the older 17x256x256 fp32/bf16 check and the SDPA backends at head dim 512."""
+    """Step 4: the older 17x256x256 fp32/bf16 check and the SDPA backends at head dim 512."""
     from kandinsky_model import CausalVideoVAE
 
     torch.manual_seed(0)
@@ -314,7 +317,7 @@ def main() -> int:
     ap.add_argument("--small-frames", type=int, default=17)
     ap.add_argument("--small-size", type=int, default=256)
     ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="test this script on the CPU: step 1 only, at the sizes given (e.g. --frames 9 "
+                    help="test this script on the CPU: steps 1 and 2 only, at the sizes given (e.g. --frames 9 "
                          "--height 64 --width 64); no memory figures")
     ap.add_argument("--steps", default=None, metavar="NAMES",
                     help="comma list of the steps to run (issue_rows, parity, conv3d_ops, small_clip); "

@@ -47,10 +47,10 @@ def _interpreter_rounds_bf16_to_nearest_even() -> bool:
 
     The interpreter (triton 3.x, runtime/interpreter.py) converts fp32 -> bf16 by truncating the mantissa
     whenever no rounding mode is named, and an implicit store or ``.to(tl.bfloat16)`` names none; with
-    "rtne" it rounds half away and can carry into the sign. Either way its bf16 results carry up to twice
-    the rounding error of the GPU's, so the bf16 cases of our Triton kernels could not be checked on CPU
-    at all (they were skipped, and failed when first run on an H200). Our kernels compute in fp32 and
-    round only where they load and store, so with the rounding fixed the interpreter gives the GPU's
+    "rtne" named it rounds ties away from zero and mishandles a carry out of the mantissa. Either way its
+    bf16 results carry up to twice the rounding error of the GPU's, so the bf16 cases of our Triton
+    kernels were skipped on CPU, and only a GPU session could check them. Our kernels compute in fp32
+    and round only where they load and store, so with the rounding fixed the interpreter gives the GPU's
     bf16 results. Only the fp32 -> bf16 conversion is replaced (``test_interpreter_rounds_bf16_like_torch``
     checks it bit for bit against torch); returns False where the interpreter's internals are not the
     ones this was written for (the bf16 cases are then skipped as before)."""
