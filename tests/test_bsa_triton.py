@@ -394,7 +394,10 @@ def test_autotune_configs_compile_for_hopper():
 
 def test_fixed_configs_compile_for_hopper():
     """The config launched without autotuning (KANDINSKY_BSA_AUTOTUNE=0) fits shared memory at every
-    head-dim class and does not spill registers at D <= 128."""
+    head-dim class and at most nicks the registers at D <= 128: the atomic dK/dV kernel's measured-fastest
+    config there spills 48 bytes (Triton 3.9 compile), and on an H200 it took 148 ms where the
+    non-spilling 8-warp ones took 198-299 ms (see fixed_config), so a few spilled words are allowed, a
+    real spill (the 64-row 4-warp tiles: 96-336 bytes) is not."""
     res = _compile_for_hopper("fixed")
     assert len(res) == 12, sorted(res)
     for name, r in res.items():
@@ -402,7 +405,7 @@ def test_fixed_configs_compile_for_hopper():
         assert r["wgmma"] > 0, f"{name}: no wgmma"
     if any(r["spill"] is None for r in res.values()):
         pytest.skip("no cuobjdump: register spills unchecked")
-    spilled = {k: r["spill"] for k, r in res.items() if r["spill"] and not k.endswith("D256")}
+    spilled = {k: r["spill"] for k, r in res.items() if r["spill"] > 64 and not k.endswith("D256")}
     assert not spilled, f"fixed configs spill registers (bytes): {spilled}"
 
 

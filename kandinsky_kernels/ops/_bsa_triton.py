@@ -473,20 +473,23 @@ if HAS_TRITON:
     _PRUNE = {"early_config_prune": _prune}
     # (BLOCK_M, BLOCK_N, warps, stages); tiles that do not divide block_size are pruned, so 64-token
     # masks tune 4 or 5 configs per kernel. Forward: BLOCK_M = owned query tile, BLOCK_N = walked key tile.
+    # The 4-stage entries (64-token masks) follow the first H200 run, where 3 stages beat 2 for nearly
+    # every kernel with 4 warps (benchmarks/RESULTS.md); 8 warps were 1.6-2.8x slower there but stay for
+    # D = 256, where only they fit without spilling.
     _FWD_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
-        (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 3),
+        (128, 64, 8, 3), (128, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2),
     ])
     # dK/dV: BLOCK_N is the key tile the program owns, BLOCK_M the walked query tile.
     # With 4 warps the dK/dV kernels spill registers at D = 128 on sm_90 (the atomic one heavily); 32-row
     # query tiles with 8 warps are the one tile that neither spills nor overflows shared memory at D = 256.
     _DKDV_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2),
-        (32, 32, 4, 2), (16, 16, 4, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 2), (32, 64, 4, 3), (32, 64, 4, 4),
+        (32, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2),
     ])
     _DQ_CONFIGS = _configs([
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (32, 32, 4, 2),
-        (16, 16, 4, 2),
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2),
+        (32, 32, 4, 2), (16, 16, 4, 2),
     ])
     _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_fwd_kernel)
     _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_bsa_bwd_dkdv_kernel)
@@ -500,15 +503,24 @@ if HAS_TRITON:
 def fixed_config(kernel: str, block_d: int, block_size: int = 64) -> dict:
     """The config launched without autotuning (``KANDINSKY_BSA_AUTOTUNE=0``; tiles only under the
     interpreter): ``kernel`` one of fwd / dkdv / dq / dkdv-atomic, ``block_d`` the head dim rounded up to a
-    power of two. Chosen from sm_90 compiles (Triton 3.6) so that nothing spills registers or overflows
-    shared memory: 4 warps up to D = 64, 8 beyond (with 4 the dK/dV kernels spill at D = 128), and at
-    D = 256 32-row query tiles in the dK/dV walk (64-row ones spill, and the atomic one needs 256 KB).
-    The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV; masks of 16 or 32 tokens
-    clamp both tiles to the block."""
+    power of two. The tiles own 64 rows (the grid): BLOCK_M for fwd / dq, BLOCK_N for dK/dV; masks of 16
+    or 32 tokens clamp both tiles to the block.
+
+    Up to D = 128: the autotuner's pick on an H200 (Triton 3.6, bf16, S = 93,696, 10 % density;
+    benchmarks/RESULTS.md), all with 4 warps. 8 warps took 1.6-2.8x as long for every kernel and head dim
+    there, although with 4 the dK/dV kernels spill a few registers at D = 128 (the earlier fixed configs
+    used 8 to avoid that, from compiles alone). At D = 128 the dK/dV walk takes 32-row query tiles
+    (dkdv 60 ms against 65-80 ms for 64-row ones, the atomic one 148 against 198-235) and dQ 2 stages.
+    D = 256 (not measured on a GPU yet): 8 warps, 2 stages and 32-row query tiles in the dK/dV walk,
+    chosen from sm_90 compiles so that nothing overflows shared memory (the atomic one needs 256 KB with
+    64-row tiles)."""
     if block_d <= 64:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    elif block_d <= 128:
+        walk = 32 if kernel.startswith("dkdv") else 64
+        cfg = {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2 if kernel == "dq" else 3}
     else:
-        walk = 32 if kernel.startswith("dkdv") and block_d > 128 else 64
+        walk = 32 if kernel.startswith("dkdv") else 64
         cfg = {"BLOCK_M": walk, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     cfg["BLOCK_M"], cfg["BLOCK_N"] = min(cfg["BLOCK_M"], block_size), min(cfg["BLOCK_N"], block_size)
     return cfg
