@@ -13,7 +13,13 @@ from conftest import HAS_CUDA, INTERPRETER_BF16_RNE
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the kernels run on the GPU, not through the interpreter")
+from kandinsky_kernels import _triton  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(HAS_CUDA, reason="the kernels run on the GPU, not through the interpreter"),
+    pytest.mark.skipif(not HAS_CUDA and not _triton.triton_runs_on("cpu"),
+                       reason=_triton.why_not("cpu") if not HAS_CUDA else ""),
+]
 
 
 @triton.jit
