@@ -98,6 +98,13 @@ def _interpreter_rounds_bf16_to_nearest_even() -> bool:
 
 INTERPRETER_BF16_RNE = _interpreter_rounds_bf16_to_nearest_even()
 
+
+def skip_interpreted_bf16(device, dtype) -> None:
+    """Skip a bf16 case of a Triton kernel run by the interpreter (CPU tensors) where the rounding patch
+    above could not be installed."""
+    if str(device) == "cpu" and dtype == torch.bfloat16 and not INTERPRETER_BF16_RNE:
+        pytest.skip("this triton's interpreter truncates fp32 -> bf16 and tests/conftest.py could not fix it")
+
 K_OUTPUT = 2.0
 K_GRAD = 3.0
 ATOL = {

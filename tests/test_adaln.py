@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (
-    HAS_CUDA, INTERPRETER_BF16_RNE, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device,
-    capturing_aot_backend,
+    HAS_CUDA, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device, capturing_aot_backend,
+    skip_interpreted_bf16,
 )
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
@@ -52,11 +52,6 @@ def _mods(shape, device, dtype=torch.float32):
     return torch.randn(shape).to(device=device, dtype=dtype), (torch.randn(shape) * 0.5).to(device=device, dtype=dtype)
 
 
-def _skip_interpreted_bf16(device, dtype):
-    if device == "cpu" and dtype == torch.bfloat16 and not INTERPRETER_BF16_RNE:
-        pytest.skip("this triton's interpreter truncates fp32 -> bf16 and tests/conftest.py could not fix it")
-
-
 def _check_ln(x, shift, scale):
     out = scale_shift_layer_norm(x, shift, scale)
     assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
@@ -77,7 +72,7 @@ def _check_gate(x, o, gate):
 def test_scale_shift_layer_norm(backend, dtype, case, scales):
     name, device = backend
     if name == "triton":
-        _skip_interpreted_bf16(device, dtype)
+        skip_interpreted_bf16(device, dtype)
     xs, ms = CASES[case]
     x = _x(xs, *scales, dtype, device)
     shift, scale = _mods(ms, device)
@@ -91,7 +86,7 @@ def test_scale_shift_layer_norm(backend, dtype, case, scales):
 def test_gated_residual(backend, dtype, case, scales):
     name, device = backend
     if name == "triton":
-        _skip_interpreted_bf16(device, dtype)
+        skip_interpreted_bf16(device, dtype)
     xs, ms = CASES[case]
     x, o = _x(xs, *scales, dtype, device), _x(xs, *scales, dtype, device)
     gate, _ = _mods(ms, device)
@@ -104,7 +99,7 @@ def test_modulation_in_x_dtype(backend, dtype):
     """shift / scale / gate may come in x's dtype (``1 + scale`` then rounds in that dtype, as the reference)."""
     name, device = backend
     if name == "triton":
-        _skip_interpreted_bf16(device, dtype)
+        skip_interpreted_bf16(device, dtype)
     x, o = _x((2, 3, 5, 96), 1.0, 0.0, dtype, device), _x((2, 3, 5, 96), 1.0, 0.0, dtype, device)
     shift, scale = _mods((2, 3, 1, 96), device, dtype)
     with use_backend(name), torch.no_grad():
@@ -312,7 +307,7 @@ def test_backward(backend, dtype, case):
     """bf16 / fp16 x here come with fp32 modulations (the model's mixed case)."""
     name, device = backend
     if name == "triton":
-        _skip_interpreted_bf16(device, dtype)
+        skip_interpreted_bf16(device, dtype)
     xs, ms = GRAD_CASES[case]
     x, o = _x(xs, 1.0, 0.0, dtype, device), _x(xs, 1.0, 0.0, dtype, device)
     shift, scale = _mods(ms, device)
@@ -334,7 +329,7 @@ def test_backward_input_scales(dtype, scales):
 def test_backward_modulation_in_x_dtype(backend, dtype):
     name, device = backend
     if name == "triton":
-        _skip_interpreted_bf16(device, dtype)
+        skip_interpreted_bf16(device, dtype)
     x, o = _x((2, 3, 5, 96), 1.0, 0.0, dtype, device), _x((2, 3, 5, 96), 1.0, 0.0, dtype, device)
     shift, scale = _mods((2, 3, 1, 96), device, dtype)
     with use_backend(name):

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import (
-    INTERPRETER_BF16_RNE, assert_close_to_reference, assert_same_bits_across_threads, backend_and_device, capturing_aot_backend,
+    assert_close_to_reference, assert_same_bits_across_threads, backend_and_device, capturing_aot_backend,
+    skip_interpreted_bf16,
 )
 from kandinsky_kernels.backends import use_backend
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
@@ -72,8 +73,8 @@ def _check(device, dtype, case, scale=1.0, mean=0.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(backend_device, case, dtype):
     backend, device = backend_device
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 and not INTERPRETER_BF16_RNE:
-        pytest.skip("this triton's interpreter truncates fp32 -> bf16 and tests/conftest.py could not fix it")
+    if backend == "triton":
+        skip_interpreted_bf16(device, dtype)
     with use_backend(backend):
         _check(device, dtype, CASES[case])
 
@@ -227,8 +228,8 @@ def _check_grads(x, w, cos, sin, eps=EPS):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward(backend_device, case, dtype):
     backend, device = backend_device
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 and not INTERPRETER_BF16_RNE:
-        pytest.skip("this triton's interpreter truncates fp32 -> bf16 and tests/conftest.py could not fix it")
+    if backend == "triton":
+        skip_interpreted_bf16(device, dtype)
     with use_backend(backend):  # around the backward too: it chooses its backend when it runs
         _check_grads(*_grad_inputs(GRAD_CASES[case], dtype, device))
 

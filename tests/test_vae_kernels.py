@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, INTERPRETER_BF16_RNE, assert_close_to_reference, assert_exact, max_error_over_draws
+from conftest import (
+    HAS_CUDA, assert_close_to_reference, assert_exact, max_error_over_draws, skip_interpreted_bf16,
+)
 from kandinsky_kernels import _ext
 from kandinsky_kernels.backends import available_backends, use_backend
 from kandinsky_kernels.ops.causal_conv3d import causal_conv3d, causal_pad3d
@@ -83,16 +85,11 @@ def test_group_norm_silu_large_mean_cpu():
         _check_gn("cpu", torch.float32, (1, 4, 2, 30, 40), 2, (2, 1, 1), True, mean=300.0)
 
 
-def _skip_interpreted_bf16(device, dtype):
-    if device == "cpu" and dtype == torch.bfloat16 and not INTERPRETER_BF16_RNE:
-        pytest.skip("this triton's interpreter truncates fp32 -> bf16 and tests/conftest.py could not fix it")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("case", range(len(GN_CASES)))
 def test_group_norm_silu_triton(triton_device, case, silu, dtype):
-    _skip_interpreted_bf16(triton_device, dtype)
+    skip_interpreted_bf16(triton_device, dtype)
     shape, groups, pad = GN_CASES[case]
     with use_backend("triton"):
         _check_gn(triton_device, dtype, shape, groups, pad, silu)
@@ -328,7 +325,7 @@ def test_tile_blend_cpu(backend, case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(BLEND_CASES)))
 def test_tile_blend_triton(triton_device, case, dtype):
-    _skip_interpreted_bf16(triton_device, dtype)
+    skip_interpreted_bf16(triton_device, dtype)
     with use_backend("triton"):
         _check_blend(case, dtype, triton_device)
 
