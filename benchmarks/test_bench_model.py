@@ -8,10 +8,12 @@ so the block density (STA window (1, 3, 3) included) is close to 10 %; the densi
 as ``density``. Goal (issue): block forward >= 2x faster than sdpa.
 
 At these widths the block's Linear layers (about 750 GFLOP) outweigh dense attention (about 480
-GFLOP). In fp32 the Linears run at the sgemm peak, about as fast per FLOP as dense attention, so the
-fp32 block speed-up is bounded by about 1.6x however fast the sparse attention is. In bf16 the
-Linears run on the AVX512-BF16 dot products (oneDNN, about 2.5x the fp32 rate on this CPU) while
-dense bf16 attention gains little, so attention is most of the block and the bound is far higher. The
+GFLOP), so the fp32 block speed-up is bounded by how fast the Linears run, however fast the sparse
+attention is: with MKL's sgemm on an AMD CPU (its generic code there, ~90 GFLOP/s per core) the bound
+was about 1.6x; through oneDNN (``kandinsky_model/linear.py``, ~170 GFLOP/s per core) it is about 2.2x.
+``params["cpu_linear"]`` records which library ran them. In bf16 the Linears run on the AVX512-BF16 dot
+products or AMX (oneDNN) while dense bf16 attention gains little, so attention is most of the block and
+the bound is far higher. The
 ``self-attention forward`` rows isolate the part NABLA accelerates. One test per (dtype, mode) case;
 sdpa and nabla run interleaved, round by round. The smoke profile runs toy widths; quick runs bf16
 at S = 4,096 visual tokens (forward and self-attention only, no goal: at a shorter S the Linears weigh
@@ -30,6 +32,7 @@ from benchmarks._util import (
     PROFILE, Provider, by_profile, cpu_isa_now, run_case, skip_cpu_suite_in_gpu_profile,
 )
 from kandinsky_model.attention import AttentionContext, NablaState, self_attention
+from kandinsky_model.linear import linear_path
 from kandinsky_model.nn import TransformerDecoderBlock
 from kandinsky_model.rope import rope_cos_sin, visual_rope_angles
 
@@ -61,9 +64,9 @@ ROUNDS = by_profile(
     quick={"self-attention forward": 3, "forward": 2, "forward+backward": 1},
     default={"self-attention forward": 3, "forward": 3, "forward+backward": 2},
 )
-# fp32 forward: 2 rounds in the default profile (17 s a round here; its speed-up is bounded near 1.7x by the
-# fp32 Linears, see above), so `make bench` keeps within its 10 minutes on a loaded host.
-ROUNDS_BY_CASE = by_profile(smoke={}, quick={}, default={("fp32", "forward"): 2})
+# Per-case exceptions to ROUNDS (none now: the fp32 forward, 2 rounds while a round took 17 s with
+# MKL's Linears on the AMD CPU, takes ~7 s a round with oneDNN's and runs the default 3).
+ROUNDS_BY_CASE = by_profile(smoke={}, quick={}, default={})
 AXES = (16, 24, 24)
 TARGET_DENSITY = 0.10
 WINDOW = (1, 3, 3)
@@ -165,11 +168,14 @@ def test_bench_crossdit_block(benchmark, dtype, mode):
         return Provider(name, fn)
 
     threshold = ctxs["nabla"][0].nabla.threshold
+    ff = block.feed_forward.in_layer
+    cpu_linear = linear_path(x, ff.weight, ff.bias)
     run_case(
         benchmark, suite=f"CrossDiT block {mode} (CPU)", op="CrossDiT block", case=_case(dtype),
         baseline="sdpa", providers=[provider("sdpa"), provider("nabla")],
         params={"mode": mode, "dtype": dtype, "seq_len": GRID[0] * GRID[1] * GRID[2], "dim": DIM,
-                "density": round(density, 4), "threshold": round(threshold, 5), "cpu_isa": isa},
+                "density": round(density, 4), "threshold": round(threshold, 5), "cpu_isa": isa,
+                "cpu_linear": cpu_linear},
         # the goal is set at the default shape; at quick's shorter S the Linears weigh more
         goals=[{"provider": "nabla", "vs": "sdpa", "min_speedup": 2.0}]
         if mode == "forward" and PROFILE == "default" else [],

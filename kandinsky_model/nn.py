@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear, linear
+
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
 
@@ -31,7 +33,7 @@ LN_EPS = 1e-5
 def _fp32_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)`` with input and weights upcast to fp32 (the official fp32-autocast islands)."""
     b = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), b)
+    return linear(x.float(), layer.weight.float(), b)
 
 
 class TimeEmbeddings(nn.Module):
@@ -45,9 +47,9 @@ class TimeEmbeddings(nn.Module):
         super().__init__()
         self.model_dim = model_dim
         self.max_period = max_period
-        self.in_layer = nn.Linear(model_dim, time_dim)
+        self.in_layer = Linear(model_dim, time_dim)
         self.activation = nn.SiLU()
-        self.out_layer = nn.Linear(time_dim, time_dim)
+        self.out_layer = Linear(time_dim, time_dim)
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
         half = self.model_dim // 2
@@ -65,7 +67,7 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, out_dim)
+        self.in_layer = Linear(in_dim, out_dim)
         self.norm = nn.LayerNorm(out_dim, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ class VisualEmbeddings(nn.Module):
     def __init__(self, in_channels: int, model_dim: int, patch_size: tuple[int, int, int]):
         super().__init__()
         self.patch_size = tuple(patch_size)
-        self.in_layer = nn.Linear(math.prod(patch_size) * in_channels, model_dim)
+        self.in_layer = Linear(math.prod(patch_size) * in_channels, model_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h, w, c = x.shape
@@ -98,7 +100,7 @@ class Modulation(nn.Module):
         super().__init__()
         self.num_params = num_params
         self.activation = nn.SiLU()
-        self.out_layer = nn.Linear(time_dim, num_params * model_dim)
+        self.out_layer = Linear(time_dim, num_params * model_dim)
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 
@@ -154,12 +156,12 @@ class _Attention(nn.Module):
     def __init__(self, num_channels: int, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
-        self.to_query = nn.Linear(num_channels, num_channels)
-        self.to_key = nn.Linear(num_channels, num_channels)
-        self.to_value = nn.Linear(num_channels, num_channels)
+        self.to_query = Linear(num_channels, num_channels)
+        self.to_key = Linear(num_channels, num_channels)
+        self.to_value = Linear(num_channels, num_channels)
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
-        self.out_layer = nn.Linear(num_channels, num_channels)
+        self.out_layer = Linear(num_channels, num_channels)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (-1, self.head_dim))
@@ -192,9 +194,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ff_dim: int):
         super().__init__()
-        self.in_layer = nn.Linear(dim, ff_dim, bias=False)
+        self.in_layer = Linear(dim, ff_dim, bias=False)
         self.activation = nn.GELU()
-        self.out_layer = nn.Linear(ff_dim, dim, bias=False)
+        self.out_layer = Linear(ff_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_layer(self.activation(self.in_layer(x)))
@@ -260,7 +262,7 @@ class OutLayer(nn.Module):
         self.patch_size = tuple(patch_size)
         self.out_dim = out_dim
         self.modulation = Modulation(time_dim, model_dim, 2)
-        self.out_layer = nn.Linear(model_dim, math.prod(patch_size) * out_dim)
+        self.out_layer = Linear(model_dim, math.prod(patch_size) * out_dim)
 
     def forward(self, x: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
         """x (B, T', H', W', D), time_embed (B, E) or per frame (B, T', E) -> (B, T, H, W, C_out)."""

@@ -45,6 +45,7 @@ from torch import nn
 import kandinsky_kernels as kk  # ops load on first use: importing the model stays cheap
 
 from ._checks import check_bool, check_int, check_ints, check_number
+from .linear import Linear
 from .vae_tiling import TilingConfig, plan_tiling, resolve_tiling, tiled_decode, tiled_encode
 
 __all__ = ["CausalVAEConfig", "CausalConv3d", "CausalVideoVAE", "TilingConfig", "block_causal_attention",
@@ -418,10 +419,10 @@ class CausalFrameAttention(nn.Module):
     def __init__(self, channels: int, groups: int, frames_per_chunk: int = 1) -> None:
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = nn.ModuleList([Linear(channels, channels)])
         self.frames_per_chunk = frames_per_chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""The model's Linear layers: fp32 products on x86 CPUs other than Intel's run through oneDNN.
+
+Why: torch's fp32 ``F.linear`` on the CPU calls MKL's sgemm, and MKL takes its generic (AVX2-class)
+code on CPUs that do not report ``GenuineIntel``. On the AMD EPYC (Zen 5, AVX-512) of our machines
+that is about 90 GFLOP/s per core for the CrossDiT's widths, while oneDNN's fp32 inner product, the
+library torch already ships and uses for bf16, runs the same products at 160-180 GFLOP/s per core
+(``benchmarks/RESULTS.md``): the fp32 CrossDiT block forward takes ~1.7x less time. On Intel CPUs MKL
+is fast and nothing changes; bf16 and fp16 already go to oneDNN inside torch.
+
+:class:`Linear` is ``nn.Linear`` (same parameters, same ``state_dict`` keys, ``isinstance`` still
+holds) whose forward calls :func:`linear`. :func:`linear` takes the oneDNN path when all of these
+hold, else it is ``F.linear``:
+
+- ``x``, ``weight`` and ``bias`` are plain fp32 CPU tensors (no tensor subclass such as DTensor or
+  a fake tensor) and ``torch.compile`` is not tracing (inductor makes its own choice there);
+- the product is big enough for the library call to pay off: rows x in x out >= 2**22 multiply-adds
+  (smaller products measured as fast or faster in MKL);
+- the mode allows it: ``KANDINSKY_CPU_LINEAR=auto`` (default: on x86-64 CPUs whose vendor is not
+  Intel, where torch was built with oneDNN), ``onednn`` (always, where torch has the op) or ``torch``
+  (never). Read at every call.
+
+Numerics: an fp32 product either way; the two libraries sum in different orders, so results differ
+in the last bits (about 6e-7 relative L2 at K = 1,792 for oneDNN, 3e-7 for MKL, against fp64).
+Autograd: the input and weight gradients are oneDNN products too, the bias gradient a sum over rows.
+The oneDNN path is differentiable once: a double backward through it raises, so run such code with
+``KANDINSKY_CPU_LINEAR=torch``.
+
+The op used, ``torch.ops.mkldnn._linear_pointwise``, is the one inductor emits for CPU Linears; it is
+private to torch, so it is looked up once and, where a torch build lacks it, ``auto`` falls back to
+``F.linear`` and ``onednn`` raises.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ENV_VAR", "Linear", "linear", "linear_path"]
+
+ENV_VAR = "KANDINSKY_CPU_LINEAR"
+MODES = ("auto", "onednn", "torch")
+# Below this many multiply-adds MKL was as fast or faster (2 cores, AMD EPYC Zen 5): 16 x 128 x 256
+# ran 11 us in MKL and 18 us in oneDNN, 64 x 256 x 256 (2**22) 50 us and 36 us.
+MIN_MACS = 1 << 22
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_op():
+    """torch's oneDNN inner product, or ``None`` with why it is missing."""
+    if not torch.backends.mkldnn.is_available():
+        return None, "torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default, None
+    except (AttributeError, RuntimeError) as e:
+        return None, f"this torch has no torch.ops.mkldnn._linear_pointwise ({e})"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_vendor() -> str:
+    """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_VAR}={mode!r} is not a mode; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def _auto_uses_onednn() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() not in ("", "GenuineIntel")
+            and _onednn_op()[0] is not None)
+
+
+def _plain_fp32_cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32
+                         and t.device.type == "cpu")
+
+
+def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """``"onednn"`` or ``"torch"``: the path :func:`linear` takes for these arguments (see the module doc).
+
+    Raises ``ValueError`` for a bad ``KANDINSKY_CPU_LINEAR`` and ``RuntimeError`` where ``onednn`` is
+    forced but this torch lacks the op."""
+    mode = _mode()
+    if mode == "torch" or torch.compiler.is_compiling():
+        return "torch"
+    if mode == "onednn" and _onednn_op()[0] is None:
+        raise RuntimeError(f"{ENV_VAR}=onednn, but {_onednn_op()[1]}")
+    if not (_plain_fp32_cpu(x) and _plain_fp32_cpu(weight) and _plain_fp32_cpu(bias)):
+        return "torch"
+    if x.dim() < 1 or weight.dim() != 2:
+        return "torch"
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows * weight.shape[0] * weight.shape[1] < MIN_MACS or x.shape[-1] != weight.shape[1]:
+        return "torch"  # small, empty, or mismatched: F.linear's own checks and messages
+    if mode == "auto" and not _auto_uses_onednn():
+        return "torch"
+    return "onednn"
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T (+ bias) through oneDNN; a and b may be strided views."""
+    return _onednn_op()[0](a, b, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _product(x2, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # a contiguous W^T (K x N) made the product ~10 % faster than the strided view; the
+            # copy is one weight's size
+            gx = _product(g, weight.t().contiguous())
+        if ctx.needs_input_grad[1]:
+            # strided views rather than copies of g and x (rows x out and rows x in: large)
+            gw = _product(g.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) or None -> (..., N) in x's
+    dtype; fp32 CPU products through oneDNN where :func:`linear_path` says so (see the module doc)."""
+    if linear_path(x, weight, bias) == "torch":
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _OneDnnLinear.apply(x2, weight, bias)
+    else:
+        y = _product(x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters and ``state_dict`` keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
