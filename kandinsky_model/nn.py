@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, linear
+from .linear import Linear, is_plain_linear, linear, linear_gelu
 
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
@@ -199,7 +199,12 @@ class FeedForward(nn.Module):
         self.out_layer = Linear(ff_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(self.activation(self.in_layer(x)))
+        if (type(self.activation) is nn.GELU and self.activation.approximate == "none"
+                and is_plain_linear(self.in_layer)):
+            h = linear_gelu(x, self.in_layer.weight, self.in_layer.bias)
+        else:
+            h = self.activation(self.in_layer(x))
+        return self.out_layer(h)
 
 
 class TransformerEncoderBlock(nn.Module):

@@ -27,9 +27,9 @@ def _spy(monkeypatch):
     calls = []
     real = lin._product
 
-    def spy(*args):
-        calls.append(tuple(a.shape for a in args if a is not None))
-        return real(*args)
+    def spy(*args, **kwargs):
+        calls.append((tuple(a.shape for a in args if a is not None), kwargs.get("gelu", False)))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(lin, "_product", spy)
     return calls
@@ -175,3 +175,56 @@ def test_model_uses_it():
         layers = [(n, type(m)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         assert layers, "no Linear found"
         assert all(t is lin.Linear for _, t in layers), [n for n, t in layers if t is not lin.Linear]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_fused(onednn, monkeypatch, bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 150, 192, generator=g) * 2
+    w = torch.randn(320, 192, generator=g) / 14
+    b = torch.randn(320, generator=g) if bias else None
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        out = lin.linear_gelu(x, w, b)
+    assert [c[1] for c in calls] == [True], "the GELU was not fused into the oneDNN product"
+    ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+    assert_close_to_reference(out, ref, F.gelu(F.linear(x, w, b)))
+    # recording autograd: the unfused path, gradients as F.linear's
+    xg = x.clone().requires_grad_(True)
+    calls.clear()
+    lin.linear_gelu(xg, w, b).sum().backward()
+    assert [c[1] for c in calls] == [False, False]
+    xr = x.double().requires_grad_(True)
+    F.gelu(F.linear(xr, w.double(), None if b is None else b.double())).sum().backward()
+    xp = x.clone().requires_grad_(True)
+    F.gelu(F.linear(xp, w, b)).sum().backward()
+    assert_close_to_reference(xg.grad, xr.grad, xp.grad, grad=True)
+
+
+def test_feed_forward_fuses_only_a_plain_linear(onednn, monkeypatch):
+    from kandinsky_model.nn import FeedForward
+
+    ff = FeedForward(128, 512)
+    x = torch.randn(1, 100, 128)
+    with torch.no_grad():
+        expected = ff.out_layer(F.gelu(F.linear(x, ff.in_layer.weight)))
+        calls = _spy(monkeypatch)
+        torch.testing.assert_close(ff(x), expected, rtol=1e-5, atol=1e-5)
+        assert [c[1] for c in calls] == [True, False]
+
+        seen = []
+        handle = ff.in_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        calls.clear()
+        ff(x)
+        handle.remove()
+        assert seen == [(1, 100, 512)] and [c[1] for c in calls] == [False, False]
+
+        class Scaled(lin.Linear):  # stands for an adapter (LoRA) that replaces the layer
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        sub = Scaled(128, 512, bias=False)
+        sub.load_state_dict(ff.in_layer.state_dict())
+        ff.in_layer = sub
+        expected = ff.out_layer(F.gelu(2 * F.linear(x, sub.weight)))
+        torch.testing.assert_close(ff(x), expected, rtol=1e-5, atol=1e-5)
