@@ -228,3 +228,22 @@ def test_feed_forward_fuses_only_a_plain_linear(onednn, monkeypatch):
         ff.in_layer = sub
         expected = ff.out_layer(F.gelu(2 * F.linear(x, sub.weight)))
         torch.testing.assert_close(ff(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ab_script_runs(tmp_path):
+    """scripts/cpu_linear_ab.py (the RESULTS.md figures) at toy sizes, so it does not rot."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "KANDINSKY_BENCH_PROFILE": "smoke"}
+    proc = subprocess.run([sys.executable, "scripts/cpu_linear_ab.py", "--rounds", "1", "--tokens", "64",
+                           "--json", str(tmp_path / "ab.json")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "ab.json").read_text())
+    assert [r["case"].split(" ")[0] for r in rows] == ["forward", "forward+backward", "CrossDiT", "CrossDiT"]
+    assert all(r["ms"]["torch"] > 0 and r["ms"]["onednn"] > 0 for r in rows)
