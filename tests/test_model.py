@@ -682,3 +682,21 @@ def test_packed_videos_bad_cu_frames():
         model(x, text, pooled, ts, mask, cu_frames=[0, 1, 2])
     with pytest.raises(ValueError, match="1-D integer tensor"):
         model(xp, text, pooled, ts, mask, cu_frames=torch.tensor([[0, 2, 4]]))
+
+
+def test_blocks_return_their_own_tensor_not_a_view():
+    """FSDP2 warns about every wrapped block whose output is a view (an in-place op on it would skip its
+    backward hook): with per-sample modulation the blocks return the fused op's own output tensor."""
+    from kandinsky_model.attention import AttentionContext
+    from kandinsky_model.nn import TransformerDecoderBlock, TransformerEncoderBlock
+    from kandinsky_model.rope import rope_cos_sin
+
+    torch.manual_seed(0)
+    d, e, s, l = 64, 32, 24, 8
+    x, text, temb = torch.randn(1, s, d, requires_grad=True), torch.randn(1, l, d), torch.randn(1, e)
+    ctx = AttentionContext("sdpa")
+    dec = TransformerDecoderBlock(d, e, 128, 32)
+    enc = TransformerEncoderBlock(d, e, 128, 32)
+    y = dec(x, text, temb, rope_cos_sin(torch.zeros(1, s, 1, 16)), ctx)
+    t = enc(text.requires_grad_(True), temb, rope_cos_sin(torch.zeros(1, l, 1, 16)), ctx)
+    assert y._base is None and t._base is None
