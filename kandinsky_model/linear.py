@@ -13,11 +13,11 @@ hold, else it is ``F.linear``:
 
 - ``x``, ``weight`` and ``bias`` are plain fp32 CPU tensors (no tensor subclass such as DTensor or
   a fake tensor) and ``torch.compile`` is not tracing (inductor makes its own choice there);
-- the product is big enough for the library call to pay off: rows x in x out >= 2**22 multiply-adds
-  (smaller products measured as fast or faster in MKL);
+- the product is not empty and the shapes agree (else ``F.linear`` gives its own result or message);
 - the mode allows it: ``KANDINSKY_CPU_LINEAR=auto`` (default: on x86-64 CPUs whose vendor is not
-  Intel, where torch was built with oneDNN), ``onednn`` (always, where torch has the op) or ``torch``
-  (never). Read at every call.
+  Intel, where torch was built with oneDNN, for products of at least 2**22 multiply-adds: smaller
+  ones measured as fast or faster in MKL), ``onednn`` (every product, where torch has the op; for
+  tests and measurements) or ``torch`` (never). Read at every call.
 
 Numerics: an fp32 product either way; the two libraries sum in different orders, so results differ
 in the last bits (about 6e-7 relative L2 at K = 1,792 for oneDNN, 3e-7 for MKL, against fp64).
@@ -43,7 +43,7 @@ __all__ = ["ENV_VAR", "Linear", "is_plain_linear", "linear", "linear_gelu", "lin
 
 ENV_VAR = "KANDINSKY_CPU_LINEAR"
 MODES = ("auto", "onednn", "torch")
-# Below this many multiply-adds MKL was as fast or faster (2 cores, AMD EPYC Zen 5): 16 x 128 x 256
+# Below this many multiply-adds (auto mode) MKL was as fast or faster (2 cores, AMD EPYC Zen 5): 16 x 128 x 256
 # ran 11 us in MKL and 18 us in oneDNN, 64 x 256 x 256 (2**22) 50 us and 36 us.
 MIN_MACS = 1 << 22
 
@@ -103,10 +103,11 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return "torch"
     if x.dim() < 1 or weight.dim() != 2:
         return "torch"
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows * weight.shape[0] * weight.shape[1] < MIN_MACS or x.shape[-1] != weight.shape[1]:
-        return "torch"  # small, empty, or mismatched: F.linear's own checks and messages
-    if mode == "auto" and not _auto_uses_onednn():
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.numel() // k if k else 0
+    if rows == 0 or n == 0 or k != weight.shape[1]:
+        return "torch"  # empty or mismatched: F.linear's own result, checks and messages
+    if mode == "auto" and (rows * n * k < MIN_MACS or not _auto_uses_onednn()):
         return "torch"
     return "onednn"
 

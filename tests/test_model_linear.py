@@ -118,6 +118,7 @@ def test_auto_chooses_by_vendor(monkeypatch, vendor, expected):
     monkeypatch.setattr(lin.platform, "machine", lambda: "x86_64")
     x, w = torch.randn(512, 256), torch.randn(256, 256)
     assert lin.linear_path(x, w) == expected
+    assert lin.linear_path(torch.randn(8, 64), torch.randn(64, 64)) == "torch"  # below MIN_MACS
     monkeypatch.setattr(lin.platform, "machine", lambda: "aarch64")
     assert lin.linear_path(x, w) == "torch"
 
@@ -125,7 +126,13 @@ def test_auto_chooses_by_vendor(monkeypatch, vendor, expected):
 def test_path_rules(onednn, monkeypatch):
     big = torch.randn(512, 256), torch.randn(256, 256)
     assert lin.linear_path(*big) == "onednn"
-    assert lin.linear_path(torch.randn(8, 64), torch.randn(64, 64)) == "torch"  # below MIN_MACS
+    small = torch.randn(8, 64), torch.randn(64, 64)
+    assert lin.linear_path(*small) == "onednn"  # forced: every size
+    assert_close_to_reference(lin.linear(*small), F.linear(small[0].double(), small[1].double()), F.linear(*small))
+    for empty in ((torch.randn(0, 64), small[1]), (torch.randn(8, 0), torch.randn(64, 0)),
+                  (small[0], torch.randn(0, 64))):
+        assert lin.linear_path(*empty) == "torch"
+        assert lin.linear(*empty).shape == F.linear(*empty).shape
     assert lin.linear_path(big[0].bfloat16(), big[1].bfloat16()) == "torch"
     assert lin.linear_path(big[0], big[1], torch.randn(256, dtype=torch.float64)) == "torch"
     assert lin.linear_path(big[0].double(), big[1].double()) == "torch"

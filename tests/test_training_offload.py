@@ -57,7 +57,14 @@ def _step(model, inputs, set_to_none=True):
     return loss.detach()
 
 
-def test_offload_frees_inputs_and_keeps_gradients():
+@pytest.mark.parametrize("linears", ["default", "onednn"])
+def test_offload_frees_inputs_and_keeps_gradients(linears, monkeypatch):
+    if linears == "onednn":  # every Linear through the oneDNN autograd path (kandinsky_model/linear.py)
+        from kandinsky_model import linear as lin
+
+        if lin._onednn_op()[0] is None:
+            pytest.skip(str(lin._onednn_op()[1]))
+        monkeypatch.setenv(lin.ENV_VAR, "onednn")
     base, inputs = _model(), _inputs()
     tokens = 2 * 8 * 8  # frames x (side / patch) ** 2
     input_bytes = tokens * base.config.model_dim * 4
