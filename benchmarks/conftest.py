@@ -13,6 +13,8 @@ code at a toy shape. The CPU suites never select the Triton backend.
                      unknown; ``cpu_isa_error`` the reason when a forced path cannot run here,
   ``cpu_cores``      logical CPUs this process may run on; ``cpu_count`` all of the machine's;
   ``torch_threads``  torch's intra-op thread count,
+  ``cpu_linear_fp32`` what the model's large fp32 CPU Linears run on here: ``onednn`` or ``torch`` (MKL)
+                     (``kandinsky_model.linear``; ``KANDINSKY_CPU_LINEAR`` honoured),
   ``torch``, ``triton``, ``numpy``  versions (None when not installed),
   ``gpu``            the CUDA device name, or None.
 The JSON's top level gains ``kandinsky``: ``{"profile": ...}``. pytest-benchmark itself records the git
@@ -56,6 +58,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["cpu_cores"] = os.cpu_count()
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["torch_threads"] = torch.get_num_threads()
+    from kandinsky_model.linear import fp32_library
+
+    machine_info["cpu_linear_fp32"] = fp32_library()
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = _version("triton")
     machine_info["numpy"] = _version("numpy")

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 
 PLOTS = ("attention_speedup.png", "nabla_mask.png", "vae_time_memory.png", "summary.png")
+_LINEAR_LIBRARIES = {"onednn": "oneDNN (kandinsky_model/linear.py)", "torch": "torch's F.linear (MKL)"}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -224,6 +225,8 @@ def render_markdown(data: dict, rows: list[Row]) -> str:
         f"- Commit: {commit.get('id', '?')[:12]}{' (dirty)' if commit.get('dirty') else ''}; "
         f"run {data.get('datetime', '?')}; profile {profile}",
         *([f"- ISA paths of our C++ kernels: {isa_paths_line(data)}"] if isa_paths_line(data) else []),
+        *([f"- The model's fp32 CPU Linear layers (CrossDiT block rows): "
+           f"{_LINEAR_LIBRARIES.get(m['cpu_linear_fp32'], m['cpu_linear_fp32'])}"] if m.get("cpu_linear_fp32") else []),
         "- Method: every provider of a case runs once per round, back to back; speedup = median of "
         "the per-round ratios baseline / provider, with the lower-upper quartile in brackets. A goal "
         "is met only if it holds at the lower quartile.",

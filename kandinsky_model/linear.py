@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ENV_VAR", "Linear", "is_plain_linear", "linear", "linear_gelu", "linear_path"]
+__all__ = ["ENV_VAR", "Linear", "fp32_library", "is_plain_linear", "linear", "linear_gelu", "linear_path"]
 
 ENV_VAR = "KANDINSKY_CPU_LINEAR"
 MODES = ("auto", "onednn", "torch")
@@ -110,6 +110,16 @@ def linear_path(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if mode == "auto" and (rows * n * k < MIN_MACS or not _auto_uses_onednn()):
         return "torch"
     return "onednn"
+
+
+def fp32_library() -> str:
+    """``"onednn"`` or ``"torch"`` (MKL): what the model's large fp32 CPU products run on here under the
+    current ``KANDINSKY_CPU_LINEAR`` (for benchmark metadata). Never raises: an error is returned as
+    ``"error: ..."``."""
+    try:
+        return linear_path(torch.empty(256, 256), torch.empty(256, 256))
+    except (ValueError, RuntimeError) as e:
+        return f"error: {e}"
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,

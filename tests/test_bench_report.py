@@ -52,7 +52,8 @@ def _run(ours_fwd_rounds=(0.010, 0.010, 0.010)):
                                        "2 processes (FSDP2)": {"times": [12.0], "tokens_per_s": [1200.0]}}))
     benches.append(_vae_case())
     machine = {"python_version": "3.11", "cpu_model": "Test CPU", "cpu_cores": 2,
-               "isa": {"avx2": True, "amx_tile": False}, "torch": "2.13.0", "gpu": None}
+               "isa": {"avx2": True, "amx_tile": False}, "torch": "2.13.0", "gpu": None,
+               "cpu_linear_fp32": "onednn"}
     return {"benchmarks": benches, "machine_info": machine, "commit_info": {"id": "abc123"},
             "datetime": "2026-12-02T00:00:00"}
 
@@ -94,6 +95,7 @@ def test_report_files_rows_and_plots(tmp_path):
         assert f"| {op} |" in md, op
     assert "skipped: FlexAttention has no CPU backward" in md
     assert "Test CPU (2 cores; avx2)" in md
+    assert "- The model's fp32 CPU Linear layers (CrossDiT block rows): oneDNN" in md
     for name in report.PLOTS:
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name

@@ -254,3 +254,15 @@ def test_ab_script_runs(tmp_path):
     rows = json.loads((tmp_path / "ab.json").read_text())
     assert [r["case"].split(" ")[0] for r in rows] == ["forward", "forward+backward", "CrossDiT", "CrossDiT"]
     assert all(r["ms"]["torch"] > 0 and r["ms"]["onednn"] > 0 for r in rows)
+
+
+def test_fp32_library_for_the_bench_metadata(monkeypatch):
+    monkeypatch.setenv(lin.ENV_VAR, "torch")
+    assert lin.fp32_library() == "torch"
+    monkeypatch.setenv(lin.ENV_VAR, "onednn")
+    assert lin.fp32_library() == "onednn"
+    monkeypatch.setenv(lin.ENV_VAR, "auto")
+    monkeypatch.setattr(lin, "_cpu_vendor", lambda: "GenuineIntel")
+    assert lin.fp32_library() == "torch"
+    monkeypatch.setenv(lin.ENV_VAR, "fast")
+    assert lin.fp32_library().startswith("error: KANDINSKY_CPU_LINEAR='fast'")
