@@ -259,15 +259,31 @@ void check_x(const at::Tensor& x) {
            "x must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
-// A modulation (..., 1, D) with x's leading dims, as a contiguous fp32 (N, D) tensor.
-at::Tensor mod_f32(const char* name, const at::Tensor& m, const at::Tensor& x) {
+// How many modulation rows each (...) index of x (..., R, D) has: 1 for (..., 1, D) with x's leading dims,
+// G for per-group modulation (..., G, 1, D) with G dividing R (rows [g R/G, (g+1) R/G) take row g: the
+// model's per-frame modulation of packed videos, so the result is (..., R, D) itself, not a view of a
+// (..., G, R/G, D) one). Either way the kernels see N * G modulation rows of R / G x rows each.
+int64_t mod_groups(const char* name, const at::Tensor& m, const at::Tensor& x) {
   KK_CHECK_CPU(m);
   std::vector<int64_t> want = x.sizes().vec();
   want[want.size() - 2] = 1;
-  KK_CHECK(m.sizes().vec() == want, name, " must have shape ", at::IntArrayRef(want), " (x's leading dims, 1, D), got ",
-           m.sizes());
+  int64_t groups = 1;
+  if (m.dim() == x.dim() + 1) {
+    groups = m.size(-3);
+    want.insert(want.end() - 2, groups);
+    KK_CHECK(groups >= 1 && x.size(-2) % groups == 0, name, " (..., G, 1, D): G must divide x's R = ", x.size(-2),
+             ", got G = ", groups);
+  }
+  KK_CHECK(m.sizes().vec() == want, name, " must have shape ", at::IntArrayRef(want),
+           " ((x's leading dims, 1, D), or (x's leading dims, G, 1, D) with G dividing R), got ", m.sizes());
   KK_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == x.scalar_type(), name,
            " must be float32 or x's dtype, got ", m.scalar_type());
+  return groups;
+}
+
+// A modulation of x (see mod_groups) as a contiguous fp32 (N * G, D) tensor.
+at::Tensor mod_f32(const char* name, const at::Tensor& m, const at::Tensor& x) {
+  mod_groups(name, m, x);
   return m.to(at::kFloat).contiguous();
 }
 
@@ -277,11 +293,14 @@ at::Tensor scale_shift_layer_norm_cpu(const at::Tensor& x, const at::Tensor& shi
   KK_CHECK(eps > 0, "eps must be > 0, got ", eps);
   const at::Tensor sh = mod_f32("shift", shift, x);
   mod_f32("scale", scale, x);
+  KK_CHECK(shift.sizes() == scale.sizes(), "shift and scale must have one shape, got ", shift.sizes(), " and ",
+           scale.sizes());
+  const int64_t G = mod_groups("shift", shift, x);
   const at::Tensor s1 = (scale + 1).to(at::kFloat).contiguous();  // 1 + scale in scale's dtype, as the reference
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), xc.options());
   if (xc.numel() == 0) return y;
-  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  const int64_t D = x.size(-1), R = x.size(-2) / G, N = xc.numel() / (D * R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "scale_shift_layer_norm", [&] {
     scale_shift_ln_kernel<scalar_t>(xc.data_ptr<scalar_t>(), sh.data_ptr<float>(), s1.data_ptr<float>(), N, R, D,
                                     eps, y.data_ptr<scalar_t>());
@@ -295,22 +314,16 @@ at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& out, const 
   KK_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "out must match x ", x.sizes(), " ",
            x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
   const at::Tensor g = mod_f32("gate", gate, x);
+  const int64_t G = mod_groups("gate", gate, x);
   const at::Tensor xc = x.contiguous(), oc = out.contiguous();
   at::Tensor y = at::empty(x.sizes(), xc.options());
   if (xc.numel() == 0) return y;
-  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  const int64_t D = x.size(-1), R = x.size(-2) / G, N = xc.numel() / (D * R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "gated_residual", [&] {
     gated_residual_kernel<scalar_t>(xc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(), g.data_ptr<float>(), N, R, D,
                                     y.data_ptr<scalar_t>());
   });
   return y;
-}
-
-// The shape of a modulation of x: (..., 1, D).
-std::vector<int64_t> mod_shape(const at::Tensor& x) {
-  std::vector<int64_t> want = x.sizes().vec();
-  want[want.size() - 2] = 1;
-  return want;
 }
 
 void check_grad(const at::Tensor& dy, const at::Tensor& x) {
@@ -319,7 +332,8 @@ void check_grad(const at::Tensor& dy, const at::Tensor& x) {
            x.scalar_type(), ", got ", dy.sizes(), " ", dy.scalar_type());
 }
 
-// Returns (dx in x's dtype, dshift, dscale as fp32 (..., 1, D)); the caller casts them to the modulations' dtypes.
+// Returns (dx in x's dtype, dshift, dscale as fp32 in scale's shape, which the forward made shift's too); the
+// caller casts them to the modulations' dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_layer_norm_backward_cpu(const at::Tensor& dy,
                                                                                     const at::Tensor& x,
                                                                                     const at::Tensor& scale,
@@ -327,14 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_layer_norm_backward_c
   check_x(x);
   check_grad(dy, x);
   KK_CHECK(eps > 0, "eps must be > 0, got ", eps);
-  mod_f32("scale", scale, x);
+  const int64_t G = mod_groups("scale", scale, x);
   const at::Tensor s1 = (scale + 1).to(at::kFloat).contiguous();  // as the forward
   const at::Tensor xc = x.contiguous(), dyc = dy.contiguous();
   at::Tensor dx = at::empty(x.sizes(), xc.options());
   const auto fopt = xc.options().dtype(at::kFloat);
-  at::Tensor dshift = at::zeros(mod_shape(x), fopt), dscale = at::zeros(mod_shape(x), fopt);
+  at::Tensor dshift = at::zeros(scale.sizes(), fopt), dscale = at::zeros(scale.sizes(), fopt);
   if (xc.numel() == 0) return {dx, dshift, dscale};
-  const int64_t D = x.size(-1), R = x.size(-2), N = xc.numel() / (D * R);
+  const int64_t D = x.size(-1), R = x.size(-2) / G, N = xc.numel() / (D * R);
   const int64_t rpb = rows_per_block(R, D), nblk = (R + rpb - 1) / rpb;
   at::Tensor part = at::empty({2, N * nblk, D}, fopt);
   float* p_shift = part.data_ptr<float>();
@@ -348,17 +362,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift_layer_norm_backward_c
   return {dx, dshift, dscale};
 }
 
-// Returns (dout in x's dtype, dgate as fp32 (..., 1, D)); dx is dy itself, which the caller passes on.
+// Returns (dout in x's dtype, dgate as fp32 in gate's shape); dx is dy itself, which the caller passes on.
 std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor& dy, const at::Tensor& out,
                                                                const at::Tensor& gate) {
   check_x(out);
   check_grad(dy, out);
   const at::Tensor g = mod_f32("gate", gate, out);
+  const int64_t G = mod_groups("gate", gate, out);
   const at::Tensor oc = out.contiguous(), dyc = dy.contiguous();
   at::Tensor dout = at::empty(out.sizes(), oc.options());
-  at::Tensor dgate = at::zeros(mod_shape(out), oc.options().dtype(at::kFloat));
+  at::Tensor dgate = at::zeros(gate.sizes(), oc.options().dtype(at::kFloat));
   if (oc.numel() == 0) return {dout, dgate};
-  const int64_t D = out.size(-1), R = out.size(-2), N = oc.numel() / (D * R);
+  const int64_t D = out.size(-1), R = out.size(-2) / G, N = oc.numel() / (D * R);
   const int64_t rpb = rows_per_block(R, D), nblk = (R + rpb - 1) / rpb;
   at::Tensor part = at::empty({N * nblk, D}, oc.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, oc.scalar_type(), "gated_residual_backward", [&] {

@@ -111,31 +111,17 @@ class Modulation(nn.Module):
         return out.unsqueeze(-2).chunk(self.num_params, dim=-1)
 
 
-def _by_frame(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-    """x (B, S, D) viewed as (B, T', S / T', D) when ``mod`` is per frame (B, T', 1, D)."""
-    if mod.dim() == 3:
-        return x
-    return x.view(x.shape[0], mod.shape[1], -1, x.shape[-1])
-
-
-def _as(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` in x's shape: a view only where the shapes differ (per-frame modulation). FSDP2 warns about
-    every block whose output is a view (an in-place op on it would skip its backward hook), so a block
-    with per-sample modulation returns the op's own tensor."""
-    return y if y.shape == x.shape else y.view(x.shape)
-
-
 def scale_shift_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` in fp32 (non-affine LayerNorm, eps 1e-5), cast to x.dtype.
     x (B, S, D); shift, scale (B, 1, D), or per frame (B, T', 1, D). One fused pass
     (:func:`kandinsky_kernels.ops.adaln.scale_shift_layer_norm`, fused backward too)."""
-    return _as(scale_shift_layer_norm(_by_frame(x, shift), shift, scale, LN_EPS), x)
+    return scale_shift_layer_norm(x, shift, scale, LN_EPS)
 
 
 def gate_sum(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Gated residual ``x + gate * out`` in fp32, cast to x.dtype; gate as ``shift`` above. One fused
     pass (:func:`kandinsky_kernels.ops.adaln.gated_residual`)."""
-    return _as(gated_residual(_by_frame(x, gate), _by_frame(out, gate), gate), x)
+    return gated_residual(x, out, gate)
 
 
 class RMSNorm(nn.Module):

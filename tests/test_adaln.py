@@ -30,7 +30,10 @@ CASES = [  # (x shape, modulation shape)
     ((1, 13, 96), (1, 1, 96)),
     ((1, 9, 1792), (1, 1, 1792)),  # the model's D
     ((2, 3, 5, 96), (2, 3, 1, 96)),  # per frame: (B, T', R, D) with (B, T', 1, D)
+    ((2, 15, 96), (2, 3, 1, 96)),  # per group: (B, S, D) with (B, G, 1, D), the model's packed videos
+    ((1, 21, 7), (1, 7, 1, 7)),  # per group, 3 rows a group, odd D
     ((11, 33), (1, 33)),  # no leading dims
+    ((12, 33), (4, 1, 33)),  # per group, no leading dims
 ]
 # (scale of x's spread, per-row offset scale): small, unit, large inputs, and rows with large means.
 SCALES = [(1e-3, 0.0), (1.0, 0.0), (1e3, 0.0), (1.0, 1e3)]
@@ -193,7 +196,13 @@ _M = torch.randn(2, 1, 8)
     (dict(shift=torch.randn(2, 5, 8)), r"shift must have shape \(2, 1, 8\).*got \(2, 5, 8\)"),
     (dict(scale=torch.randn(1, 1, 8)), r"scale must have shape \(2, 1, 8\).*got \(1, 1, 8\)"),
     (dict(scale=torch.randn(2, 1, 7)), r"scale must have shape \(2, 1, 8\).*got \(2, 1, 7\)"),
-    (dict(shift=torch.randn(2, 1, 1, 8)), r"shift must have shape \(2, 1, 8\)"),
+    (dict(shift=torch.randn(2, 1, 1, 8)), r"shift and scale must have one shape"),  # G = 1 vs (2, 1, 8)
+    (dict(shift=torch.randn(2, 2, 1, 8), scale=torch.randn(2, 2, 1, 8)),
+     r"shift \(\.\.\., G, 1, D\) of shape \(2, 2, 1, 8\): G must divide x's R = 5"),
+    (dict(shift=torch.randn(2, 5, 1, 8), scale=torch.randn(2, 1, 1, 8)),
+     r"shift and scale must have one shape, got \(2, 5, 1, 8\) and \(2, 1, 1, 8\)"),
+    (dict(shift=torch.randn(2, 5, 2, 8), scale=torch.randn(2, 5, 2, 8)), r"shift must have shape \(2, 5, 1, 8\)"),
+    (dict(shift=torch.randn(1, 5, 1, 8), scale=torch.randn(1, 5, 1, 8)), r"shift must have shape \(2, 5, 1, 8\)"),
     (dict(shift=_M.double()), "shift must have dtype in .*got float64"),
     (dict(x=_X.half(), scale=_M.bfloat16()), "scale must have dtype in .*got bfloat16"),
     (dict(shift=_M.to("meta")), "one device"),
@@ -213,6 +222,8 @@ def test_scale_shift_layer_norm_bad_arguments(kw, match):
     (dict(out=torch.randn(2, 5, 9)), r"out must match x's shape \(2, 5, 8\).*got \(2, 5, 9\)"),
     (dict(out=_X.bfloat16()), "out must match x's .*dtype torch.float32.*bfloat16"),
     (dict(gate=torch.randn(2, 5, 8)), r"gate must have shape \(2, 1, 8\)"),
+    (dict(gate=torch.randn(2, 3, 1, 8)), r"gate \(\.\.\., G, 1, D\) of shape \(2, 3, 1, 8\): G must divide"),
+    (dict(gate=torch.randn(2, 0, 1, 8)), r"G must divide x's R = 5 .*got G = 0"),
     (dict(gate=_M.half()), "gate must have dtype in .*got float16"),
     (dict(out=_X.to("meta")), "one device"),
 ])
@@ -229,6 +240,9 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm.default, (x, m, m, 1e-5))
     torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (x, o, m))
     torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (x.bfloat16(), o.bfloat16(), m))
+    xg, og = x.reshape(2, 15, 16), o.reshape(2, 15, 16)  # per group: (B, S, D) with (B, G, 1, D)
+    torch.library.opcheck(torch.ops.kandinsky_kernels.scale_shift_layer_norm.default, (xg, m, m, 1e-5))
+    torch.library.opcheck(torch.ops.kandinsky_kernels.gated_residual.default, (xg, og, m))
 
 
 def test_compile_fullgraph_no_graph_breaks():
@@ -266,7 +280,10 @@ GRAD_CASES = [  # (x shape, modulation shape)
     ((1, 64, 1792), (1, 1, 1792)),  # the model's D; the cpu backward sums these rows in two blocks
     ((1, 2100, 40), (1, 1, 40)),  # two row blocks of a narrow row
     ((2, 3, 5, 96), (2, 3, 1, 96)),  # per frame: (B, T', S / T', D) with (B, T', 1, D)
+    ((2, 15, 96), (2, 3, 1, 96)),  # per group: (B, S, D) with (B, G, 1, D), the model's packed videos
+    ((1, 2100, 40), (1, 3, 1, 40)),  # per group of 700 rows: the cpu backward's row blocks inside groups
     ((2, 2, 3, 4, 24), (2, 2, 3, 1, 24)),  # several leading dims
+    ((2, 2, 12, 24), (2, 2, 3, 1, 24)),  # several leading dims, per group
     ((11, 33), (1, 33)),  # no leading dims
 ]
 

@@ -686,7 +686,8 @@ def test_packed_videos_bad_cu_frames():
 
 def test_blocks_return_their_own_tensor_not_a_view():
     """FSDP2 warns about every wrapped block whose output is a view (an in-place op on it would skip its
-    backward hook): with per-sample modulation the blocks return the fused op's own output tensor."""
+    backward hook): the blocks return the fused op's own output tensor, with per-sample modulation and
+    with the per-frame one of packed videos."""
     from kandinsky_model.attention import AttentionContext
     from kandinsky_model.nn import TransformerDecoderBlock, TransformerEncoderBlock
     from kandinsky_model.rope import rope_cos_sin
@@ -700,3 +701,9 @@ def test_blocks_return_their_own_tensor_not_a_view():
     y = dec(x, text, temb, rope_cos_sin(torch.zeros(1, s, 1, 16)), ctx)
     t = enc(text.requires_grad_(True), temb, rope_cos_sin(torch.zeros(1, l, 1, 16)), ctx)
     assert y._base is None and t._base is None
+    # packed videos: per-frame modulation (1, T', 1, D) of x (1, S, D) gives (1, S, D) itself too
+    from kandinsky_model.nn import gate_sum, scale_shift_norm
+
+    mods = torch.randn(3, 1, 4, 1, d)
+    for out in (scale_shift_norm(x, mods[0], mods[1]), gate_sum(x, y, mods[2])):
+        assert out.shape == x.shape and out._base is None

@@ -2,10 +2,11 @@
 residual ``x + gate * out``, each one read of its inputs and one write of x's dtype (fp32, bf16, fp16),
 with the math in fp32 exactly as the official forward (see :mod:`kandinsky_kernels.reference.adaln`).
 
-Named dims: ``...`` leading dims, R rows sharing one modulation vector, D features. x, out are
-(..., R, D); shift, scale, gate are (..., 1, D) with x's leading dims, fp32 or x's dtype, broadcast over
-the R rows. The model passes x viewed as (B, S, D) with (B, 1, D) modulations, or per frame as
-(B, T', S / T', D) with (B, T', 1, D) modulations.
+Named dims: ``...`` leading dims, R rows, D features. x, out are (..., R, D); shift, scale, gate are
+(..., 1, D) with x's leading dims, broadcast over the R rows, or per group (..., G, 1, D) with G dividing
+R (rows [g R/G, (g+1) R/G) take modulation row g); fp32 or x's dtype. The model passes x (B, S, D) with
+(B, 1, D) modulations, or for packed videos with per-frame (B, T', 1, D) ones: the result is then
+(B, S, D) itself, not a view of a (B, T', S/T', D) tensor (FSDP2 warns about blocks returning views).
 
 Backends: ``cpu`` (csrc/adaln.cpp: per row, the row widened once into an fp32 buffer, a two-pass mean /
 variance accumulated in double with the mean split hi + lo, one write; OpenMP over rows), ``triton``
@@ -37,7 +38,7 @@ from kandinsky_kernels._triton import HAS_TRITON, tl, triton
 from kandinsky_kernels._validation import check_finite_number, check_same_device, check_tensor
 from kandinsky_kernels.backends import select_backend
 from kandinsky_kernels.ops._eager import eager
-from kandinsky_kernels.reference.adaln import gated_residual_ref, scale_shift_layer_norm_ref
+from kandinsky_kernels.reference.adaln import gated_residual_ref, grouped, scale_shift_layer_norm_ref, ungrouped
 
 __all__ = ["gated_residual", "scale_shift_layer_norm"]
 
@@ -80,6 +81,11 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, (x + g * o).to(y_ptr.dtype.element_ty), mask=m)
 
 
+def _rows_per_mod(x: torch.Tensor, mod: torch.Tensor) -> int:
+    """How many consecutive rows of x (..., R, D) share one modulation row: R, or R / G per group."""
+    return x.shape[-2] // mod.shape[-3] if mod.dim() == x.dim() + 1 else x.shape[-2]
+
+
 def _device_ctx(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -90,7 +96,7 @@ def _scale_shift_layer_norm_triton(x, shift, scale, eps):
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    d, r = x.shape[-1], x.shape[-2]
+    d, r = x.shape[-1], _rows_per_mod(x, shift)
     sh = shift.float().contiguous()
     s1 = (1.0 + scale).float().contiguous()  # in scale's dtype first, as the reference
     block = triton.next_power_of_2(d)
@@ -107,7 +113,7 @@ def _gated_residual_triton(x, out, gate):
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    d, r = x.shape[-1], x.shape[-2]
+    d, r = x.shape[-1], _rows_per_mod(x, gate)
     g = gate.float().contiguous()
     block = 1024
     with _device_ctx(x):
@@ -157,25 +163,21 @@ def _(x, out, gate):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _mod_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (*x.shape[:-2], 1, x.shape[-1])
-
-
 def _scale_shift_layer_norm_bwd_torch(dy, x, scale, eps):
-    """The LayerNorm backward in plain torch, fp32: (dx in x's dtype, dshift, dscale fp32 (..., 1, D))."""
-    xf, dyf = x.float(), dy.float()
+    """The LayerNorm backward in plain torch, fp32: (dx in x's dtype, dshift, dscale fp32 in scale's shape)."""
+    xf, dyf = grouped(x, scale).float(), grouped(dy, scale).float()
     var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     xhat = (xf - mean) * rstd
     g = dyf * (1.0 + scale).float()
     dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), dyf.sum(-2, keepdim=True), (dyf * xhat).sum(-2, keepdim=True)
+    return ungrouped(dx.to(x.dtype), x), dyf.sum(-2, keepdim=True), (dyf * xhat).sum(-2, keepdim=True)
 
 
 def _gated_residual_bwd_torch(dy, out, gate):
-    """The gated residual's backward in plain torch, fp32: (dout in out's dtype, dgate fp32 (..., 1, D))."""
-    dyf = dy.float()
-    return (dyf * gate.float()).to(out.dtype), (dyf * out.float()).sum(-2, keepdim=True)
+    """The gated residual's backward in plain torch, fp32: (dout in out's dtype, dgate fp32 in gate's shape)."""
+    dyf, of = grouped(dy, gate).float(), grouped(out, gate).float()
+    return ungrouped((dyf * gate.float()).to(out.dtype), out), (dyf * of).sum(-2, keepdim=True)
 
 
 def _scale_shift_layer_norm_bwd_impl(dy, x, scale, eps):
@@ -201,7 +203,7 @@ def _scale_shift_layer_norm_bwd_op(
 
 @_scale_shift_layer_norm_bwd_op.register_fake
 def _(dy, x, scale, eps):
-    m = _mod_shape(x)
+    m = scale.shape
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
@@ -215,7 +217,7 @@ def _gated_residual_bwd_op(
 
 @_gated_residual_bwd_op.register_fake
 def _(dy, out, gate):
-    return torch.empty_like(out, memory_format=torch.contiguous_format), out.new_empty(_mod_shape(out),
+    return torch.empty_like(out, memory_format=torch.contiguous_format), out.new_empty(gate.shape,
                                                                                         dtype=torch.float32)
 
 
@@ -268,9 +270,15 @@ def _check_x(x: torch.Tensor) -> None:
 def _check_mod(name: str, m: torch.Tensor, x: torch.Tensor) -> None:
     check_tensor(name, m, dtypes=tuple(dict.fromkeys((torch.float32, x.dtype))))
     want = (*x.shape[:-2], 1, x.shape[-1])
+    if m.dim() == x.dim() + 1:  # per group: (..., G, 1, D), G dividing R
+        g = m.shape[-3]
+        if g < 1 or x.shape[-2] % g:
+            raise ValueError(f"{name} (..., G, 1, D) of shape {tuple(m.shape)}: G must divide x's R = {x.shape[-2]} "
+                             f"(x of shape {tuple(x.shape)}), got G = {g}")
+        want = (*x.shape[:-2], g, 1, x.shape[-1])
     if tuple(m.shape) != want:
-        raise ValueError(f"{name} must have shape {want} (x's leading dims, 1, D) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(m.shape)}")
+        raise ValueError(f"{name} must have shape {want} ((x's leading dims, 1, D), or (x's leading dims, G, 1, D) "
+                         f"with G dividing R) for x of shape {tuple(x.shape)}, got {tuple(m.shape)}")
 
 
 def scale_shift_layer_norm(
@@ -278,13 +286,16 @@ def scale_shift_layer_norm(
 ) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` (non-affine LayerNorm over D) in fp32, one write in x's dtype.
 
-    x: (..., R, D) float32 / bfloat16 / float16. shift, scale: (..., 1, D) with x's leading dims, float32
-    or x's dtype, broadcast over the R rows (``1 + scale`` is formed in scale's dtype). eps > 0.
+    x: (..., R, D) float32 / bfloat16 / float16. shift, scale (one shape): (..., 1, D) with x's leading
+    dims, broadcast over the R rows, or per group (..., G, 1, D) with G dividing R (rows
+    [g R/G, (g+1) R/G) take row g); float32 or x's dtype (``1 + scale`` is formed in scale's dtype). eps > 0.
     Returns a new contiguous tensor (..., R, D) of x's dtype.
     Differentiable (the fused backward: see the module doc)."""
     _check_x(x)
     _check_mod("shift", shift, x)
     _check_mod("scale", scale, x)
+    if shift.shape != scale.shape:
+        raise ValueError(f"shift and scale must have one shape, got {tuple(shift.shape)} and {tuple(scale.shape)}")
     check_same_device(x=x, shift=shift, scale=scale)
     eps = check_finite_number("eps", eps, positive=True)
     if eager(x) and not _needs_grad(x, shift, scale):
@@ -296,7 +307,8 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
     """Gated residual ``x + gate * out`` in fp32, one write in x's dtype.
 
     x, out: (..., R, D) of one dtype, float32 / bfloat16 / float16. gate: (..., 1, D) with x's leading
-    dims, float32 or x's dtype, broadcast over the R rows. Returns a new contiguous tensor (..., R, D) of
+    dims, broadcast over the R rows, or per group (..., G, 1, D) with G dividing R; float32 or x's dtype.
+    Returns a new contiguous tensor (..., R, D) of
     x's dtype. Differentiable (the fused backward: see the module doc)."""
     _check_x(x)
     check_tensor("out", out)
