@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear, is_plain_linear, linear, linear_gelu
-
 from kandinsky_kernels.ops.adaln import gated_residual, scale_shift_layer_norm
 from kandinsky_kernels.ops.qk_norm import rms_norm_rope
 
 from .attention import AttentionContext, cross_attention, self_attention, text_attention
+from .linear import Linear, is_plain_linear, linear, linear_gelu
 
 LN_EPS = 1e-5
 
