@@ -12,7 +12,9 @@ holds) whose forward calls :func:`linear`. :func:`linear` takes the oneDNN path 
 hold, else it is ``F.linear``:
 
 - ``x``, ``weight`` and ``bias`` are plain fp32 CPU tensors (no tensor subclass such as DTensor or
-  a fake tensor) and ``torch.compile`` is not tracing (inductor makes its own choice there);
+  a fake tensor) and ``torch.compile`` is not tracing (inductor's lowering of the oneDNN op accepts
+  only the prepacked weights of its own freezing pass, so a compiled graph keeps ``F.linear`` and
+  inductor's choice);
 - the product is not empty and the shapes agree (else ``F.linear`` gives its own result or message);
 - the mode allows it: ``KANDINSKY_CPU_LINEAR=auto`` (default: on x86-64 CPUs whose vendor is not
   Intel, where torch was built with oneDNN, for products of at least 2**22 multiply-adds: smaller
@@ -31,7 +33,6 @@ private to torch, so it is looked up once and, where a torch build lacks it, ``a
 """
 from __future__ import annotations
 
-import functools
 import os
 import platform
 
@@ -48,9 +49,7 @@ MODES = ("auto", "onednn", "torch")
 MIN_MACS = 1 << 22
 
 
-@functools.lru_cache(maxsize=1)
-def _onednn_op():
-    """torch's oneDNN inner product, or ``None`` with why it is missing."""
+def _lookup_onednn_op():
     if not torch.backends.mkldnn.is_available():
         return None, "torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
     try:
@@ -59,9 +58,7 @@ def _onednn_op():
         return None, f"this torch has no torch.ops.mkldnn._linear_pointwise ({e})"
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_vendor() -> str:
-    """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unknown."""
+def _read_cpu_vendor() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -72,6 +69,27 @@ def _cpu_vendor() -> str:
     return ""
 
 
+# Looked up once at import (no CUDA, a few microseconds and one small file read), so that the path
+# choice below is plain Python over constants that torch.compile can trace.
+_ONEDNN = _lookup_onednn_op()
+_VENDOR = _read_cpu_vendor()
+_MACHINE = platform.machine().lower()
+
+
+def _onednn_op():
+    """torch's oneDNN inner product, or ``None`` with why it is missing."""
+    return _ONEDNN
+
+
+def _cpu_vendor() -> str:
+    """The CPU vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where unknown."""
+    return _VENDOR
+
+
+def _machine() -> str:
+    return _MACHINE
+
+
 def _mode() -> str:
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if mode not in MODES:
@@ -80,7 +98,7 @@ def _mode() -> str:
 
 
 def _auto_uses_onednn() -> bool:
-    return (platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() not in ("", "GenuineIntel")
+    return (_machine() in ("x86_64", "amd64") and _cpu_vendor() not in ("", "GenuineIntel")
             and _onednn_op()[0] is not None)
 
 
