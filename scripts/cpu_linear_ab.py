@@ -3,11 +3,13 @@
 1. Each product of a CrossDiT block at Video Lite widths (D 1792, F 7168, 8,192 tokens): forward,
    and the input- and weight-gradient products of the backward, as GFLOP/s per library.
 2. The whole block forward (fp32, no grad) with dense SDPA and with NABLA attention (the bench's
-   ``CrossDiT block forward`` case, ``benchmarks/test_bench_model.py``), per library.
+   ``CrossDiT block forward`` case, ``benchmarks/test_bench_model.py``), per library;
+3. the dense-SDPA block forward under ``torch.compile`` (inductor), one compiled function per library
+   (a compiled graph keeps the choice it was traced with).
 
-The two libraries alternate round by round in one process (the mode is read at every call); each
+The two libraries alternate round by round in one process (the mode is read at every eager call); each
 figure is the median over ``--rounds`` rounds; ratios are per-round medians. Prints one line per
-result; ``--json PATH`` also writes them. About 2 minutes on 2 cores.
+result; ``--json PATH`` also writes them. About 3 minutes on 2 cores.
 
     python scripts/cpu_linear_ab.py --rounds 5
 """
@@ -36,16 +38,18 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def _ab(fn, rounds: int) -> dict[str, list[float]]:
-    """Per-mode seconds of ``fn()`` over ``rounds`` alternating rounds, after one warm-up call each."""
+def _ab(fn, rounds: int, per_mode=None) -> dict[str, list[float]]:
+    """Per-mode seconds of ``fn()`` (or of ``per_mode[mode]()``) over ``rounds`` alternating rounds,
+    after one warm-up call each (for a compiled function: the compile)."""
+    fns = per_mode or {m: fn for m in MODES}
     times: dict[str, list[float]] = {m: [] for m in MODES}
     for m in MODES:
         os.environ[lin.ENV_VAR] = m
-        fn()
+        fns[m]()
     for r in range(rounds):
         for m in (MODES if r % 2 == 0 else MODES[::-1]):
             os.environ[lin.ENV_VAR] = m
-            times[m].append(_time(fn))
+            times[m].append(_time(fns[m]))
     return times
 
 
@@ -54,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     args = ap.parse_args(argv)
     if lin._onednn_op()[0] is None:
         print(f"skipped: {lin._onednn_op()[1]}")
@@ -103,6 +108,19 @@ def main(argv=None) -> int:
 
             report(f"CrossDiT block forward fp32 {name} (S {tb.GRID[0] * tb.GRID[1] * tb.GRID[2]})",
                    _ab(fwd, args.rounds))
+        if not args.no_compile:
+            ctx, rope = ctxs["sdpa"]
+
+            def compiled():  # a new function object per mode: its own compiled graph
+                f = torch.compile(lambda t: block(t, text, te, rope, ctx))
+
+                def run():
+                    with torch.no_grad():
+                        f(xb)
+                return run
+
+            report(f"CrossDiT block forward fp32 sdpa, torch.compile (S {tb.GRID[0] * tb.GRID[1] * tb.GRID[2]})",
+                   _ab(None, args.rounds, {m: compiled() for m in MODES}))
     finally:
         if saved is None:
             os.environ.pop(lin.ENV_VAR, None)

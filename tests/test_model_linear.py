@@ -153,11 +153,63 @@ def test_forced_onednn_without_the_op_raises(onednn, monkeypatch):
 
 
 def test_compile_has_no_graph_break(onednn):
+    """Compiled, the product is the custom op (one graph, no break) and gives eager's bits."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
     layer = lin.Linear(256, 256)
-    x = torch.randn(512, 256)
-    compiled = torch.compile(layer, fullgraph=True, backend="eager")
-    assert_close_to_reference(compiled(x), F.linear(x.double(), layer.weight.double(), layer.bias.double()),
+    x = torch.randn(2, 256, 256)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    assert sum(counters["graph_break"].values()) == 0 and len(graphs) == 1
+    assert "kandinsky_model.onednn_linear" in graphs[0], graphs[0]
+    with torch.no_grad():
+        assert torch.equal(got, layer(x))
+    assert_close_to_reference(got, F.linear(x.double(), layer.weight.double(), layer.bias.double()),
                               F.linear(x, layer.weight, layer.bias))
+
+
+def test_inductor_forward_and_backward_match_eager(onednn):
+    """Under inductor (which cannot lower the oneDNN op itself with plain weights) the custom op runs:
+    values and the input / weight gradients are eager's bits, the bias gradient inductor's own sum."""
+    layer = lin.Linear(160, 192)
+    x = torch.randn(3, 70, 160)
+    torch._dynamo.reset()
+    g = torch.randn(3, 70, 192)
+
+    def loss(t):
+        return (layer(t) * g).sum()  # d loss / d output = g: no other op's numerics in the gradients
+
+    def run(f):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        f(xg).backward()
+        return xg.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    eager = run(loss)
+    compiled = run(torch.compile(loss, fullgraph=True))
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[2], eager[2])
+    with torch.no_grad():
+        y = torch.compile(lambda t: lin.linear_gelu(t, layer.weight, layer.bias), fullgraph=True)(x)
+        assert torch.equal(y, lin.linear_gelu(x, layer.weight, layer.bias))
+
+
+def test_custom_ops_opcheck():
+    x, w, b = torch.randn(3, 5, 16), torch.randn(24, 16), torch.randn(24)
+    torch.library.opcheck(torch.ops.kandinsky_model.onednn_linear.default, (x, w, b, False))
+    torch.library.opcheck(torch.ops.kandinsky_model.onednn_linear.default, (x, w, None, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    g = torch.randn(3, 5, 24)
+    torch.library.opcheck(torch.ops.kandinsky_model.onednn_linear_backward.default, (g, x, w, True, True))
+    torch.library.opcheck(torch.ops.kandinsky_model.onednn_linear_backward.default, (g, x, w, False, True))
 
 
 def test_linear_is_an_nn_linear():
@@ -248,8 +300,8 @@ def test_ab_script_runs(tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "KANDINSKY_BENCH_PROFILE": "smoke"}
     proc = subprocess.run([sys.executable, "scripts/cpu_linear_ab.py", "--rounds", "1", "--tokens", "64",
-                           "--json", str(tmp_path / "ab.json")], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "--no-compile", "--json", str(tmp_path / "ab.json")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "ab.json").read_text())
     assert [r["case"].split(" ")[0] for r in rows] == ["forward", "forward+backward", "CrossDiT", "CrossDiT"]
