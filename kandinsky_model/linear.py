@@ -30,9 +30,9 @@ Autograd: the input and weight gradients are oneDNN products too, the bias gradi
 The oneDNN path is differentiable once: a double backward through it raises, so run such code with
 ``KANDINSKY_CPU_LINEAR=torch``.
 
-The op used, ``torch.ops.mkldnn._linear_pointwise``, is the one inductor emits for CPU Linears; it is
-private to torch, so it is looked up once and, where a torch build lacks it, ``auto`` falls back to
-``F.linear`` and ``onednn`` raises.
+The op used, ``torch.ops.mkldnn._linear_pointwise``, is the one inductor's freezing pass emits for CPU
+Linears; it is private to torch, so it is looked up once and, where a torch build lacks it, ``auto``
+falls back to ``F.linear`` and ``onednn`` raises.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def _grads(g2, x2, weight, need_x, need_weight):
         # weight's size
         gx = _product(g2, weight.t().contiguous())
     if need_weight:
-        # strided views rather than copies of g and x (rows x out and rows x in: large)
+        # transposed views: the op makes g^T (rows x out) contiguous itself and reads x^T strided
         gw = _product(g2.t(), x2.t())
     return gx, gw
 
