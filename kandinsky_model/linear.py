@@ -150,13 +150,23 @@ def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     return _onednn_op()[0](a, b, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
+def _product_nd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """:func:`_product` for x (..., K) -> (..., N)."""
+    return _product(x.reshape(-1, x.shape[-1]), weight, bias, gelu=gelu).view(*x.shape[:-1], weight.shape[0])
+
+
+def _records_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 # Under torch.compile the product is this custom op, opaque to inductor (whose own lowering of the
 # oneDNN op takes only the prepacked weights of its freezing pass): a compiled model then runs the
 # same library as the eager one. Eager calls skip it (the autograd Function below): a custom op's
 # first call imports torch._dynamo (seconds), see kandinsky_kernels/ops/_eager.py.
 @torch.library.custom_op("kandinsky_model::onednn_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
-    return _product(x.reshape(-1, x.shape[-1]), weight, bias, gelu=gelu).view(*x.shape[:-1], weight.shape[0])
+    return _product_nd(x, weight, bias, gelu)
 
 
 @_linear_op.register_fake
@@ -235,27 +245,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias, False)
-    x2 = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        y = _OneDnnLinear.apply(x2, weight, bias)
-    else:
-        y = _product(x2, weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    if not _records_grad(x, weight, bias):
+        return _product_nd(x, weight, bias, False)
+    return _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.gelu(F.linear(x, weight, bias))`` (exact GELU), shapes as :func:`linear`. On the oneDNN path
     without autograd recording, the GELU is applied as the product's output is written (a post-op: one
     pass over the (..., N) result less; ~10 % of the CrossDiT's first MLP product)."""
-    if linear_path(x, weight, bias) == "torch" or (
-            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
+    if linear_path(x, weight, bias) == "torch" or _records_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias))
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias, True)
-    y = _product(x.reshape(-1, x.shape[-1]), weight, bias, gelu=True)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _product_nd(x, weight, bias, True)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
