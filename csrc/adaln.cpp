@@ -281,9 +281,10 @@ int64_t mod_groups(const char* name, const at::Tensor& m, const at::Tensor& x) {
   return groups;
 }
 
-// A modulation of x (see mod_groups) as a contiguous fp32 (N * G, D) tensor.
-at::Tensor mod_f32(const char* name, const at::Tensor& m, const at::Tensor& x) {
-  mod_groups(name, m, x);
+// A modulation of x (see mod_groups) as a contiguous fp32 (N * G, D) tensor; G into *groups when given.
+at::Tensor mod_f32(const char* name, const at::Tensor& m, const at::Tensor& x, int64_t* groups = nullptr) {
+  const int64_t g = mod_groups(name, m, x);
+  if (groups != nullptr) *groups = g;
   return m.to(at::kFloat).contiguous();
 }
 
@@ -291,11 +292,11 @@ at::Tensor scale_shift_layer_norm_cpu(const at::Tensor& x, const at::Tensor& shi
                                       double eps) {
   check_x(x);
   KK_CHECK(eps > 0, "eps must be > 0, got ", eps);
-  const at::Tensor sh = mod_f32("shift", shift, x);
-  mod_f32("scale", scale, x);
+  int64_t G = 1;
+  const at::Tensor sh = mod_f32("shift", shift, x, &G);
+  mod_groups("scale", scale, x);
   KK_CHECK(shift.sizes() == scale.sizes(), "shift and scale must have one shape, got ", shift.sizes(), " and ",
            scale.sizes());
-  const int64_t G = mod_groups("shift", shift, x);
   const at::Tensor s1 = (scale + 1).to(at::kFloat).contiguous();  // 1 + scale in scale's dtype, as the reference
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), xc.options());
@@ -313,8 +314,8 @@ at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& out, const 
   KK_CHECK_CPU(out);
   KK_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "out must match x ", x.sizes(), " ",
            x.scalar_type(), ", got ", out.sizes(), " ", out.scalar_type());
-  const at::Tensor g = mod_f32("gate", gate, x);
-  const int64_t G = mod_groups("gate", gate, x);
+  int64_t G = 1;
+  const at::Tensor g = mod_f32("gate", gate, x, &G);
   const at::Tensor xc = x.contiguous(), oc = out.contiguous();
   at::Tensor y = at::empty(x.sizes(), xc.options());
   if (xc.numel() == 0) return y;
@@ -367,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor&
                                                                const at::Tensor& gate) {
   check_x(out);
   check_grad(dy, out);
-  const at::Tensor g = mod_f32("gate", gate, out);
-  const int64_t G = mod_groups("gate", gate, out);
+  int64_t G = 1;
+  const at::Tensor g = mod_f32("gate", gate, out, &G);
   const at::Tensor oc = out.contiguous(), dyc = dy.contiguous();
   at::Tensor dout = at::empty(out.sizes(), oc.options());
   at::Tensor dgate = at::zeros(gate.sizes(), oc.options().dtype(at::kFloat));

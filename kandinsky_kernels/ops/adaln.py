@@ -308,8 +308,8 @@ def gated_residual(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> to
 
     x, out: (..., R, D) of one dtype, float32 / bfloat16 / float16. gate: (..., 1, D) with x's leading
     dims, broadcast over the R rows, or per group (..., G, 1, D) with G dividing R; float32 or x's dtype.
-    Returns a new contiguous tensor (..., R, D) of
-    x's dtype. Differentiable (the fused backward: see the module doc)."""
+    Returns a new contiguous tensor (..., R, D) of x's dtype. Differentiable (the fused backward: see the
+    module doc)."""
     _check_x(x)
     check_tensor("out", out)
     if out.shape != x.shape or out.dtype != x.dtype:
